@@ -1,0 +1,5 @@
+"""``python -m fgc``: the same as the ``fgc`` console script."""
+
+from .cli import main
+
+main()

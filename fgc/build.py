@@ -1,0 +1,98 @@
+"""The compiler driver: config → rendered YAML → IR → lowered IR → package on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fgc_lowering.context import LoweringContext
+from fgc_lowering.pipeline import lower
+
+from .errors import Diagnostic, FgcError, Location
+from .frontend.loader import load
+from .frontend.render import Rendered, render, search_path_for
+from .ir import IRGraph
+
+
+@dataclass
+class Compiled:
+    rendered: Rendered
+    ir: IRGraph
+    ctx: LoweringContext
+
+    @property
+    def warnings(self) -> list[Diagnostic]:
+        return self.rendered.warnings + self.ctx.sink.warnings
+
+
+def compile_config(
+    config: str | Path,
+    include_dirs: tuple[str, ...] = (),
+    variables: dict | None = None,
+    dump_after: str | None = None,
+    dump: Callable[[str], None] = print,
+) -> Compiled:
+    """Render, load and lower CONFIG; raises FgcError with every diagnostic found."""
+    variables = dict(variables or {})
+    rendered = render(config, include_dirs, variables)
+    ir = load(rendered)
+    config_path = Path(config).resolve()
+    ctx = LoweringContext(config_path, search_path_for(config_path, include_dirs), variables)
+    ir = lower(ir, ctx, dump_after=dump_after, dump=dump)
+    return Compiled(rendered, ir, ctx)
+
+
+def is_fgc_build(path: Path) -> bool:
+    """Whether DIR holds an earlier fgc build (its manifest says so)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == "fgc-build"
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse a non-empty directory that is not an fgc build, unless forced."""
+    if out.exists() and not out.is_dir():
+        raise FgcError("the output path exists and is not a directory", Location(str(out)))
+    if out.is_dir() and any(out.iterdir()) and not is_fgc_build(out) and not force:
+        raise FgcError(
+            "the output directory is not empty and holds no fgc build",
+            Location(str(out)),
+            hint="choose another directory, or pass --force to replace it",
+        )
+
+
+def build_package(compiled: Compiled, out: Path, force: bool = False, smoke: bool = True) -> None:
+    """Generate the package and swap it into OUT atomically: on any error OUT is untouched."""
+    from .codegen.package import PackageBuilder
+    from .codegen.smoke import smoke_check
+
+    out = Path(out)
+    check_output_dir(out, force)
+    package = PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a build directory is not
+    try:
+        package.write(tmp)
+        if smoke:
+            smoke_check(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

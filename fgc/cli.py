@@ -1,0 +1,192 @@
+"""The ``fgc`` command line (CONTRACT §2).
+
+Exit status: 0 success, 1 an internal error (a bug), 2 a user error (printed as
+``FILE:LINE: error: MESSAGE``, no traceback unless ``--debug``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from pathlib import Path
+
+import click
+import yaml
+
+from .errors import Diagnostic, FgcError, Location
+
+BUG_REPORT = "fgc: internal error (a bug in fgc): please report it with the command and config above"
+
+
+def _print_diagnostics(diags: list[Diagnostic]) -> None:
+    for d in diags:
+        click.echo(d.format(), err=True)
+
+
+def _parse_defines(defines: tuple[str, ...]) -> dict:
+    """``-D NAME=VALUE`` pairs; VALUE is parsed as YAML (1.2 core scalars)."""
+    from .frontend.loader import resolve_plain_scalar
+
+    out = {}
+    for item in defines:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise FgcError(
+                f"-D {item!r}: expected NAME=VALUE with NAME a Python identifier",
+                Location("<command line>"),
+            )
+        try:
+            node = yaml.compose(value)
+        except yaml.YAMLError:
+            out[name] = value  # not YAML: take the text as it is
+            continue
+        if node is None:
+            out[name] = None
+        elif isinstance(node, yaml.ScalarNode):
+            out[name] = resolve_plain_scalar(node.value) if node.style is None else node.value
+        else:
+            out[name] = yaml.safe_load(value)
+    return out
+
+
+def command(fn):
+    """Run a command body; user errors exit 2, bugs exit 1 (traceback only with --debug for users)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except FgcError as exc:
+            if debug:
+                traceback.print_exc()
+            _print_diagnostics(exc.diagnostics)
+            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception:
+            traceback.print_exc()
+            click.echo(BUG_REPORT, err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+config_arg = click.argument("config", type=click.Path(path_type=Path, dir_okay=True))
+include_opt = click.option(
+    "-I", "include_dirs", multiple=True, metavar="DIR", help="add DIR to the template search path"
+)
+define_opt = click.option(
+    "-D", "defines", multiple=True, metavar="NAME=VALUE", help="set a config variable (YAML value)"
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="show tracebacks for user errors too")
+@click.version_option(package_name="fgc")
+def main(debug: bool) -> None:
+    """fgc: compile templated YAML experiment configs into standalone PyTorch training packages."""
+
+
+@main.command()
+@config_arg
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="output directory")
+@include_opt
+@define_opt
+@click.option("--force", is_flag=True, help="replace a non-empty directory that is not an fgc build")
+@click.option("--no-smoke", is_flag=True, help="skip the build-time check that the model constructs")
+@click.option("--dump-after", metavar="PASS", help="print the IR after this lowering pass")
+@command
+def build(config, out, include_dirs, defines, force, no_smoke, dump_after):
+    """Compile CONFIG into a standalone training package in OUT."""
+    from fgc_lowering.pipeline import PASS_NAMES
+
+    from .build import build_package, check_output_dir, compile_config
+
+    if dump_after is not None and dump_after not in PASS_NAMES:
+        raise FgcError(
+            f"--dump-after: unknown pass {dump_after!r}",
+            Location("<command line>"),
+            hint="passes: " + ", ".join(PASS_NAMES),
+        )
+    check_output_dir(out, force)
+    compiled = compile_config(config, include_dirs, _parse_defines(defines), dump_after=dump_after)
+    _print_diagnostics(compiled.warnings)
+    build_package(compiled, out, force=force, smoke=not no_smoke)
+    plan = compiled.ctx.plan
+    launcher = (
+        f"torchrun --nproc-per-node {plan.nproc} {out}/train.py"
+        if plan.launcher == "torchrun"
+        else f"python {out}/train.py"
+    )
+    click.echo(f"fgc: built {out} ({plan.trainer_type} trainer); run: {launcher}", err=True)
+
+
+@main.command()
+@config_arg
+@include_opt
+@define_opt
+@command
+def check(config, include_dirs, defines):
+    """Check CONFIG as `build` would, writing nothing."""
+    from .build import compile_config
+    from .codegen.package import PackageBuilder
+
+    compiled = compile_config(config, include_dirs, _parse_defines(defines))
+    _print_diagnostics(compiled.warnings)
+    PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build()
+    click.echo(f"{config}: OK", err=True)
+
+
+@main.command()
+@config_arg
+@include_opt
+@define_opt
+@command
+def pp(config, include_dirs, defines):
+    """Print CONFIG's rendered YAML."""
+    from .frontend.render import render
+
+    rendered = render(config, include_dirs, _parse_defines(defines))
+    _print_diagnostics(rendered.warnings)
+    click.echo(rendered.text, nl=not rendered.text.endswith("\n"))
+
+
+@main.command()
+@config_arg
+@include_opt
+@define_opt
+@command
+def targets(config, include_dirs, defines):
+    """List CONFIG's targets, with where each is defined."""
+    from .frontend.loader import load
+    from .frontend.render import render
+
+    ir = load(render(config, include_dirs, _parse_defines(defines)))
+    for name, node_id in ir.targets.items():
+        node = ir.node(node_id)
+        what = f"!{node.mode}:{node.spec}" if node.kind == "call" else node.kind
+        click.echo(f"{name}\t{what}\t{node.loc}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="output directory")
+@click.option("--tokenizer", default="byte", show_default=True, help="byte (built in)")
+@click.option("--val-fraction", default=0.0, type=float, show_default=True, help="share of documents held out")
+@command
+def data(inputs, out, tokenizer, val_fraction):
+    """Tokenize local text files (or directories of them) into token shards in OUT."""
+    from .data import tokenize_to_shards
+
+    info = tokenize_to_shards(list(inputs), out, tokenizer=tokenizer, val_fraction=val_fraction)
+    click.echo(
+        f"fgc: wrote {out}: {info['train_tokens']} train and {info['val_tokens']} val tokens "
+        f"({info['tokenizer']} tokenizer, vocab {info['vocab_size']})",
+        err=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

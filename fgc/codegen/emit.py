@@ -1,0 +1,166 @@
+"""Emission: IR nodes → Python syntax (libcst), never by pasting config text into code.
+
+Every value becomes a literal node; a call becomes a call of an imported (or vendored) name;
+a partial becomes ``functools.partial``; a singleton that is shared, named with ``@name``, or sits
+under a factory (which may run more than once) becomes one variable, named after its config path.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import re
+from dataclasses import dataclass, field
+
+import libcst as cst
+
+from fgc.errors import FgcError
+from fgc.ir import IRGraph, Node
+from fgc_lowering.specs import Symbol
+
+from .vendor import is_vendored_module
+
+
+def literal(value) -> cst.BaseExpression:
+    """A Python literal for a scalar config value."""
+    if value is None or isinstance(value, bool):
+        return cst.Name(repr(value))
+    if isinstance(value, int):
+        node: cst.BaseExpression = cst.Integer(str(abs(value)))
+        return cst.UnaryOperation(cst.Minus(), node) if value < 0 else node
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+            return cst.Call(cst.Name("float"), [cst.Arg(cst.SimpleString(repr(text)))])
+        node = cst.Float(repr(abs(value)))
+        return cst.UnaryOperation(cst.Minus(), node) if math.copysign(1, value) < 0 else node
+    if isinstance(value, str):
+        return cst.SimpleString(repr(value))
+    if isinstance(value, (list, tuple)):
+        elements = [cst.Element(literal(v)) for v in value]
+        return cst.List(elements) if isinstance(value, list) else cst.Tuple(elements)
+    if isinstance(value, dict):
+        return cst.Dict([cst.DictElement(literal(k), literal(v)) for k, v in value.items()])
+    raise TypeError(f"no literal for {type(value).__name__}")
+
+
+def dotted(name: str) -> cst.BaseExpression:
+    """``a.b.c`` as an attribute chain."""
+    parts = name.split(".")
+    expr: cst.BaseExpression = cst.Name(parts[0])
+    for part in parts[1:]:
+        expr = cst.Attribute(expr, cst.Name(part))
+    return expr
+
+
+def code(node: cst.CSTNode) -> str:
+    """Source text of a libcst node."""
+    return cst.Module(body=[]).code_for_node(node)
+
+
+def variable_name(node: Node) -> str:
+    """A Python name from a node's @name or its config path (``model.layer_factory`` → ``model_layer_factory``)."""
+    base = node.name or re.sub(r"\W+", "_", node.id).strip("_") or "value"
+    if base[0].isdigit():
+        base = "_" + base
+    return base + "_" if keyword.iskeyword(base) else base
+
+
+@dataclass
+class ImportTable:
+    """The imports a generated module needs: ``import module`` lines, plus vendored names."""
+
+    modules: set[str] = field(default_factory=set)
+
+    def reference(self, symbol: Symbol, vendored: set[str]) -> cst.BaseExpression:
+        """An expression naming the symbol: bare if vendored into this module, else module.qualname."""
+        if is_vendored_module(symbol.module) and symbol.qualname.split(".")[0] in vendored:
+            return dotted(symbol.qualname)
+        self.modules.add(symbol.module)
+        return dotted(f"{symbol.module}.{symbol.qualname}")
+
+    def statements(self) -> list[str]:
+        return [f"import {m}" for m in sorted(self.modules)]
+
+
+class TargetEmitter:
+    """Emits the statements that construct one target of the IR."""
+
+    def __init__(self, ir: IRGraph, symbols: dict[str, Symbol], imports: ImportTable, vendored: set[str]):
+        self.ir = ir
+        self.symbols = symbols
+        self.imports = imports
+        self.vendored = vendored
+
+    def emit(self, target: str, var: str | None = None) -> tuple[list[cst.BaseStatement], str]:
+        """Statements building ``target``; returns them and the variable holding the result."""
+        root = self.ir.targets[target]
+        order = self.ir.reachable(root)
+        within = set(order)
+        under_factory = self._under_factory(root)
+        hoisted: dict[str, str] = {}
+        names_used: dict[str, str] = {}
+        statements: list[cst.BaseStatement] = []
+        for nid in order:
+            node = self.ir.node(nid)
+            shared = self.ir.uses(nid, within) > 1
+            hoist = nid == root or (
+                node.kind == "call"
+                and node.mode != "factory"
+                and (shared or node.name or (node.mode == "singleton" and nid in under_factory))
+            ) or (node.kind in ("dict", "list") and shared)
+            if not hoist:
+                continue
+            name = var if (nid == root and var) else variable_name(node)
+            if name in names_used and names_used[name] != nid:
+                raise FgcError(
+                    f"two nodes would both be named {name!r} in generated code",
+                    node.loc,
+                    hint=f"the other is at {self.ir.node(names_used[name]).loc}; give one an @name",
+                )
+            names_used[name] = nid
+            value = self.expression(nid, hoisted)
+            hoisted[nid] = name
+            statements.append(
+                cst.SimpleStatementLine([cst.Assign([cst.AssignTarget(cst.Name(name))], value)])
+            )
+        return statements, hoisted[root]
+
+    def _under_factory(self, root: str) -> set[str]:
+        """Nodes reachable through a factory call (which may be evaluated more than once)."""
+        out: set[str] = set()
+        for nid in self.ir.reachable(root):
+            node = self.ir.node(nid)
+            if node.kind == "call" and node.mode == "factory":
+                out.update(n for n in self.ir.reachable(nid) if n != nid)
+        return out
+
+    def expression(self, nid: str, hoisted: dict[str, str], top: bool = True) -> cst.BaseExpression:
+        if not top and nid in hoisted:
+            return cst.Name(hoisted[nid])
+        node = self.ir.node(nid)
+        sub = lambda c: self.expression(c, hoisted, top=False)  # noqa: E731
+        if node.kind == "value":
+            try:
+                return literal(node.value)
+            except TypeError:
+                raise FgcError(f"cannot emit a value of type {type(node.value).__name__}", node.loc) from None
+        if node.kind == "list":
+            return cst.List([cst.Element(sub(c)) for c in node.args])
+        if node.kind == "tuple":
+            return cst.Tuple([cst.Element(sub(c)) for c in node.args])
+        if node.kind == "dict":
+            return cst.Dict([cst.DictElement(literal(k), sub(c)) for k, c in node.kwargs.items()])
+        if node.kind == "call":
+            func = self.imports.reference(self.symbols[nid], self.vendored)
+            args = [cst.Arg(sub(c)) for c in node.args]
+            for key, c in node.kwargs.items():
+                if key.isidentifier() and not keyword.iskeyword(key):
+                    args.append(cst.Arg(sub(c), keyword=cst.Name(key)))
+                else:
+                    args.append(cst.Arg(cst.Dict([cst.DictElement(literal(key), sub(c))]), star="**"))
+            if node.mode == "partial":
+                self.imports.modules.add("functools")
+                return cst.Call(dotted("functools.partial"), [cst.Arg(func), *args])
+            return cst.Call(func, args)
+        raise FgcError(f"cannot emit a {node.kind} node here", node.loc)

@@ -1,0 +1,327 @@
+"""Codegen driver: a lowered config → the files of a standalone training package.
+
+File skeletons are jinja2 templates in ``codegen_templates/``; the code that goes into them is built
+with libcst (:mod:`fgc.codegen.emit`, :mod:`fgc.codegen.vendor`) and every ``.py`` file is
+formatted with black. Nothing here depends on the time, the machine or the output path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import black
+import jinja2
+import libcst as cst
+
+import fgc
+import fgc_codegen_templates
+import fgc_runtime
+from fgc.errors import FgcError, Location
+from fgc.frontend.render import LIBRARY_DIR, Rendered
+from fgc.ir import IRGraph
+from fgc_lowering.context import LoweringContext
+
+from .emit import ImportTable, TargetEmitter, code, literal
+from .vendor import Vendorer, is_vendored_module
+
+RUNTIME_DIR = Path(fgc_runtime.__file__).resolve().parent
+TEMPLATES_DIR = Path(fgc_codegen_templates.__file__).resolve().parent
+NOT_THIRD_PARTY = {"torch", "fgc_runtime", "functools", "model"}
+
+
+def _jinja() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def format_python(source: str) -> str:
+    """black, with its default style."""
+    return black.format_str(source, mode=black.Mode())
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Package:
+    """The files of a package, by relative path."""
+
+    files: dict[str, bytes]
+
+    def write(self, root: Path) -> None:
+        for rel in sorted(self.files):
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(self.files[rel])
+            if rel.endswith(".sh"):
+                path.chmod(0o755)
+
+
+class PackageBuilder:
+    """Builds the package files for one lowered config."""
+
+    def __init__(self, rendered: Rendered, ir: IRGraph, ctx: LoweringContext):
+        self.rendered = rendered
+        self.ir = ir
+        self.ctx = ctx
+        self.config_dir = ctx.config.parent
+        self.jinja = _jinja()
+        self.vendorer = Vendorer()
+        self.third_party: set[str] = set()
+
+    # -- locations, as stable text --------------------------------------------------------------
+    def where(self, loc: Location | None) -> str:
+        """``file:line`` relative to the config's directory (library files as ``<fgc>/...``)."""
+        if loc is None:
+            return "?"
+        return f"{self.stable_path(loc.file)}:{loc.line}" if loc.line else self.stable_path(loc.file)
+
+    def stable_path(self, path: str | Path) -> str:
+        path = Path(path)
+        try:
+            return "<fgc>/" + path.relative_to(LIBRARY_DIR).as_posix()
+        except ValueError:
+            return Path(os.path.relpath(path, self.config_dir)).as_posix()
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def common(self) -> dict:
+        plan = self.ctx.plan
+        if plan.launcher == "torchrun":
+            run = f"torchrun --nproc-per-node {plan.nproc} train.py"
+            description = f"DistributedDataParallel over {plan.nproc} processes per node (torchrun)"
+        else:
+            run = "python train.py"
+            description = "one process (basic trainer)"
+        data = self.ctx.settings.data
+        if data.text_files:
+            data_description = "`data/`, the byte-tokenized text of " + ", ".join(
+                f"`{t}`" for t in data.text_files
+            )
+        else:
+            data_description = f"`{data.data_dir}` (pass `--data DIR` to change it)"
+        return {
+            "config_name": self.ctx.config.stem if self.ctx.config.stem != "train" else self.ctx.config.parent.name,
+            "config_display": self.stable_path(self.ctx.config),
+            "fgc_version": fgc.__version__,
+            "plan": plan,
+            "trainer_type": plan.trainer_type,
+            "trainer_description": description,
+            "precision": plan.precision,
+            "launcher": plan.launcher,
+            "nproc": plan.nproc,
+            "run_command": run,
+            "train_command": "python train.py",
+            "data_description": data_description,
+            "ships_data": bool(data.text_files),
+            "output_dir": self.ctx.settings.output_dir,
+        }
+
+    def model_py(self, common: dict) -> str:
+        model_root = self.ir.targets["model"]
+        calls = [
+            nid for nid in self.ir.reachable(model_root) if self.ir.node(nid).kind == "call"
+        ]
+        wanted = []
+        for nid in calls:
+            symbol = self.ctx.symbols[nid]
+            if symbol.is_user_code:
+                raise FgcError(
+                    f"{symbol.spec!r} is user code: vendoring a project's own modules is not "
+                    "supported by this version of fgc",
+                    self.ir.node(nid).loc,
+                    hint="use a component from fgc.components or an importable package",
+                )
+            if is_vendored_module(symbol.module):
+                wanted.append((symbol.module, symbol.qualname.split(".")[0]))
+        vendored = self.vendorer.collect(wanted)
+        imports = ImportTable({"torch"})
+        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, vendored.names)
+        statements, var = emitter.emit("model")
+        body = [code(s).strip() for s in statements]
+        import_lines = sorted(set(vendored.imports) | set(imports.statements()), key=_import_key)
+        self._note_third_party(import_lines)
+        source = self.jinja.get_template("model.py.j2").render(
+            common,
+            imports=_import_groups(import_lines),
+            definitions=vendored.definitions,
+            body=body,
+            model_var=var,
+            model_where=self.where(self.ir.node(model_root).loc),
+        )
+        return format_python(source)
+
+    def constants(self) -> list[tuple[str, str, str]]:
+        """Settings as (NAME, literal, where) for the top of train.py."""
+        s = self.ctx.settings
+        plan = self.ctx.plan
+        trainer = self.ir.node(self.ir.targets["trainer"])
+        cls = type(s).__name__
+
+        def where(key: str, node=trainer, owner=cls) -> str:
+            if key in node.kwargs:
+                return self.where(self.ir.node(node.kwargs[key]).loc)
+            return f"default of {owner}.{key}"
+
+        data_node = self.ir.node(trainer.kwargs["data"]) if "data" in trainer.kwargs else None
+        out: list[tuple[str, str, str]] = []
+        for f in fields(s):
+            if f.name == "data" or f.name == "micro_batch_size":
+                continue
+            name = "GLOBAL_BATCH_SIZE" if f.name == "batch_size" else f.name.upper()
+            out.append((name, code(literal(getattr(s, f.name))), where(f.name)))
+        out.append(("MICRO_BATCH_SIZE", code(literal(plan.micro_batch_size)), where("micro_batch_size")))
+        if s.data.text_files:
+            data_expr = 'PACKAGE_DIR / "data"'
+            data_where = "shipped in this package, made from " + ", ".join(s.data.text_files)
+        else:
+            data_expr = code(literal(s.data.data_dir))
+            data_where = where("data_dir", data_node, "DataSettings") if data_node else "default"
+        out.append(("DATA_DIR", data_expr, data_where))
+        return out
+
+    def train_py(self, common: dict, config_hash: str) -> str:
+        imports = ImportTable({"torch"})
+        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, set())
+        blocks = []
+        for target, var in (("optimizer", "optimizer_factory"), ("lr_scheduler", "lr_scheduler_factory")):
+            if target not in self.ir.targets:
+                if target == "lr_scheduler":
+                    imports.modules.add("fgc_runtime.train")
+                    blocks.append(
+                        "# (no lr_scheduler target: a constant learning rate)\n"
+                        "lr_scheduler_factory = fgc_runtime.train.constant"
+                    )
+                continue
+            node = self.ir.node(self.ir.targets[target])
+            statements, _ = emitter.emit(target, var)
+            lines = [f"# {target}: {self.where(node.loc)}"] + [code(s).strip() for s in statements]
+            blocks.append("\n".join(lines))
+        fixed = [
+            "import argparse",
+            "import tempfile",
+            "from pathlib import Path",
+            "from fgc_runtime import checkpoint, data, distributed, metrics",
+            "from fgc_runtime.errors import RunError, run_main",
+            "from fgc_runtime.train import Throughput, count_targets, grad_norm, loss_sum_and_count,"
+            " mfu, model_flops_per_token, peak_memory_bytes, set_seed",
+            "from model import build_model",
+        ]
+        if self.ctx.plan.trainer_type == "ddp":
+            fixed += ["import contextlib", "from torch.nn.parallel import DistributedDataParallel"]
+        import_lines = sorted(set(imports.statements()) | set(fixed), key=_import_key)
+        self._note_third_party(import_lines)
+        settings = self.ctx.settings
+        source = self.jinja.get_template("train.py.j2").render(
+            common,
+            imports=_import_groups(import_lines),
+            constants=self.constants(),
+            plan_literal=code(literal(self.ctx.plan.to_data())),
+            config_hash=code(literal(config_hash)),
+            factories="\n\n".join(blocks),
+            grad_clip=settings.grad_clip,
+        )
+        return format_python(source)
+
+    def _note_third_party(self, import_lines: list[str]) -> None:
+        for line in import_lines:
+            module = line.split()[1].split(".")[0]
+            if module not in NOT_THIRD_PARTY and module not in sys.stdlib_module_names:
+                self.third_party.add(module)
+
+    def runtime_files(self) -> dict[str, bytes]:
+        """The runtime, copied verbatim (it imports only the standard library, torch and itself)."""
+        files = {}
+        for path in sorted(RUNTIME_DIR.rglob("*.py")):
+            rel = path.relative_to(RUNTIME_DIR).as_posix()
+            files[f"fgc_runtime/{rel}"] = path.read_bytes()
+        return files
+
+    def data_files(self) -> dict[str, bytes]:
+        """Default token shards from the config's text files (byte tokenizer), if it names any."""
+        data = self.ctx.settings.data
+        if not data.text_files:
+            return {}
+        from fgc.data import tokenize_to_shards  # build-time only
+        import tempfile
+
+        trainer = self.ir.node(self.ir.targets["trainer"])
+        data_node = self.ir.node(trainer.kwargs["data"])
+        key_loc = data_node.key_locs.get("text_files", data_node.loc)
+        base = Path(key_loc.file).parent
+        inputs = [str(base / t) for t in data.text_files]
+        for given, path in zip(data.text_files, inputs):
+            if not Path(path).is_file():
+                raise FgcError(f"text file {given!r} not found (looked for {path})", key_loc)
+        self.data_inputs = [Path(p).resolve() for p in inputs]
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenize_to_shards(inputs, tmp, tokenizer="byte", val_fraction=data.val_fraction)
+            return {f"data/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir())}
+
+    # -- the whole package -----------------------------------------------------------------------
+    def build(self) -> Package:
+        common = self.common()
+        config_yaml = self.rendered.text.encode("utf-8")
+        config_hash = sha256(config_yaml)
+        self.data_inputs: list[Path] = []
+        files: dict[str, bytes] = {
+            "model.py": self.model_py(common).encode(),
+            "train.py": self.train_py(common, config_hash).encode(),
+            "config.yaml": config_yaml,
+        }
+        files.update(self.runtime_files())
+        files.update(self.data_files())
+        files["launch.sh"] = self.jinja.get_template("launch.sh.j2").render(common).encode()
+        files["README.md"] = self.jinja.get_template("README.md.j2").render(common).encode()
+        requirements = ["torch>=2.4"] + sorted(self.third_party)
+        files["requirements.txt"] = ("\n".join(requirements) + "\n").encode()
+        files["manifest.json"] = self.manifest(files, config_hash).encode()
+        return Package(files)
+
+    def manifest(self, files: dict[str, bytes], config_hash: str) -> str:
+        inputs = {}
+        for tf in sorted(self.rendered.files.values(), key=lambda f: f.file_id):
+            inputs[self.stable_path(tf.path)] = sha256(tf.text.encode("utf-8"))
+        for path in self.data_inputs:
+            inputs[self.stable_path(path)] = sha256(path.read_bytes())
+        data = {
+            "format": "fgc-build",
+            "fgc_version": fgc.__version__,
+            "config": self.stable_path(self.ctx.config),
+            "config_hash": config_hash,
+            "templates": [self.stable_path(tf.path) for tf in sorted(self.rendered.files.values(), key=lambda f: f.file_id)],
+            "inputs": inputs,
+            "outputs": {rel: sha256(files[rel]) for rel in sorted(files)},
+            "plan": self.ctx.plan.to_data(),
+            "variables": {k: repr(v) for k, v in sorted(self.ctx.variables.items())},
+            "nonreproducible": dict(sorted(self.rendered.nonreproducible.items())),
+        }
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def _import_key(line: str) -> tuple:
+    """Standard library first, then third party, then the package's own (fgc_runtime, model);
+    by module name within a group, ``import m`` before ``from m import x``."""
+    module = line.split()[1]
+    top = module.split(".")[0]
+    group = 0 if top in sys.stdlib_module_names else (2 if top in ("fgc_runtime", "model") else 1)
+    return (group, module, line.startswith("from"), line)
+
+
+def _import_groups(lines: list[str]) -> list[list[str]]:
+    """Sorted import lines split into their groups (blank lines between groups)."""
+    groups: dict[int, list[str]] = {}
+    for line in sorted(set(lines), key=_import_key):
+        groups.setdefault(_import_key(line)[0], []).append(line)
+    return [groups[g] for g in sorted(groups)]

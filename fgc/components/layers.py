@@ -1,0 +1,36 @@
+"""Transformer decoder layers, built from swappable attention, MLP and norm factories.
+
+Shape legend: B batch, T sequence, D hidden size, E head dim.
+"""
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class PreNormDecoderLayer(nn.Module):
+    """Pre-norm residual decoder layer, as in transformers' LlamaDecoderLayer.
+
+    `x + attn(norm(x))`, then `x + mlp(norm(x))`. Each factory is called here, so every layer gets
+    its own attention, MLP and norms; the configs choose their types.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        attention_factory: Callable[..., nn.Module],
+        mlp_factory: Callable[..., nn.Module],
+        norm_factory: Callable[..., nn.Module],
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.self_attn = attention_factory(hidden_size=hidden_size)
+        self.mlp = mlp_factory(hidden_size=hidden_size)
+        self.input_layernorm = norm_factory(hidden_size)
+        self.post_attention_layernorm = norm_factory(hidden_size)
+
+    def forward(self, x_BTD: torch.Tensor, cos_BTE: torch.Tensor, sin_BTE: torch.Tensor) -> torch.Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTE, sin_BTE)
+        x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        return x_BTD

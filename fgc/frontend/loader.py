@@ -1,0 +1,265 @@
+"""Loading: rendered YAML text → :class:`fgc.ir.IRGraph`.
+
+PyYAML composes the node tree (anchors and aliases become shared nodes); this module turns it into
+IR nodes itself, so that tags, argument forms, scalar types (YAML 1.2 core schema) and duplicate
+keys follow LANGUAGE.md rather than PyYAML's YAML 1.1 defaults.
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from ..errors import DiagnosticSink, FgcError, Location
+from ..ir import IRGraph, Node
+from .render import Rendered
+
+CALL_TAGS = {
+    "singleton": "singleton",
+    "call": "singleton",
+    "factory": "factory",
+    "partial": "partial",
+    "lambda": "partial",
+}
+CONTAINER_TAGS = {"dict", "list", "tuple"}
+
+_INT_RE = re.compile(r"^[-+]?(0|[1-9][0-9_]*)$|^0x[0-9a-fA-F]+$|^0o[0-7]+$")
+_FLOAT_RE = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+_TAG_RE = re.compile(r"^!(?P<kind>[A-Za-z_]+)(?::(?P<spec>[^@]*))?(?:@(?P<name>\w+))?$")
+_ARG_KEY_RE = re.compile(r"^arg(\d+)$")
+
+
+def resolve_plain_scalar(text: str):
+    """YAML 1.2 core schema for plain (unquoted) scalars."""
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE"):
+        return True
+    if text in ("false", "False", "FALSE"):
+        return False
+    if _INT_RE.match(text):
+        if text.startswith("0x"):
+            return int(text, 16)
+        if text.startswith("0o"):
+            return int(text, 8)
+        return int(text.replace("_", ""))
+    if _FLOAT_RE.match(text):
+        return float(text)
+    lowered = text.lower()
+    if lowered in (".inf", "+.inf"):
+        return float("inf")
+    if lowered == "-.inf":
+        return float("-inf")
+    if lowered == ".nan":
+        return float("nan")
+    return text
+
+
+class _Loader:
+    def __init__(self, rendered: Rendered, sink: DiagnosticSink):
+        self.rendered = rendered
+        self.sink = sink
+        self.graph = IRGraph()
+        self.seen: dict[int, str] = {}  # id(yaml node) -> IR node id (aliases share)
+        self.names: dict[str, str] = {}  # @name -> node id
+
+    def loc(self, ynode: yaml.Node) -> Location:
+        mark = ynode.start_mark
+        return self.rendered.location(mark.line, None)
+
+    def error(self, message: str, ynode: yaml.Node, hint: str | None = None) -> None:
+        self.sink.error(message, self.loc(ynode), hint)
+
+    def build(self, ynode: yaml.Node, path: str) -> str:
+        key = id(ynode)
+        if key in self.seen:
+            return self.seen[key]
+        self.seen[key] = path
+        tag = ynode.tag
+        if tag.startswith("!"):
+            node = self.tagged(ynode, path)
+        elif isinstance(ynode, yaml.MappingNode):
+            node = Node(path, "dict", self.loc(ynode))
+            node.kwargs, node.key_locs = self.mapping_items(ynode, path)
+        elif isinstance(ynode, yaml.SequenceNode):
+            node = Node(path, "list", self.loc(ynode))
+            node.args = [self.build(item, f"{path}.{i}") for i, item in enumerate(ynode.value)]
+        else:
+            node = Node(path, "value", self.loc(ynode), value=self.scalar(ynode))
+        self.graph.add(node)
+        self.graph.link(node)
+        return path
+
+    def scalar(self, ynode: yaml.ScalarNode):
+        if ynode.style is None and not ynode.tag.startswith("!"):
+            return resolve_plain_scalar(ynode.value)
+        return ynode.value
+
+    def mapping_items(self, ynode: yaml.MappingNode, path: str):
+        items: dict[str, str] = {}
+        locs: dict[str, Location] = {}
+        for knode, vnode in ynode.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                self.error("mapping keys must be scalars", knode)
+                continue
+            key = knode.value if knode.style is not None else str(resolve_plain_scalar(knode.value))
+            kloc = self.loc(knode)
+            if key in locs:
+                first = locs[key]
+                if first.file == kloc.file:
+                    self.sink.error(
+                        f"duplicate key {key!r} (first set at {first})",
+                        kloc,
+                        hint="a key may be re-declared only in a template that extends the first",
+                    )
+                    continue
+                del items[key]  # an override through inheritance: the later value wins
+            locs[key] = kloc
+            items[key] = self.build(vnode, f"{path}.{key}" if path else key)
+        return items, locs
+
+    def register_name(self, name: str | None, node: Node, ynode: yaml.Node) -> None:
+        if not name:
+            return
+        if name in self.names and self.names[name] != node.id:
+            self.error(f"two different nodes are named @{name}", ynode)
+        self.names[name] = node.id
+
+    def tagged(self, ynode: yaml.Node, path: str) -> Node:
+        m = _TAG_RE.match(ynode.tag)
+        loc = self.loc(ynode)
+        if not m:
+            self.error(f"malformed tag {ynode.tag!r}", ynode)
+            return Node(path, "value", loc, value=None)
+        kind, spec, name = m.group("kind"), m.group("spec"), m.group("name")
+        if kind in CALL_TAGS:
+            if not spec:
+                self.error(f"tag !{kind} needs a callable spec, e.g. !{kind}:torch.nn:Linear", ynode)
+                return Node(path, "value", loc, value=None)
+            node = Node(path, "call", loc, mode=CALL_TAGS[kind], spec=spec, name=name)
+            self.call_arguments(ynode, node, path)
+            self.register_name(name, node, ynode)
+            return node
+        if kind in CONTAINER_TAGS:
+            if spec:
+                self.error(f"tag !{kind} takes no spec (did you mean !{kind}:@{spec}?)", ynode)
+            node = Node(path, kind, loc, name=name)
+            if kind == "dict":
+                if not isinstance(ynode, yaml.MappingNode):
+                    self.error("!dict needs a mapping", ynode)
+                else:
+                    node.kwargs, node.key_locs = self.mapping_items(ynode, path)
+            elif isinstance(ynode, yaml.SequenceNode):
+                node.args = [self.build(v, f"{path}.{i}") for i, v in enumerate(ynode.value)]
+            else:
+                self.error(f"!{kind} needs a sequence", ynode)
+            self.register_name(name, node, ynode)
+            return node
+        if kind == "var":
+            return self.var(ynode, path, loc)
+        self.error(
+            f"unknown tag !{kind}",
+            ynode,
+            hint="known tags: !singleton !call !factory !partial !lambda !var !dict !list !tuple",
+        )
+        return Node(path, "value", loc, value=None)
+
+    def var(self, ynode: yaml.Node, path: str, loc: Location) -> Node:
+        node = Node(path, "var", loc)
+        if isinstance(ynode, yaml.ScalarNode):
+            node.value = ynode.value
+        elif isinstance(ynode, yaml.MappingNode):
+            items = {k.value: v for k, v in ynode.value}
+            if "name" not in items or set(items) - {"name", "default"}:
+                self.error("!var mapping needs 'name' and optionally 'default'", ynode)
+                return node
+            node.value = items["name"].value
+            if "default" in items:
+                node.default = self.build(items["default"], f"{path}.default")
+        elif isinstance(ynode, yaml.SequenceNode) and len(ynode.value) in (1, 2):
+            node.value = ynode.value[0].value
+            if len(ynode.value) == 2:
+                node.default = self.build(ynode.value[1], f"{path}.default")
+        else:
+            self.error("!var takes NAME, {name: N, default: D} or [N, D]", ynode)
+        if not isinstance(node.value, str) or not node.value:
+            self.error("!var needs a variable name", ynode)
+        return node
+
+    def call_arguments(self, ynode: yaml.Node, node: Node, path: str) -> None:
+        if isinstance(ynode, yaml.ScalarNode):
+            if ynode.value != "" or ynode.style is not None:
+                value = Node(f"{path}.arg0", "value", node.loc, value=self.scalar_arg(ynode))
+                self.graph.add(value)
+                node.args = [value.id]
+            return
+        if isinstance(ynode, yaml.SequenceNode):
+            node.args = [self.build(v, f"{path}.arg{i}") for i, v in enumerate(ynode.value)]
+            return
+        keys = [k.value for k, _ in ynode.value]
+        if keys and set(keys) <= {"args", "kwargs"}:
+            for knode, vnode in ynode.value:
+                if knode.value == "args":
+                    if not isinstance(vnode, yaml.SequenceNode):
+                        self.error("'args' must be a sequence", vnode)
+                        continue
+                    node.args = [self.build(v, f"{path}.arg{i}") for i, v in enumerate(vnode.value)]
+                elif not isinstance(vnode, yaml.MappingNode):
+                    self.error("'kwargs' must be a mapping", vnode)
+                else:
+                    node.kwargs, node.key_locs = self.mapping_items(vnode, path)
+            return
+        items, locs = self.mapping_items(ynode, path)
+        positional = {}
+        for key in list(items):
+            m = _ARG_KEY_RE.match(key)
+            if m:
+                positional[int(m.group(1))] = items.pop(key)
+        if positional:
+            expected = list(range(len(positional)))
+            if sorted(positional) != expected:
+                self.error(f"positional keys must be arg0..arg{len(positional) - 1}", ynode)
+            node.args = [positional[i] for i in sorted(positional)]
+        node.kwargs, node.key_locs = items, locs
+
+    def scalar_arg(self, ynode: yaml.ScalarNode):
+        if ynode.style is None:
+            return resolve_plain_scalar(ynode.value)
+        return ynode.value
+
+
+class _Composer(yaml.SafeLoader):
+    """A composer that accepts any tag (tags are interpreted by :class:`_Loader`)."""
+
+
+def load(rendered: Rendered) -> IRGraph:
+    """Build the IR graph of a rendered config. Every independent error is reported together."""
+    sink = DiagnosticSink()
+    try:
+        root = yaml.compose(rendered.text, Loader=_Composer)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        loc = rendered.location(mark.line, None) if mark else Location(str(rendered.root.path))
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise FgcError(f"YAML: {problem}", loc) from None
+    except yaml.YAMLError as exc:
+        raise FgcError(f"YAML: {exc}", Location(str(rendered.root.path))) from None
+    loader = _Loader(rendered, sink)
+    if root is None:
+        raise FgcError("the config is empty", Location(str(rendered.root.path)))
+    if not isinstance(root, yaml.MappingNode):
+        raise FgcError("the config must be a mapping of targets", loader.loc(root))
+    for knode, vnode in root.value:
+        key = knode.value
+        if any(k == key for k in loader.graph.targets) or key in loader.graph.definitions:
+            existing = loader.graph.node(
+                loader.graph.targets.get(key) or loader.graph.definitions[key]
+            )
+            if existing.loc.file == loader.loc(knode).file:
+                loader.error(f"duplicate target {key!r} (first set at {existing.loc})", knode)
+                continue
+        node_id = loader.build(vnode, key)
+        (loader.graph.definitions if key.startswith(".") else loader.graph.targets)[key] = node_id
+    sink.raise_if_errors()
+    return loader.graph

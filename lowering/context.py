@@ -1,0 +1,24 @@
+"""The state the lowering passes share, beside the IR graph itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fgc.errors import DiagnosticSink
+
+from .specs import Symbol
+
+
+@dataclass
+class LoweringContext:
+    """What a pass may read or add to: the config's variables, resolved symbols and the plan."""
+
+    config: Path  # the root config file (absolute)
+    search_path: list[Path]
+    variables: dict[str, Any] = field(default_factory=dict)  # -D NAME=VALUE
+    sink: DiagnosticSink = field(default_factory=DiagnosticSink)
+    symbols: dict[str, Symbol] = field(default_factory=dict)  # call node id -> its callable
+    settings: Any = None  # the trainer settings object (fgc.settings), built by the plan pass
+    plan: Any = None  # fgc_lowering.plan.Plan

@@ -1,0 +1,144 @@
+"""Build the trainer settings, check them, and plan how the package runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from fgc.errors import Location
+from fgc.ir import IRGraph
+from fgc.settings import BasicTrainer, DataSettings
+
+from ..construct import construct
+from ..context import LoweringContext
+from ..plan import Plan
+from .base import Pass
+
+REQUIRED_TARGETS = ("model", "optimizer", "trainer")
+
+
+def _type_ok(value, annotation) -> bool:
+    """A small check of plain annotations: int, float, bool, str, Optional, Literal, tuple."""
+    origin = typing.get_origin(annotation)
+    if annotation is typing.Any:
+        return True
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+class PlanTraining(Pass):
+    name = "plan-training"
+    purpose = "construct the typed trainer settings, check their fields, and plan ranks and batches"
+
+    def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
+        missing = [t for t in REQUIRED_TARGETS if t not in ir.targets]
+        if missing:
+            ctx.sink.error(
+                "a training config needs the target(s) " + ", ".join(repr(m) for m in missing),
+                Location(str(ctx.config)),
+            )
+            return ir
+        if ctx.sink.errors:
+            return ir  # settings cannot be built from a graph that did not resolve
+        node = ir.node(ir.targets["trainer"])
+        symbol = ctx.symbols.get(node.id)
+        if node.kind != "call" or symbol is None or not (
+            isinstance(symbol.obj, type) and issubclass(symbol.obj, BasicTrainer)
+        ):
+            ctx.sink.error(
+                "'trainer' must be a trainer settings class, e.g. !singleton:fgc.settings:DDPTrainer",
+                node.loc,
+            )
+            return ir
+        self._check_fields(ir, ctx, node.id)
+        if ctx.sink.errors:
+            return ir
+        settings = construct(ir, ctx, node.id)
+        ctx.settings = settings
+        ctx.plan = self._plan(settings, ir, ctx)
+        return ir
+
+    def _check_fields(self, ir: IRGraph, ctx: LoweringContext, node_id: str) -> None:
+        """Scalar fields of settings dataclasses must match their annotations."""
+        node = ir.node(node_id)
+        cls = ctx.symbols[node_id].obj
+        hints = typing.get_type_hints(cls)
+        for key, child_id in node.kwargs.items():
+            child = ir.node(child_id)
+            sym = ctx.symbols.get(child_id)
+            if child.kind == "call" and sym is not None and dataclasses.is_dataclass(sym.obj):
+                self._check_fields(ir, ctx, child_id)
+                continue
+            if child.kind != "value" or key not in hints:
+                continue
+            if not _type_ok(child.value, hints[key]):
+                ctx.sink.error(
+                    f"{cls.__name__}.{key} must be {_describe(hints[key])}, got {child.value!r}",
+                    child.loc,
+                )
+
+    def _plan(self, s: BasicTrainer, ir: IRGraph, ctx: LoweringContext) -> Plan | None:
+        loc = ir.node(ir.targets["trainer"]).loc
+
+        def err(field: str, message: str) -> None:
+            node = ir.node(ir.targets["trainer"])
+            where = node.key_locs.get(field, loc)
+            ctx.sink.error(message, where)
+
+        for field in ("max_steps", "batch_size", "seq_len", "nproc"):
+            if getattr(s, field) < 1:
+                err(field, f"{field} must be at least 1, got {getattr(s, field)}")
+        if ctx.sink.errors:
+            return None
+        if s.batch_size % s.nproc:
+            err("batch_size", f"batch_size {s.batch_size} is not divisible by nproc {s.nproc}")
+            return None
+        per_rank = s.batch_size // s.nproc
+        micro = s.micro_batch_size or per_rank
+        if micro < 1 or per_rank % micro:
+            err(
+                "micro_batch_size",
+                f"the per-rank batch ({per_rank} = batch_size {s.batch_size} / nproc {s.nproc}) "
+                f"is not divisible by micro_batch_size {micro}",
+            )
+            return None
+        if not isinstance(s.data, DataSettings):
+            err("data", "'data' must be !singleton:fgc.settings:DataSettings")
+            return None
+        if not s.data.text_files and not s.data.data_dir:
+            err("data", "the data settings name neither text_files nor data_dir")
+        return Plan(
+            trainer_type=s.TYPE,
+            nproc=s.nproc,
+            launcher="torchrun" if s.TYPE != "basic" else "python",
+            global_batch_size=s.batch_size,
+            batch_per_rank=per_rank,
+            micro_batch_size=micro,
+            grad_accum_steps=per_rank // micro,
+            seq_len=s.seq_len,
+            precision=s.precision,
+        )
+
+
+def _describe(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))

@@ -1,0 +1,39 @@
+"""The lowering pipeline, in one place. Each pass: IR in, IR out, errors into the context's sink."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from fgc.errors import FgcError
+from fgc.ir import IRGraph
+
+from .context import LoweringContext
+from .passes.bind_arguments import BindArguments
+from .passes.plan_training import PlanTraining
+from .passes.resolve_callables import ResolveCallables
+from .passes.resolve_variables import ResolveVariables
+
+PASSES = (
+    ResolveVariables(),  # bind every !var to its -D value or its default
+    ResolveCallables(),  # import every callable spec
+    BindArguments(),  # check arguments against signatures
+    PlanTraining(),  # typed trainer settings -> the plan codegen reads
+)
+
+PASS_NAMES = tuple(p.name for p in PASSES)
+
+
+def lower(
+    ir: IRGraph,
+    ctx: LoweringContext,
+    dump_after: str | None = None,
+    dump: Callable[[str], None] = print,
+) -> IRGraph:
+    """Run every pass in order; stop with all errors found when a pass reports any."""
+    for p in PASSES:
+        ir = p.run(ir, ctx)
+        if dump_after == p.name:
+            dump(f"# IR after {p.name}: {p.purpose}\n{ir.dump()}")
+        if ctx.sink.errors:
+            raise FgcError(diagnostics=ctx.sink.errors)
+    return ir

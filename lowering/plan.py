@@ -1,0 +1,23 @@
+"""The parallel plan: data the code generator reads to specialise the trainer and launcher."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the package runs: launcher, ranks and batch layout."""
+
+    trainer_type: str  # basic | ddp
+    nproc: int  # processes per node the launcher starts
+    launcher: str  # "python" or "torchrun"
+    global_batch_size: int  # sequences per optimizer step, over all ranks
+    batch_per_rank: int  # with nproc ranks
+    micro_batch_size: int  # sequences per forward on a rank
+    grad_accum_steps: int  # forwards per optimizer step on a rank
+    seq_len: int
+    precision: str
+
+    def to_data(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,98 @@
+"""Kernels: the torch paths equal straightforward references exactly (fp32)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from fgc_runtime.kernels import apply_rope, rms_norm, swiglu
+
+
+def reference_rms_norm(x, weight, eps, offset):
+    x32 = x.float()
+    return (
+        x32
+        * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        * (offset + weight.float())
+    ).to(x.dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8), (5, 7, 123), (4, 64)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_fp32(shape, offset):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    w = torch.randn(shape[-1])
+    for impl in ("auto", "torch"):
+        assert torch.equal(
+            rms_norm(x, w, eps=1e-5, offset=offset, impl=impl),
+            reference_rms_norm(x, w, 1e-5, offset),
+        )
+
+
+def test_rms_norm_matches_llama():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(1)
+    norm = LlamaRMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 48)
+    assert torch.allclose(rms_norm(x, norm.weight), norm(x), rtol=1e-6, atol=1e-6)
+
+
+def test_rms_norm_bf16():
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 123, dtype=torch.bfloat16)
+    w = torch.randn(123, dtype=torch.bfloat16)
+    out = rms_norm(x, w)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, reference_rms_norm(x, w, 1e-6, 0.0))
+
+
+def test_swiglu():
+    torch.manual_seed(3)
+    gate = torch.randn(5, 7, 431)
+    up = torch.randn(5, 7, 431)
+    assert torch.equal(swiglu(gate, up), F.silu(gate) * up)
+    assert torch.equal(swiglu(gate, up, impl="torch"), F.silu(gate) * up)
+    assert torch.allclose(
+        swiglu(gate, up), gate * torch.sigmoid(gate) * up, rtol=1e-6, atol=1e-6
+    )
+    bf16 = swiglu(gate.bfloat16(), up.bfloat16())
+    assert bf16.dtype == torch.bfloat16 and torch.equal(
+        bf16, F.silu(gate.bfloat16()) * up.bfloat16()
+    )
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 10, 16), (1, 3, 7, 6)])
+def test_apply_rope_matches_transformers(shape):
+    torch.manual_seed(4)
+    B, H, T, D = shape
+    q = torch.randn(B, H, T, D)
+    k = torch.randn(B, 1, T, D)  # fewer key heads (GQA) broadcast the same way
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    freqs = torch.outer(torch.arange(T).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = emb.cos().expand(B, T, D)
+    sin = emb.sin().expand(B, T, D)
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    q_out, k_out = apply_rope(q, k, cos, sin)
+    assert torch.equal(q_out, q_ref)
+    assert torch.equal(k_out, k_ref)
+    assert q_out.shape == (B, H, T, D) and k_out.shape == (B, 1, T, D)
+
+
+def test_impl_argument():
+    x = torch.randn(2, 4)
+    w = torch.ones(4)
+    msg = "impl='triton' is not available: Triton kernels are not implemented in this version of fgc_runtime"
+    with pytest.raises(ValueError) as info:
+        rms_norm(x, w, impl="triton")
+    assert str(info.value) == msg
+    with pytest.raises(ValueError, match="impl='triton' is not available"):
+        swiglu(x, x, impl="triton")
+    with pytest.raises(ValueError, match="impl='triton' is not available"):
+        apply_rope(x[None, None], x[None, None], x[None], x[None], impl="triton")
+    with pytest.raises(ValueError, match="unknown impl 'cuda'"):
+        swiglu(x, x, impl="cuda")
