@@ -96,26 +96,50 @@ class _Loader:
             return resolve_plain_scalar(ynode.value)
         return ynode.value
 
-    def mapping_items(self, ynode: yaml.MappingNode, path: str):
-        items: dict[str, str] = {}
+    @staticmethod
+    def key_of(knode: yaml.ScalarNode) -> str:
+        return knode.value if knode.style is not None else str(resolve_plain_scalar(knode.value))
+
+    def winning_items(self, ynode: yaml.MappingNode, what: str = "key"):
+        """The mapping's entries after overrides: ``(key, key node, value node)`` in document order
+        of each key's last declaration, plus where each key was (last) set.
+
+        A key re-declared in another template file (an override through inheritance) keeps only
+        its later value; the earlier one is never built, so none of its nodes linger in the graph
+        (an anchor inside it is still built where an alias refers to it). Two declarations in one
+        file are an error.
+        """
+        chosen: dict[str, int] = {}  # key -> index of its winning entry in ynode.value
+        keys: dict[int, str] = {}
         locs: dict[str, Location] = {}
-        for knode, vnode in ynode.value:
+        for index, (knode, vnode) in enumerate(ynode.value):
             if not isinstance(knode, yaml.ScalarNode):
                 self.error("mapping keys must be scalars", knode)
                 continue
-            key = knode.value if knode.style is not None else str(resolve_plain_scalar(knode.value))
+            key = self.key_of(knode)
             kloc = self.loc(knode)
             if key in locs:
                 first = locs[key]
                 if first.file == kloc.file:
                     self.sink.error(
-                        f"duplicate key {key!r} (first set at {first})",
+                        f"duplicate {what} {key!r} (first set at {first})",
                         kloc,
                         hint="a key may be re-declared only in a template that extends the first",
                     )
                     continue
-                del items[key]  # an override through inheritance: the later value wins
-            locs[key] = kloc
+                # an override through inheritance: the later value wins
+            chosen[key], keys[index], locs[key] = index, key, kloc
+        entries = [
+            (keys[i], knode, vnode)
+            for i, (knode, vnode) in enumerate(ynode.value)
+            if i in keys and chosen[keys[i]] == i
+        ]
+        return entries, locs
+
+    def mapping_items(self, ynode: yaml.MappingNode, path: str):
+        entries, locs = self.winning_items(ynode)
+        items: dict[str, str] = {}
+        for key, _, vnode in entries:
             items[key] = self.build(vnode, f"{path}.{key}" if path else key)
         return items, locs
 
@@ -242,6 +266,9 @@ def load(rendered: Rendered) -> IRGraph:
         mark = exc.problem_mark or exc.context_mark
         loc = rendered.location(mark.line, None) if mark else Location(str(rendered.root.path))
         problem = exc.problem or exc.context or "invalid YAML"
+        if exc.problem and exc.context:  # e.g. "second occurrence" of "found duplicate anchor 'x'"
+            where = f" at {rendered.location(exc.context_mark.line)}" if exc.context_mark else ""
+            problem = f"{exc.problem} ({exc.context}{where})"
         raise FgcError(f"YAML: {problem}", loc) from None
     except yaml.YAMLError as exc:
         raise FgcError(f"YAML: {exc}", Location(str(rendered.root.path))) from None
@@ -250,16 +277,13 @@ def load(rendered: Rendered) -> IRGraph:
         raise FgcError("the config is empty", Location(str(rendered.root.path)))
     if not isinstance(root, yaml.MappingNode):
         raise FgcError("the config must be a mapping of targets", loader.loc(root))
-    for knode, vnode in root.value:
-        key = knode.value
-        if any(k == key for k in loader.graph.targets) or key in loader.graph.definitions:
-            existing = loader.graph.node(
-                loader.graph.targets.get(key) or loader.graph.definitions[key]
-            )
-            if existing.loc.file == loader.loc(knode).file:
-                loader.error(f"duplicate target {key!r} (first set at {existing.loc})", knode)
-                continue
-        node_id = loader.build(vnode, key)
-        (loader.graph.definitions if key.startswith(".") else loader.graph.targets)[key] = node_id
+    entries, locs = loader.winning_items(root, what="target")
+    first_seen: dict[str, int] = {}  # a target keeps the position of its first declaration
+    for knode, _ in root.value:
+        if isinstance(knode, yaml.ScalarNode):
+            first_seen.setdefault(loader.key_of(knode), len(first_seen))
+    built = {key: loader.build(vnode, key) for key, _, vnode in entries}
+    for key in sorted(built, key=first_seen.__getitem__):
+        (loader.graph.definitions if key.startswith(".") else loader.graph.targets)[key] = built[key]
     sink.raise_if_errors()
     return loader.graph

@@ -21,8 +21,8 @@ import jinja2
 import jinja2.sandbox
 import yaml
 
-from ..errors import Diagnostic, FgcError, Location
-from .preprocess import preprocess, strip_markers
+from ..errors import Diagnostic, FgcError, Location, display_path
+from .preprocess import Reference, preprocess, strip_markers
 
 LIBRARY_DIR = Path(__file__).resolve().parent.parent / "templates"
 
@@ -41,6 +41,7 @@ class TemplateFile:
     text: str
     origin: tuple[str, int] | None = None  # (file, line) that first extended/included it
     blocks: list[tuple[str, int]] = field(default_factory=list)
+    references: list[Reference] = field(default_factory=list)  # literal extends/includes
 
     @property
     def display(self) -> str:
@@ -124,6 +125,7 @@ class FgcLoader(jinja2.BaseLoader):
         tf = TemplateFile(len(self.files), name, path, text, origin=self.origins.get(name))
         pre = preprocess(text, tf.file_id)
         tf.blocks = pre.blocks
+        tf.references = pre.references
         tf.source = pre.source  # type: ignore[attr-defined]
         for ref in pre.references:
             self.origins.setdefault(ref.name, (key, ref.line))
@@ -170,9 +172,21 @@ def _toyaml(value) -> str:
         return "[" + ", ".join(_toyaml(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_toyaml(k)}: {_toyaml(v)}" for k, v in value.items()) + "}"
-    return yaml.safe_dump(str(value), default_flow_style=True, width=1 << 30).strip().removesuffix(
-        "\n..."
-    ).strip()
+    text = str(value)
+    dumped = yaml.safe_dump(text, default_flow_style=True, width=1 << 30).strip()
+    dumped = dumped.removesuffix("\n...").strip()
+    if "\n" in dumped:  # a multi-line string: one double-quoted line with escapes instead
+        return yaml.safe_dump(text, default_style='"', width=1 << 30).strip()
+    if not dumped.startswith(("'", '"')) and not isinstance(_resolve_plain(dumped), str):
+        # PyYAML quotes by YAML 1.1 rules; fgc loads YAML 1.2 (``1e-4``, ``0o17`` are numbers)
+        return "'" + dumped.replace("'", "''") + "'"
+    return dumped
+
+
+def _resolve_plain(text: str):
+    from .loader import resolve_plain_scalar  # the loader imports this module
+
+    return resolve_plain_scalar(text)
 
 
 def _make_environment(loader: FgcLoader, nonrepro: dict[str, str]) -> jinja2.Environment:
@@ -242,6 +256,38 @@ def _location(loader: FgcLoader, file: str, line: int | None) -> Location:
     return Location(file, line, chain=rendered.chain(tf) if rendered else ())
 
 
+_VERBS = {"extends": "extends", "include": "includes", "import": "imports", "from": "imports from"}
+
+
+def _find_cycle(loader: FgcLoader, root: TemplateFile) -> list[tuple[TemplateFile, Reference]]:
+    """A cycle of literal extends/includes reachable from ROOT, as (template, reference) steps."""
+    stack: list[tuple[TemplateFile, Reference]] = []
+    on_stack: dict[str, int] = {}  # template path -> its position in stack
+    done: set[str] = set()
+
+    def visit(tf: TemplateFile) -> list[tuple[TemplateFile, Reference]]:
+        key = str(tf.path)
+        on_stack[key] = len(stack)
+        for ref in tf.references:
+            path = loader.find(ref.name)
+            child = loader.by_path.get(str(path)) if path is not None else None
+            if child is None:
+                continue
+            stack.append((tf, ref))
+            if str(child.path) in on_stack:
+                return stack[on_stack[str(child.path)] :]
+            if str(child.path) not in done:
+                found = visit(child)
+                if found:
+                    return found
+            stack.pop()
+        del on_stack[key]
+        done.add(key)
+        return []
+
+    return visit(root)
+
+
 def search_path_for(config: Path, include_dirs: list[str] | tuple[str, ...] = ()) -> list[Path]:
     """The template search path of a config file."""
     return [config.resolve().parent, *(Path(d).resolve() for d in include_dirs), LIBRARY_DIR]
@@ -255,8 +301,8 @@ def render(
     """Preprocess and render CONFIG to YAML text, mapping every error to the user's file:line."""
     config_path = Path(config)
     if not config_path.is_file():
-        what = "is a directory" if config_path.is_dir() else "no such file"
-        raise FgcError(f"config {what}", Location(str(config_path)))
+        what = "the config is a directory" if config_path.is_dir() else "no such config file"
+        raise FgcError(what, Location(str(config_path)))
     config_path = config_path.resolve()
     loader = FgcLoader(search_path_for(config_path, include_dirs))
     nonrepro: dict[str, str] = {}
@@ -286,9 +332,18 @@ def render(
             hint="searched: " + ", ".join(str(p) for p in loader.search_path),
         ) from None
     except RecursionError:
+        cycle = _find_cycle(loader, root)
+        if not cycle:
+            raise FgcError(
+                "extends/include cycle: the templates include or extend each other without end",
+                Location(str(config_path)),
+            ) from None
+        steps = ", ".join(
+            f"{display_path(str(tf.path))}:{ref.line} {_VERBS.get(ref.kind, ref.kind)} {ref.name!r}" for tf, ref in cycle
+        )
+        first, ref = cycle[0]
         raise FgcError(
-            "extends/include cycle: the templates include or extend each other without end",
-            Location(str(config_path)),
+            f"extends/include cycle: {steps}", _location(loader, str(first.path), ref.line)
         ) from None
     except (TemplateRaise, jinja2.TemplateError, jinja2.exceptions.SecurityError) as exc:
         frame = _template_frame(exc, loader)
@@ -297,6 +352,11 @@ def render(
         if isinstance(exc, jinja2.UndefinedError):
             message = f"undefined: {exc.message}"
         raise FgcError(message, loc) from None
+    except Exception as exc:  # e.g. a TypeError of an expression: the template's mistake
+        frame = _template_frame(exc, loader)
+        if frame is None:
+            raise
+        raise FgcError(f"template: {type(exc).__name__}: {exc}", _location(loader, *frame)) from None
     text, origins = strip_markers(text)
     rendered = Rendered(text, origins, dict(loader.files), root, nonreproducible=nonrepro)
     for key in sorted(nonrepro):

@@ -1,0 +1,34 @@
+"""User-facing errors of a generated trainer, printed as one line and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+
+
+class RunError(Exception):
+    """A user error of the trainer (bad data dir, bad flag, bad checkpoint path).
+
+    ``str(err)`` is ``"PATH: error: MESSAGE"`` when a path is given, else ``"error: MESSAGE"``.
+    """
+
+    def __init__(self, message: str, path=None):
+        self.message = message
+        self.path = None if path is None else str(path)
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"{self.path}: error: {self.message}"
+        return f"error: {self.message}"
+
+
+def run_main(main, argv=None) -> None:
+    """Call ``main(argv)``; a :class:`RunError` is printed to stderr and exits with status 2.
+
+    Other exceptions propagate: they are bugs, and their traceback is wanted.
+    """
+    try:
+        main(argv)
+    except RunError as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,242 @@
+"""Codegen: determinism, golden packages, standalone packages, atomic output, the CLI."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import sysconfig
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE, REPO, run_fgc, tree_bytes
+
+GOLDEN = REPO / "golden"
+BLOCKED = [
+    "fgc", "fgc_lowering", "fgc_runtime", "jinja2", "yaml", "networkx", "libcst", "black", "click",
+    "transformers",
+]
+
+
+
+def site_without(tmp_path: Path, blocked: list[str]) -> Path:
+    """A copy (by symlinks) of site-packages without the blocked distributions, fgc included."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    fake = tmp_path / "site"
+    fake.mkdir()
+    for entry in site.iterdir():
+        name = entry.name.lower()
+        top = re.split(r"[-.]", name)[0].lstrip("_")
+        if top in blocked or name.endswith(".pth") or name.startswith("__editable__"):
+            continue
+        (fake / entry.name).symlink_to(entry)
+    return fake
+
+
+def build(tmp_path: Path, name: str, *defines: str, config: Path = EXAMPLE, cwd=None, env=None) -> Path:
+    out = tmp_path / name
+    args = ["build", config, "-o", out]
+    for d in defines:
+        args += ["-D", d]
+    run_fgc(*args, cwd=cwd, env=env, check=True)
+    return out
+
+
+def test_build_layout(tmp_path):
+    out = build(tmp_path, "pkg")
+    for rel in [
+        "train.py", "model.py", "launch.sh", "config.yaml", "manifest.json", "README.md",
+        "requirements.txt", "fgc_runtime/__init__.py", "fgc_runtime/data.py", "data/meta.json",
+        "data/train.bin", "data/val.bin",
+    ]:
+        assert (out / rel).is_file(), rel
+    assert os.access(out / "launch.sh", os.X_OK)
+    assert "torchrun --nproc-per-node 2" in (out / "launch.sh").read_text()
+    assert (out / "requirements.txt").read_text() == "torch>=2.4\n"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["plan"]["trainer_type"] == "ddp"
+    assert manifest["templates"] == ["train.yaml", "<fgc>/lm/train.yaml"]
+    for rel, digest in manifest["outputs"].items():
+        import hashlib
+
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest, rel
+    model_src = (out / "model.py").read_text()
+    assert "class CausalLM(nn.Module)" in model_src and "def build_model(" in model_src
+    assert "fgc.components" not in model_src
+
+
+def test_build_is_deterministic(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    a = build(tmp_path, "a")
+    b = build(tmp_path / "elsewhere", "deeper_b", cwd=tmp_path / "elsewhere", env={"PYTHONHASHSEED": "123"})
+    assert tree_bytes(a) == tree_bytes(b)
+
+
+def test_golden_tiny_llama_is_current(tmp_path):
+    """golden/tiny_llama is what the main example builds today.
+
+    Refresh on purpose with: python scripts/refresh_golden.py
+    """
+    out = build(tmp_path, "tiny_llama")
+    golden = tree_bytes(GOLDEN / "tiny_llama")
+    fresh = tree_bytes(out)
+    assert sorted(golden) == sorted(fresh)
+    changed = [rel for rel in fresh if fresh[rel] != golden[rel]]
+    assert changed == [], f"generated files differ from golden/: {changed}; run scripts/refresh_golden.py if intended"
+
+
+def test_one_value_changes_only_its_lines(tmp_path):
+    a = build(tmp_path, "a")
+    b = build(tmp_path, "b", "lr=0.002")
+    a_lines = (a / "train.py").read_text().splitlines()
+    b_lines = (b / "train.py").read_text().splitlines()
+    diff = [(x, y) for x, y in zip(a_lines, b_lines) if x != y]
+    assert len(a_lines) == len(b_lines)
+    # the optimizer line and the config hash; nothing else in train.py
+    assert len(diff) == 2, diff
+    assert any("lr=0.003" in x and "lr=0.002" in y for x, y in diff)
+    assert (a / "model.py").read_bytes() == (b / "model.py").read_bytes()
+
+
+def test_values_are_emitted_as_literals(tmp_path):
+    weird = "it's \"quoted\" \\ {{ x }} ## not a comment\nnew line"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        '-- extends "lm/train.yaml"\n'
+        "[config_metadata]\n== super()\n-- set ns.max_steps = 3\n"
+        "[data]\n"
+        ".data: &data !singleton:fgc.settings:DataSettings@data\n"
+        "    data_dir: {{ weird | toyaml }}\n"
+    )
+    out = tmp_path / "pkg"
+    run_fgc("build", cfg, "-o", out, "-D", "weird=" + json.dumps(weird), check=True)
+    tree = ast.parse((out / "train.py").read_text())
+    values = [
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "DATA_DIR"
+    ]
+    assert values == [weird]
+
+
+def test_generated_package_runs_without_build_time_packages(tmp_path):
+    """The package needs only torch: fgc, jinja2, yaml, networkx, libcst, black, click and
+    transformers are made unimportable, and every import in it is stdlib, torch or its own."""
+    out = build(tmp_path, "pkg", "trainer_type=basic", "max_steps=4", "log_every=2", "eval_every=2")
+    copy = tmp_path / "copied"
+    shutil.copytree(out, copy)
+    shutil.rmtree(out)  # nothing may refer back to the build directory
+    env = dict(os.environ, PYTHONPATH=str(site_without(tmp_path, BLOCKED)))
+    check = subprocess.run(
+        [sys.executable, "-S", "-c", "import importlib.util as u, sys; "
+         "sys.exit(any(u.find_spec(m) for m in sys.argv[1:]))", *BLOCKED],
+        cwd=tmp_path, env=env,
+    )
+    assert check.returncode == 0, "the blocked packages are still importable"
+    proc = subprocess.run(
+        [sys.executable, "-S", str(copy / "train.py"), "--output-dir", str(tmp_path / "run")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    assert [r["step"] for r in lines if "eval_loss" in r] == [2, 4]
+    # every import of the package is standard library, torch, or the package itself
+    own = {"fgc_runtime", "model"}
+    for path in copy.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top == "torch" or top in own, (path, name)
+
+
+def test_atomic_output_on_error(tmp_path):
+    out = build(tmp_path, "pkg")
+    before = tree_bytes(out)
+    bad = run_fgc("build", EXAMPLE, "-o", out, "-D", "num_attention_heads=5")
+    assert bad.returncode == 2
+    assert tree_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]  # no temporary leftovers
+
+
+def test_refuses_non_fgc_directory(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    proc = run_fgc("build", EXAMPLE, "-o", out)
+    assert proc.returncode == 2
+    assert "not empty" in proc.stderr and "--force" in proc.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+    forced = run_fgc("build", EXAMPLE, "-o", out, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert not (out / "notes.txt").exists() and (out / "train.py").is_file()
+
+
+def test_bad_keyword_points_at_the_config_line(tmp_path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text(
+        '-- extends "lm/train.yaml"\n'
+        "[optimizer]\n"
+        "optimizer: !partial:torch.optim:AdamW@optimizer\n"
+        "    lr: 0.001\n"
+        "    wieght_decay: 0.1\n"
+    )
+    proc = run_fgc("build", cfg, "-o", tmp_path / "out")
+    assert proc.returncode == 2
+    first = proc.stderr.splitlines()[0]
+    assert first.endswith(":5: error: torch.optim:AdamW has no parameter 'wieght_decay'"), first
+    assert first.startswith(str(cfg)) or first.startswith(os.path.relpath(cfg, REPO))
+    assert "did you mean 'weight_decay'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_shape_error_is_a_user_error(tmp_path):
+    proc = run_fgc("build", EXAMPLE, "-o", tmp_path / "out", "-D", "num_attention_heads=5")
+    assert proc.returncode == 2
+    assert "error: the model does not build: ValueError" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unavailable_trainer_type_is_reported_at_the_template_line(tmp_path):
+    proc = run_fgc("build", EXAMPLE, "-o", tmp_path / "out", "-D", "trainer_type=fsdp2")
+    assert proc.returncode == 2
+    assert "lm/train.yaml:" in proc.stderr
+    assert "trainer_type fsdp2 is not available in this version of fgc" in proc.stderr
+
+
+def test_fgc_data_command(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n\nsecond document\n")
+    out = tmp_path / "shards"
+    proc = run_fgc("data", tmp_path / "a.txt", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == "byte" and meta["vocab_size"] == 257 and meta["eos_id"] == 256
+    missing = run_fgc("data", tmp_path / "nope.txt", "-o", out)
+    assert missing.returncode == 2 and "nope.txt: error:" in missing.stderr
+
+
+def test_python_dash_m_and_console_script_agree():
+    a = subprocess.run([sys.executable, "-m", "fgc", "--help"], capture_output=True, text=True)
+    assert a.returncode == 0
+    for cmd in ("build", "pp", "targets", "data", "check"):
+        assert cmd in a.stdout
+    exe = shutil.which("fgc")
+    assert exe is not None, "the set-up command installs the fgc console script"
+    b = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert b.stdout == a.stdout

@@ -1,0 +1,137 @@
+"""End to end: fgc build the main example, then train with torchrun on 2 gloo ranks (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE, run_fgc
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_build_then_torchrun_two_ranks_trains(tmp_path):
+    out = tmp_path / "build"
+    run_fgc("build", EXAMPLE, "-o", out, "-D", "max_steps=60", "-D", "eval_every=30", check=True)
+    proc = torchrun(out / "train.py", "--output-dir", tmp_path / "run", "--log-every", "5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == list(range(5, 61, 5))
+    assert [r["step"] for r in evals] == [30, 60]
+    for r in train:
+        assert list(r) == [
+            "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "peak_mem_bytes", "elapsed_s"
+        ]
+    # 16 sequences of 128 tokens per step, counted over both ranks
+    assert train[-1]["tokens"] == 60 * 16 * 128
+    # the loss falls clearly: from about ln(257) = 5.55 to well below it
+    assert train[0]["loss"] > 4.5
+    assert train[-1]["loss"] < train[0]["loss"] - 1.5
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step-00000060"
+    assert (ckpt / "step-00000060" / "manifest.json").is_file()
+    assert (ckpt / "step-00000060" / "rng-rank1.pt").is_file()
+
+
+def test_ddp_and_single_process_agree(tmp_path):
+    """The global batch is the same whatever the world size, and the loss is normalised by the
+    global target count, so 2 ranks and 1 process take the same steps (up to float reduction order)."""
+    out = tmp_path / "build"
+    run_fgc("build", EXAMPLE, "-o", out, "-D", "max_steps=6", "-D", "eval_every=0", check=True)
+    two = torchrun(out / "train.py", "--output-dir", tmp_path / "two", "--log-every", "1", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, str(out / "train.py"), "--output-dir", str(tmp_path / "one"), "--log-every", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    loss_two = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    loss_one = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
+    assert len(loss_one) == len(loss_two) == 6
+    assert loss_one == pytest.approx(loss_two, rel=1e-4)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """On CPU, stopping and resuming from a checkpoint gives bitwise the losses of one run."""
+    out = tmp_path / "build"
+    run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=basic", "-D", "max_steps=8", check=True)
+
+    def train(output, *flags):
+        proc = subprocess.run(
+            [sys.executable, str(out / "train.py"), "--output-dir", str(output), "--log-every", "1", *flags],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    train(tmp_path / "full")
+    train(tmp_path / "part", "--max-steps", "4")
+    resumed = train(tmp_path / "part")
+    assert "resuming from" in resumed.stdout and "step-00000004" in resumed.stdout
+    full = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    part = [r["loss"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl")]
+    assert len(full) == 8
+    assert part == full  # metrics.jsonl appends: steps 1-4, then 5-8 after the resume
+
+
+def test_trainer_errors_are_one_line_exit_2(tmp_path):
+    out = tmp_path / "build"
+    run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=basic", check=True)
+    proc = subprocess.run(
+        [sys.executable, str(out / "train.py"), "--data", str(tmp_path / "no_such_dir")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "no_such_dir" in proc.stderr and "error:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    missing = subprocess.run(
+        [sys.executable, str(out / "train.py"), "--resume", str(tmp_path / "nope")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "no such checkpoint" in missing.stderr
+
+
+def test_dry_run(tmp_path):
+    out = tmp_path / "build"
+    run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=basic", check=True)
+    proc = subprocess.run(
+        [sys.executable, str(out / "train.py"), "--dry-run", "--output-dir", str(tmp_path / "o")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "plan: {'trainer_type': 'basic'" in proc.stdout
+    assert "is writable" in proc.stdout
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
