@@ -7,6 +7,7 @@ Exit status: 0 success, 1 an internal error (a bug), 2 a user error (printed as
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -63,6 +64,10 @@ def command(fn):
                 traceback.print_exc()
             _print_diagnostics(exc.diagnostics)
             sys.exit(2)
+        except BrokenPipeError:
+            # the reader went away (e.g. `fgc pp CONFIG | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
         except Exception:

@@ -21,6 +21,11 @@ from fgc_lowering.specs import Symbol
 from .vendor import is_vendored_module
 
 
+_TIGHT_EQUAL = cst.AssignEqual(
+    whitespace_before=cst.SimpleWhitespace(""), whitespace_after=cst.SimpleWhitespace("")
+)
+
+
 def literal(value) -> cst.BaseExpression:
     """A Python literal for a scalar config value."""
     if value is None or isinstance(value, bool):
@@ -156,7 +161,7 @@ class TargetEmitter:
             args = [cst.Arg(sub(c)) for c in node.args]
             for key, c in node.kwargs.items():
                 if key.isidentifier() and not keyword.iskeyword(key):
-                    args.append(cst.Arg(sub(c), keyword=cst.Name(key)))
+                    args.append(cst.Arg(sub(c), keyword=cst.Name(key), equal=_TIGHT_EQUAL))
                 else:
                     args.append(cst.Arg(cst.Dict([cst.DictElement(literal(key), sub(c))]), star="**"))
             if node.mode == "partial":

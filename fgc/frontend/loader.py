@@ -24,7 +24,7 @@ CALL_TAGS = {
 }
 CONTAINER_TAGS = {"dict", "list", "tuple"}
 
-_INT_RE = re.compile(r"^[-+]?(0|[1-9][0-9_]*)$|^0x[0-9a-fA-F]+$|^0o[0-7]+$")
+_INT_RE = re.compile(r"^[-+]?[0-9][0-9_]*$|^0x[0-9a-fA-F]+$|^0o[0-7]+$")  # 1.2 core: 017 is 17
 _FLOAT_RE = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
 _TAG_RE = re.compile(r"^!(?P<kind>[A-Za-z_]+)(?::(?P<spec>[^@]*))?(?:@(?P<name>\w+))?$")
 _ARG_KEY_RE = re.compile(r"^arg(\d+)$")
