@@ -176,6 +176,53 @@ def targets(config, include_dirs, defines):
 
 
 @main.command()
+@config_arg
+@click.option("--target", "target_names", multiple=True, metavar="T", help="only what target T reaches")
+@click.option(
+    "--format", "fmt", type=click.Choice(["yaml", "json", "dot", "python"]), default="yaml", show_default=True
+)
+@include_opt
+@define_opt
+@command
+def graph(config, target_names, fmt, include_dirs, defines):
+    """Print CONFIG's IR graph."""
+    from .inspect import construction_module, graph_text, load_for_code
+
+    _, ir, ctx = load_for_code(config, include_dirs, _parse_defines(defines))
+    targets = list(target_names) or list(ir.targets)
+    _check_targets(ir, targets, ctx.config)
+    if fmt == "python":
+        click.echo(construction_module(ir, ctx, targets, Path(config).name), nl=False)
+    else:
+        click.echo(graph_text(ir.restrict(targets), fmt), nl=False)
+
+
+@main.command()
+@config_arg
+@click.option("--target", "target_name", required=True, metavar="T", help="the target to construct")
+@include_opt
+@define_opt
+@command
+def code(config, target_name, include_dirs, defines):
+    """Print a Python module whose construct(**vars) builds target T as CONFIG says."""
+    from .inspect import construction_module, load_for_code
+
+    _, ir, ctx = load_for_code(config, include_dirs, _parse_defines(defines))
+    _check_targets(ir, [target_name], ctx.config)
+    click.echo(construction_module(ir, ctx, [target_name], Path(config).name), nl=False)
+
+
+def _check_targets(ir, targets, config) -> None:
+    unknown = [t for t in targets if t not in ir.targets]
+    if unknown:
+        raise FgcError(
+            "no target " + ", ".join(repr(t) for t in unknown),
+            Location(str(config)),
+            hint="targets: " + ", ".join(ir.targets),
+        )
+
+
+@main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="output directory")
 @click.option("--tokenizer", default="byte", show_default=True, help="byte (built in)")

@@ -95,6 +95,15 @@ class IRGraph:
             if within is None or parent in within
         )
 
+    def restrict(self, targets: list[str]) -> "IRGraph":
+        """The part of the graph that the given targets reach."""
+        keep = {n for t in targets for n in self.reachable(self.targets[t])}
+        other = self.copy()
+        other.g.remove_nodes_from([n for n in list(other.g.nodes) if n not in keep])
+        other.targets = {t: self.targets[t] for t in targets}
+        other.definitions = {}
+        return other
+
     def copy(self) -> "IRGraph":
         other = IRGraph()
         for n in self.nodes():

@@ -22,15 +22,19 @@ PASSES = (
 
 PASS_NAMES = tuple(p.name for p in PASSES)
 
+# What `fgc code` and `fgc graph --format python` need: callables checked, !vars left as parameters.
+CODE_PASSES = (ResolveCallables(), BindArguments())
+
 
 def lower(
     ir: IRGraph,
     ctx: LoweringContext,
     dump_after: str | None = None,
     dump: Callable[[str], None] = print,
+    passes: tuple = PASSES,
 ) -> IRGraph:
-    """Run every pass in order; stop with all errors found when a pass reports any."""
-    for p in PASSES:
+    """Run the passes in order; stop with all errors found when a pass reports any."""
+    for p in passes:
         ir = p.run(ir, ctx)
         if dump_after == p.name:
             dump(f"# IR after {p.name}: {p.purpose}\n{ir.dump()}")

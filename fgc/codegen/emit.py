@@ -63,12 +63,16 @@ def code(node: cst.CSTNode) -> str:
     return cst.Module(body=[]).code_for_node(node)
 
 
+def _identifier(text: str) -> str:
+    name = re.sub(r"\W+", "_", text).strip("_") or "value"
+    if name[0].isdigit():
+        name = "_" + name
+    return name + "_" if keyword.iskeyword(name) else name
+
+
 def variable_name(node: Node) -> str:
     """A Python name from a node's @name or its config path (``model.layer_factory`` → ``model_layer_factory``)."""
-    base = node.name or re.sub(r"\W+", "_", node.id).strip("_") or "value"
-    if base[0].isdigit():
-        base = "_" + base
-    return base + "_" if keyword.iskeyword(base) else base
+    return _identifier(node.name or node.id)
 
 
 @dataclass
@@ -96,27 +100,36 @@ class TargetEmitter:
         self.symbols = symbols
         self.imports = imports
         self.vendored = vendored
+        self.variables: dict[str, str | None] = {}  # !var names met, with their default node
 
     def emit(self, target: str, var: str | None = None) -> tuple[list[cst.BaseStatement], str]:
         """Statements building ``target``; returns them and the variable holding the result."""
-        root = self.ir.targets[target]
-        order = self.ir.reachable(root)
+        statements, names = self.emit_targets([target], {target: var} if var else None)
+        return statements, names[target]
+
+    def emit_targets(
+        self, targets: list[str], names: dict[str, str] | None = None
+    ) -> tuple[list[cst.BaseStatement], dict[str, str]]:
+        """Statements building several targets, sharing what the config shares between them."""
+        roots = {self.ir.targets[t]: t for t in targets}
+        order = self._order(list(roots))
         within = set(order)
-        under_factory = self._under_factory(root)
+        under_factory = self._under_factory(order)
         hoisted: dict[str, str] = {}
         names_used: dict[str, str] = {}
         statements: list[cst.BaseStatement] = []
         for nid in order:
             node = self.ir.node(nid)
             shared = self.ir.uses(nid, within) > 1
-            hoist = nid == root or (
+            hoist = nid in roots or (
                 node.kind == "call"
                 and node.mode != "factory"
                 and (shared or node.name or (node.mode == "singleton" and nid in under_factory))
             ) or (node.kind in ("dict", "list") and shared)
             if not hoist:
                 continue
-            name = var if (nid == root and var) else variable_name(node)
+            given = (names or {}).get(roots.get(nid, ""))
+            name = given or (variable_name(node) if nid not in roots else _identifier(roots[nid]))
             if name in names_used and names_used[name] != nid:
                 raise FgcError(
                     f"two nodes would both be named {name!r} in generated code",
@@ -129,15 +142,34 @@ class TargetEmitter:
             statements.append(
                 cst.SimpleStatementLine([cst.Assign([cst.AssignTarget(cst.Name(name))], value)])
             )
-        return statements, hoisted[root]
+        return statements, {t: hoisted[nid] for nid, t in roots.items()}
 
-    def _under_factory(self, root: str) -> set[str]:
+    def _order(self, roots: list[str]) -> list[str]:
+        """Nodes below the roots, children first; a !var's default is not part of the body."""
+        order: list[str] = []
+        seen: set[str] = set()
+
+        def visit(nid: str) -> None:
+            if nid in seen:
+                return
+            seen.add(nid)
+            node = self.ir.node(nid)
+            if node.kind != "var":
+                for _, child in node.children():
+                    visit(child)
+            order.append(nid)
+
+        for root in roots:
+            visit(root)
+        return order
+
+    def _under_factory(self, order: list[str]) -> set[str]:
         """Nodes reachable through a factory call (which may be evaluated more than once)."""
         out: set[str] = set()
-        for nid in self.ir.reachable(root):
+        for nid in order:
             node = self.ir.node(nid)
             if node.kind == "call" and node.mode == "factory":
-                out.update(n for n in self.ir.reachable(nid) if n != nid)
+                out.update(n for n in self._order([nid]) if n != nid)
         return out
 
     def expression(self, nid: str, hoisted: dict[str, str], top: bool = True) -> cst.BaseExpression:
@@ -156,6 +188,9 @@ class TargetEmitter:
             return cst.Tuple([cst.Element(sub(c)) for c in node.args])
         if node.kind == "dict":
             return cst.Dict([cst.DictElement(literal(k), sub(c)) for k, c in node.kwargs.items()])
+        if node.kind == "var":
+            self.variables[node.value] = node.default
+            return cst.Name(_identifier(node.value))
         if node.kind == "call":
             func = self.imports.reference(self.symbols[nid], self.vendored)
             args = [cst.Arg(sub(c)) for c in node.args]

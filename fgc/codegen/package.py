@@ -154,7 +154,7 @@ class PackageBuilder:
         self._note_third_party(import_lines)
         source = self.jinja.get_template("model.py.j2").render(
             common,
-            imports=_import_groups(import_lines),
+            imports=import_groups(import_lines),
             definitions=vendored.definitions,
             body=body,
             model_var=var,
@@ -225,7 +225,7 @@ class PackageBuilder:
         settings = self.ctx.settings
         source = self.jinja.get_template("train.py.j2").render(
             common,
-            imports=_import_groups(import_lines),
+            imports=import_groups(import_lines),
             constants=self.constants(),
             plan_literal=code(literal(self.ctx.plan.to_data())),
             config_hash=code(literal(config_hash)),
@@ -319,7 +319,7 @@ def _import_key(line: str) -> tuple:
     return (group, module, line.startswith("from"), line)
 
 
-def _import_groups(lines: list[str]) -> list[list[str]]:
+def import_groups(lines: list[str]) -> list[list[str]]:
     """Sorted import lines split into their groups (blank lines between groups)."""
     groups: dict[int, list[str]] = {}
     for line in sorted(set(lines), key=_import_key):

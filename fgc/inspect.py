@@ -1,0 +1,110 @@
+"""Inspection: the IR graph in several formats, and `fgc code`'s standalone construction module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import black
+import libcst as cst
+import yaml
+
+from fgc_lowering.context import LoweringContext
+from fgc_lowering.pipeline import CODE_PASSES, lower
+
+from .codegen.package import import_groups
+from .codegen.emit import ImportTable, TargetEmitter, _identifier, code, literal
+from .codegen.vendor import Vendorer, is_vendored_module
+from .errors import FgcError
+from .frontend.loader import load
+from .frontend.render import Rendered, render, search_path_for
+from .ir import IRGraph
+
+
+def load_for_code(config, include_dirs=(), variables=None) -> tuple[Rendered, IRGraph, LoweringContext]:
+    """Render, load and resolve callables, leaving !vars unbound (they become parameters)."""
+    rendered = render(config, include_dirs, variables or {})
+    ir = load(rendered)
+    config_path = Path(config).resolve()
+    ctx = LoweringContext(config_path, search_path_for(config_path, include_dirs), dict(variables or {}))
+    ir = lower(ir, ctx, passes=CODE_PASSES)
+    return rendered, ir, ctx
+
+
+def construction_module(ir: IRGraph, ctx: LoweringContext, targets: list[str], config_name: str) -> str:
+    """A module defining ``construct(**vars)`` that builds TARGETS as the config says.
+
+    With one target, ``construct`` returns it; with several, a dict of them (objects shared
+    between targets stay shared). Component classes are vendored, so the module needs no fgc.
+    """
+    wanted = sorted(
+        {
+            (ctx.symbols[n].module, ctx.symbols[n].qualname.split(".")[0])
+            for t in targets
+            for n in ir.reachable(ir.targets[t])
+            if n in ctx.symbols and is_vendored_module(ctx.symbols[n].module)
+        }
+    )
+    vendored = Vendorer().collect(wanted)
+    imports = ImportTable(set())
+    emitter = TargetEmitter(ir, ctx.symbols, imports, vendored.names)
+    statements, names = emitter.emit_targets(targets)
+    params = []
+    for var in sorted(emitter.variables):
+        default = emitter.variables[var]
+        if default is None:
+            params.append(cst.Param(cst.Name(_identifier(var))))
+            continue
+        node = ir.node(default)
+        if node.kind not in ("value", "list", "tuple", "dict"):
+            raise FgcError(f"fgc code: the default of !var {var!r} must be a plain value", node.loc)
+        value = emitter.expression(default, {}, top=True)
+        params.append(cst.Param(cst.Name(_identifier(var)), default=value))
+    if len(targets) == 1:
+        result: cst.BaseExpression = cst.Name(names[targets[0]])
+    else:
+        result = cst.Dict([cst.DictElement(literal(t), cst.Name(names[t])) for t in targets])
+    body = statements + [cst.SimpleStatementLine([cst.Return(result)])]
+    func = cst.FunctionDef(
+        name=cst.Name("construct"),
+        params=cst.Parameters(kwonly_params=params, star_arg=cst.ParamStar() if params else cst.MaybeSentinel.DEFAULT),
+        body=cst.IndentedBlock(body),
+    )
+    what = f"target {targets[0]!r}" if len(targets) == 1 else "targets " + ", ".join(map(repr, targets))
+    doc = f'"""Construct {what} of {config_name}, as fgc reads the config."""\n\n'
+    groups = import_groups(list(vendored.imports) + imports.statements())
+    parts = [doc, "\n\n".join("\n".join(g) for g in groups), "\n\n"]
+    for _, _, source in vendored.definitions:
+        parts.append(source + "\n\n\n")
+    parts.append(cst.Module([func]).code)
+    return black.format_str("".join(parts), mode=black.Mode())
+
+
+def graph_data(ir: IRGraph) -> dict:
+    return ir.to_data()
+
+
+def graph_text(ir: IRGraph, fmt: str) -> str:
+    """The IR graph as yaml, json or dot."""
+    data = graph_data(ir)
+    if fmt == "json":
+        return json.dumps(data, indent=2, default=repr) + "\n"
+    if fmt == "yaml":
+        return yaml.safe_dump(json.loads(json.dumps(data, default=repr)), sort_keys=False)
+    if fmt == "dot":
+        lines = ["digraph fgc {", "  rankdir=LR;", "  node [shape=box, fontname=monospace];"]
+        for nid, item in data["nodes"].items():
+            if item["kind"] == "call":
+                label = f"{nid}\n!{item['mode']}:{item['spec']}"
+            elif item["kind"] == "value":
+                label = f"{nid} = {item['value']!r}"
+            elif item["kind"] == "var":
+                label = f"{nid}\n!var {item['var']}"
+            else:
+                label = f"{nid}\n{item['kind']}"
+            lines.append(f"  {json.dumps(nid)} [label={json.dumps(label)}];")
+        for parent, child, slot in sorted(ir.g.edges(keys=True)):
+            lines.append(f"  {json.dumps(parent)} -> {json.dumps(child)} [label={json.dumps(slot)}];")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+    raise ValueError(fmt)
