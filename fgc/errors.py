@@ -53,8 +53,12 @@ class Diagnostic:
         if self.hint:
             lines.append(f"  hint: {self.hint}")
         if self.loc is not None:
+            # CONTRACT §2: one line per template in the chain, naming where it was reached from
+            here = str(Location(self.loc.file, self.loc.line))
             for file, line in self.loc.chain:
-                lines.append(f"  in {display_path(file)}:{line}, included or extended from there")
+                there = f"{display_path(file)}:{line}"
+                lines.append(f"  in {here}, included or extended from {there}")
+                here = there
         return "\n".join(lines)
 
 

@@ -92,7 +92,9 @@ def test_sequence_gives_positional_arguments(tmp_path):
 
 
 def test_scalar_gives_one_positional_argument(tmp_path):
-    graph = graph_of(tmp_path, "a: !singleton:m:F 5\nb: !singleton:m:F 'text'\nc: !singleton:m:F ''\n")
+    graph = graph_of(
+        tmp_path, "a: !singleton:m:F 5\nb: !singleton:m:F 'text'\nc: !singleton:m:F ''\n"
+    )
     assert values(graph, target(graph, "a").args) == [5]
     assert values(graph, target(graph, "b").args) == ["text"]
     assert values(graph, target(graph, "c").args) == [""]  # a quoted empty string is an argument
@@ -106,7 +108,9 @@ def test_empty_scalar_gives_no_arguments(tmp_path):
 
 
 def test_mapping_gives_keyword_arguments(tmp_path):
-    graph = graph_of(tmp_path, "a: !partial:torch.optim:AdamW\n    lr: 1.0e-3\n    weight_decay: 0\n")
+    graph = graph_of(
+        tmp_path, "a: !partial:torch.optim:AdamW\n    lr: 1.0e-3\n    weight_decay: 0\n"
+    )
     node = target(graph, "a")
     assert node.args == []
     assert node.kwargs == {"lr": "a.lr", "weight_decay": "a.weight_decay"}
@@ -179,7 +183,9 @@ def test_var_three_forms(tmp_path):
 
 
 def test_var_with_structured_default(tmp_path):
-    graph = graph_of(tmp_path, "v: !var\n    name: opt\n    default: !partial:torch.optim:SGD {lr: 1}\n")
+    graph = graph_of(
+        tmp_path, "v: !var\n    name: opt\n    default: !partial:torch.optim:SGD {lr: 1}\n"
+    )
     node = target(graph, "v")
     default = graph.node(node.default)
     assert (default.kind, default.mode, default.spec) == ("call", "partial", "torch.optim:SGD")
@@ -341,7 +347,9 @@ def test_special_floats(tmp_path):
 
 
 def test_scalars_inside_call_arguments_follow_yaml_12(tmp_path):
-    graph = graph_of(tmp_path, "a: !partial:m:F {lr: 1e-4, n: 0x10, flag: yes}\nb: !singleton:m:F 1e-4\n")
+    graph = graph_of(
+        tmp_path, "a: !partial:m:F {lr: 1e-4, n: 0x10, flag: yes}\nb: !singleton:m:F 1e-4\n"
+    )
     assert kwvalues(graph, target(graph, "a")) == {"lr": 0.0001, "n": 16, "flag": "yes"}
     assert values(graph, target(graph, "b").args) == [0.0001]
 
@@ -410,7 +418,8 @@ def test_overridden_value_leaves_no_nodes_behind(tmp_path):
         "opt: !partial:torch.optim:AdamW\n    lr: 1.0\n    extra: !singleton:nonexistent.mod:X\n[more]\n",
     )
     cfg = write(
-        tmp_path / "child.yaml", '-- extends "base.yaml"\n[more]\nopt: !partial:torch.optim:SGD\n    lr: 2.0\n'
+        tmp_path / "child.yaml",
+        '-- extends "base.yaml"\n[more]\nopt: !partial:torch.optim:SGD\n    lr: 2.0\n',
     )
     graph = load(render(cfg))
     assert sorted(n.id for n in graph.nodes()) == ["opt", "opt.lr"]
@@ -444,7 +453,9 @@ def test_unknown_tag_at_its_line(tmp_path):
 
 
 def test_several_loader_errors_reported_together(tmp_path):
-    exc = load_error(tmp_path, "a: !frob 1\nb: !dict:@n {x: 1}\nc: !dict:@n {x: 2}\nd:\n  k: 1\n  k: 2\n")
+    exc = load_error(
+        tmp_path, "a: !frob 1\nb: !dict:@n {x: 1}\nc: !dict:@n {x: 2}\nd:\n  k: 1\n  k: 2\n"
+    )
     assert [d.loc.line for d in exc.diagnostics] == [1, 3, 6]
 
 
@@ -463,6 +474,16 @@ def test_yaml_syntax_error_in_parent_template(tmp_path):
     loc = info.value.diagnostics[0].loc
     assert (loc.file, loc.line) == (str(parent.resolve()), 5)
     assert loc.chain == ((str(cfg.resolve()), 1),)
+
+
+def test_unterminated_flow_collection_reported_where_it_opens(tmp_path):
+    parent = write(tmp_path / "p.yaml", "-- set y = 2\n[x]\nq: 1\n[y]\nz: [1, {{ y }}\n")
+    cfg = write(tmp_path / "c.yaml", '-- extends "p.yaml"\n[x]\n== super()\nw: 1\n')
+    with pytest.raises(FgcError) as info:
+        load(render(cfg))
+    diag = info.value.diagnostics[0]
+    assert (diag.loc.file, diag.loc.line) == (str(parent.resolve()), 5)
+    assert "while parsing a flow sequence" in diag.message
 
 
 def test_yaml_syntax_error_in_child_override(tmp_path):

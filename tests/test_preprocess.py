@@ -80,6 +80,15 @@ def test_statement_trailing_comment_cut():
     assert pp('== "a ##b"') == ['<0:1>{{ "a ##b" }}']
 
 
+def test_double_hash_inside_string_literal_of_a_statement_is_text():
+    # a statement body is Jinja2 code: every quote opens a string, whatever precedes it
+    assert pp('-- set x = y ~ " ##b"') == ['{% set x = y ~ " ##b" %}']
+    assert pp("-- set x = f(' ##') ## c") == ["{% set x = f(' ##') %}"]
+    assert pp('== "a" ~ " ##b"') == ['<0:1>{{ "a" ~ " ##b" }}']
+    assert pp("-- set x = 'a\\' ##' ## c") == ["{% set x = 'a\\' ##' %}"]
+    assert jinja_render('-- set x = "a" ~ " ##b"\nv: {{ x }}\n') == "v: a ##b\n"
+
+
 def test_statements_render_through_jinja():
     text = "-- set ns = namespace(x=1)\n-- set ns.x = ns.x + 1\nx: {{ ns.x }}\n"
     assert jinja_render(text) == "x: 2\n"
@@ -240,7 +249,7 @@ def test_line_count_preserved():
 
 
 def test_references_recorded_with_lines():
-    result = preprocess('## c\n-- extends "base.yaml"\n<< include \'x/y.yaml\'\n', 0)
+    result = preprocess("## c\n-- extends \"base.yaml\"\n<< include 'x/y.yaml'\n", 0)
     assert [(r.kind, r.name, r.line) for r in result.references] == [
         ("extends", "base.yaml", 2),
         ("include", "x/y.yaml", 3),

@@ -124,7 +124,7 @@ def test_rstrip_super_continues_a_mapping(tmp_path):
 
 def test_include(tmp_path):
     write(tmp_path / "parts" / "opt.yaml", "lr: {{ lr }}\nmomentum: 0.9\n")
-    cfg = write(tmp_path / "c.yaml", "-- set lr = 0.1\na: 1\n-- include \"parts/opt.yaml\"\nz: 2\n")
+    cfg = write(tmp_path / "c.yaml", '-- set lr = 0.1\na: 1\n-- include "parts/opt.yaml"\nz: 2\n')
     rendered = render(cfg)
     assert rendered.text == "a: 1\nlr: 0.1\nmomentum: 0.9\nz: 2\n"
     inc = str((tmp_path / "parts" / "opt.yaml").resolve())
@@ -277,7 +277,7 @@ def test_toyaml_undefined_without_default_is_an_error(tmp_path):
 
 
 def test_raise_reports_its_file_and_line(tmp_path):
-    cfg = write(tmp_path / "c.yaml", "a: 1\n\n-- set _ = raise(\"boom here\")\nb: 2\n")
+    cfg = write(tmp_path / "c.yaml", 'a: 1\n\n-- set _ = raise("boom here")\nb: 2\n')
     exc = error_of(cfg)
     assert len(exc.diagnostics) == 1
     assert exc.diagnostics[0].message == "boom here"
@@ -401,7 +401,7 @@ def test_unknown_filter_is_a_syntax_error_at_its_line(tmp_path):
 
 
 def test_extends_not_found_at_its_line(tmp_path):
-    cfg = write(tmp_path / "c.yaml", "## c\n\n-- extends \"nothere.yaml\"\n")
+    cfg = write(tmp_path / "c.yaml", '## c\n\n-- extends "nothere.yaml"\n')
     exc = error_of(cfg, [str(tmp_path / "inc")])
     assert exc.diagnostics[0].message == "template not found: 'nothere.yaml'"
     assert where(exc) == (str(cfg.resolve()), 3)
@@ -484,3 +484,20 @@ def test_error_format_has_file_and_line(tmp_path, monkeypatch):
     write(tmp_path / "c.yaml", "a: 1\nb: {{ nope }}\n")
     exc = error_of("c.yaml")
     assert str(exc).split("\n")[0] == "c.yaml:2: error: undefined: 'nope' is undefined"
+
+
+def test_error_format_shows_one_line_per_template_in_the_chain(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "a.yaml", "x: 1\n[blk]\n-- set _ = raise('deep')\n")
+    write(tmp_path / "b.yaml", '## b\n-- extends "a.yaml"\n')
+    write(tmp_path / "c.yaml", '-- extends "b.yaml"\n')
+    exc = error_of("c.yaml")
+    assert exc.diagnostics[0].loc.chain == (
+        (str((tmp_path / "b.yaml").resolve()), 2),
+        (str((tmp_path / "c.yaml").resolve()), 1),
+    )
+    assert str(exc).split("\n") == [
+        "a.yaml:3: error: deep",
+        "  in a.yaml:3, included or extended from b.yaml:2",
+        "  in b.yaml:2, included or extended from c.yaml:1",
+    ]

@@ -264,6 +264,9 @@ def load(rendered: Rendered) -> IRGraph:
         root = yaml.compose(rendered.text, Loader=_Composer)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        at_end = mark is not None and mark.index >= len(rendered.text.rstrip())
+        if exc.context_mark and mark is exc.problem_mark and at_end:
+            mark = exc.context_mark  # unterminated at the end of the text: where it was opened
         loc = rendered.location(mark.line, None) if mark else Location(str(rendered.root.path))
         problem = exc.problem or exc.context or "invalid YAML"
         if exc.problem and exc.context:  # e.g. "second occurrence" of "found duplicate anchor 'x'"
@@ -284,6 +287,7 @@ def load(rendered: Rendered) -> IRGraph:
             first_seen.setdefault(loader.key_of(knode), len(first_seen))
     built = {key: loader.build(vnode, key) for key, _, vnode in entries}
     for key in sorted(built, key=first_seen.__getitem__):
-        (loader.graph.definitions if key.startswith(".") else loader.graph.targets)[key] = built[key]
+        table = loader.graph.definitions if key.startswith(".") else loader.graph.targets
+        table[key] = built[key]
     sink.raise_if_errors()
     return loader.graph

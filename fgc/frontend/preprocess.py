@@ -103,8 +103,12 @@ class _Scanner:
                 i += 1
 
 
-def strip_trailing_comment(line: str) -> str:
-    """Cut ``##`` comments preceded by whitespace, except inside YAML quoted scalars or Jinja2 tags."""
+def strip_trailing_comment(line: str, expression: bool = False) -> str:
+    """Cut ``##`` comments preceded by whitespace, except inside YAML quoted scalars or Jinja2 tags.
+
+    With ``expression`` (the body of a line statement, which is Jinja2 code) every quote opens a
+    string literal, as in Python: ``-- set x = y ~ " ##"`` keeps its ``##``.
+    """
     if "##" not in line:
         return line
     i, n = 0, len(line)
@@ -118,9 +122,12 @@ def strip_trailing_comment(line: str) -> str:
                 return line
             i, last_sig = j + 2, "}"
             continue
-        if c in "'\"" and (last_sig in ("", ":", "-", "[", "{", ",", "?")):
+        if c in "'\"" and (expression or last_sig in ("", ":", "-", "[", "{", ",", "?")):
             j = i + 1
             while j < n:
+                if expression and line[j] == "\\":
+                    j += 2
+                    continue
                 if c == "'" and line[j] == "'":
                     if j + 1 < n and line[j + 1] == "'":
                         j += 2
@@ -173,7 +180,7 @@ def preprocess(text: str, file_id: int) -> Preprocessed:
         stmt = _STATEMENT_RE.match(line)
         if stmt:
             ws, kind, body = stmt.groups()
-            body = strip_trailing_comment(body)
+            body = strip_trailing_comment(body, expression=True)
             if kind in ("--", "<<", ">>"):
                 ref = _REFERENCE_RE.match(body)
                 if ref:

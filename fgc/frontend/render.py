@@ -339,7 +339,8 @@ def render(
                 Location(str(config_path)),
             ) from None
         steps = ", ".join(
-            f"{display_path(str(tf.path))}:{ref.line} {_VERBS.get(ref.kind, ref.kind)} {ref.name!r}" for tf, ref in cycle
+            f"{display_path(str(tf.path))}:{ref.line} {_VERBS.get(ref.kind, ref.kind)} {ref.name!r}"
+            for tf, ref in cycle
         )
         first, ref = cycle[0]
         raise FgcError(
@@ -356,7 +357,8 @@ def render(
         frame = _template_frame(exc, loader)
         if frame is None:
             raise
-        raise FgcError(f"template: {type(exc).__name__}: {exc}", _location(loader, *frame)) from None
+        message = f"template: {type(exc).__name__}: {exc}"
+        raise FgcError(message, _location(loader, *frame)) from None
     text, origins = strip_markers(text)
     rendered = Rendered(text, origins, dict(loader.files), root, nonreproducible=nonrepro)
     for key in sorted(nonrepro):

@@ -107,7 +107,7 @@ class PlanTraining(Pass):
             err("batch_size", f"batch_size {s.batch_size} is not divisible by nproc {s.nproc}")
             return None
         per_rank = s.batch_size // s.nproc
-        micro = s.micro_batch_size or per_rank
+        micro = per_rank if s.micro_batch_size is None else s.micro_batch_size
         if micro < 1 or per_rank % micro:
             err(
                 "micro_batch_size",

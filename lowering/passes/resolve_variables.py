@@ -15,7 +15,7 @@ class ResolveVariables(Pass):
     def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
         ir = ir.copy()
         for node in ir.nodes():
-            if node.kind != "var":
+            if node.kind != "var" or node.id not in ir.g:
                 continue
             if node.value in ctx.variables:
                 bound = Node(node.id, "value", node.loc, value=ctx.variables[node.value])
@@ -29,6 +29,10 @@ class ResolveVariables(Pass):
                     node.loc,
                     hint=f"pass -D {node.value}=VALUE or write !var {{name: {node.value}, default: ...}}",
                 )
+        # defaults of variables bound by -D are no longer part of the config
+        roots = list(ir.targets.values()) + list(ir.definitions.values())
+        live = {n for r in roots for n in ir.reachable(r)}
+        ir.g.remove_nodes_from([n for n in list(ir.g.nodes) if n not in live])
         return ir
 
     @staticmethod
@@ -38,6 +42,8 @@ class ResolveVariables(Pass):
             parent = ir.node(parent_id)
             parent.args = [new if c == old else c for c in parent.args]
             parent.kwargs = {k: (new if c == old else c) for k, c in parent.kwargs.items()}
+            if parent.default == old:
+                parent.default = new
             ir.link(parent)
         for table in (ir.targets, ir.definitions):
             for key, nid in table.items():
