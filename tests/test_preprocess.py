@@ -176,7 +176,18 @@ def test_things_that_are_not_headers():
 
 def test_headers_record_blocks():
     result = preprocess("[a]\nx: 1\n[b_2]\ny: 2\n", 0)
-    assert result.blocks == [("a", 1), ("b_2", 3)]
+    assert result.blocks == [("a", 1, 0), ("b_2", 3, 0)]
+
+
+def test_nested_and_explicit_blocks_record_depth():
+    text = "[outer]\n    [inner]\n    x: 1\n-- block ex\n[h]\ny: 2\n-- endblock\nz: 3\n"
+    result = preprocess(text, 0)
+    assert result.blocks == [("outer", 1, 0), ("inner", 2, 1), ("ex", 4, 2), ("h", 5, 3)]
+    lines = result.source.split("\n")
+    assert len(lines) == 9  # 8 lines and the empty one after the final newline
+    # a statement line does not end [headers]; the [h] block inside the explicit block ends at its -- endblock
+    assert lines[6] == "{% endblock %}{% endblock %}"
+    assert result.source.endswith("{% endblock %}{% endblock %}")
 
 
 def test_block_runs_to_next_header_at_same_indent():

@@ -438,10 +438,10 @@ def test_config_is_a_directory(tmp_path):
 
 def test_non_utf8_config(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_bytes(b'a: "\xff\xfe"\n')
+    cfg.write_bytes(b'ok: 1\na: "\xff\xfe"\n')
     exc = error_of(cfg)
-    assert exc.diagnostics[0].message == "file is not valid UTF-8 (byte 4)"
-    assert where(exc) == (str(cfg.resolve()), None)
+    assert exc.diagnostics[0].message == "file is not valid UTF-8 (byte 10)"
+    assert where(exc) == (str(cfg.resolve()), 2)
 
 
 def test_non_utf8_included_file(tmp_path):

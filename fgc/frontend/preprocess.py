@@ -38,7 +38,7 @@ class Reference:
 class Preprocessed:
     source: str
     references: list[Reference] = field(default_factory=list)
-    blocks: list[tuple[str, int]] = field(default_factory=list)
+    blocks: list[tuple[str, int, int]] = field(default_factory=list)  # (name, line, depth)
 
 
 def marker(file_id: int, line: int) -> str:
@@ -149,13 +149,31 @@ def strip_trailing_comment(line: str, expression: bool = False) -> str:
     return line
 
 
+_BLOCK_STMT_RE = re.compile(r"^block\s+(\w+)")
+_ENDBLOCK_STMT_RE = re.compile(r"^endblock\b")
+
+
 def preprocess(text: str, file_id: int) -> Preprocessed:
-    """Rewrite one template's text into Jinja2 source with the same number of lines."""
+    """Rewrite one template's text into Jinja2 source with the same number of lines.
+
+    ``[name]`` headers open implicit blocks that end at the next header of the same or a smaller
+    indent, at the ``-- endblock`` of an explicit ``-- block`` they sit in, or at the end of the
+    text. ``blocks`` records every block (implicit or explicit) with its line and nesting depth.
+    """
     out: list[str] = []
     result = Preprocessed(source="")
     scanner = _Scanner()
-    open_blocks: list[int] = []  # indents of implicit [block]s still open
+    # open blocks, innermost last: (indent, name) for [headers], (None, name) for -- block
+    open_blocks: list[tuple[int | None, str]] = []
     lines = text.split("\n")
+
+    def close_implicit(min_indent: int) -> str:
+        closing = ""
+        while open_blocks and open_blocks[-1][0] is not None and open_blocks[-1][0] >= min_indent:
+            open_blocks.pop()
+            closing += "{% endblock %}"
+        return closing
+
     for lineno, line in enumerate(lines, start=1):
         if scanner.in_tag:
             out.append(line)
@@ -164,13 +182,10 @@ def preprocess(text: str, file_id: int) -> Preprocessed:
         header = _HEADER_RE.match(line)
         if header:
             indent = _indent_width(header.group(1))
-            closing = ""
-            while open_blocks and open_blocks[-1] >= indent:
-                open_blocks.pop()
-                closing += "{% endblock %}"
-            open_blocks.append(indent)
+            closing = close_implicit(indent)
             name, trim = header.group(2), header.group(3) == "!"
-            result.blocks.append((name, lineno))
+            result.blocks.append((name, lineno, len(open_blocks)))
+            open_blocks.append((indent, name))
             opening = f"{{%- block {name} -%}}" if trim else f"{{% block {name} %}}"
             out.append(closing + opening)
             continue
@@ -185,9 +200,18 @@ def preprocess(text: str, file_id: int) -> Preprocessed:
                 ref = _REFERENCE_RE.match(body)
                 if ref:
                     result.references.append(Reference(ref.group(1), ref.group(3), lineno))
+                closing = ""
+                if _BLOCK_STMT_RE.match(body):
+                    name = _BLOCK_STMT_RE.match(body).group(1)
+                    result.blocks.append((name, lineno, len(open_blocks)))
+                    open_blocks.append((None, name))
+                elif _ENDBLOCK_STMT_RE.match(body):
+                    closing = close_implicit(0)  # [headers] inside the explicit block end here
+                    if open_blocks:
+                        open_blocks.pop()
                 left = "{%-" if kind == "<<" else "{%"
                 right = "-%}" if kind == ">>" else "%}"
-                new = f"{left} {body} {right}"
+                new = f"{closing}{left} {body} {right}"
             elif kind == "==":
                 new = f"{marker(file_id, lineno)}{ws}{{{{ {body} }}}}"
             else:  # "=>": the expression's own trailing newlines are trimmed
@@ -199,8 +223,7 @@ def preprocess(text: str, file_id: int) -> Preprocessed:
         out.append(marker(file_id, lineno) + content if content.strip() else content)
         scanner.feed(content)
     source = "\n".join(out)
-    if open_blocks:
-        source += "{% endblock %}" * len(open_blocks)
+    source += close_implicit(0)
     result.source = source
     return result
 

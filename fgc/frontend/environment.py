@@ -1,0 +1,166 @@
+"""The Jinja2 environment configs render in: sandboxed, strict, with fgc's globals and filters."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import socket
+import sys
+
+import jinja2
+import jinja2.sandbox
+import yaml
+
+
+class TemplateRaise(Exception):
+    """``raise(msg)`` or a failed ``assert(cond, msg)`` in a template."""
+
+
+class Versions(dict):
+    """``versions``: python, torch and transformers versions, looked up only when used."""
+
+    def __init__(self) -> None:
+        super().__init__(python=sys.version.split()[0])
+
+    def __missing__(self, key):
+        if key not in ("torch", "transformers"):
+            raise KeyError(key)
+        try:
+            from importlib.metadata import version
+
+            self[key] = version(key)
+        except Exception:
+            self[key] = None
+        return self[key]
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class _NotedStr(str):
+    """A string global whose use makes the build machine-specific (noted when it is printed)."""
+
+    def __new__(cls, value: str, name: str, nonrepro: dict[str, str]):
+        self = super().__new__(cls, value)
+        self._name, self._nonrepro = name, nonrepro
+        return self
+
+    def __str__(self) -> str:
+        self._nonrepro[self._name] = str.__str__(self)
+        return str.__str__(self)
+
+
+def host_globals(nonrepro: dict[str, str]) -> dict:
+    """``hostname``, ``uname`` and ``versions`` for a config's render."""
+    return {
+        "hostname": _NotedStr(socket.gethostname(), "hostname", nonrepro),
+        "uname": platform.uname()._asdict(),
+        "versions": Versions(),
+    }
+
+
+def toyaml(value, *default):
+    """Render a value as a one-line YAML scalar or flow collection."""
+    if isinstance(value, jinja2.Undefined):
+        if default:
+            value = default[0]
+        else:
+            value._fail_with_undefined_error()
+    return _toyaml(value)
+
+
+def _toyaml(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return ".nan"
+        if value in (float("inf"), float("-inf")):
+            return ".inf" if value > 0 else "-.inf"
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            mantissa, exp = text.split("e")
+            text = f"{mantissa}.0e{exp}"
+        return text
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toyaml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toyaml(k)}: {_toyaml(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    dumped = yaml.safe_dump(text, default_flow_style=True, width=1 << 30).strip()
+    dumped = dumped.removesuffix("\n...").strip()
+    if "\n" in dumped:  # a multi-line string: one double-quoted line with escapes instead
+        return yaml.safe_dump(text, default_style='"', width=1 << 30).strip()
+    if not dumped.startswith(("'", '"')) and not isinstance(_resolve_plain(dumped), str):
+        # PyYAML quotes by YAML 1.1 rules; fgc loads YAML 1.2 (``1e-4``, ``0o17`` are numbers)
+        return "'" + dumped.replace("'", "''") + "'"
+    return dumped
+
+
+def _resolve_plain(text: str):
+    from .loader import resolve_plain_scalar  # the loader imports this module
+
+    return resolve_plain_scalar(text)
+
+
+def make_environment(loader: jinja2.BaseLoader, nonrepro: dict[str, str]) -> jinja2.Environment:
+    """A sandboxed, strict Jinja2 environment; non-reproducible globals note their values in NONREPRO."""
+    env = jinja2.sandbox.SandboxedEnvironment(
+        loader=loader,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+    def note(name, value):
+        nonrepro[name] = str(value)
+        return value
+
+    def _raise(msg):
+        raise TemplateRaise(str(msg))
+
+    def _assert(cond, msg="assertion failed"):
+        if not cond:
+            raise TemplateRaise(str(msg))
+        return ""
+
+    env.globals.update(
+        joinpath=lambda *parts: os.path.join(*parts),
+        normpath=os.path.normpath,
+        abspath=os.path.abspath,
+        relpath=os.path.relpath,
+        dirname=os.path.dirname,
+        basename=os.path.basename,
+        splitext=os.path.splitext,
+        getenv=lambda name, default=None: note(f"getenv({name})", os.environ.get(name, default)),
+        getcwd=lambda: note("getcwd()", os.getcwd()),
+        user_home_dir=lambda: note("user_home_dir()", os.path.expanduser("~")),
+        repr=repr,
+        now=lambda: note("now()", datetime.datetime.now()),
+        utcnow=lambda: note("utcnow()", datetime.datetime.now(datetime.timezone.utc)),
+        isotime=lambda: note("isotime()", datetime.datetime.now().isoformat()),
+        utcisotime=lambda: note(
+            "utcisotime()", datetime.datetime.now(datetime.timezone.utc).isoformat()
+        ),
+        filetime=lambda: note("filetime()", datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")),
+        utcfiletime=lambda: note(
+            "utcfiletime()",
+            datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%S"),
+        ),
+    )
+    env.globals["raise"] = _raise
+    env.globals["assert"] = _assert
+    env.filters["toyaml"] = toyaml
+    env.filters["fgc_rstrip_newlines"] = lambda s: str(s).rstrip("\n")
+    return env
+
+
