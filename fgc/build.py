@@ -15,7 +15,7 @@ from fgc_lowering.pipeline import lower
 
 from .errors import Diagnostic, FgcError, Location
 from .frontend.loader import load
-from .frontend.render import Rendered, render, search_path_for
+from .frontend.render import Rendered, render
 from .ir import IRGraph
 
 
@@ -36,13 +36,13 @@ def compile_config(
     variables: dict | None = None,
     dump_after: str | None = None,
     dump: Callable[[str], None] = print,
+    project_dir: str | Path | None = None,
 ) -> Compiled:
     """Render, load and lower CONFIG; raises FgcError with every diagnostic found."""
     variables = dict(variables or {})
-    rendered = render(config, include_dirs, variables)
+    rendered = render(config, include_dirs, variables, project_dir)
     ir = load(rendered)
-    config_path = Path(config).resolve()
-    ctx = LoweringContext(config_path, search_path_for(config_path, include_dirs), variables)
+    ctx = LoweringContext(rendered.source.path, rendered.source.search_path, variables)
     ir = lower(ir, ctx, dump_after=dump_after, dump=dump)
     return Compiled(rendered, ir, ctx)
 

@@ -78,7 +78,17 @@ def command(fn):
     return wrapper
 
 
-config_arg = click.argument("config", type=click.Path(path_type=Path, dir_okay=True))
+def config_arg(fn):
+    """CONFIG, a config file; with ``-p DIR`` a config name in that project (default: its default_config)."""
+    fn = click.option(
+        "-p",
+        "--project",
+        "project",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="CONFIG is a config name in the project DIR",
+    )(fn)
+    return click.argument("config", required=False, type=click.Path(path_type=Path))(fn)
+
 include_opt = click.option(
     "-I", "include_dirs", multiple=True, metavar="DIR", help="add DIR to the template search path"
 )
@@ -103,7 +113,7 @@ def main(debug: bool) -> None:
 @click.option("--no-smoke", is_flag=True, help="skip the build-time check that the model constructs")
 @click.option("--dump-after", metavar="PASS", help="print the IR after this lowering pass")
 @command
-def build(config, out, include_dirs, defines, force, no_smoke, dump_after):
+def build(config, project, out, include_dirs, defines, force, no_smoke, dump_after):
     """Compile CONFIG into a standalone training package in OUT."""
     from fgc_lowering.pipeline import PASS_NAMES
 
@@ -116,7 +126,9 @@ def build(config, out, include_dirs, defines, force, no_smoke, dump_after):
             hint="passes: " + ", ".join(PASS_NAMES),
         )
     check_output_dir(out, force)
-    compiled = compile_config(config, include_dirs, _parse_defines(defines), dump_after=dump_after)
+    compiled = compile_config(
+        config, include_dirs, _parse_defines(defines), dump_after=dump_after, project_dir=project
+    )
     _print_diagnostics(compiled.warnings)
     build_package(compiled, out, force=force, smoke=not no_smoke)
     plan = compiled.ctx.plan
@@ -133,15 +145,15 @@ def build(config, out, include_dirs, defines, force, no_smoke, dump_after):
 @include_opt
 @define_opt
 @command
-def check(config, include_dirs, defines):
+def check(config, project, include_dirs, defines):
     """Check CONFIG as `build` would, writing nothing."""
     from .build import compile_config
     from .codegen.package import PackageBuilder
 
-    compiled = compile_config(config, include_dirs, _parse_defines(defines))
+    compiled = compile_config(config, include_dirs, _parse_defines(defines), project_dir=project)
     _print_diagnostics(compiled.warnings)
     PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build()
-    click.echo(f"{config}: OK", err=True)
+    click.echo(f"{compiled.rendered.source.path}: OK", err=True)
 
 
 @main.command()
@@ -149,11 +161,11 @@ def check(config, include_dirs, defines):
 @include_opt
 @define_opt
 @command
-def pp(config, include_dirs, defines):
+def pp(config, project, include_dirs, defines):
     """Print CONFIG's rendered YAML."""
     from .frontend.render import render
 
-    rendered = render(config, include_dirs, _parse_defines(defines))
+    rendered = render(config, include_dirs, _parse_defines(defines), project)
     _print_diagnostics(rendered.warnings)
     click.echo(rendered.text, nl=not rendered.text.endswith("\n"))
 
@@ -163,12 +175,12 @@ def pp(config, include_dirs, defines):
 @include_opt
 @define_opt
 @command
-def targets(config, include_dirs, defines):
+def targets(config, project, include_dirs, defines):
     """List CONFIG's targets, with where each is defined."""
     from .frontend.loader import load
     from .frontend.render import render
 
-    ir = load(render(config, include_dirs, _parse_defines(defines)))
+    ir = load(render(config, include_dirs, _parse_defines(defines), project))
     for name, node_id in ir.targets.items():
         node = ir.node(node_id)
         what = f"!{node.mode}:{node.spec}" if node.kind == "call" else node.kind
@@ -184,15 +196,15 @@ def targets(config, include_dirs, defines):
 @include_opt
 @define_opt
 @command
-def graph(config, target_names, fmt, include_dirs, defines):
+def graph(config, project, target_names, fmt, include_dirs, defines):
     """Print CONFIG's IR graph."""
     from .inspect import construction_module, graph_text, load_for_code
 
-    _, ir, ctx = load_for_code(config, include_dirs, _parse_defines(defines))
+    rendered, ir, ctx = load_for_code(config, include_dirs, _parse_defines(defines), project)
     targets = list(target_names) or list(ir.targets)
     _check_targets(ir, targets, ctx.config)
     if fmt == "python":
-        click.echo(construction_module(ir, ctx, targets, Path(config).name), nl=False)
+        click.echo(construction_module(ir, ctx, targets, rendered.source.path.name), nl=False)
     else:
         click.echo(graph_text(ir.restrict(targets), fmt), nl=False)
 
@@ -203,13 +215,13 @@ def graph(config, target_names, fmt, include_dirs, defines):
 @include_opt
 @define_opt
 @command
-def code(config, target_name, include_dirs, defines):
+def code(config, project, target_name, include_dirs, defines):
     """Print a Python module whose construct(**vars) builds target T as CONFIG says."""
     from .inspect import construction_module, load_for_code
 
-    _, ir, ctx = load_for_code(config, include_dirs, _parse_defines(defines))
+    rendered, ir, ctx = load_for_code(config, include_dirs, _parse_defines(defines), project)
     _check_targets(ir, [target_name], ctx.config)
-    click.echo(construction_module(ir, ctx, [target_name], Path(config).name), nl=False)
+    click.echo(construction_module(ir, ctx, [target_name], rendered.source.path.name), nl=False)
 
 
 def _check_targets(ir, targets, config) -> None:
@@ -220,6 +232,37 @@ def _check_targets(ir, targets, config) -> None:
             Location(str(config)),
             hint="targets: " + ", ".join(ir.targets),
         )
+
+
+@main.command()
+@config_arg
+@click.option("--format", "fmt", type=click.Choice(["text", "dot"]), default="text", show_default=True)
+@include_opt
+@define_opt
+@command
+def tree(config, project, fmt, include_dirs, defines):
+    """Print the extends/include tree of CONFIG's templates."""
+    from .inspect import template_tree
+
+    from .frontend.render import render
+
+    rendered = render(config, include_dirs, _parse_defines(defines), project)
+    click.echo(template_tree(rendered, fmt), nl=False)
+
+
+@main.command(name="ls")
+@click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
+@include_opt
+@command
+def ls_(directory, include_dirs):
+    """List every config under DIRECTORY (default: the current project) with OK or its first error."""
+    from .inspect import list_configs
+
+    failures = 0
+    for shown, error in list_configs(directory, include_dirs):
+        click.echo(f"{shown}: {'OK' if error is None else error}")
+        failures += error is not None
+    sys.exit(2 if failures else 0)
 
 
 @main.command()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
 import black
 import libcst as cst
 import yaml
@@ -15,18 +14,19 @@ from fgc_lowering.pipeline import CODE_PASSES, lower
 from .codegen.package import import_groups
 from .codegen.emit import ImportTable, TargetEmitter, _identifier, code, literal
 from .codegen.vendor import Vendorer, is_vendored_module
-from .errors import FgcError
+from .errors import FgcError, Location, display_path
 from .frontend.loader import load
-from .frontend.render import Rendered, render, search_path_for
+from .frontend.render import Rendered, render
 from .ir import IRGraph
 
 
-def load_for_code(config, include_dirs=(), variables=None) -> tuple[Rendered, IRGraph, LoweringContext]:
+def load_for_code(
+    config, include_dirs=(), variables=None, project_dir=None
+) -> tuple[Rendered, IRGraph, LoweringContext]:
     """Render, load and resolve callables, leaving !vars unbound (they become parameters)."""
-    rendered = render(config, include_dirs, variables or {})
+    rendered = render(config, include_dirs, variables or {}, project_dir)
     ir = load(rendered)
-    config_path = Path(config).resolve()
-    ctx = LoweringContext(config_path, search_path_for(config_path, include_dirs), dict(variables or {}))
+    ctx = LoweringContext(rendered.source.path, rendered.source.search_path, dict(variables or {}))
     ir = lower(ir, ctx, passes=CODE_PASSES)
     return rendered, ir, ctx
 
@@ -108,3 +108,94 @@ def graph_text(ir: IRGraph, fmt: str) -> str:
         lines.append("}")
         return "\n".join(lines) + "\n"
     raise ValueError(fmt)
+
+
+def template_tree(rendered: Rendered, fmt: str = "text") -> str:
+    """The extends/include tree of the templates a render loaded, as text or dot."""
+    loader = rendered.loader
+
+    def name_of(tf) -> str:
+        return tf.display if tf.display.startswith("<fgc>") else display_path(tf.display)
+
+    def child_of(ref):
+        found = loader.inline.get(ref.name)
+        if found is None:
+            path = loader.find(ref.name)
+            found = loader.by_key.get(str(path)) if path is not None else None
+        return found
+
+    if fmt == "dot":
+        lines = ["digraph templates {", "  node [shape=box, fontname=monospace];"]
+        seen: set[str] = set()
+
+        def walk_dot(tf) -> None:
+            if tf.key in seen:
+                return
+            seen.add(tf.key)
+            lines.append(f"  {json.dumps(name_of(tf))};")
+            for ref in tf.references:
+                child = child_of(ref)
+                if child is None:
+                    continue
+                label = f"{ref.kind} (line {tf.file_line(ref.line)})"
+                edge = f"{json.dumps(name_of(tf))} -> {json.dumps(name_of(child))}"
+                lines.append(f"  {edge} [label={json.dumps(label)}];")
+                walk_dot(child)
+
+        walk_dot(rendered.root)
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    out = [name_of(rendered.root)]
+    shown: set[str] = {rendered.root.key}
+
+    def walk(tf, depth: int) -> None:
+        for ref in tf.references:
+            child = child_of(ref)
+            if child is None:
+                continue
+            again = child.key in shown
+            out.append(
+                f"{'    ' * depth}{ref.kind} {ref.name!r} (line {tf.file_line(ref.line)}): "
+                f"{name_of(child)}{' (shown above)' if again else ''}"
+            )
+            if not again:
+                shown.add(child.key)
+                walk(child, depth + 1)
+
+    walk(rendered.root, 1)
+    return "\n".join(out) + "\n"
+
+
+def list_configs(directory, include_dirs=()) -> list[tuple[str, str | None]]:
+    """(config, None or its first error) for every config under DIRECTORY (default: the project)."""
+    from .build import compile_config
+    from .frontend.project import META, find_project_dir, load_project
+
+    if directory is None:
+        root = find_project_dir(Path.cwd())
+        if root is None:
+            raise FgcError("not inside a project (no meta.yaml here or above): name a directory", Location("."))
+        directory = root
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FgcError("no such directory", Location(str(directory)))
+    if (directory / META).is_file():
+        configs = load_project(directory).configs()
+    else:
+        configs = sorted(
+            p
+            for p in directory.rglob("*.yaml")
+            if p.name != META and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        )
+    results = []
+    for path in configs:
+        try:
+            rendered, ir, _ = load_for_code(path, include_dirs)
+            if {"model", "optimizer", "trainer"} <= set(ir.targets):
+                compile_config(path, include_dirs)
+            error = None
+        except FgcError as exc:
+            error = exc.diagnostics[0].format().splitlines()[0]
+        results.append((display_path(str(path.resolve())), error))
+    return results

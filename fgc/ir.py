@@ -34,6 +34,7 @@ class Node:
     args: list[str] = field(default_factory=list)  # call: positional; list/tuple: items
     kwargs: dict[str, str] = field(default_factory=dict)  # call: keywords; dict: items
     key_locs: dict[str, Location] = field(default_factory=dict)  # where each keyword/key was set
+    key_history: dict[str, list[Location]] = field(default_factory=dict)  # keys set more than once
     value: Any = None  # value: the scalar; var: the variable name
     default: str | None = None  # var: the default's node id
 
@@ -107,7 +108,15 @@ class IRGraph:
     def copy(self) -> "IRGraph":
         other = IRGraph()
         for n in self.nodes():
-            other.add(replace(n, args=list(n.args), kwargs=dict(n.kwargs), key_locs=dict(n.key_locs)))
+            other.add(
+                replace(
+                    n,
+                    args=list(n.args),
+                    kwargs=dict(n.kwargs),
+                    key_locs=dict(n.key_locs),
+                    key_history={k: list(v) for k, v in n.key_history.items()},
+                )
+            )
         for n in other.nodes():
             other.link(n)
         other.targets = dict(self.targets)

@@ -22,7 +22,7 @@ CALL_TAGS = {
     "partial": "partial",
     "lambda": "partial",
 }
-CONTAINER_TAGS = {"dict", "list", "tuple"}
+CONTAINER_TAGS = {"dict", "list", "tuple", "dlist"}
 
 _INT_RE = re.compile(r"^[-+]?[0-9][0-9_]*$|^0x[0-9a-fA-F]+$|^0o[0-7]+$")  # 1.2 core: 017 is 17
 _FLOAT_RE = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
@@ -81,7 +81,7 @@ class _Loader:
             node = self.tagged(ynode, path)
         elif isinstance(ynode, yaml.MappingNode):
             node = Node(path, "dict", self.loc(ynode))
-            node.kwargs, node.key_locs = self.mapping_items(ynode, path)
+            node.kwargs, node.key_locs = self.mapping_items(ynode, path, node)
         elif isinstance(ynode, yaml.SequenceNode):
             node = Node(path, "list", self.loc(ynode))
             node.args = [self.build(item, f"{path}.{i}") for i, item in enumerate(ynode.value)]
@@ -110,8 +110,10 @@ class _Loader:
         file are an error.
         """
         chosen: dict[str, int] = {}  # key -> index of its winning entry in ynode.value
+        first_index: dict[str, int] = {}
         keys: dict[int, str] = {}
         locs: dict[str, Location] = {}
+        self.last_history = history = {}  # key -> every place that set it, in order
         for index, (knode, vnode) in enumerate(ynode.value):
             if not isinstance(knode, yaml.ScalarNode):
                 self.error("mapping keys must be scalars", knode)
@@ -129,6 +131,9 @@ class _Loader:
                     continue
                 # an override through inheritance: the later value wins
             chosen[key], keys[index], locs[key] = index, key, kloc
+            first_index.setdefault(key, index)
+            history.setdefault(key, []).append(kloc)
+        self.last_first_index = first_index
         entries = [
             (keys[i], knode, vnode)
             for i, (knode, vnode) in enumerate(ynode.value)
@@ -136,12 +141,33 @@ class _Loader:
         ]
         return entries, locs
 
-    def mapping_items(self, ynode: yaml.MappingNode, path: str):
+    def mapping_items(self, ynode: yaml.MappingNode, path: str, node: Node | None = None):
+        """Keyword items of a mapping (after overrides); records each key's history on NODE."""
         entries, locs = self.winning_items(ynode)
+        if node is not None:
+            node.key_history = {k: v for k, v in self.last_history.items() if len(v) > 1}
         items: dict[str, str] = {}
         for key, _, vnode in entries:
             items[key] = self.build(vnode, f"{path}.{key}" if path else key)
         return items, locs
+
+    def dlist(self, ynode: yaml.Node, node: Node, path: str) -> None:
+        """``!dlist``: a list written as a mapping. Re-declaring a key (in a template that extends
+        the first) replaces its entry in place; ``key: ~`` deletes it; ``null: ~`` is empty."""
+        if not isinstance(ynode, yaml.MappingNode):
+            self.error("!dlist needs a mapping (key: item)", ynode)
+            return
+        entries, locs = self.winning_items(ynode)
+        node.key_history = {k: v for k, v in self.last_history.items() if len(v) > 1}
+        order = self.last_first_index
+        kept = []
+        for key, _, vnode in sorted(entries, key=lambda e: order[e[0]]):
+            if isinstance(vnode, yaml.ScalarNode) and vnode.style is None and not vnode.tag.startswith("!"):
+                if resolve_plain_scalar(vnode.value) is None:
+                    continue  # deleted (or the `null: ~` empty-list idiom)
+            kept.append((key, vnode))
+        node.args = [self.build(v, f"{path}.{k}") for k, v in kept]
+        node.key_locs = {k: locs[k] for k, _ in kept}
 
     def register_name(self, name: str | None, node: Node, ynode: yaml.Node) -> None:
         if not name:
@@ -168,12 +194,14 @@ class _Loader:
         if kind in CONTAINER_TAGS:
             if spec:
                 self.error(f"tag !{kind} takes no spec (did you mean !{kind}:@{spec}?)", ynode)
-            node = Node(path, kind, loc, name=name)
-            if kind == "dict":
+            node = Node(path, "list" if kind == "dlist" else kind, loc, name=name)
+            if kind == "dlist":
+                self.dlist(ynode, node, path)
+            elif kind == "dict":
                 if not isinstance(ynode, yaml.MappingNode):
                     self.error("!dict needs a mapping", ynode)
                 else:
-                    node.kwargs, node.key_locs = self.mapping_items(ynode, path)
+                    node.kwargs, node.key_locs = self.mapping_items(ynode, path, node)
             elif isinstance(ynode, yaml.SequenceNode):
                 node.args = [self.build(v, f"{path}.{i}") for i, v in enumerate(ynode.value)]
             else:
@@ -185,7 +213,7 @@ class _Loader:
         self.error(
             f"unknown tag !{kind}",
             ynode,
-            hint="known tags: !singleton !call !factory !partial !lambda !var !dict !list !tuple",
+            hint="known tags: !singleton !call !factory !partial !lambda !var !dict !list !tuple !dlist",
         )
         return Node(path, "value", loc, value=None)
 
@@ -232,9 +260,9 @@ class _Loader:
                 elif not isinstance(vnode, yaml.MappingNode):
                     self.error("'kwargs' must be a mapping", vnode)
                 else:
-                    node.kwargs, node.key_locs = self.mapping_items(vnode, path)
+                    node.kwargs, node.key_locs = self.mapping_items(vnode, path, node)
             return
-        items, locs = self.mapping_items(ynode, path)
+        items, locs = self.mapping_items(ynode, path, node)
         positional = {}
         for key in list(items):
             m = _ARG_KEY_RE.match(key)

@@ -141,7 +141,7 @@ def resolve_config(
         path = project.config_dir / str(name)
         if not path.is_file():
             raise FgcError(
-                f"no config {name!r} in project {project.dir}",
+                f"no config {str(name)!r} in project {project.dir}",
                 Location(str(path)),
                 hint="configs: " + ", ".join(str(p.relative_to(project.config_dir)) for p in project.configs()),
             )
