@@ -33,11 +33,14 @@ def lower(
     dump: Callable[[str], None] = print,
     passes: tuple = PASSES,
 ) -> IRGraph:
-    """Run the passes in order; stop with all errors found when a pass reports any."""
+    """Run the passes in order, collecting every independent error; a pass that needs a clean
+    graph does not run after errors. Raises FgcError with all errors found."""
     for p in passes:
+        if ctx.sink.errors and p.needs_clean_input:
+            break
         ir = p.run(ir, ctx)
         if dump_after == p.name:
             dump(f"# IR after {p.name}: {p.purpose}\n{ir.dump()}")
-        if ctx.sink.errors:
-            raise FgcError(diagnostics=ctx.sink.errors)
+    if ctx.sink.errors:
+        raise FgcError(diagnostics=ctx.sink.errors)
     return ir

@@ -291,8 +291,11 @@ class PackageBuilder:
 
     def manifest(self, files: dict[str, bytes], config_hash: str) -> str:
         inputs = {}
+        templates = []
         for tf in sorted(self.rendered.files.values(), key=lambda f: f.file_id):
-            inputs[self.stable_path(tf.path)] = sha256(tf.text.encode("utf-8"))
+            name = self.stable_path(tf.path)
+            templates.append(f"{name}#{tf.inline_name}" if tf.inline_name else name)
+            inputs.setdefault(name, sha256(tf.path.read_bytes()))
         for path in self.data_inputs:
             inputs[self.stable_path(path)] = sha256(path.read_bytes())
         data = {
@@ -300,7 +303,7 @@ class PackageBuilder:
             "fgc_version": fgc.__version__,
             "config": self.stable_path(self.ctx.config),
             "config_hash": config_hash,
-            "templates": [self.stable_path(tf.path) for tf in sorted(self.rendered.files.values(), key=lambda f: f.file_id)],
+            "templates": templates,
             "inputs": inputs,
             "outputs": {rel: sha256(files[rel]) for rel in sorted(files)},
             "plan": self.ctx.plan.to_data(),

@@ -12,6 +12,7 @@ class Pass:
 
     name: str = ""
     purpose: str = ""
+    needs_clean_input: bool = False  # True: skipped once an earlier pass has reported errors
 
     def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
         raise NotImplementedError  # abstract: every concrete pass overrides it

@@ -42,6 +42,7 @@ def _type_ok(value, annotation) -> bool:
 class PlanTraining(Pass):
     name = "plan-training"
     purpose = "construct the typed trainer settings, check their fields, and plan ranks and batches"
+    needs_clean_input = True
 
     def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
         missing = [t for t in REQUIRED_TARGETS if t not in ir.targets]
