@@ -322,13 +322,15 @@ def test_several_independent_errors_reported_together(tmp_path):
     assert hints[7] == "did you mean 'num_embeddings'?"
 
 
-def test_lowering_stops_after_the_pass_that_failed(tmp_path):
+def test_lowering_reports_independent_errors_of_every_pass(tmp_path):
     cfg, ir, ctx = loaded(
         tmp_path, "a: !singleton:torch.nn:Nope\nb: !singleton:torch.nn:Linear {lrr: 1}\n"
     )
     with pytest.raises(FgcError) as info:
         lower(ir, ctx)
-    assert [d.loc.line for d in info.value.diagnostics] == [1]
+    # resolve-callables fails on line 1, bind-arguments on line 2; plan-training (which needs a
+    # clean graph) does not run, so there is no "needs the targets" error
+    assert [d.loc.line for d in info.value.diagnostics] == [1, 2]
 
 
 def test_dump_after_a_pass(tmp_path):
