@@ -5,12 +5,17 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import socket
 import sys
 
 import jinja2
 import jinja2.sandbox
 import yaml
+
+
+# Plain scalars that mean the same everywhere: no indicators, no flow characters, no edge spaces.
+_PLAIN_SAFE_RE = re.compile(r"^[A-Za-z0-9_./+=@$-](?:[A-Za-z0-9_./+=@$' -]*[A-Za-z0-9_./+=@$-])?$")
 
 
 class TemplateRaise(Exception):
@@ -95,14 +100,16 @@ def _toyaml(value) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_toyaml(k)}: {_toyaml(v)}" for k, v in value.items()) + "}"
     text = str(value)
-    dumped = yaml.safe_dump(text, default_flow_style=True, width=1 << 30).strip()
-    dumped = dumped.removesuffix("\n...").strip()
-    if "\n" in dumped:  # a multi-line string: one double-quoted line with escapes instead
-        return yaml.safe_dump(text, default_style='"', width=1 << 30).strip()
-    if not dumped.startswith(("'", '"')) and not isinstance(_resolve_plain(dumped), str):
-        # PyYAML quotes by YAML 1.1 rules; fgc loads YAML 1.2 (``1e-4``, ``0o17`` are numbers)
-        return "'" + dumped.replace("'", "''") + "'"
-    return dumped
+    if (
+        _PLAIN_SAFE_RE.match(text)
+        and isinstance(_resolve_plain(text), str)  # fgc reads YAML 1.2 ...
+        and isinstance(yaml.safe_load(text), str)  # ... other tools YAML 1.1 (yes, on, 1_000)
+    ):
+        return text  # safe as a plain scalar in block and flow context alike
+    if text.isprintable():
+        return "'" + text.replace("'", "''") + "'"
+    # control characters, line breaks: a double-quoted scalar with escapes, on one line
+    return yaml.safe_dump(text, default_style='"', width=1 << 30).strip().removesuffix("\n...")
 
 
 def _resolve_plain(text: str):
