@@ -13,7 +13,7 @@ from fgc_lowering.pipeline import CODE_PASSES, lower
 
 from .codegen.package import import_groups
 from .codegen.emit import ImportTable, TargetEmitter, _identifier, code, literal
-from .codegen.vendor import Vendorer, is_vendored_module
+from .codegen.vendor import VendorError, vendor_symbols
 from .errors import FgcError, Location, display_path
 from .frontend.loader import load
 from .frontend.render import Rendered, render
@@ -37,17 +37,15 @@ def construction_module(ir: IRGraph, ctx: LoweringContext, targets: list[str], c
     With one target, ``construct`` returns it; with several, a dict of them (objects shared
     between targets stay shared). Component classes are vendored, so the module needs no fgc.
     """
-    wanted = sorted(
-        {
-            (ctx.symbols[n].module, ctx.symbols[n].qualname.split(".")[0])
-            for t in targets
-            for n in ir.reachable(ir.targets[t])
-            if n in ctx.symbols and is_vendored_module(ctx.symbols[n].module)
-        }
-    )
-    vendored = Vendorer().collect(wanted)
+    symbols = [
+        ctx.symbols[n] for t in targets for n in ir.reachable(ir.targets[t]) if n in ctx.symbols
+    ]
+    try:
+        vendored = vendor_symbols(symbols, display_path)
+    except VendorError as exc:
+        raise FgcError(str(exc), ir.node(ir.targets[targets[0]]).loc) from None
     imports = ImportTable(set())
-    emitter = TargetEmitter(ir, ctx.symbols, imports, vendored.names)
+    emitter = TargetEmitter(ir, ctx.symbols, imports, vendored)
     statements, names = emitter.emit_targets(targets)
     params = []
     for var in sorted(emitter.variables):

@@ -240,3 +240,70 @@ def test_python_dash_m_and_console_script_agree():
     assert exe is not None, "the set-up command installs the fgc console script"
     b = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert b.stdout == a.stdout
+
+
+USER_MLP = '''
+import torch
+from torch import nn
+
+from fgc.components.mlp import SwiGLUMLP
+
+
+def _gelu_tanh(x):
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+class GeluMLP(nn.Module):
+    """A plain GELU MLP, the user's own."""
+
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(_gelu_tanh(self.up_proj(x)))
+
+
+class Unused(nn.Module):
+    pass
+'''
+
+
+def test_user_module_is_vendored_and_runs_after_the_project_is_gone(tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "my_layers.py").write_text(USER_MLP)
+    cfg = project / "exp.yaml"
+    cfg.write_text(
+        '-- extends "lm/train.yaml"\n'
+        "[config_metadata]\n== super()\n-- set ns.max_steps = 2\n-- set ns.log_every = 1\n"
+        "[mlp]\n"
+        ".mlp: &mlp !partial:.my_layers:GeluMLP@mlp_factory\n"
+        "    intermediate_size: 64\n"
+        "[data]\n"
+        ".data: &data !singleton:fgc.settings:DataSettings@data\n"
+        f"    text_files: [{EXAMPLE.parent / 'corpus.txt'}]\n"
+    )
+    out = tmp_path / "pkg"
+    run_fgc("build", cfg, "-o", out, check=True)
+    model_src = (out / "model.py").read_text()
+    assert "# ---- vendored from my_layers.py" in model_src
+    assert "class GeluMLP(nn.Module):" in model_src and "def _gelu_tanh(x):" in model_src
+    assert "class Unused" not in model_src and "my_layers" not in model_src.split("# ----")[0]
+    shutil.rmtree(project)
+    proc = subprocess.run(
+        [sys.executable, str(out / "train.py"), "--output-dir", str(tmp_path / "run")],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_relative_import_in_user_module_is_an_error(tmp_path):
+    (tmp_path / "helper.py").write_text("from .other import thing\nclass X:\n    pass\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("x: !singleton:.helper:X\n")
+    proc = run_fgc("code", cfg, "--target", "x")
+    assert proc.returncode == 2
+    assert "c.yaml:1: error: " in proc.stderr and "relative import" in proc.stderr

@@ -51,7 +51,7 @@ def emit_and_run(tmp_path, text: str, target: str):
         ir = p.run(ir, ctx)
     assert not ctx.sink.errors, ctx.sink.errors
     imports = ImportTable(set())
-    statements, var = TargetEmitter(ir, ctx.symbols, imports, set()).emit(target)
+    statements, var = TargetEmitter(ir, ctx.symbols, imports).emit(target)
     source = "\n".join(imports.statements() + [code(s) for s in statements])
     namespace: dict = {}
     exec(compile(source, "<emitted>", "exec"), namespace)

@@ -18,7 +18,7 @@ from fgc.errors import FgcError
 from fgc.ir import IRGraph, Node
 from fgc_lowering.specs import Symbol
 
-from .vendor import is_vendored_module
+from .vendor import VendoredCode
 
 
 _TIGHT_EQUAL = cst.AssignEqual(
@@ -81,9 +81,9 @@ class ImportTable:
 
     modules: set[str] = field(default_factory=set)
 
-    def reference(self, symbol: Symbol, vendored: set[str]) -> cst.BaseExpression:
+    def reference(self, symbol: Symbol, vendored: VendoredCode | None) -> cst.BaseExpression:
         """An expression naming the symbol: bare if vendored into this module, else module.qualname."""
-        if is_vendored_module(symbol.module) and symbol.qualname.split(".")[0] in vendored:
+        if vendored is not None and vendored.holds(symbol.module, symbol.qualname):
             return dotted(symbol.qualname)
         self.modules.add(symbol.module)
         return dotted(f"{symbol.module}.{symbol.qualname}")
@@ -95,7 +95,13 @@ class ImportTable:
 class TargetEmitter:
     """Emits the statements that construct one target of the IR."""
 
-    def __init__(self, ir: IRGraph, symbols: dict[str, Symbol], imports: ImportTable, vendored: set[str]):
+    def __init__(
+        self,
+        ir: IRGraph,
+        symbols: dict[str, Symbol],
+        imports: ImportTable,
+        vendored: VendoredCode | None = None,
+    ):
         self.ir = ir
         self.symbols = symbols
         self.imports = imports
@@ -192,7 +198,14 @@ class TargetEmitter:
             self.variables[node.value] = node.default
             return cst.Name(_identifier(node.value))
         if node.kind == "call":
-            func = self.imports.reference(self.symbols[nid], self.vendored)
+            symbol = self.symbols[nid]
+            if symbol.is_user_code and not (self.vendored and self.vendored.holds(symbol.module, symbol.qualname)):
+                raise FgcError(
+                    f"{symbol.spec!r} is the project's own code: this version of fgc vendors it "
+                    "only into model.py (the model target) and `fgc code`",
+                    node.loc,
+                )
+            func = self.imports.reference(symbol, self.vendored)
             args = [cst.Arg(sub(c)) for c in node.args]
             for key, c in node.kwargs.items():
                 if key.isidentifier() and not keyword.iskeyword(key):

@@ -27,7 +27,7 @@ from fgc.ir import IRGraph
 from fgc_lowering.context import LoweringContext
 
 from .emit import ImportTable, TargetEmitter, code, literal
-from .vendor import Vendorer, is_vendored_module
+from .vendor import VendorError, vendor_symbols
 
 RUNTIME_DIR = Path(fgc_runtime.__file__).resolve().parent
 TEMPLATES_DIR = Path(fgc_codegen_templates.__file__).resolve().parent
@@ -78,7 +78,6 @@ class PackageBuilder:
         self.ctx = ctx
         self.config_dir = ctx.config.parent
         self.jinja = _jinja()
-        self.vendorer = Vendorer()
         self.third_party: set[str] = set()
 
     # -- locations, as stable text --------------------------------------------------------------
@@ -130,24 +129,15 @@ class PackageBuilder:
 
     def model_py(self, common: dict) -> str:
         model_root = self.ir.targets["model"]
-        calls = [
-            nid for nid in self.ir.reachable(model_root) if self.ir.node(nid).kind == "call"
+        symbols = [
+            self.ctx.symbols[n] for n in self.ir.reachable(model_root) if n in self.ctx.symbols
         ]
-        wanted = []
-        for nid in calls:
-            symbol = self.ctx.symbols[nid]
-            if symbol.is_user_code:
-                raise FgcError(
-                    f"{symbol.spec!r} is user code: vendoring a project's own modules is not "
-                    "supported by this version of fgc",
-                    self.ir.node(nid).loc,
-                    hint="use a component from fgc.components or an importable package",
-                )
-            if is_vendored_module(symbol.module):
-                wanted.append((symbol.module, symbol.qualname.split(".")[0]))
-        vendored = self.vendorer.collect(wanted)
+        try:
+            vendored = vendor_symbols(symbols, self.stable_path)
+        except VendorError as exc:
+            raise FgcError(str(exc), self.ir.node(model_root).loc) from None
         imports = ImportTable({"torch"})
-        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, vendored.names)
+        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, vendored)
         statements, var = emitter.emit("model")
         body = [code(s).strip() for s in statements]
         import_lines = sorted(set(vendored.imports) | set(imports.statements()), key=_import_key)
@@ -193,7 +183,7 @@ class PackageBuilder:
 
     def train_py(self, common: dict, config_hash: str) -> str:
         imports = ImportTable({"torch"})
-        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, set())
+        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports)
         blocks = []
         for target, var in (("optimizer", "optimizer_factory"), ("lr_scheduler", "lr_scheduler_factory")):
             if target not in self.ir.targets:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import libcst as cst
 
@@ -87,18 +88,36 @@ class VendoredCode:
     imports: list[str]
     definitions: list[tuple[str, str, str]]  # (module file, name, source)
     names: set[str]
+    members: set[tuple[str, str]] = field(default_factory=set)  # (module, name) vendored
+
+    def holds(self, module: str, qualname: str) -> bool:
+        """Whether the symbol module:qualname is defined in the vendored code."""
+        return (module, qualname.split(".")[0]) in self.members
+
+
+class VendorError(Exception):
+    """Code that cannot be vendored (the caller adds the config location)."""
 
 
 class Vendorer:
-    """Collects the definitions a package needs from component modules."""
+    """Collects the definitions a package needs from component modules and the user's own files.
 
-    def __init__(self) -> None:
+    ``files`` maps a user module's (synthetic) name to its file and the name to show for it.
+    """
+
+    def __init__(self, files: dict[str, tuple[Path, str]] | None = None) -> None:
         self._modules: dict[str, dict] = {}
+        self._files = files or {}
 
     def _module(self, module: str) -> dict:
         if module in self._modules:
             return self._modules[module]
-        path = Path(importlib.import_module(module).__file__)
+        if module in self._files:
+            path, shown = self._files[module]
+        else:
+            path = Path(importlib.import_module(module).__file__)
+            root = Path(importlib.import_module(VENDORED_PREFIX).__file__).parent
+            shown = f"fgc/components/{path.relative_to(root).as_posix()}"
         tree = cst.parse_module(path.read_text(encoding="utf-8"))
         defs: dict[str, _Definition] = {}
         imports: dict[str, tuple[str, str]] = {}  # bound name -> (import line source, source module)
@@ -106,6 +125,12 @@ class Vendorer:
             if isinstance(stmt, cst.SimpleStatementLine) and any(
                 isinstance(s, (cst.Import, cst.ImportFrom)) for s in stmt.body
             ):
+                for small in stmt.body:
+                    if isinstance(small, cst.ImportFrom) and small.relative:
+                        raise VendorError(
+                            f"{shown}: a relative import ({cst.Module([]).code_for_node(small)}) "
+                            "cannot be vendored; import the module by its absolute name"
+                        )
                 for small, mod, bound in _import_aliases(stmt):
                     if isinstance(small, cst.ImportFrom):
                         alias = next(
@@ -132,7 +157,7 @@ class Vendorer:
                         d.deps.add((mod, name))
                     else:
                         d.imports.add(line)
-        info = {"path": path, "defs": defs}
+        info = {"path": path, "shown": shown, "defs": defs}
         self._modules[module] = info
         return info
 
@@ -147,7 +172,7 @@ class Vendorer:
             seen.add((module, name))
             d = self._module(module)["defs"].get(name)
             if d is None:
-                raise KeyError(f"{module} defines no {name}")
+                raise VendorError(f"{self._module(module)['shown']} defines no top-level {name!r} to copy")
             for dep in sorted(d.deps):
                 visit(*dep)
             order.append(d)
@@ -155,17 +180,29 @@ class Vendorer:
         for module, name in sorted(wanted):
             visit(module, name)
         names = [d.name for d in order]
-        dupes = {n for n in names if names.count(n) > 1}
+        dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"component modules define the same name twice: {sorted(dupes)}")
+            places = sorted({self._module(d.module)["shown"] for d in order if d.name in dupes})
+            raise VendorError(f"{', '.join(places)} define the same name(s) {dupes}: rename one")
         imports = sorted({line for d in order for line in d.imports})
-        root = Path(importlib.import_module(VENDORED_PREFIX).__file__).parent
         definitions = [
-            (
-                f"fgc/components/{self._module(d.module)['path'].relative_to(root).as_posix()}",
-                d.name,
-                cst.Module([]).code_for_node(d.node).strip("\n"),
-            )
+            (self._module(d.module)["shown"], d.name, cst.Module([]).code_for_node(d.node).strip("\n"))
             for d in order
         ]
-        return VendoredCode(imports, definitions, set(names))
+        return VendoredCode(imports, definitions, set(names), {(d.module, d.name) for d in order})
+
+
+def vendor_symbols(symbols, shown: Callable[[str], str]) -> VendoredCode:
+    """Vendor every component-library or user-code symbol among SYMBOLS (with what they use).
+
+    ``shown`` turns a user file's path into the name written in the generated code's comments.
+    """
+    wanted = set()
+    files: dict[str, tuple[Path, str]] = {}
+    for symbol in symbols:
+        if symbol.is_user_code:
+            files[symbol.module] = (Path(symbol.file), shown(symbol.file))
+        elif not is_vendored_module(symbol.module):
+            continue
+        wanted.add((symbol.module, symbol.qualname.split(".")[0]))
+    return Vendorer(files).collect(sorted(wanted))
