@@ -336,3 +336,11 @@ def test_rendered_lines_map_to_template_lines():
 @pytest.mark.parametrize("line", ["[a]", "  [a]", "\t[a]"])
 def test_header_indentation_forms(line):
     assert pp(line)[0].endswith("{% block a %}{% endblock %}")
+
+
+def test_hashes_in_a_quoted_scalar_after_a_tag_or_anchor_are_text():
+    from fgc.frontend.preprocess import strip_trailing_comment
+
+    assert strip_trailing_comment("x: !tag 'a ##b' ## cut") == "x: !tag 'a ##b'"
+    assert strip_trailing_comment('x: &anchor "a ##b" ## cut') == 'x: &anchor "a ##b"'
+    assert strip_trailing_comment("x: it's ## cut") == "x: it's"

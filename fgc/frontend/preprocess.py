@@ -113,8 +113,12 @@ def strip_trailing_comment(line: str, expression: bool = False) -> str:
         return line
     i, n = 0, len(line)
     last_sig = ""  # last significant (non-blank) character outside quotes
+    token_first = ""  # first character of the current whitespace-separated token
     while i < n:
         c = line[i]
+        previous_token_first = token_first
+        if not c.isspace() and (i == 0 or line[i - 1] in " \t"):
+            token_first = c
         if line.startswith(("{{", "{%", "{#"), i):
             close = {"{{": "}}", "{%": "%}", "{#": "#}"}[line[i : i + 2]]
             j = line.find(close, i + 2)
@@ -122,7 +126,9 @@ def strip_trailing_comment(line: str, expression: bool = False) -> str:
                 return line
             i, last_sig = j + 2, "}"
             continue
-        if c in "'\"" and (expression or last_sig in ("", ":", "-", "[", "{", ",", "?")):
+        # a quote opens a quoted scalar after an indicator, or as the token after a tag or anchor
+        after_property = token_first == c and previous_token_first in ("!", "&")
+        if c in "'\"" and (expression or after_property or last_sig in ("", ":", "-", "[", "{", ",", "?")):
             j = i + 1
             while j < n:
                 if expression and line[j] == "\\":
