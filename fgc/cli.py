@@ -250,6 +250,26 @@ def tree(config, project, fmt, include_dirs, defines):
     click.echo(template_tree(rendered, fmt), nl=False)
 
 
+@main.command()
+@click.argument("a", type=click.Path(path_type=Path, exists=False))
+@click.argument("b", type=click.Path(path_type=Path, exists=False))
+@include_opt
+@define_opt
+@command
+def diff(a, b, include_dirs, defines):
+    """Show what differs between two experiments: configs or build directories.
+
+    Exit status 0 when they are the same, 1 when they differ."""
+    from .diff import diff_text
+
+    for p in (a, b):
+        if not p.exists():
+            raise FgcError("no such config file or build directory", Location(str(p)))
+    text = diff_text(a, b, include_dirs, _parse_defines(defines))
+    click.echo(text, nl=False)
+    sys.exit(1 if text else 0)
+
+
 @main.command(name="ls")
 @click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
 @include_opt

@@ -307,3 +307,28 @@ def test_relative_import_in_user_module_is_an_error(tmp_path):
     proc = run_fgc("code", cfg, "--target", "x")
     assert proc.returncode == 2
     assert "c.yaml:1: error: " in proc.stderr and "relative import" in proc.stderr
+
+
+def test_fgc_diff_configs_and_build_dirs(tmp_path):
+    same = run_fgc("diff", EXAMPLE, GOLDEN / "tiny_llama")
+    assert same.returncode == 0 and same.stdout == ""
+    (tmp_path / "tiny_llama").mkdir()  # the package is named after the directory of a train.yaml
+    other = tmp_path / "tiny_llama" / "train.yaml"
+    other.write_text(EXAMPLE.read_text().replace("default(3.0e-3)", "default(1.0e-3)"))
+    shutil.copy(EXAMPLE.parent / "corpus.txt", other.parent / "corpus.txt")
+    proc = run_fgc("diff", EXAMPLE, other)
+    assert proc.returncode == 1
+    changed = [l for l in proc.stdout.splitlines() if l.startswith(("+", "-")) and not l.startswith(("+++", "---"))]
+    assert changed == [
+        "-optimizer.lr = 0.003",
+        "+optimizer.lr = 0.001",
+        "-    lr: 0.003",
+        "+    lr: 0.001",
+        '-CONFIG_HASH = "' + changed[4].split('"')[1] + '"  # sha256 of the rendered config',
+        changed[5],
+        "-    torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1",
+        "+    torch.optim.AdamW, lr=0.001, betas=(0.9, 0.95), weight_decay=0.1",
+    ]
+    built = build(tmp_path, "pkg_b", config=other)
+    assert run_fgc("diff", GOLDEN / "tiny_llama", built).returncode == 1
+    assert run_fgc("diff", EXAMPLE, tmp_path / "nope").returncode == 2
