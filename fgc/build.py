@@ -43,6 +43,7 @@ def compile_config(
     rendered = render(config, include_dirs, variables, project_dir)
     ir = load(rendered)
     ctx = LoweringContext(rendered.source.path, rendered.source.search_path, variables)
+    ctx.template_names = rendered.referenced
     ir = lower(ir, ctx, dump_after=dump_after, dump=dump)
     return Compiled(rendered, ir, ctx)
 
@@ -84,7 +85,12 @@ def build_package(compiled: Compiled, out: Path, force: bool = False, smoke: boo
     try:
         package.write(tmp)
         if smoke:
-            smoke_check(tmp)
+            ir, symbols = compiled.ir, compiled.ctx.symbols
+            model_nodes = ir.reachable(ir.targets["model"])
+            callables = {
+                symbols[n].qualname.split(".")[-1]: ir.node(n).loc for n in model_nodes if n in symbols
+            }
+            smoke_check(tmp, ir.node(ir.targets["model"]).loc, callables)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rmdir(old)
@@ -96,3 +102,11 @@ def build_package(compiled: Compiled, out: Path, force: bool = False, smoke: boo
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_config(config, include_dirs=(), variables=None, project_dir=None) -> Compiled:
+    """Everything `fgc build` checks, smoke check included, writing nothing that stays."""
+    compiled = compile_config(config, include_dirs, variables, project_dir=project_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_package(compiled, Path(tmp) / "package")
+    return compiled

@@ -27,7 +27,7 @@ def _print_diagnostics(diags: list[Diagnostic]) -> None:
 
 def _parse_defines(defines: tuple[str, ...]) -> dict:
     """``-D NAME=VALUE`` pairs; VALUE is parsed as YAML (1.2 core scalars)."""
-    from .frontend.loader import resolve_plain_scalar
+    from .frontend.loader import plain_data
 
     out = {}
     for item in defines:
@@ -42,12 +42,7 @@ def _parse_defines(defines: tuple[str, ...]) -> dict:
         except yaml.YAMLError:
             out[name] = value  # not YAML: take the text as it is
             continue
-        if node is None:
-            out[name] = None
-        elif isinstance(node, yaml.ScalarNode):
-            out[name] = resolve_plain_scalar(node.value) if node.style is None else node.value
-        else:
-            out[name] = yaml.safe_load(value)
+        out[name] = None if node is None else plain_data(node)
     return out
 
 
@@ -147,13 +142,12 @@ def build(config, project, out, include_dirs, defines, force, no_smoke, dump_aft
 @command
 def check(config, project, include_dirs, defines):
     """Check CONFIG as `build` would, writing nothing."""
-    from .build import compile_config
-    from .codegen.package import PackageBuilder
+    from .build import check_config
+    from .errors import display_path
 
-    compiled = compile_config(config, include_dirs, _parse_defines(defines), project_dir=project)
+    compiled = check_config(config, include_dirs, _parse_defines(defines), project_dir=project)
     _print_diagnostics(compiled.warnings)
-    PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build()
-    click.echo(f"{compiled.rendered.source.path}: OK", err=True)
+    click.echo(f"{display_path(str(compiled.rendered.source.path))}: OK", err=True)
 
 
 @main.command()
@@ -167,7 +161,8 @@ def pp(config, project, include_dirs, defines):
 
     rendered = render(config, include_dirs, _parse_defines(defines), project)
     _print_diagnostics(rendered.warnings)
-    click.echo(rendered.text, nl=not rendered.text.endswith("\n"))
+    text = rendered.text.lstrip("\n")  # blank lines left by statement-only blocks
+    click.echo(text, nl=not text.endswith("\n"))
 
 
 @main.command()
@@ -253,19 +248,24 @@ def tree(config, project, fmt, include_dirs, defines):
 @main.command()
 @click.argument("a", type=click.Path(path_type=Path, exists=False))
 @click.argument("b", type=click.Path(path_type=Path, exists=False))
+@click.option(
+    "-p", "--project", "project", type=click.Path(path_type=Path, file_okay=False),
+    help="A and B are config names in the project DIR (or build directories)",
+)
 @include_opt
 @define_opt
 @command
-def diff(a, b, include_dirs, defines):
+def diff(a, b, project, include_dirs, defines):
     """Show what differs between two experiments: configs or build directories.
 
+    -D and -I apply to both sides. manifest.json is left out (it only hashes the other files).
     Exit status 0 when they are the same, 1 when they differ."""
     from .diff import diff_text
 
     for p in (a, b):
-        if not p.exists():
+        if not p.exists() and project is None:
             raise FgcError("no such config file or build directory", Location(str(p)))
-    text = diff_text(a, b, include_dirs, _parse_defines(defines))
+    text = diff_text(a, b, include_dirs, _parse_defines(defines), project)
     click.echo(text, nl=False)
     sys.exit(1 if text else 0)
 

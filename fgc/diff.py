@@ -39,8 +39,11 @@ def resolved_values(ir: IRGraph) -> list[str]:
     return lines
 
 
-def package_files(path: Path, include_dirs=(), variables=None) -> tuple[dict[str, bytes], list[str] | None]:
-    """The files of a build directory, or of the package a config builds (built in memory)."""
+def package_files(
+    path: Path, include_dirs=(), variables=None, project_dir=None
+) -> tuple[dict[str, bytes], list[str] | None]:
+    """The files of a build directory, or of the package a config builds (built in memory).
+    With PROJECT_DIR, a path that is not a directory is a config name in that project."""
     from .codegen.package import PackageBuilder
 
     if path.is_dir():
@@ -52,16 +55,16 @@ def package_files(path: Path, include_dirs=(), variables=None) -> tuple[dict[str
             if p.is_file() and "__pycache__" not in p.parts
         }
         return files, None
-    compiled = compile_config(path, include_dirs, variables)
+    compiled = compile_config(path, include_dirs, variables, project_dir=project_dir)
     package = PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build()
     return package.files, resolved_values(compiled.ir)
 
 
-def diff_text(a: Path, b: Path, include_dirs=(), variables=None) -> str:
+def diff_text(a: Path, b: Path, include_dirs=(), variables=None, project_dir=None) -> str:
     """A unified diff of the resolved values (configs only) and of the generated files
     (all but manifest.json, which only hashes the others)."""
-    files_a, values_a = package_files(a, include_dirs, variables)
-    files_b, values_b = package_files(b, include_dirs, variables)
+    files_a, values_a = package_files(a, include_dirs, variables, project_dir)
+    files_b, values_b = package_files(b, include_dirs, variables, project_dir)
     out: list[str] = []
     if values_a is not None and values_b is not None:
         out += difflib.unified_diff(

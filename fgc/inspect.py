@@ -167,7 +167,7 @@ def template_tree(rendered: Rendered, fmt: str = "text") -> str:
 
 def list_configs(directory, include_dirs=()) -> list[tuple[str, str | None]]:
     """(config, None or its first error) for every config under DIRECTORY (default: the project)."""
-    from .build import compile_config
+    from .build import check_config
     from .frontend.project import META, find_project_dir, load_project
 
     if directory is None:
@@ -191,7 +191,7 @@ def list_configs(directory, include_dirs=()) -> list[tuple[str, str | None]]:
         try:
             rendered, ir, _ = load_for_code(path, include_dirs)
             if {"model", "optimizer", "trainer"} <= set(ir.targets):
-                compile_config(path, include_dirs)
+                check_config(path, include_dirs)  # a training config: everything build checks
             error = None
         except FgcError as exc:
             error = exc.diagnostics[0].format().splitlines()[0]

@@ -18,6 +18,7 @@ class LoweringContext:
     config: Path  # the root config file (absolute)
     search_path: list[Path]
     variables: dict[str, Any] = field(default_factory=dict)  # -D NAME=VALUE
+    template_names: set[str] | None = None  # names the templates read (None: do not check -D use)
     sink: DiagnosticSink = field(default_factory=DiagnosticSink)
     symbols: dict[str, Symbol] = field(default_factory=dict)  # call node id -> its callable
     settings: Any = None  # the trainer settings object (fgc.settings), built by the plan pass

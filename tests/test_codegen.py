@@ -332,3 +332,19 @@ def test_fgc_diff_configs_and_build_dirs(tmp_path):
     built = build(tmp_path, "pkg_b", config=other)
     assert run_fgc("diff", GOLDEN / "tiny_llama", built).returncode == 1
     assert run_fgc("diff", EXAMPLE, tmp_path / "nope").returncode == 2
+
+
+def test_user_module_importing_a_sibling_module_is_an_error(tmp_path):
+    (tmp_path / "helpers.py").write_text("def double(x):\n    return 2 * x\n")
+    (tmp_path / "layers.py").write_text(
+        "import helpers\n\nclass X:\n    def __init__(self):\n        self.v = helpers.double(1)\n"
+        "\nclass Fine:\n    pass\n"
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("x: !singleton:.layers:X\nok: !singleton:.layers:Fine\n")
+    proc = run_fgc("code", cfg, "--target", "x", env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 2
+    assert "imports 'helpers', another module of your project" in proc.stderr
+    fine = run_fgc("code", cfg, "--target", "ok", env={"PYTHONPATH": str(tmp_path)})
+    assert fine.returncode == 0, fine.stderr
+    assert "class Fine" in fine.stdout and "helpers" not in fine.stdout

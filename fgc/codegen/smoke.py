@@ -9,8 +9,13 @@ from pathlib import Path
 from fgc.errors import FgcError, Location
 
 
-def smoke_check(package_dir: Path) -> None:
-    """Compile every ``.py`` file of the package and run ``build_model(device="meta")``."""
+def smoke_check(package_dir: Path, where: Location, callables: dict[str, Location] | None = None) -> None:
+    """Compile every ``.py`` file of the package and run ``build_model(device="meta")``.
+
+    A model that does not build is the config's mistake: it is reported at the config line of the
+    innermost callable that raised (from ``callables``: class or function name → config location),
+    else at WHERE (the model target).
+    """
     for path in sorted(package_dir.rglob("*.py")):
         try:
             compile(path.read_text(encoding="utf-8"), str(path), "exec")
@@ -25,8 +30,22 @@ def smoke_check(package_dir: Path) -> None:
         except Exception as exc:  # the config's arguments do not build a model
             raise FgcError(
                 f"the model does not build: {type(exc).__name__}: {exc}",
-                Location(str(package_dir / "model.py")),
+                _culprit(exc, callables or {}) or where,
                 hint="check the model's arguments in the config; --no-smoke skips this check",
             ) from None
     finally:
         sys.path[:] = saved
+
+
+def _culprit(exc: BaseException, callables: dict[str, Location]) -> Location | None:
+    """The config location of the innermost constructor or function on the traceback that the
+    config names."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        for name in (type(owner).__name__ if owner is not None else None, frame.f_code.co_name):
+            if name in callables:
+                found = callables[name]
+        tb = tb.tb_next
+    return found

@@ -9,6 +9,8 @@ imports are kept only when a kept definition uses the name they bind.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -78,7 +80,8 @@ class _Definition:
     name: str
     node: cst.CSTNode
     deps: set[tuple[str, str]] = field(default_factory=set)  # (module, name)
-    imports: set[str] = field(default_factory=set)  # bound import names it uses
+    imports: set[str] = field(default_factory=set)  # the import lines it needs
+    import_modules: set[str] = field(default_factory=set)  # the modules those lines import
 
 
 @dataclass
@@ -157,9 +160,25 @@ class Vendorer:
                         d.deps.add((mod, name))
                     else:
                         d.imports.add(line)
+                        d.import_modules.add(mod)
         info = {"path": path, "shown": shown, "defs": defs}
         self._modules[module] = info
         return info
+
+    @staticmethod
+    def _check_user_import(mod: str, path: Path, shown: str) -> None:
+        """A user module may import installed packages, not the user's other modules (not yet)."""
+        top = mod.split(".")[0]
+        if top in sys.stdlib_module_names:
+            return
+        local = path.parent / top
+        if local.with_suffix(".py").is_file() or (local / "__init__.py").is_file():
+            raise VendorError(
+                f"{shown} imports {mod!r}, another module of your project: this version of fgc "
+                "vendors only the module the config names; move what it uses into that module"
+            )
+        if importlib.util.find_spec(top) is None:
+            raise VendorError(f"{shown} imports {mod!r}, which is not installed")
 
     def collect(self, wanted: list[tuple[str, str]]) -> VendoredCode:
         """Vendor ``(module, name)`` pairs and everything they use, deps before dependents."""
@@ -173,6 +192,10 @@ class Vendorer:
             d = self._module(module)["defs"].get(name)
             if d is None:
                 raise VendorError(f"{self._module(module)['shown']} defines no top-level {name!r} to copy")
+            if module in self._files:
+                info = self._module(module)
+                for mod in sorted(d.import_modules):
+                    self._check_user_import(mod, info["path"], info["shown"])
             for dep in sorted(d.deps):
                 visit(*dep)
             order.append(d)

@@ -143,8 +143,10 @@ def make_environment(loader: jinja2.BaseLoader, nonrepro: dict[str, str]) -> jin
     env.globals.update(
         joinpath=lambda *parts: os.path.join(*parts),
         normpath=os.path.normpath,
-        abspath=os.path.abspath,
-        relpath=os.path.relpath,
+        abspath=lambda p: note(f"abspath({p})", os.path.abspath(p)),
+        relpath=lambda p, start=None: (
+            os.path.relpath(p, start) if start is not None else note(f"relpath({p})", os.path.relpath(p))
+        ),
         dirname=os.path.dirname,
         basename=os.path.basename,
         splitext=os.path.splitext,

@@ -24,7 +24,7 @@ CALL_TAGS = {
 }
 CONTAINER_TAGS = {"dict", "list", "tuple", "dlist"}
 
-_INT_RE = re.compile(r"^[-+]?[0-9][0-9_]*$|^0x[0-9a-fA-F]+$|^0o[0-7]+$")  # 1.2 core: 017 is 17
+_INT_RE = re.compile(r"^[-+]?[0-9]+$|^0x[0-9a-fA-F]+$|^0o[0-7]+$")  # 1.2 core: 017 is 17, 1_000 a string
 _FLOAT_RE = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
 _TAG_RE = re.compile(r"^!(?P<kind>[A-Za-z_]+)(?::(?P<spec>[^@]*))?(?:@(?P<name>\w+))?$")
 _ARG_KEY_RE = re.compile(r"^arg(\d+)$")
@@ -43,7 +43,7 @@ def resolve_plain_scalar(text: str):
             return int(text, 16)
         if text.startswith("0o"):
             return int(text, 8)
-        return int(text.replace("_", ""))
+        return int(text)
     if _FLOAT_RE.match(text):
         return float(text)
     lowered = text.lower()
@@ -54,6 +54,15 @@ def resolve_plain_scalar(text: str):
     if lowered == ".nan":
         return float("nan")
     return text
+
+
+def plain_data(ynode: yaml.Node):
+    """Untagged YAML data (scalars, sequences, mappings) with YAML 1.2 core scalars."""
+    if isinstance(ynode, yaml.MappingNode):
+        return {plain_data(k): plain_data(v) for k, v in ynode.value}
+    if isinstance(ynode, yaml.SequenceNode):
+        return [plain_data(v) for v in ynode.value]
+    return resolve_plain_scalar(ynode.value) if ynode.style is None else ynode.value
 
 
 class _Loader:

@@ -39,10 +39,11 @@ class Project:
         return self.dir / self.config_prefix
 
     def globals(self) -> dict:
-        return {
-            "project_dir": str(self.dir),
-            "workspace_root": str(self.workspace_root) if self.workspace_root else None,
-        }
+        """``project_dir``, and ``workspace_root`` when there is a workspace."""
+        out = {"project_dir": str(self.dir)}
+        if self.workspace_root:
+            out["workspace_root"] = str(self.workspace_root)
+        return out
 
     def configs(self) -> list[Path]:
         """Every config of the project: YAML files under its config directory."""
@@ -118,7 +119,7 @@ class ConfigSource:
     project: Project | None = None
 
     def globals(self) -> dict:
-        return self.project.globals() if self.project else {"project_dir": None, "workspace_root": None}
+        return self.project.globals() if self.project else {}  # undefined outside a project
 
 
 def resolve_config(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
+import jinja2.meta
 
 from ..errors import Diagnostic, FgcError, Location, display_path
 from .environment import TemplateRaise, host_globals, make_environment, toyaml  # noqa: F401
@@ -33,6 +34,7 @@ class Rendered:
     source: ConfigSource | None = None
     warnings: list[Diagnostic] = field(default_factory=list)
     nonreproducible: dict[str, str] = field(default_factory=dict)
+    referenced: set[str] = field(default_factory=set)  # every variable name a template reads
 
     @property
     def files(self) -> dict[int, TemplateFile]:
@@ -147,6 +149,8 @@ def render_file(
         raise FgcError(message, loader.location(*frame)) from None
     text, origins = strip_markers(text)
     rendered = Rendered(text, origins, loader, root, source, nonreproducible=nonrepro)
+    for tf in loader.files.values():
+        rendered.referenced |= jinja2.meta.find_undeclared_variables(env.parse(tf.source))
     rendered.warnings.extend(block_warnings(loader))
     for key in sorted(nonrepro):
         rendered.warnings.append(

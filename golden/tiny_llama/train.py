@@ -34,21 +34,21 @@ from model import build_model
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # ---- Settings: each value names the config line it came from ----
-MAX_STEPS = 300  # <fgc>/lm/train.yaml:83
-GLOBAL_BATCH_SIZE = 16  # <fgc>/lm/train.yaml:84
-SEQ_LEN = 128  # <fgc>/lm/train.yaml:86
-GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:87
-PRECISION = "fp32"  # <fgc>/lm/train.yaml:88
-SEED = 42  # <fgc>/lm/train.yaml:89
+MAX_STEPS = 300  # <fgc>/lm/train.yaml:97
+GLOBAL_BATCH_SIZE = 16  # <fgc>/lm/train.yaml:98
+SEQ_LEN = 128  # <fgc>/lm/train.yaml:100
+GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:101
+PRECISION = "fp32"  # <fgc>/lm/train.yaml:102
+SEED = 42  # <fgc>/lm/train.yaml:103
 DEVICE = "auto"  # default of DDPTrainer.device
-OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:90
-LOG_EVERY = 10  # <fgc>/lm/train.yaml:91
-EVAL_EVERY = 100  # <fgc>/lm/train.yaml:92
+OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:104
+LOG_EVERY = 10  # <fgc>/lm/train.yaml:105
+EVAL_EVERY = 100  # <fgc>/lm/train.yaml:106
 EVAL_BATCHES = 4  # default of DDPTrainer.eval_batches
-SAVE_EVERY = 0  # <fgc>/lm/train.yaml:93
+SAVE_EVERY = 0  # <fgc>/lm/train.yaml:107
 KEEP_LAST_N = 2  # default of DDPTrainer.keep_last_n
-NPROC = 2  # <fgc>/lm/train.yaml:95
-MICRO_BATCH_SIZE = 8  # <fgc>/lm/train.yaml:85
+NPROC = 2  # <fgc>/lm/train.yaml:109
+MICRO_BATCH_SIZE = 8  # <fgc>/lm/train.yaml:99
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
 # The parallel plan fgc computed for this config.
 PLAN = {
@@ -65,12 +65,12 @@ PLAN = {
 CONFIG_HASH = "8c949d4c1b16593ecbaac55c1589184565262126b5c7785a70eb6b21f019e53e"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:65
+# optimizer: <fgc>/lm/train.yaml:79
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:70
+# lr_scheduler: <fgc>/lm/train.yaml:84
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup_steps=30, max_steps=300
 )
@@ -94,7 +94,10 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=LOG_EVERY, help="0 = never")
     parser.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="0 = never")
     parser.add_argument(
-        "--save-every", type=int, default=SAVE_EVERY, help="0 = only at the end"
+        "--save-every",
+        type=int,
+        default=SAVE_EVERY,
+        help="0 = no periodic saves; one is always written at the end",
     )
     parser.add_argument(
         "--dry-run",
@@ -159,6 +162,15 @@ def main(argv=None):
 
     train_data = data.TokenShard.open(args.data, "train")
     val_data = data.TokenShard.open(args.data, "val") if args.eval_every else None
+    if (
+        val_data is not None
+    ):  # a split too small for one eval batch fails now, not after training
+        data.num_eval_batches(
+            val_data,
+            seq_len=SEQ_LEN,
+            batch_size=GLOBAL_BATCH_SIZE,
+            max_batches=EVAL_BATCHES,
+        )
     model = build_model(device=dist.device)
     vocab_size = getattr(model, "vocab_size", None)
     if vocab_size is not None:
@@ -182,7 +194,20 @@ def main(argv=None):
     )
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, rank=dist.rank)
-        model.load_state_dict(state["model"])
+        if state["trainer_state"].get("config_hash") != CONFIG_HASH and dist.is_main:
+            print(
+                f"warning: {resume_from} was written by a different config; resuming anyway",
+                flush=True,
+            )
+        try:
+            model.load_state_dict(state["model"])
+        except (
+            RuntimeError
+        ) as err:  # a different model shape: not this run's checkpoint
+            first = str(err).strip().splitlines()[-1].strip()
+            raise RunError(
+                f"the checkpoint does not fit this model: {first}", path=resume_from
+            ) from None
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["trainer_state"]["lr_scheduler"])
         start_step = state["trainer_state"]["step"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+
+from fgc.errors import Location
 from fgc.ir import IRGraph, Node
 
 from ..context import LoweringContext
@@ -14,6 +17,7 @@ class ResolveVariables(Pass):
 
     def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
         ir = ir.copy()
+        self._check_defines_are_used(ir, ctx)
         for node in ir.nodes():
             if node.kind != "var" or node.id not in ir.g:
                 continue
@@ -34,6 +38,20 @@ class ResolveVariables(Pass):
         live = {n for r in roots for n in ir.reachable(r)}
         ir.g.remove_nodes_from([n for n in list(ir.g.nodes) if n not in live])
         return ir
+
+    @staticmethod
+    def _check_defines_are_used(ir: IRGraph, ctx: LoweringContext) -> None:
+        """A -D that no template and no !var reads is a typo'd knob: an error, never ignored."""
+        if ctx.template_names is None:
+            return
+        used = set(ctx.template_names) | {n.value for n in ir.nodes() if n.kind == "var"}
+        for name in sorted(set(ctx.variables) - used):
+            close = difflib.get_close_matches(name, sorted(used), n=1)
+            ctx.sink.error(
+                f"-D {name}: no template or !var of this config uses {name!r}",
+                Location("<command line>"),
+                hint=f"did you mean {close[0]!r}?" if close else None,
+            )
 
     @staticmethod
     def _redirect(ir: IRGraph, old: str, new: str) -> None:
