@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import runpy
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ def smoke_check(package_dir: Path, where: Location, callables: dict[str, Locatio
     try:
         namespace = runpy.run_path(str(package_dir / "model.py"), run_name="fgc_smoke_model")
         try:
-            namespace["build_model"](device="meta")
+            with _skip_init():
+                namespace["build_model"](device="meta")
         except Exception as exc:  # the config's arguments do not build a model
             raise FgcError(
                 f"the model does not build: {type(exc).__name__}: {exc}",
@@ -35,6 +37,25 @@ def smoke_check(package_dir: Path, where: Location, callables: dict[str, Locatio
             ) from None
     finally:
         sys.path[:] = saved
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """No weight initialisation while building on the meta device: there are no values to set,
+    and torch's meta implementations of the init functions import torch._dynamo (over a second)."""
+    import torch
+
+    saved = {}
+    for name in dir(torch.nn.init):
+        fn = getattr(torch.nn.init, name)
+        if name.endswith("_") and not name.startswith("_") and callable(fn):
+            saved[name] = fn
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _culprit(exc: BaseException, callables: dict[str, Location]) -> Location | None:

@@ -7,9 +7,15 @@ import torch
 from torch import nn
 
 
-def _rotary_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
-    """Inverse frequencies of the default RoPE, as transformers computes them (fp32)."""
-    return 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def _rotary_inv_freq(head_dim: int, rope_theta: float, device=None) -> torch.Tensor:
+    """Inverse frequencies of the default RoPE, as transformers computes them (fp32).
+
+    Computed on the CPU, then moved to DEVICE (default: the device the model is being built on),
+    so building on the meta device stays cheap.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
+    inv_freq = 1.0 / (rope_theta**exponents)
+    return inv_freq.to(device if device is not None else torch.get_default_device())
 
 
 class RotaryEmbedding(nn.Module):
@@ -32,7 +38,7 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         """Recompute the buffer in fp32, e.g. after `to_empty()` from the meta device or a cast to bf16."""
         # Assigning to a registered buffer name replaces the buffer and keeps it non-persistent.
-        self.inv_freq = _rotary_inv_freq(self.head_dim, self.rope_theta).to(self.inv_freq.device)
+        self.inv_freq = _rotary_inv_freq(self.head_dim, self.rope_theta, self.inv_freq.device)
 
     @torch.no_grad()
     def forward(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
