@@ -348,3 +348,44 @@ def test_user_module_importing_a_sibling_module_is_an_error(tmp_path):
     fine = run_fgc("code", cfg, "--target", "ok", env={"PYTHONPATH": str(tmp_path)})
     assert fine.returncode == 0, fine.stderr
     assert "class Fine" in fine.stdout and "helpers" not in fine.stdout
+
+
+# Any string or number a config holds reaches generated code as the same value, and the code compiles.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ODD = st.sampled_from(['"""', "'''", "\\", "\\n", "\n", "{{ x }}", "{%", "##", "#", "'", '"', "é", "\u2028", "\x00", "\t"])
+config_strings = st.one_of(st.text(min_size=1, max_size=40), st.lists(ODD, min_size=1, max_size=5).map("".join))
+config_numbers = st.one_of(
+    st.integers(min_value=-(10**25), max_value=10**25), st.floats(allow_nan=False, allow_infinity=True)
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=config_strings, number=config_numbers)
+def test_values_survive_into_generated_code(tmp_path_factory, text, number):
+    from fgc.build import compile_config
+    from fgc.codegen.package import PackageBuilder
+
+    tmp = tmp_path_factory.mktemp("lit")
+    cfg = tmp / "cfg.yaml"
+    cfg.write_text(
+        '-- extends "lm/train.yaml"\n'
+        "[optimizer]\n"
+        "optimizer: !partial:torch.optim:AdamW@optimizer\n"
+        "    lr: {{ number | toyaml }}\n"
+        "[data]\n"
+        ".data: &data !singleton:fgc.settings:DataSettings@data\n"
+        "    data_dir: {{ text | toyaml }}\n"
+    )
+    compiled = compile_config(cfg, variables={"text": text, "number": number})
+    files = PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build().files
+    source = files["train.py"].decode()
+    tree = ast.parse(source)  # compiles
+    namespace: dict = {}
+    for node in tree.body:  # evaluate the constants and the optimizer partial, as the package would
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") in ("DATA_DIR", "optimizer_factory"):
+            exec(compile(ast.Module([node], []), "<train.py>", "exec"), {"functools": __import__("functools"), "torch": __import__("torch")}, namespace)
+    assert namespace["DATA_DIR"] == text
+    lr = namespace["optimizer_factory"].keywords["lr"]
+    assert lr == number and type(lr) is type(number)
