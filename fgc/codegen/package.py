@@ -160,9 +160,11 @@ class PackageBuilder:
         cls = type(s).__name__
 
         def where(key: str, node=trainer, owner=cls) -> str:
-            if key in node.kwargs:
-                return self.where(self.ir.node(node.kwargs[key]).loc)
-            return f"default of {owner}.{key}"
+            if key not in node.kwargs:
+                return f"default of {owner}.{key}"
+            origins = self.rendered.origins_of(self.ir.node(node.kwargs[key]).loc)
+            loc, dvar = origins[-2] if len(origins) > 1 else origins[-1]  # the last setter wins
+            return f"{dvar} ({self.where(loc)})" if dvar else self.where(loc)
 
         data_node = self.ir.node(trainer.kwargs["data"]) if "data" in trainer.kwargs else None
         out: list[tuple[str, str, str]] = []

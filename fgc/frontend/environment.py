@@ -118,8 +118,38 @@ def _resolve_plain(text: str):
     return resolve_plain_scalar(text)
 
 
-def make_environment(loader: jinja2.BaseLoader, nonrepro: dict[str, str]) -> jinja2.Environment:
-    """A sandboxed, strict Jinja2 environment; non-reproducible globals note their values in NONREPRO."""
+class TrackedNamespace(jinja2.utils.Namespace):
+    """``namespace()`` that records the template line of every ``-- set ns.NAME = ...``.
+
+    ``history[NAME]`` lists (template key, line) in the order the assignments ran, so the origin
+    of a knob (the child's line, not the parent's default) can be shown in generated code and by
+    ``fgc explain``.
+    """
+
+    def __init__(*args, **kwargs):  # Namespace's own signature: (self, *args, **kwargs)
+        self, history, *rest = args
+        super(TrackedNamespace, self).__init__(*rest, **kwargs)
+        object.__setattr__(self, "_fgc_history", history)
+
+    def __setitem__(self, name, value):
+        frame = sys._getframe(1)
+        while frame is not None:
+            template = frame.f_globals.get("__jinja_template__")
+            if template is not None:
+                line = template.get_corresponding_lineno(frame.f_lineno)
+                object.__getattribute__(self, "_fgc_history").setdefault(name, []).append(
+                    (template.filename, line)
+                )
+                break
+            frame = frame.f_back
+        super().__setitem__(name, value)
+
+
+def make_environment(
+    loader: jinja2.BaseLoader, nonrepro: dict[str, str], ns_history: dict | None = None
+) -> jinja2.Environment:
+    """A sandboxed, strict Jinja2 environment; non-reproducible globals note their values in NONREPRO;
+    namespace assignments are recorded in NS_HISTORY."""
     env = jinja2.sandbox.SandboxedEnvironment(
         loader=loader,
         undefined=jinja2.StrictUndefined,
@@ -166,6 +196,8 @@ def make_environment(loader: jinja2.BaseLoader, nonrepro: dict[str, str]) -> jin
             datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%S"),
         ),
     )
+    history = ns_history if ns_history is not None else {}
+    env.globals["namespace"] = lambda *args, **kwargs: TrackedNamespace(history, *args, **kwargs)
     env.globals["raise"] = _raise
     env.globals["assert"] = _assert
     env.filters["toyaml"] = toyaml

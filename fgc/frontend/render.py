@@ -7,6 +7,7 @@ line it came from, and every error Jinja2 raises is mapped back to the file and 
 
 from __future__ import annotations
 
+import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from .preprocess import strip_markers
 from .project import ConfigSource, resolve_config
 from .templates import LIBRARY_DIR, FgcLoader, TemplateFile  # noqa: F401
 
+_NS_REF_RE = re.compile(r"\{\{[^}]*?\bns\.(\w+)")
 _VERBS = {"extends": "extends", "include": "includes", "import": "imports", "from": "imports from"}
 
 
@@ -35,6 +37,35 @@ class Rendered:
     warnings: list[Diagnostic] = field(default_factory=list)
     nonreproducible: dict[str, str] = field(default_factory=dict)
     referenced: set[str] = field(default_factory=set)  # every variable name a template reads
+    ns_history: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # ns.NAME -> sets
+    variables: dict = field(default_factory=dict)  # -D NAME=VALUE
+
+    def origins_of(self, loc: Location) -> list[tuple[Location, str | None]]:
+        """Where a value written at LOC really came from, oldest first: for a line that prints one
+        ``ns.NAME``, every ``-- set ns.NAME`` that ran (with the ``-D NAME=VALUE`` it read, if
+        any), then LOC itself."""
+        tf = next(
+            (f for f in self.files.values() if str(f.path) == loc.file and loc.line is not None
+             and f.line_offset < loc.line <= f.line_offset + f.text.count("\n") + 1),
+            None,
+        )
+        out: list[tuple[Location, str | None]] = []
+        if tf is not None:
+            text = tf.text.split("\n")[loc.line - tf.line_offset - 1]
+            names = set(_NS_REF_RE.findall(text))
+            if len(names) == 1:
+                name = names.pop()
+                for key, line in self.ns_history.get(name, []):
+                    setter_tf = self.loader.by_key.get(key)
+                    setter = setter_tf.text.split("\n")[line - 1] if setter_tf else ""
+                    read = [
+                        f"-D {var}={self.variables[var]!r}"
+                        for var in sorted(self.variables)
+                        if re.search(rf"(?<![\w.]){re.escape(var)}(?!\w)", setter.split("=", 1)[-1])
+                    ]
+                    out.append((self.loader.location(key, line), ", ".join(read) or None))
+        out.append((loc, None))
+        return out
 
     @property
     def files(self) -> dict[int, TemplateFile]:
@@ -101,12 +132,14 @@ def render_file(
     search_path: list[Path],
     context: dict,
     source: ConfigSource | None = None,
+    variables: dict | None = None,
 ) -> Rendered:
     """Render the template file PATH with CONTEXT over SEARCH_PATH; errors point into the user's files."""
     path = Path(path).resolve()
     loader = FgcLoader(search_path)
     nonrepro: dict[str, str] = {}
-    env = make_environment(loader, nonrepro)
+    ns_history: dict[str, list[tuple[str, int]]] = {}
+    env = make_environment(loader, nonrepro, ns_history)
     root = loader.load_file(path.name, path)
     context = {**host_globals(nonrepro), **context}
     try:
@@ -148,7 +181,10 @@ def render_file(
         message = f"template: {type(exc).__name__}: {exc}"
         raise FgcError(message, loader.location(*frame)) from None
     text, origins = strip_markers(text)
-    rendered = Rendered(text, origins, loader, root, source, nonreproducible=nonrepro)
+    rendered = Rendered(
+        text, origins, loader, root, source, nonreproducible=nonrepro, ns_history=ns_history,
+        variables=dict(variables or {}),
+    )
     for tf in loader.files.values():
         rendered.referenced |= jinja2.meta.find_undeclared_variables(env.parse(tf.source))
     rendered.warnings.extend(block_warnings(loader))
@@ -177,4 +213,4 @@ def render(
     """Preprocess and render CONFIG to YAML text, mapping every error to the user's file:line."""
     source = resolve_config(config, include_dirs, project_dir)
     context = {"config_dir": str(source.path.parent), **source.globals(), **(variables or {})}
-    return render_file(source.path, source.search_path, context, source)
+    return render_file(source.path, source.search_path, context, source, variables)

@@ -34,21 +34,21 @@ from model import build_model
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # ---- Settings: each value names the config line it came from ----
-MAX_STEPS = 300  # <fgc>/lm/train.yaml:97
-GLOBAL_BATCH_SIZE = 16  # <fgc>/lm/train.yaml:98
-SEQ_LEN = 128  # <fgc>/lm/train.yaml:100
-GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:101
-PRECISION = "fp32"  # <fgc>/lm/train.yaml:102
-SEED = 42  # <fgc>/lm/train.yaml:103
+MAX_STEPS = 300  # train.yaml:20
+GLOBAL_BATCH_SIZE = 16  # train.yaml:19
+SEQ_LEN = 128  # train.yaml:18
+GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:27
+PRECISION = "fp32"  # <fgc>/lm/train.yaml:31
+SEED = 42  # <fgc>/lm/train.yaml:30
 DEVICE = "auto"  # default of DDPTrainer.device
-OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:104
-LOG_EVERY = 10  # <fgc>/lm/train.yaml:105
-EVAL_EVERY = 100  # <fgc>/lm/train.yaml:106
+OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:32
+LOG_EVERY = 10  # train.yaml:24
+EVAL_EVERY = 100  # train.yaml:25
 EVAL_BATCHES = 4  # default of DDPTrainer.eval_batches
-SAVE_EVERY = 0  # <fgc>/lm/train.yaml:107
+SAVE_EVERY = 0  # <fgc>/lm/train.yaml:35
 KEEP_LAST_N = 2  # default of DDPTrainer.keep_last_n
-NPROC = 2  # <fgc>/lm/train.yaml:109
-MICRO_BATCH_SIZE = 8  # <fgc>/lm/train.yaml:99
+NPROC = 2  # <fgc>/lm/train.yaml:29
+MICRO_BATCH_SIZE = 8  # <fgc>/lm/train.yaml:22
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
 # The parallel plan fgc computed for this config.
 PLAN = {
