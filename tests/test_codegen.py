@@ -389,3 +389,14 @@ def test_values_survive_into_generated_code(tmp_path_factory, text, number):
     assert namespace["DATA_DIR"] == text
     lr = namespace["optimizer_factory"].keywords["lr"]
     assert lr == number and type(lr) is type(number)
+
+
+def test_constants_name_the_line_that_set_them(tmp_path):
+    out = build(tmp_path, "pkg", "batch_size=32")
+    lines = (out / "train.py").read_text().splitlines()
+    example = EXAMPLE.read_text().splitlines()
+    max_steps_line = next(i for i, l in enumerate(example, 1) if "ns.max_steps =" in l)
+    batch_line = next(i for i, l in enumerate(example, 1) if "ns.batch_size =" in l)
+    assert f"MAX_STEPS = 300  # train.yaml:{max_steps_line}" in lines
+    assert f"GLOBAL_BATCH_SIZE = 32  # -D batch_size=32 (train.yaml:{batch_line})" in lines
+    assert "DEVICE = \"auto\"  # default of DDPTrainer.device" in lines
