@@ -267,6 +267,10 @@ class GeluMLP(nn.Module):
 
 class Unused(nn.Module):
     pass
+
+
+def linear_decay(optimizer, total_steps):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps))
 '''
 
 
@@ -281,6 +285,9 @@ def test_user_module_is_vendored_and_runs_after_the_project_is_gone(tmp_path):
         "[mlp]\n"
         ".mlp: &mlp !partial:.my_layers:GeluMLP@mlp_factory\n"
         "    intermediate_size: 64\n"
+        "[lr_scheduler]\n"
+        "lr_scheduler: !partial:.my_layers:linear_decay\n"
+        "    total_steps: 10\n"
         "[data]\n"
         ".data: &data !singleton:fgc.settings:DataSettings@data\n"
         f"    text_files: [{EXAMPLE.parent / 'corpus.txt'}]\n"
@@ -291,6 +298,9 @@ def test_user_module_is_vendored_and_runs_after_the_project_is_gone(tmp_path):
     assert "# ---- vendored from my_layers.py" in model_src
     assert "class GeluMLP(nn.Module):" in model_src and "def _gelu_tanh(x):" in model_src
     assert "class Unused" not in model_src and "my_layers" not in model_src.split("# ----")[0]
+    train_src = (out / "train.py").read_text()
+    assert "# ---- vendored from my_layers.py\ndef linear_decay(optimizer, total_steps):" in train_src
+    assert "GeluMLP" not in train_src
     shutil.rmtree(project)
     proc = subprocess.run(
         [sys.executable, str(out / "train.py"), "--output-dir", str(tmp_path / "run")],

@@ -185,7 +185,18 @@ class PackageBuilder:
 
     def train_py(self, common: dict, config_hash: str) -> str:
         imports = ImportTable({"torch"})
-        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports)
+        targets = [t for t in ("optimizer", "lr_scheduler") if t in self.ir.targets]
+        symbols = [
+            self.ctx.symbols[n]
+            for t in targets
+            for n in self.ir.reachable(self.ir.targets[t])
+            if n in self.ctx.symbols
+        ]
+        try:
+            vendored = vendor_symbols(symbols, self.stable_path)
+        except VendorError as exc:
+            raise FgcError(str(exc), self.ir.node(self.ir.targets[targets[0]]).loc) from None
+        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, vendored)
         blocks = []
         for target, var in (("optimizer", "optimizer_factory"), ("lr_scheduler", "lr_scheduler_factory")):
             if target not in self.ir.targets:
@@ -212,7 +223,7 @@ class PackageBuilder:
         ]
         if self.ctx.plan.trainer_type == "ddp":
             fixed += ["import contextlib", "from torch.nn.parallel import DistributedDataParallel"]
-        import_lines = sorted(set(imports.statements()) | set(fixed), key=_import_key)
+        import_lines = sorted(set(imports.statements()) | set(fixed) | set(vendored.imports), key=_import_key)
         self._note_third_party(import_lines)
         settings = self.ctx.settings
         source = self.jinja.get_template("train.py.j2").render(
@@ -220,6 +231,7 @@ class PackageBuilder:
             imports=import_groups(import_lines),
             constants=self.constants(),
             plan_literal=code(literal(self.ctx.plan.to_data())),
+            definitions=vendored.definitions,
             config_hash=code(literal(config_hash)),
             factories="\n\n".join(blocks),
             grad_clip=settings.grad_clip,
