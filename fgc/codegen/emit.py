@@ -202,7 +202,7 @@ class TargetEmitter:
             if symbol.is_user_code and not (self.vendored and self.vendored.holds(symbol.module, symbol.qualname)):
                 raise FgcError(
                     f"{symbol.spec!r} is the project's own code: this version of fgc vendors it "
-                    "only into model.py (the model target) and `fgc code`",
+                    "only for the model, optimizer and lr_scheduler targets and `fgc code`",
                     node.loc,
                 )
             func = self.imports.reference(symbol, self.vendored)
