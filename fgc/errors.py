@@ -7,7 +7,7 @@ The CLI prints them and exits 2; anything else that escapes is a bug (exit 1).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from fgc_lowering.context import LoweringContext
 from fgc_lowering.pipeline import CODE_PASSES, lower
 
 from .codegen.package import import_groups
-from .codegen.emit import ImportTable, TargetEmitter, _identifier, code, literal
+from .codegen.emit import ImportTable, TargetEmitter, _identifier, literal
 from .codegen.vendor import VendorError, vendor_symbols
 from .errors import FgcError, Location, display_path
 from .frontend.loader import load

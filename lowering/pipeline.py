@@ -9,6 +9,7 @@ from fgc.ir import IRGraph
 
 from .context import LoweringContext
 from .passes.bind_arguments import BindArguments
+from .passes.check_types import CheckTypes
 from .passes.plan_training import PlanTraining
 from .passes.resolve_callables import ResolveCallables
 from .passes.resolve_variables import ResolveVariables
@@ -17,13 +18,14 @@ PASSES = (
     ResolveVariables(),  # bind every !var to its -D value or its default
     ResolveCallables(),  # import every callable spec
     BindArguments(),  # check arguments against signatures
+    CheckTypes(),  # check scalar arguments against parameter annotations
     PlanTraining(),  # typed trainer settings -> the plan codegen reads
 )
 
 PASS_NAMES = tuple(p.name for p in PASSES)
 
 # What `fgc code` and `fgc graph --format python` need: callables checked, !vars left as parameters.
-CODE_PASSES = (ResolveCallables(), BindArguments())
+CODE_PASSES = (ResolveCallables(), BindArguments(), CheckTypes())
 
 
 def lower(

@@ -53,6 +53,7 @@ def test_pipeline_order():
         "resolve-variables",
         "resolve-callables",
         "bind-arguments",
+        "check-types",
         "plan-training",
     )
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import black
 import jinja2
-import libcst as cst
 
 import fgc
 import fgc_codegen_templates

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 
 from fgc.errors import Location
 from fgc.ir import IRGraph
@@ -15,28 +13,6 @@ from ..plan import Plan
 from .base import Pass
 
 REQUIRED_TARGETS = ("model", "optimizer", "trainer")
-
-
-def _type_ok(value, annotation) -> bool:
-    """A small check of plain annotations: int, float, bool, str, Optional, Literal, tuple."""
-    origin = typing.get_origin(annotation)
-    if annotation is typing.Any:
-        return True
-    if origin is typing.Union:
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if origin in (tuple, list):
-        return isinstance(value, (tuple, list))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
 
 
 class PlanTraining(Pass):
@@ -64,32 +40,10 @@ class PlanTraining(Pass):
                 node.loc,
             )
             return ir
-        self._check_fields(ir, ctx, node.id)
-        if ctx.sink.errors:
-            return ir
         settings = construct(ir, ctx, node.id)
         ctx.settings = settings
         ctx.plan = self._plan(settings, ir, ctx)
         return ir
-
-    def _check_fields(self, ir: IRGraph, ctx: LoweringContext, node_id: str) -> None:
-        """Scalar fields of settings dataclasses must match their annotations."""
-        node = ir.node(node_id)
-        cls = ctx.symbols[node_id].obj
-        hints = typing.get_type_hints(cls)
-        for key, child_id in node.kwargs.items():
-            child = ir.node(child_id)
-            sym = ctx.symbols.get(child_id)
-            if child.kind == "call" and sym is not None and dataclasses.is_dataclass(sym.obj):
-                self._check_fields(ir, ctx, child_id)
-                continue
-            if child.kind != "value" or key not in hints:
-                continue
-            if not _type_ok(child.value, hints[key]):
-                ctx.sink.error(
-                    f"{cls.__name__}.{key} must be {_describe(hints[key])}, got {child.value!r}",
-                    child.loc,
-                )
 
     def _plan(self, s: BasicTrainer, ir: IRGraph, ctx: LoweringContext) -> Plan | None:
         loc = ir.node(ir.targets["trainer"]).loc
@@ -132,14 +86,3 @@ class PlanTraining(Pass):
             seq_len=s.seq_len,
             precision=s.precision,
         )
-
-
-def _describe(annotation) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    if origin is typing.Union:
-        return " or ".join(_describe(a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return "null"
-    return getattr(annotation, "__name__", str(annotation))

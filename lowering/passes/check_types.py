@@ -1,0 +1,64 @@
+"""Check every scalar argument against the annotation of the parameter it binds to."""
+
+from __future__ import annotations
+
+import inspect
+
+from fgc.ir import IRGraph
+
+from ..context import LoweringContext
+from ..types import describe, signature_hints, value_ok
+from .base import Pass
+
+
+def _plain_value(ir: IRGraph, node_id: str):
+    """The Python value of a value node or a list/tuple of value nodes; a sentinel otherwise."""
+    node = ir.node(node_id)
+    if node.kind == "value":
+        return node.value
+    if node.kind in ("list", "tuple"):
+        items = [_plain_value(ir, c) for c in node.args]
+        if any(i is _NOT_PLAIN for i in items):
+            return _NOT_PLAIN
+        return items if node.kind == "list" else tuple(items)
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN = object()
+
+
+class CheckTypes(Pass):
+    name = "check-types"
+    purpose = "check scalar arguments against the annotations of the parameters they bind to"
+
+    def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
+        for node in ir.nodes():
+            symbol = ctx.symbols.get(node.id)
+            if node.kind != "call" or symbol is None:
+                continue
+            try:
+                sig = inspect.signature(symbol.obj)
+            except (TypeError, ValueError):
+                continue
+            hints = signature_hints(symbol.obj)
+            if not hints:
+                continue
+            try:
+                bound = sig.bind_partial(*node.args, **node.kwargs)
+            except TypeError:
+                continue  # bind-arguments has reported it
+            by_param = {p.name: p for p in sig.parameters.values()}
+            for pname, arg in bound.arguments.items():
+                param = by_param[pname]
+                if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or pname not in hints:
+                    continue
+                for child in arg if param.kind is param.VAR_POSITIONAL else [arg]:
+                    value = _plain_value(ir, child)
+                    if value is _NOT_PLAIN or value_ok(value, hints[pname]):
+                        continue
+                    owner = getattr(symbol.obj, "__qualname__", node.spec)
+                    ctx.sink.error(
+                        f"{owner}.{pname} must be {describe(hints[pname])}, got {value!r}",
+                        ir.node(child).loc,
+                    )
+        return ir
