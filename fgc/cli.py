@@ -270,6 +270,22 @@ def diff(a, b, project, include_dirs, defines):
     sys.exit(1 if text else 0)
 
 
+@main.command()
+@config_arg
+@click.argument("key_path", required=False, metavar="[KEY.PATH]")
+@include_opt
+@define_opt
+@command
+def explain(config, project, key_path, include_dirs, defines):
+    """Explain CONFIG: parameters, FLOPs, plan and memory; or where KEY.PATH's value came from."""
+    from .build import compile_config
+    from .explain import explain_key, explain_summary
+
+    compiled = compile_config(config, include_dirs, _parse_defines(defines), project_dir=project)
+    _print_diagnostics(compiled.warnings)
+    click.echo(explain_key(compiled, key_path) if key_path else explain_summary(compiled), nl=False)
+
+
 @main.command(name="ls")
 @click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
 @include_opt

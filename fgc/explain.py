@@ -1,0 +1,225 @@
+"""`fgc explain`: what a config builds, in numbers, and where any of its values came from.
+
+Without a key path: exact parameter counts (of the model built on the meta device: tied weights
+once), training FLOPs per token with the formula, the parallel plan, and an estimated peak memory
+per rank. With a key path: the value and every template line that set or overrode it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from fgc_lowering.construct import construct
+
+from .build import Compiled
+from .errors import FgcError, Location, display_path
+
+BYTES = {"fp32": 4, "bf16-mixed": 4, "bf16": 2}  # parameter (and gradient) bytes by precision
+ACT_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16": 2}  # activation bytes by precision
+OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Adagrad": 1, "RMSprop": 1}
+
+
+@dataclass
+class ModelFacts:
+    """Counts read off the model built on the meta device."""
+
+    total: int
+    embedding: int
+    matmul: int  # parameters used in matmuls: all but the input embedding (plus a tied head)
+    layers: int | None
+    hidden: int | None
+    heads: int | None
+    kv_heads: int | None
+    intermediate: int | None
+    vocab: int | None
+    tied: bool
+
+
+@contextlib.contextmanager
+def _no_init():
+    import torch
+
+    saved = {}
+    for name in dir(torch.nn.init):
+        fn = getattr(torch.nn.init, name)
+        if name.endswith("_") and not name.startswith("_") and callable(fn):
+            saved[name] = fn
+            setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def model_facts(compiled: Compiled) -> ModelFacts:
+    """Build the model target on the meta device and count its parameters exactly."""
+    import torch
+
+    ir, ctx = compiled.ir, compiled.ctx
+    with torch.device("meta"), _no_init():
+        try:
+            model = construct(ir, ctx, ir.targets["model"])
+        except Exception as exc:
+            raise FgcError(
+                f"the model does not build: {type(exc).__name__}: {exc}", ir.node(ir.targets["model"]).loc
+            ) from None
+    params = list(model.parameters())  # shared (tied) parameters appear once
+    total = sum(p.numel() for p in params)
+    embedding_ids = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+    }
+    embedding = sum(p.numel() for p in params if id(p) in embedding_ids)
+    head = getattr(model, "lm_head", None)
+    tied = head is not None and id(head.weight) in embedding_ids
+    matmul = total - embedding + (head.weight.numel() if tied else 0)
+    layer = next(iter(getattr(getattr(model, "model", model), "layers", [])), None)
+    attn = getattr(layer, "self_attn", None)
+    mlp = getattr(layer, "mlp", None)
+    return ModelFacts(
+        total=total,
+        embedding=embedding,
+        matmul=matmul,
+        layers=getattr(model, "num_hidden_layers", None),
+        hidden=getattr(model, "hidden_size", None),
+        heads=getattr(attn, "num_heads", getattr(attn, "num_attention_heads", None)),
+        kv_heads=getattr(attn, "num_key_value_heads", getattr(attn, "num_kv_heads", None)),
+        intermediate=getattr(getattr(mlp, "up_proj", None), "out_features", None),
+        vocab=getattr(model, "vocab_size", None),
+        tied=tied,
+    )
+
+
+def flops_per_token(facts: ModelFacts, seq_len: int) -> tuple[float | None, str]:
+    """Training FLOPs per token and the formula with its numbers."""
+    if facts.layers is None or facts.hidden is None:
+        return None, "unknown: the model does not say its layers and width"
+    value = 6 * facts.matmul + 12 * facts.layers * facts.hidden * seq_len
+    text = (
+        f"6*N + 12*L*H*T = 6*{facts.matmul:,} + 12*{facts.layers}*{facts.hidden}*{seq_len}"
+        f" = {value:,.0f}  (N: parameters in matmuls, L layers, H width, T sequence length)"
+    )
+    return value, text
+
+
+def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
+    """Estimated peak bytes per rank, by kind (one micro-batch's activations held at once)."""
+    plan = compiled.ctx.plan
+    settings = compiled.ctx.settings
+    precision = plan.precision
+    p_bytes = BYTES[precision]
+    params = facts.total * p_bytes
+    grads = facts.total * p_bytes
+    opt_node = compiled.ir.node(compiled.ir.targets["optimizer"])
+    opt_name = compiled.ctx.symbols[opt_node.id].qualname.split(".")[-1]
+    states = OPTIMIZER_STATES.get(opt_name, 2)
+    if opt_name == "SGD":
+        momentum = compiled.ir.node(opt_node.kwargs["momentum"]).value if "momentum" in opt_node.kwargs else 0
+        states = 1 if momentum else 0
+    optimizer = states * facts.total * p_bytes
+    b, s = plan.micro_batch_size, settings.seq_len
+    h, L = facts.hidden or 0, facts.layers or 0
+    a = facts.heads or 1
+    kv = (facts.kv_heads or a) * (h // a if a else 0)
+    inter = facts.intermediate or 4 * h
+    v = facts.vocab or 0
+    act = ACT_BYTES[precision]
+    # tensors autograd keeps per decoder layer (elements): the two norms' inputs and outputs, the
+    # rotated q and k, v, the attention output (SDPA's fused kernels keep no (s, s) matrix), and
+    # the MLP's gate, up, activation and product.
+    per_layer = b * s * (6 * h + 2 * kv + 4 * inter)
+    # the logits in fp32, their log-softmax and its gradient
+    logits = 3 * b * s * v * 4
+    activations = L * per_layer * act + logits + b * s * h * act
+    return {
+        "parameters": params,
+        "gradients": grads,
+        "optimizer state": optimizer,
+        "activations": activations,
+        "total": params + grads + optimizer + activations,
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def explain_summary(compiled: Compiled) -> str:
+    """The text `fgc explain CONFIG` prints."""
+    facts = model_facts(compiled)
+    plan = compiled.ctx.plan
+    settings = compiled.ctx.settings
+    lines = [f"config: {display_path(str(compiled.rendered.source.path))}", "", "parameters:"]
+    lines.append(f"  total          {facts.total:>14,}" + ("  (tied embedding and head counted once)" if facts.tied else ""))
+    lines.append(f"  embedding      {facts.embedding:>14,}")
+    lines.append(f"  non-embedding  {facts.total - facts.embedding:>14,}")
+    value, formula = flops_per_token(facts, settings.seq_len)
+    lines += ["", "training FLOPs per token:", f"  {formula}"]
+    lines += ["", "parallel plan:"]
+    lines.append(f"  trainer {plan.trainer_type}, launcher {plan.launcher}, {plan.nproc} rank(s), mesh: dp={plan.nproc}")
+    lines.append(
+        f"  global batch {plan.global_batch_size} x {plan.seq_len} tokens; per rank {plan.batch_per_rank} "
+        f"= {plan.grad_accum_steps} micro-batch(es) of {plan.micro_batch_size}"
+    )
+    lines.append("  pipeline stages: none (every rank holds all layers)")
+    memory = memory_estimate(compiled, facts)
+    lines += ["", f"estimated peak memory per rank ({plan.precision}):"]
+    for kind, size in memory.items():
+        lines.append(f"  {kind:<16} {_mib(size):>14}")
+    return "\n".join(lines) + "\n"
+
+
+def resolve_key(compiled: Compiled, key_path: str) -> tuple[str, str | None]:
+    """The node at KEY.PATH and, when it is a keyword or key of its parent, the parent's id."""
+    ir = compiled.ir
+    parts = key_path.split(".")
+    if parts[0] not in ir.targets:
+        raise FgcError(
+            f"no target {parts[0]!r}", Location(str(compiled.ctx.config)), hint="targets: " + ", ".join(ir.targets)
+        )
+    node_id, parent = ir.targets[parts[0]], None
+    for i, part in enumerate(parts[1:], start=1):
+        node = ir.node(node_id)
+        if part in node.kwargs:
+            parent, node_id = node_id, node.kwargs[part]
+        elif part.isdigit() and int(part) < len(node.args):
+            parent, node_id = None, node.args[int(part)]
+        elif part.startswith("arg") and part[3:].isdigit() and int(part[3:]) < len(node.args):
+            parent, node_id = None, node.args[int(part[3:])]
+        else:
+            have = list(node.kwargs) or [str(j) for j in range(len(node.args))]
+            raise FgcError(
+                f"{'.'.join(parts[:i])} has no {part!r}",
+                Location(str(compiled.ctx.config)),
+                hint="it has: " + ", ".join(have) if have else None,
+            )
+    return node_id, parent
+
+
+def explain_key(compiled: Compiled, key_path: str) -> str:
+    """The value at KEY.PATH and every template line that set or overrode it, oldest first."""
+    ir, rendered = compiled.ir, compiled.rendered
+    node_id, parent = resolve_key(compiled, key_path)
+    node = ir.node(node_id)
+    if node.kind == "value":
+        shown = repr(node.value)
+    elif node.kind == "call":
+        shown = f"!{node.mode}:{node.spec}"
+    else:
+        shown = node.kind
+    lines = [f"{key_path} = {shown}"]
+    key = key_path.split(".")[-1]
+    history = ir.node(parent).key_history.get(key, []) if parent else []
+    places: list[tuple[Location, str | None, str]] = []
+    for loc in history[:-1]:  # earlier declarations the later one overrode
+        places.append((loc, None, "overridden"))
+    for loc, dvar in rendered.origins_of(node.loc)[:-1]:
+        places.append((loc, dvar, "set"))
+    places.append((node.loc, None, "written"))
+    for loc, dvar, what in places:
+        text = f"  {what:<10} {display_path(loc.file)}:{loc.line}"
+        if dvar:
+            text += f"  ({dvar})"
+        lines.append(text)
+    return "\n".join(lines) + "\n"
