@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from typing import Callable
 from fgc_lowering.context import LoweringContext
 from fgc_lowering.pipeline import lower
 
-from .errors import Diagnostic, FgcError, Location
+from .errors import Diagnostic, FgcError, Location, display_path
 from .frontend.loader import load
 from .frontend.render import Rendered, render
 from .ir import IRGraph
@@ -44,8 +45,25 @@ def compile_config(
     ir = load(rendered)
     ctx = LoweringContext(rendered.source.path, rendered.source.search_path, variables)
     ctx.template_names = rendered.referenced
-    ir = lower(ir, ctx, dump_after=dump_after, dump=dump)
+    try:
+        ir = lower(ir, ctx, dump_after=dump_after, dump=dump)
+    except FgcError as exc:
+        raise FgcError(diagnostics=[with_origin(d, rendered) for d in exc.diagnostics]) from None
     return Compiled(rendered, ir, ctx)
+
+
+def with_origin(diagnostic: Diagnostic, rendered: Rendered) -> Diagnostic:
+    """Add where a knob printed at the error's line was set (a child's line, or a -D) as a hint."""
+    if diagnostic.loc is None or diagnostic.loc.line is None:
+        return diagnostic
+    origins = rendered.origins_of(diagnostic.loc)[:-1]
+    if not origins:
+        return diagnostic
+    loc, dvar = origins[-1]  # the assignment that won
+    where = f"{display_path(loc.file)}:{loc.line}"
+    note = f"the value was set by {dvar} at {where}" if dvar else f"the value was set at {where}"
+    hint = f"{diagnostic.hint}; {note}" if diagnostic.hint else note
+    return dataclasses.replace(diagnostic, hint=hint)
 
 
 def is_fgc_build(path: Path) -> bool:

@@ -10,6 +10,7 @@ from fgc.ir import IRGraph
 from .context import LoweringContext
 from .passes.bind_arguments import BindArguments
 from .passes.check_types import CheckTypes
+from .passes.validate_model import ValidateModel
 from .passes.plan_training import PlanTraining
 from .passes.resolve_callables import ResolveCallables
 from .passes.resolve_variables import ResolveVariables
@@ -19,6 +20,7 @@ PASSES = (
     ResolveCallables(),  # import every callable spec
     BindArguments(),  # check arguments against signatures
     CheckTypes(),  # check scalar arguments against parameter annotations
+    ValidateModel(),  # cross-field checks of the model's shape
     PlanTraining(),  # typed trainer settings -> the plan codegen reads
 )
 

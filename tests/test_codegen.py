@@ -209,8 +209,32 @@ def test_bad_keyword_points_at_the_config_line(tmp_path):
 def test_model_shape_error_is_a_user_error(tmp_path):
     proc = run_fgc("build", EXAMPLE, "-o", tmp_path / "out", "-D", "num_attention_heads=5")
     assert proc.returncode == 2
-    assert "error: the model does not build: ValueError" in proc.stderr
+    assert "error: num_attention_heads (5) does not divide hidden_size (96)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_smoke_check_reports_a_failing_constructor_at_its_config_line(tmp_path):
+    (tmp_path / "picky.py").write_text(
+        "from torch import nn\n\n"
+        "class PickyMLP(nn.Module):\n"
+        "    def __init__(self, hidden_size, intermediate_size):\n"
+        "        super().__init__()\n"
+        "        if intermediate_size % 7:\n"
+        "            raise ValueError('intermediate_size must be a multiple of 7')\n"
+    )
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(
+        '-- extends "lm/train.yaml"\n'
+        "[mlp]\n.mlp: &mlp !partial:.picky:PickyMLP@mlp_factory\n    intermediate_size: 100\n"
+        "[data]\n.data: &data !singleton:fgc.settings:DataSettings@data\n    data_dir: shards\n"
+    )
+    proc = run_fgc("build", cfg, "-o", tmp_path / "out")
+    assert proc.returncode == 2
+    first = proc.stderr.splitlines()[0]
+    assert first.endswith("exp.yaml:3: error: the model does not build: ValueError: intermediate_size must be a multiple of 7")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    check = run_fgc("check", cfg)
+    assert check.returncode == 2 and "the model does not build" in check.stderr
 
 
 def test_unavailable_trainer_type_is_reported_at_the_template_line(tmp_path):

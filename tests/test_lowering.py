@@ -54,6 +54,7 @@ def test_pipeline_order():
         "resolve-callables",
         "bind-arguments",
         "check-types",
+        "validate-model",
         "plan-training",
     )
 
@@ -527,3 +528,44 @@ def test_trainer_must_be_a_settings_class(tmp_path):
     assert [(line, msg.split(",")[0]) for _, line, msg in diags(ctx)] == [
         (3, "'trainer' must be a trainer settings class")
     ]
+
+
+# --- validate-model --------------------------------------------------------------------------
+
+
+def _example_line(fragment: str) -> int:
+    from pathlib import Path
+
+    import fgc
+
+    text = (Path(fgc.__file__).parent / "templates" / "lm" / "train.yaml").read_text().splitlines()
+    return next(i for i, line in enumerate(text, 1) if fragment in line)
+
+
+def test_heads_must_divide_hidden_size_and_kv_heads_divide_heads():
+    from conftest import EXAMPLE
+
+    with pytest.raises(FgcError) as info:
+        compile_config(EXAMPLE, variables={"num_attention_heads": 5})
+    d = info.value.diagnostics
+    assert [x.loc.line for x in d] == [
+        _example_line("num_attention_heads: {{"),
+        _example_line("num_key_value_heads: {{"),
+        _example_line("head_dim: {{"),
+    ]
+    assert d[0].message == "num_attention_heads (5) does not divide hidden_size (96)"
+    assert d[1].message == "num_key_value_heads (2) does not divide num_attention_heads (5)"
+    assert "set by -D num_attention_heads=5 at " in d[0].hint
+
+
+def test_kv_heads_error_names_the_child_line_that_set_it():
+    from conftest import EXAMPLE
+
+    with pytest.raises(FgcError) as info:
+        compile_config(EXAMPLE, variables={"num_key_value_heads": 3})
+    [d] = info.value.diagnostics
+    assert d.message == "num_key_value_heads (3) does not divide num_attention_heads (4)"
+    example_line = next(
+        i for i, l in enumerate(EXAMPLE.read_text().splitlines(), 1) if "ns.num_key_value_heads =" in l
+    )
+    assert d.hint.endswith(f"examples/tiny_llama/train.yaml:{example_line}")
