@@ -1,7 +1,9 @@
 """Typed trainer settings, selected in a config like any other callable.
 
 A config's ``trainer`` target is a call of one of these frozen dataclasses, e.g.
-``trainer: !singleton:fgc.settings:DDPTrainer``; swapping the trainer type is a one-line override.
+``trainer: !singleton:fgc.settings:DDPTrainer``, holding one settings object per concern (data,
+precision, checkpointing, logging, parallelism), each itself selected in the config; swapping the
+trainer type, or any group, is a one-line override.
 fgc constructs them at build time (they are plain data), checks their fields, and specialises the
 generated ``train.py`` to the values: they are compiled away, never imported by the package.
 """
@@ -30,26 +32,55 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class PrecisionSettings:
+    """Numeric formats: ``fp32``; ``bf16-mixed`` (fp32 weights, bf16 autocast); ``bf16`` (bf16
+    weights and activations)."""
+
+    mode: Precision = "fp32"
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """When checkpoints are written (in optimizer steps; 0: only at the end) and how many stay."""
+
+    save_every: int = 0
+    keep_last_n: Optional[int] = 2  # None: keep every checkpoint
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """Cadences of the metrics line and of evaluation, in optimizer steps (0: never)."""
+
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 4
+
+
+@dataclass(frozen=True)
+class DataParallelSettings:
+    """Data parallelism: ``nproc`` processes per node, each holding the whole model."""
+
+    nproc: int = 2
+
+
+@dataclass(frozen=True)
 class BasicTrainer:
     """One process: ``python train.py``."""
 
     TYPE: ClassVar[str] = "basic"
 
-    data: DataSettings = field(default_factory=DataSettings)
     max_steps: int = 100
     batch_size: int = 8  # global batch, in sequences, per optimizer step
     micro_batch_size: Optional[int] = None  # sequences per forward on each rank; None: all of it
     seq_len: int = 128
     grad_clip: Optional[float] = 1.0
-    precision: Precision = "fp32"
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "output"
-    log_every: int = 10
-    eval_every: int = 0
-    eval_batches: int = 4
-    save_every: int = 0
-    keep_last_n: Optional[int] = 2
+    data: DataSettings = field(default_factory=DataSettings)
+    precision: PrecisionSettings = field(default_factory=PrecisionSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
     def nproc(self) -> int:
@@ -58,11 +89,24 @@ class BasicTrainer:
 
 @dataclass(frozen=True)
 class DDPTrainer(BasicTrainer):
-    """Data parallel over ``nproc`` processes per node (torch DistributedDataParallel)."""
+    """Data parallel over ``parallel.nproc`` processes per node (torch DistributedDataParallel)."""
 
     TYPE: ClassVar[str] = "ddp"
 
-    nproc: int = 2  # type: ignore[assignment]
+    parallel: DataParallelSettings = field(default_factory=DataParallelSettings)
+
+    @property
+    def nproc(self) -> int:
+        return self.parallel.nproc
 
 
 TRAINER_TYPES = {cls.TYPE: cls for cls in (BasicTrainer, DDPTrainer)}
+
+# The setting groups a trainer holds, and the schema of each (for checks and codegen).
+SETTING_GROUPS = {
+    "data": DataSettings,
+    "precision": PrecisionSettings,
+    "checkpoint": CheckpointSettings,
+    "logging": LoggingSettings,
+    "parallel": DataParallelSettings,
+}

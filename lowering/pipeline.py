@@ -30,6 +30,13 @@ PASS_NAMES = tuple(p.name for p in PASSES)
 CODE_PASSES = (ResolveCallables(), BindArguments(), CheckTypes())
 
 
+def _reading_order(d) -> tuple:
+    """Errors in the order of the files and lines the user reads; those without a place first."""
+    if d.loc is None:
+        return (0, "", 0)
+    return (1, d.loc.file, d.loc.line or 0)
+
+
 def lower(
     ir: IRGraph,
     ctx: LoweringContext,
@@ -46,5 +53,5 @@ def lower(
         if dump_after == p.name:
             dump(f"# IR after {p.name}: {p.purpose}\n{ir.dump()}")
     if ctx.sink.errors:
-        raise FgcError(diagnostics=ctx.sink.errors)
+        raise FgcError(diagnostics=sorted(ctx.sink.errors, key=_reading_order))
     return ir

@@ -359,9 +359,11 @@ trainer: !singleton:fgc.settings:{{ t_class | default("DDPTrainer") }}@trainer
     batch_size: {{ t_batch | default(8) }}
     micro_batch_size: {{ t_micro | default(None) | toyaml }}
     seq_len: 32
-    precision: {{ t_precision | default("fp32") | toyaml }}
+    precision: !singleton:fgc.settings:PrecisionSettings
+        mode: {{ t_precision | default("fp32") | toyaml }}
 {% if t_class | default("DDPTrainer") == "DDPTrainer" %}
-    nproc: {{ t_nproc | default(2) }}
+    parallel: !singleton:fgc.settings:DataParallelSettings
+        nproc: {{ t_nproc | default(2) }}
 {% endif %}
 """
 
@@ -385,7 +387,7 @@ def test_trainer_several_field_errors_together(tmp_path):
     exc = compile_error(cfg, {"t_steps": 1.5, "t_precision": "fp16"})
     assert [(d.loc.line, d.message) for d in exc.diagnostics] == [
         (8, "DDPTrainer.max_steps must be int, got 1.5"),
-        (12, "DDPTrainer.precision must be one of 'fp32', 'bf16-mixed', 'bf16', got 'fp16'"),
+        (13, "PrecisionSettings.mode must be one of 'fp32', 'bf16-mixed', 'bf16', got 'fp16'"),
     ]
 
 

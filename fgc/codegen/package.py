@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import black
@@ -165,14 +165,26 @@ class PackageBuilder:
             loc, dvar = origins[-2] if len(origins) > 1 else origins[-1]  # the last setter wins
             return f"{dvar} ({self.where(loc)})" if dvar else self.where(loc)
 
-        data_node = self.ir.node(trainer.kwargs["data"]) if "data" in trainer.kwargs else None
+        def group_node(group: str):
+            """The config node of a settings group (None when the trainer's default is used)."""
+            return self.ir.node(trainer.kwargs[group]) if group in trainer.kwargs else None
+
         out: list[tuple[str, str, str]] = []
         for f in fields(s):
-            if f.name == "data" or f.name == "micro_batch_size":
+            value = getattr(s, f.name)
+            if f.name in ("data", "micro_batch_size"):
+                continue
+            if is_dataclass(value):  # a settings group: one constant per field
+                node, owner = group_node(f.name), type(value).__name__
+                for g in fields(value):
+                    name = "PRECISION" if (f.name, g.name) == ("precision", "mode") else g.name.upper()
+                    place = where(g.name, node, owner) if node else f"default of {cls}.{f.name}"
+                    out.append((name, code(literal(getattr(value, g.name))), place))
                 continue
             name = "GLOBAL_BATCH_SIZE" if f.name == "batch_size" else f.name.upper()
-            out.append((name, code(literal(getattr(s, f.name))), where(f.name)))
+            out.append((name, code(literal(value)), where(f.name)))
         out.append(("MICRO_BATCH_SIZE", code(literal(plan.micro_batch_size)), where("micro_batch_size")))
+        data_node = group_node("data")
         if s.data.text_files:
             data_expr = 'PACKAGE_DIR / "data"'
             data_where = "shipped in this package, made from " + ", ".join(s.data.text_files)

@@ -38,15 +38,15 @@ MAX_STEPS = 300  # train.yaml:20
 GLOBAL_BATCH_SIZE = 16  # train.yaml:19
 SEQ_LEN = 128  # train.yaml:18
 GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:27
-PRECISION = "fp32"  # <fgc>/lm/train.yaml:31
 SEED = 42  # <fgc>/lm/train.yaml:30
 DEVICE = "auto"  # default of DDPTrainer.device
 OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:32
+PRECISION = "fp32"  # <fgc>/lm/train.yaml:31
+SAVE_EVERY = 0  # <fgc>/lm/train.yaml:35
+KEEP_LAST_N = 2  # default of CheckpointSettings.keep_last_n
 LOG_EVERY = 10  # train.yaml:24
 EVAL_EVERY = 100  # train.yaml:25
-EVAL_BATCHES = 4  # default of DDPTrainer.eval_batches
-SAVE_EVERY = 0  # <fgc>/lm/train.yaml:35
-KEEP_LAST_N = 2  # default of DDPTrainer.keep_last_n
+EVAL_BATCHES = 4  # default of LoggingSettings.eval_batches
 NPROC = 2  # <fgc>/lm/train.yaml:29
 MICRO_BATCH_SIZE = 8  # <fgc>/lm/train.yaml:22
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
@@ -62,7 +62,7 @@ PLAN = {
     "seq_len": 128,
     "precision": "fp32",
 }
-CONFIG_HASH = "8c949d4c1b16593ecbaac55c1589184565262126b5c7785a70eb6b21f019e53e"  # sha256 of the rendered config
+CONFIG_HASH = "f2518366afdf468da8c0ddf8e421a498ec8174c30883dca3d1d73f01c6d39471"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
 # optimizer: <fgc>/lm/train.yaml:79

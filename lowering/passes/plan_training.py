@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fgc.errors import Location
 from fgc.ir import IRGraph
-from fgc.settings import BasicTrainer, DataSettings
+from fgc.settings import SETTING_GROUPS, BasicTrainer
 
 from ..construct import construct
 from ..context import LoweringContext
@@ -53,9 +53,16 @@ class PlanTraining(Pass):
             where = node.key_locs.get(field, loc)
             ctx.sink.error(message, where)
 
-        for field in ("max_steps", "batch_size", "seq_len", "nproc"):
+        for field in ("max_steps", "batch_size", "seq_len"):
             if getattr(s, field) < 1:
                 err(field, f"{field} must be at least 1, got {getattr(s, field)}")
+        if s.nproc < 1:
+            err("parallel", f"nproc must be at least 1, got {s.nproc}")
+        if ctx.sink.errors:
+            return None
+        for group, cls in SETTING_GROUPS.items():
+            if hasattr(s, group) and not isinstance(getattr(s, group), cls):
+                err(group, f"'{group}' must be !singleton:fgc.settings:{cls.__name__}")
         if ctx.sink.errors:
             return None
         if s.batch_size % s.nproc:
@@ -70,9 +77,6 @@ class PlanTraining(Pass):
                 f"is not divisible by micro_batch_size {micro}",
             )
             return None
-        if not isinstance(s.data, DataSettings):
-            err("data", "'data' must be !singleton:fgc.settings:DataSettings")
-            return None
         if not s.data.text_files and not s.data.data_dir:
             err("data", "the data settings name neither text_files nor data_dir")
         return Plan(
@@ -84,5 +88,5 @@ class PlanTraining(Pass):
             micro_batch_size=micro,
             grad_accum_steps=per_rank // micro,
             seq_len=s.seq_len,
-            precision=s.precision,
+            precision=s.precision.mode,
         )
