@@ -11,11 +11,12 @@ Goal: fgc at most 2x the baseline, growing linearly with N.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _table import print_table
 
 import yaml
 
@@ -98,16 +99,7 @@ def main(argv=None) -> None:
                 "fgc_us_per_node": round(fgc_s / len(ir.g) * 1e6, 1),
             }
         )
-    header = list(rows[0])
-    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print("  ".join(str(r[h]).rjust(w) for h, w in zip(header, widths)))
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
+    print_table(rows, args.csv)
 
 
 if __name__ == "__main__":

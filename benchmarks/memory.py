@@ -11,11 +11,12 @@ Goal: the estimate within 25% of the measured peak.
 from __future__ import annotations
 
 import argparse
-import csv
 import runpy
 import sys
 import tempfile
 from pathlib import Path
+
+from _table import print_table
 
 import torch
 import torch.nn.functional as F
@@ -92,16 +93,7 @@ def main(argv=None) -> None:
                     "estimate/measured": round(estimate[kind] / measured[kind], 2) if measured[kind] else None,
                 }
             )
-    header = list(rows[0])
-    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print("  ".join(str(r[h]).rjust(w) for h, w in zip(header, widths)))
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
+    print_table(rows, args.csv)
 
 
 if __name__ == "__main__":

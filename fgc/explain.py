@@ -7,12 +7,12 @@ per rank. With a key path: the value and every template line that set or overrod
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 from fgc_lowering.construct import construct
 
 from .build import Compiled
+from .codegen.smoke import skip_init
 from .errors import FgcError, Location, display_path
 
 BYTES = {"fp32": 4, "bf16-mixed": 4, "bf16": 2}  # parameter (and gradient) bytes by precision
@@ -36,29 +36,12 @@ class ModelFacts:
     tied: bool
 
 
-@contextlib.contextmanager
-def _no_init():
-    import torch
-
-    saved = {}
-    for name in dir(torch.nn.init):
-        fn = getattr(torch.nn.init, name)
-        if name.endswith("_") and not name.startswith("_") and callable(fn):
-            saved[name] = fn
-            setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
-
-
 def model_facts(compiled: Compiled) -> ModelFacts:
     """Build the model target on the meta device and count its parameters exactly."""
     import torch
 
     ir, ctx = compiled.ir, compiled.ctx
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"), skip_init():
         try:
             model = construct(ir, ctx, ir.targets["model"])
         except Exception as exc:

@@ -27,7 +27,7 @@ def smoke_check(package_dir: Path, where: Location, callables: dict[str, Locatio
     try:
         namespace = runpy.run_path(str(package_dir / "model.py"), run_name="fgc_smoke_model")
         try:
-            with _skip_init():
+            with skip_init():
                 namespace["build_model"](device="meta")
         except Exception as exc:  # the config's arguments do not build a model
             raise FgcError(
@@ -40,7 +40,7 @@ def smoke_check(package_dir: Path, where: Location, callables: dict[str, Locatio
 
 
 @contextlib.contextmanager
-def _skip_init():
+def skip_init():
     """No weight initialisation while building on the meta device: there are no values to set,
     and torch's meta implementations of the init functions import torch._dynamo (over a second)."""
     import torch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from fgc.ir import IRGraph
 
 from ..context import LoweringContext
@@ -16,3 +18,16 @@ class Pass:
 
     def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
         raise NotImplementedError  # abstract: every concrete pass overrides it
+
+
+def resolved_calls(ir: IRGraph, ctx: LoweringContext):
+    """(node, symbol, signature) for every call whose callable resolved and has a signature."""
+    for node in ir.nodes():
+        symbol = ctx.symbols.get(node.id)
+        if node.kind != "call" or symbol is None:
+            continue
+        try:
+            sig = inspect.signature(symbol.obj)
+        except (TypeError, ValueError):
+            continue  # a builtin without a signature: nothing to check against
+        yield node, symbol, sig

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import difflib
-import inspect
-
 from fgc.ir import IRGraph
 
 from ..context import LoweringContext
-from .base import Pass
+from .base import Pass, resolved_calls
 
 
 class BindArguments(Pass):
@@ -16,14 +14,7 @@ class BindArguments(Pass):
     purpose = "check every positional and keyword argument against the callable's signature"
 
     def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
-        for node in ir.nodes():
-            symbol = ctx.symbols.get(node.id)
-            if node.kind != "call" or symbol is None:
-                continue
-            try:
-                sig = inspect.signature(symbol.obj)
-            except (TypeError, ValueError):
-                continue  # a builtin without a signature: nothing to check against
+        for node, symbol, sig in resolved_calls(ir, ctx):
             params = sig.parameters
             takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
             bad = False

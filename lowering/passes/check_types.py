@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-
 from fgc.ir import IRGraph
 
 from ..context import LoweringContext
 from ..types import describe, signature_hints, value_ok
-from .base import Pass
+from .base import Pass, resolved_calls
 
 
 def _plain_value(ir: IRGraph, node_id: str):
@@ -32,14 +30,7 @@ class CheckTypes(Pass):
     purpose = "check scalar arguments against the annotations of the parameters they bind to"
 
     def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
-        for node in ir.nodes():
-            symbol = ctx.symbols.get(node.id)
-            if node.kind != "call" or symbol is None:
-                continue
-            try:
-                sig = inspect.signature(symbol.obj)
-            except (TypeError, ValueError):
-                continue
+        for node, symbol, sig in resolved_calls(ir, ctx):
             hints = signature_hints(symbol.obj)
             if not hints:
                 continue
