@@ -95,5 +95,13 @@ class DiagnosticSink:
         self.errors.extend(exc.diagnostics)
 
     def raise_if_errors(self) -> None:
+        """Raise every error collected, in reading order."""
         if self.errors:
-            raise FgcError(diagnostics=self.errors)
+            raise FgcError(diagnostics=sorted(self.errors, key=reading_order))
+
+
+def reading_order(d: Diagnostic) -> tuple:
+    """Errors in the order of the files and lines the user reads; those without a place first."""
+    if d.loc is None:
+        return (0, "", 0)
+    return (1, d.loc.file, d.loc.line or 0)

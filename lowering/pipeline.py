@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fgc.errors import FgcError
 from fgc.ir import IRGraph
 
 from .context import LoweringContext
@@ -30,13 +29,6 @@ PASS_NAMES = tuple(p.name for p in PASSES)
 CODE_PASSES = (ResolveCallables(), BindArguments(), CheckTypes())
 
 
-def _reading_order(d) -> tuple:
-    """Errors in the order of the files and lines the user reads; those without a place first."""
-    if d.loc is None:
-        return (0, "", 0)
-    return (1, d.loc.file, d.loc.line or 0)
-
-
 def lower(
     ir: IRGraph,
     ctx: LoweringContext,
@@ -53,5 +45,5 @@ def lower(
         if dump_after == p.name:
             dump(f"# IR after {p.name}: {p.purpose}\n{ir.dump()}")
     if ctx.sink.errors:
-        raise FgcError(diagnostics=sorted(ctx.sink.errors, key=_reading_order))
+        ctx.sink.raise_if_errors()
     return ir

@@ -70,11 +70,14 @@ def _load_file(path: Path, spec: str):
         raise SpecError(f"{spec!r}: cannot load {path}")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
+    sys.path.insert(0, str(path.parent))  # its sibling modules import as they would beside it
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
         raise SpecError(f"{spec!r}: executing {path} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.path.remove(str(path.parent))
     return name, module
 
 

@@ -183,7 +183,12 @@ class PackageBuilder:
                 continue
             name = "GLOBAL_BATCH_SIZE" if f.name == "batch_size" else f.name.upper()
             out.append((name, code(literal(value)), where(f.name)))
-        out.append(("MICRO_BATCH_SIZE", code(literal(plan.micro_batch_size)), where("micro_batch_size")))
+        micro_where = (
+            where("micro_batch_size")
+            if s.micro_batch_size is not None
+            else "the plan: the whole per-rank batch (micro_batch_size is null)"
+        )
+        out.append(("MICRO_BATCH_SIZE", code(literal(plan.micro_batch_size)), micro_where))
         data_node = group_node("data")
         if s.data.text_files:
             data_expr = 'PACKAGE_DIR / "data"'
@@ -299,7 +304,7 @@ class PackageBuilder:
         files.update(self.data_files())
         files["launch.sh"] = self.jinja.get_template("launch.sh.j2").render(common).encode()
         files["README.md"] = self.jinja.get_template("README.md.j2").render(common).encode()
-        requirements = ["torch>=2.4"] + sorted(self.third_party)
+        requirements = ["torch>=2.4"] + sorted({distribution_of(m) for m in self.third_party})
         files["requirements.txt"] = ("\n".join(requirements) + "\n").encode()
         files["manifest.json"] = self.manifest(files, config_hash).encode()
         return Package(files)
@@ -343,3 +348,11 @@ def import_groups(lines: list[str]) -> list[list[str]]:
     for line in sorted(set(lines), key=_import_key):
         groups.setdefault(_import_key(line)[0], []).append(line)
     return [groups[g] for g in sorted(groups)]
+
+
+def distribution_of(module: str) -> str:
+    """The installed distribution that provides a top-level module (``yaml`` → ``PyYAML``)."""
+    import importlib.metadata
+
+    names = importlib.metadata.packages_distributions().get(module)
+    return sorted(names)[0] if names else module

@@ -33,7 +33,7 @@ def smoke_check(package_dir: Path, where: Location, callables: dict[str, Locatio
             raise FgcError(
                 f"the model does not build: {type(exc).__name__}: {exc}",
                 _culprit(exc, callables or {}) or where,
-                hint="check the model's arguments in the config; --no-smoke skips this check",
+                hint="check the model's arguments in the config; `fgc build --no-smoke` skips this check",
             ) from None
     finally:
         sys.path[:] = saved

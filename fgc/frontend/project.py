@@ -82,7 +82,9 @@ def load_project(project_dir: Path) -> Project:
         raise FgcError(f"not a project: no {META}", Location(str(project_dir)))
     workspace = find_workspace_root(project_dir)
     search = [project_dir] + ([workspace / WORKSPACE] if workspace else [])
-    context = {"project_dir": str(project_dir), "workspace_root": str(workspace) if workspace else None}
+    context = {"project_dir": str(project_dir)}
+    if workspace:
+        context["workspace_root"] = str(workspace)
     rendered = render_file(meta_path, search, context)
     try:
         data = yaml.safe_load(rendered.text)

@@ -48,7 +48,7 @@ LOG_EVERY = 10  # train.yaml:24
 EVAL_EVERY = 100  # train.yaml:25
 EVAL_BATCHES = 4  # default of LoggingSettings.eval_batches
 NPROC = 2  # <fgc>/lm/train.yaml:29
-MICRO_BATCH_SIZE = 8  # <fgc>/lm/train.yaml:22
+MICRO_BATCH_SIZE = 8  # the plan: the whole per-rank batch (micro_batch_size is null)
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
 # The parallel plan fgc computed for this config.
 PLAN = {
