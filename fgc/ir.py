@@ -59,10 +59,11 @@ class IRGraph:
         self.g.add_node(node.id, node=node)
         return node
 
-    def link(self, node: Node) -> None:
-        """(Re)create the edges of a node from its ordered children."""
-        for _, child, key in list(self.g.out_edges(node.id, keys=True)):
-            self.g.remove_edge(node.id, child, key)
+    def link(self, node: Node, fresh: bool = False) -> None:
+        """(Re)create the edges of a node from its ordered children (``fresh``: it has none yet)."""
+        if not fresh:
+            for _, child, key in list(self.g.out_edges(node.id, keys=True)):
+                self.g.remove_edge(node.id, child, key)
         for slot, child in node.children():
             self.g.add_edge(node.id, child, key=slot)
 

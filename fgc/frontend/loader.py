@@ -56,13 +56,18 @@ def resolve_plain_scalar(text: str):
     return text
 
 
+def _plain(ynode: yaml.ScalarNode) -> bool:
+    """Whether a scalar was written plain (unquoted): PyYAML says None, its C composer ''."""
+    return not ynode.style
+
+
 def plain_data(ynode: yaml.Node):
     """Untagged YAML data (scalars, sequences, mappings) with YAML 1.2 core scalars."""
     if isinstance(ynode, yaml.MappingNode):
         return {plain_data(k): plain_data(v) for k, v in ynode.value}
     if isinstance(ynode, yaml.SequenceNode):
         return [plain_data(v) for v in ynode.value]
-    return resolve_plain_scalar(ynode.value) if ynode.style is None else ynode.value
+    return resolve_plain_scalar(ynode.value) if _plain(ynode) else ynode.value
 
 
 class _Loader:
@@ -97,17 +102,17 @@ class _Loader:
         else:
             node = Node(path, "value", self.loc(ynode), value=self.scalar(ynode))
         self.graph.add(node)
-        self.graph.link(node)
+        self.graph.link(node, fresh=True)
         return path
 
     def scalar(self, ynode: yaml.ScalarNode):
-        if ynode.style is None and not ynode.tag.startswith("!"):
+        if _plain(ynode) and not ynode.tag.startswith("!"):
             return resolve_plain_scalar(ynode.value)
         return ynode.value
 
     @staticmethod
     def key_of(knode: yaml.ScalarNode) -> str:
-        return knode.value if knode.style is not None else str(resolve_plain_scalar(knode.value))
+        return knode.value if not _plain(knode) else str(resolve_plain_scalar(knode.value))
 
     def winning_items(self, ynode: yaml.MappingNode, what: str = "key"):
         """The mapping's entries after overrides: ``(key, key node, value node)`` in document order
@@ -171,7 +176,7 @@ class _Loader:
         order = self.last_first_index
         kept = []
         for key, _, vnode in sorted(entries, key=lambda e: order[e[0]]):
-            if isinstance(vnode, yaml.ScalarNode) and vnode.style is None and not vnode.tag.startswith("!"):
+            if isinstance(vnode, yaml.ScalarNode) and _plain(vnode) and not vnode.tag.startswith("!"):
                 if resolve_plain_scalar(vnode.value) is None:
                     continue  # deleted (or the `null: ~` empty-list idiom)
             kept.append((key, vnode))
@@ -250,7 +255,7 @@ class _Loader:
 
     def call_arguments(self, ynode: yaml.Node, node: Node, path: str) -> None:
         if isinstance(ynode, yaml.ScalarNode):
-            if ynode.value != "" or ynode.style is not None:
+            if ynode.value != "" or not _plain(ynode):
                 value = Node(f"{path}.arg0", "value", node.loc, value=self.scalar_arg(ynode))
                 self.graph.add(value)
                 node.args = [value.id]
@@ -285,20 +290,32 @@ class _Loader:
         node.kwargs, node.key_locs = items, locs
 
     def scalar_arg(self, ynode: yaml.ScalarNode):
-        if ynode.style is None:
+        if _plain(ynode):
             return resolve_plain_scalar(ynode.value)
         return ynode.value
 
 
-class _Composer(yaml.SafeLoader):
-    """A composer that accepts any tag (tags are interpreted by :class:`_Loader`)."""
+# PyYAML's C composer (libyaml) when the installed PyYAML has it; the pure-Python one otherwise.
+# Only the node tree is used: tags, scalars and duplicate keys are interpreted by :class:`_Loader`.
+_Composer = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The YAML node tree: libyaml's composer for speed; on an error, PyYAML's own composer
+    again, whose messages name more (e.g. the anchor that is defined twice)."""
+    try:
+        return yaml.compose(text, Loader=_Composer)
+    except yaml.YAMLError:
+        if _Composer is yaml.SafeLoader:
+            raise
+    return yaml.compose(text, Loader=yaml.SafeLoader)
 
 
 def load(rendered: Rendered) -> IRGraph:
     """Build the IR graph of a rendered config. Every independent error is reported together."""
     sink = DiagnosticSink()
     try:
-        root = yaml.compose(rendered.text, Loader=_Composer)
+        root = _compose(rendered.text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         at_end = mark is not None and mark.index >= len(rendered.text.rstrip())

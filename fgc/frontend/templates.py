@@ -78,6 +78,7 @@ class FgcLoader(jinja2.BaseLoader):
         self.by_key: dict[str, TemplateFile] = {}
         self.inline: dict[str, TemplateFile] = {}
         self.origins: dict[str, tuple[str, int]] = {}  # template name -> (referrer key, line)
+        self._chains: dict[str, tuple[tuple[str, int], ...]] = {}  # cleared when an origin is learnt
 
     def find(self, name: str) -> Path | None:
         """Resolve a template name on the search path (absolute paths are taken as they are)."""
@@ -142,6 +143,7 @@ class FgcLoader(jinja2.BaseLoader):
             raise jinja2.TemplateNotFound(template)
         if tf.origin is None and template in self.origins:
             tf.origin = self.origins[template]
+            self._chains.clear()
         return tf.source, tf.key, lambda: True
 
     def location(self, key: str, line: int | None, col: int | None = None) -> Location:
@@ -153,6 +155,13 @@ class FgcLoader(jinja2.BaseLoader):
 
     def chain(self, tf: TemplateFile) -> tuple[tuple[str, int], ...]:
         """(file, line) of each extends/include that led to TF, innermost first."""
+        cached = self._chains.get(tf.key)
+        if cached is not None:
+            return cached
+        self._chains[tf.key] = result = self._chain(tf)
+        return result
+
+    def _chain(self, tf: TemplateFile) -> tuple[tuple[str, int], ...]:
         chain: list[tuple[str, int]] = []
         seen: set[str] = set()
         while tf.origin is not None and tf.key not in seen:
