@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class PackageBuilder:
         self.config_dir = ctx.config.parent
         self.jinja = _jinja()
         self.third_party: set[str] = set()
+        self.data_inputs: list[Path] = []  # text files tokenized into data/ (manifest inputs)
 
     # -- locations, as stable text --------------------------------------------------------------
     def where(self, loc: Location | None) -> str:
@@ -273,8 +275,7 @@ class PackageBuilder:
         data = self.ctx.settings.data
         if not data.text_files:
             return {}
-        from fgc.data import tokenize_to_shards  # build-time only
-        import tempfile
+        from fgc.data import tokenize_to_shards
 
         trainer = self.ir.node(self.ir.targets["trainer"])
         data_node = self.ir.node(trainer.kwargs["data"])
@@ -294,7 +295,6 @@ class PackageBuilder:
         common = self.common()
         config_yaml = self.rendered.text.encode("utf-8")
         config_hash = sha256(config_yaml)
-        self.data_inputs: list[Path] = []
         files: dict[str, bytes] = {
             "model.py": self.model_py(common).encode(),
             "train.py": self.train_py(common, config_hash).encode(),
