@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fgc.errors import FgcError
+from fgc.errors import FgcError, display_path
 from fgc.frontend.loader import load
 from fgc.frontend.render import LIBRARY_DIR, render, toyaml
 
@@ -501,3 +501,18 @@ def test_error_format_shows_one_line_per_template_in_the_chain(tmp_path, monkeyp
         "  in a.yaml:3, included or extended from b.yaml:2",
         "  in b.yaml:2, included or extended from c.yaml:1",
     ]
+
+
+def test_unclosed_statement_names_where_it_opened(tmp_path):
+    cfg = write(tmp_path / "c.yaml", "a: 1\n-- if true\nb: 2\n-- for x in [1]\n-- endfor\n")
+    exc = error_of(cfg)
+    d = exc.diagnostics[0]
+    assert "Unexpected end of template" in d.message
+    assert d.hint == f"the 'if' opened at {display_path(str(cfg.resolve()))}:2 is never closed"
+
+
+def test_unknown_statement_at_its_line(tmp_path):
+    cfg = write(tmp_path / "c.yaml", "a: 1\n-- frob x\nb: 2\n")
+    exc = error_of(cfg)
+    assert exc.diagnostics[0].message == "template syntax: Encountered unknown tag 'frob'."
+    assert where(exc) == (str(cfg.resolve()), 2)

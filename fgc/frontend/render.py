@@ -86,6 +86,23 @@ class Rendered:
         return [f.display for f in sorted(self.files.values(), key=lambda f: f.file_id)]
 
 
+_STATEMENT_RE = re.compile(r"\{%-?\s*(\w+)([^%]*)")
+_OPENERS = {"if", "for", "block", "macro", "call", "filter", "with", "raw"}
+
+
+def _unclosed_statement(source: str) -> tuple[str, int] | None:
+    """The innermost block statement (``if``, ``for``, ``block``, ...) that is never closed."""
+    stack: list[tuple[str, int]] = []
+    for lineno, line in enumerate(source.split("\n"), start=1):
+        for m in _STATEMENT_RE.finditer(line):
+            word, rest = m.group(1), m.group(2)
+            if word in _OPENERS or (word == "set" and "=" not in rest):
+                stack.append((word, lineno))
+            elif word.startswith("end") and stack:
+                stack.pop()
+    return stack[-1] if stack else None
+
+
 def _template_frame(exc: BaseException, loader: FgcLoader) -> tuple[str, int] | None:
     """The innermost traceback frame that is a template line: (template key, line)."""
     found = None
@@ -148,7 +165,12 @@ def render_file(
         raise
     except jinja2.TemplateSyntaxError as exc:
         key = exc.filename if exc.filename in loader.by_key else root.key
-        raise FgcError(f"template syntax: {exc.message}", loader.location(key, exc.lineno)) from None
+        hint = None
+        opened = _unclosed_statement(loader.by_key[key].source) if key in loader.by_key else None
+        if opened and "Unexpected end of template" in str(exc.message):
+            where = loader.location(key, opened[1])
+            hint = f"the '{opened[0]}' opened at {display_path(where.file)}:{where.line} is never closed"
+        raise FgcError(f"template syntax: {exc.message}", loader.location(key, exc.lineno), hint) from None
     except jinja2.TemplateNotFound as exc:
         raise FgcError(
             f"template not found: {exc.name!r}",
