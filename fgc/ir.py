@@ -73,8 +73,10 @@ class IRGraph:
     def nodes(self) -> list[Node]:
         return [self.g.nodes[n]["node"] for n in self.g.nodes]
 
-    def reachable(self, node_id: str) -> list[str]:
-        """The node and every node below it, in a deterministic (children-first) order."""
+    def reachable(self, *roots: str, var_defaults: bool = True) -> list[str]:
+        """The roots and every node below them, in a deterministic (children-first) order.
+        With ``var_defaults=False`` a ``!var``'s default is not followed (it is not part of the
+        body that generated code builds)."""
         order: list[str] = []
         seen: set[str] = set()
 
@@ -82,11 +84,14 @@ class IRGraph:
             if nid in seen:
                 return
             seen.add(nid)
-            for _, child in self.node(nid).children():
-                visit(child)
+            node = self.node(nid)
+            if var_defaults or node.kind != "var":
+                for _, child in node.children():
+                    visit(child)
             order.append(nid)
 
-        visit(node_id)
+        for root in roots:
+            visit(root)
         return order
 
     def uses(self, node_id: str, within: set[str] | None = None) -> int:

@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import EXAMPLE, REPO, run_fgc, tree_bytes
 
 GOLDEN = REPO / "golden"

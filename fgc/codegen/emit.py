@@ -152,22 +152,7 @@ class TargetEmitter:
 
     def _order(self, roots: list[str]) -> list[str]:
         """Nodes below the roots, children first; a !var's default is not part of the body."""
-        order: list[str] = []
-        seen: set[str] = set()
-
-        def visit(nid: str) -> None:
-            if nid in seen:
-                return
-            seen.add(nid)
-            node = self.ir.node(nid)
-            if node.kind != "var":
-                for _, child in node.children():
-                    visit(child)
-            order.append(nid)
-
-        for root in roots:
-            visit(root)
-        return order
+        return self.ir.reachable(*roots, var_defaults=False)
 
     def _under_factory(self, order: list[str]) -> set[str]:
         """Nodes reachable through a factory call (which may be evaluated more than once)."""

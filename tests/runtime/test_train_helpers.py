@@ -1,6 +1,5 @@
 """Loop helpers: loss accounting, schedules, throughput, FLOPs."""
 
-import math
 import time
 
 import pytest
