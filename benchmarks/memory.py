@@ -31,10 +31,11 @@ SIZES = [
     {"hidden_size": 96, "num_hidden_layers": 3, "batch_size": 8, "seq_len": 128},
     {"hidden_size": 256, "num_hidden_layers": 4, "batch_size": 8, "seq_len": 256},
     {"hidden_size": 512, "num_hidden_layers": 6, "batch_size": 4, "seq_len": 512},
+    {"hidden_size": 512, "num_hidden_layers": 6, "batch_size": 4, "seq_len": 512, "activation_checkpointing": "full"},
 ]
 
 
-def measure(package: Path, batch: int, seq_len: int, vocab: int) -> dict[str, int]:
+def measure(package: Path, batch: int, seq_len: int, vocab: int, checkpointed: bool) -> dict[str, int]:
     """Peak bytes by kind over the second forward, backward and AdamW step."""
     sys.path.insert(0, str(package))
     try:
@@ -43,6 +44,10 @@ def measure(package: Path, batch: int, seq_len: int, vocab: int) -> dict[str, in
         sys.path.remove(str(package))
     torch.manual_seed(0)
     model = namespace["build_model"]()
+    if checkpointed:
+        from fgc_runtime.parallel import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, vocab, (batch, seq_len + 1))
 
@@ -81,8 +86,10 @@ def main(argv=None) -> None:
         estimate = memory_estimate(compiled, facts)
         with tempfile.TemporaryDirectory() as tmp:
             build_package(compiled, Path(tmp) / "pkg", smoke=False)
-            measured = measure(Path(tmp) / "pkg", size["batch_size"], size["seq_len"], facts.vocab)
+            checkpointed = size.get("activation_checkpointing") == "full"
+            measured = measure(Path(tmp) / "pkg", size["batch_size"], size["seq_len"], facts.vocab, checkpointed)
         label = f"h{size['hidden_size']} L{size['num_hidden_layers']} b{size['batch_size']} s{size['seq_len']}"
+        label += " AC" if checkpointed else ""
         for kind in estimate:
             rows.append(
                 {

@@ -114,7 +114,11 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
     per_layer = b * s * (6 * h + 2 * kv + 4 * inter)
     # the logits in fp32, their log-softmax and its gradient
     logits = 3 * b * s * v * 4
-    activations = L * per_layer * act + logits + b * s * h * act
+    if plan.activation_checkpointing != "none":
+        # each layer keeps its input; one layer's activations exist again while it is recomputed
+        activations = (L * b * s * h + per_layer) * act + logits + b * s * h * act
+    else:
+        activations = L * per_layer * act + logits + b * s * h * act
     return {
         "parameters": params,
         "gradients": grads,
@@ -146,6 +150,9 @@ def explain_summary(compiled: Compiled) -> str:
         f"= {plan.grad_accum_steps} micro-batch(es) of {plan.micro_batch_size}"
     )
     lines.append("  pipeline stages: none (every rank holds all layers)")
+    lines.append(f"  activation checkpointing: {plan.activation_checkpointing}; compile: {plan.compile}")
+    if plan.apply_order:
+        lines.append("  applied in order: " + " -> ".join(plan.apply_order))
     memory = memory_estimate(compiled, facts)
     lines += ["", f"estimated peak memory per rank ({plan.precision}):"]
     for kind, size in memory.items():

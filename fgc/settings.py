@@ -64,6 +64,23 @@ class DataParallelSettings:
 
 
 @dataclass(frozen=True)
+class ActivationCheckpointSettings:
+    """Recompute activations in the backward instead of keeping them: ``none``, or ``full``
+    (every decoder layer keeps only its input)."""
+
+    mode: Literal["none", "full"] = "none"
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """``torch.compile`` each decoder layer (after activation checkpointing, as the plan orders)."""
+
+    enabled: bool = False
+    mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
+    fullgraph: bool = False
+
+
+@dataclass(frozen=True)
 class BasicTrainer:
     """One process: ``python train.py``."""
 
@@ -81,6 +98,10 @@ class BasicTrainer:
     precision: PrecisionSettings = field(default_factory=PrecisionSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    activation_checkpointing: ActivationCheckpointSettings = field(
+        default_factory=ActivationCheckpointSettings
+    )
+    compile: CompileSettings = field(default_factory=CompileSettings)
 
     @property
     def nproc(self) -> int:
@@ -109,4 +130,6 @@ SETTING_GROUPS = {
     "checkpoint": CheckpointSettings,
     "logging": LoggingSettings,
     "parallel": DataParallelSettings,
+    "activation_checkpointing": ActivationCheckpointSettings,
+    "compile": CompileSettings,
 }

@@ -18,6 +18,13 @@ class Plan:
     grad_accum_steps: int  # forwards per optimizer step on a rank
     seq_len: int
     precision: str
+    activation_checkpointing: str = "none"  # none | per decoder layer
+    compile: str = "none"  # none | per decoder layer
+    # what is applied to the model, in this order (tensor parallel, activation checkpointing,
+    # compile, FSDP2: the ones this plan uses)
+    apply_order: tuple[str, ...] = ()
 
     def to_data(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["apply_order"] = list(self.apply_order)
+        return data

@@ -161,3 +161,28 @@ def test_ddp_resume_continues_exactly_and_under_another_world_size(tmp_path):
     loss_single = [r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl")]
     assert loss_single[:3] == loss_full[:3]
     assert loss_single[3:] == pytest.approx(loss_full[3:], rel=1e-4)
+
+
+def _losses(out: Path, tmp_path: Path, name: str, *flags: str) -> list[float]:
+    proc = subprocess.run(
+        [sys.executable, str(out / "train.py"), "--output-dir", str(tmp_path / name), "--log-every", "1", *flags],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+
+
+def test_activation_checkpointing_and_compile_keep_the_losses(tmp_path):
+    """Recomputing activations gives bitwise the same steps; compiling each layer the same up to
+    float rounding. The plan records the order they are applied in."""
+    common = ["-D", "trainer_type=basic", "-D", "max_steps=3", "-D", "eval_every=0"]
+    plain, ac, both = tmp_path / "plain", tmp_path / "ac", tmp_path / "both"
+    run_fgc("build", EXAMPLE, "-o", plain, *common, check=True)
+    run_fgc("build", EXAMPLE, "-o", ac, *common, "-D", "activation_checkpointing=full", check=True)
+    run_fgc("build", EXAMPLE, "-o", both, *common, "-D", "activation_checkpointing=full", "-D", "compile=true", check=True)
+    manifest = json.loads((both / "manifest.json").read_text())
+    assert manifest["plan"]["apply_order"] == ["activation checkpointing", "compile"]
+    assert "apply_compile" not in (ac / "train.py").read_text()
+    reference = _losses(plain, tmp_path, "run_plain")
+    assert _losses(ac, tmp_path, "run_ac") == reference
+    assert _losses(both, tmp_path, "run_both") == pytest.approx(reference, rel=1e-4)

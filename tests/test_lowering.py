@@ -471,8 +471,27 @@ def test_plan_ddp(tmp_path):
         "grad_accum_steps": 2,
         "seq_len": 32,
         "precision": "fp32",
+        "activation_checkpointing": "none",
+        "compile": "none",
+        "apply_order": [],
     }
     assert type(compiled.ctx.settings) is DDPTrainer
+
+
+def test_plan_orders_activation_checkpointing_before_compile(tmp_path):
+    cfg = write(
+        tmp_path / "c.yaml",
+        '-- extends "lm/train.yaml"\n[data]\n.data: &data !singleton:fgc.settings:DataSettings@data\n'
+        "    data_dir: tokens\n",
+    )
+    plan = compile_config(cfg, variables={"compile": True, "activation_checkpointing": "full"}).ctx.plan
+    assert (plan.activation_checkpointing, plan.compile) == ("per decoder layer", "per decoder layer")
+    assert plan.apply_order == ("activation checkpointing", "compile")
+    with pytest.raises(FgcError) as info:
+        compile_config(cfg, variables={"activation_checkpointing": "selective"})
+    assert "ActivationCheckpointSettings.mode must be one of 'none', 'full', got 'selective'" in (
+        info.value.diagnostics[0].message
+    )
 
 
 def test_plan_of_library_template_with_defines(tmp_path):

@@ -32,6 +32,14 @@ from .vendor import VendorError, vendor_symbols
 RUNTIME_DIR = Path(fgc_runtime.__file__).resolve().parent
 TEMPLATES_DIR = Path(fgc_codegen_templates.__file__).resolve().parent
 NOT_THIRD_PARTY = {"torch", "fgc_runtime", "functools", "model"}
+# train.py constant names for settings-group fields whose own names would be ambiguous
+CONSTANT_NAMES = {
+    ("precision", "mode"): "PRECISION",
+    ("activation_checkpointing", "mode"): "ACTIVATION_CHECKPOINTING",
+    ("compile", "enabled"): "COMPILE",
+    ("compile", "mode"): "COMPILE_MODE",
+    ("compile", "fullgraph"): "COMPILE_FULLGRAPH",
+}
 
 
 def _jinja() -> jinja2.Environment:
@@ -179,7 +187,7 @@ class PackageBuilder:
             if is_dataclass(value):  # a settings group: one constant per field
                 node, owner = group_node(f.name), type(value).__name__
                 for g in fields(value):
-                    name = "PRECISION" if (f.name, g.name) == ("precision", "mode") else g.name.upper()
+                    name = CONSTANT_NAMES.get((f.name, g.name), g.name.upper())
                     place = where(g.name, node, owner) if node else f"default of {cls}.{f.name}"
                     out.append((name, code(literal(getattr(value, g.name))), place))
                 continue
@@ -241,6 +249,16 @@ class PackageBuilder:
         ]
         if self.ctx.plan.trainer_type == "ddp":
             fixed += ["import contextlib", "from torch.nn.parallel import DistributedDataParallel"]
+        applied = [
+            fn
+            for fn, used in (
+                ("apply_activation_checkpointing", self.ctx.plan.activation_checkpointing != "none"),
+                ("apply_compile", self.ctx.plan.compile != "none"),
+            )
+            if used
+        ]
+        if applied:
+            fixed.append("from fgc_runtime.parallel import " + ", ".join(applied))
         import_lines = sorted(set(imports.statements()) | set(fixed) | set(vendored.imports), key=_import_key)
         self._note_third_party(import_lines)
         settings = self.ctx.settings

@@ -37,17 +37,21 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MAX_STEPS = 300  # train.yaml:20
 GLOBAL_BATCH_SIZE = 16  # train.yaml:19
 SEQ_LEN = 128  # train.yaml:18
-GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:27
-SEED = 42  # <fgc>/lm/train.yaml:30
+GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:28
+SEED = 42  # <fgc>/lm/train.yaml:31
 DEVICE = "auto"  # default of DDPTrainer.device
-OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:32
-PRECISION = "fp32"  # <fgc>/lm/train.yaml:31
-SAVE_EVERY = 0  # <fgc>/lm/train.yaml:35
+OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:33
+PRECISION = "fp32"  # <fgc>/lm/train.yaml:32
+SAVE_EVERY = 0  # <fgc>/lm/train.yaml:36
 KEEP_LAST_N = 2  # default of CheckpointSettings.keep_last_n
 LOG_EVERY = 10  # train.yaml:24
 EVAL_EVERY = 100  # train.yaml:25
 EVAL_BATCHES = 4  # default of LoggingSettings.eval_batches
-NPROC = 2  # <fgc>/lm/train.yaml:29
+ACTIVATION_CHECKPOINTING = "none"  # <fgc>/lm/train.yaml:38
+COMPILE = False  # <fgc>/lm/train.yaml:39
+COMPILE_MODE = None  # default of CompileSettings.mode
+COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
+NPROC = 2  # <fgc>/lm/train.yaml:30
 MICRO_BATCH_SIZE = 8  # the plan: the whole per-rank batch (micro_batch_size is null)
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
 # The parallel plan fgc computed for this config.
@@ -61,16 +65,19 @@ PLAN = {
     "grad_accum_steps": 1,
     "seq_len": 128,
     "precision": "fp32",
+    "activation_checkpointing": "none",
+    "compile": "none",
+    "apply_order": [],
 }
-CONFIG_HASH = "f2518366afdf468da8c0ddf8e421a498ec8174c30883dca3d1d73f01c6d39471"  # sha256 of the rendered config
+CONFIG_HASH = "aaf438a46ae2a83f4fa830458b0508ef112e16c1336ce7c3a9e09df73eedc697"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:79
+# optimizer: <fgc>/lm/train.yaml:82
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:84
+# lr_scheduler: <fgc>/lm/train.yaml:87
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup_steps=30, max_steps=300
 )

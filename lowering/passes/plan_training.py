@@ -79,7 +79,17 @@ class PlanTraining(Pass):
             return None
         if not s.data.text_files and not s.data.data_dir:
             err("data", "the data settings name neither text_files nor data_dir")
+        ac = "per decoder layer" if s.activation_checkpointing.mode == "full" else "none"
+        compile_ = "per decoder layer" if s.compile.enabled else "none"
+        order = tuple(
+            step
+            for step, used in (("activation checkpointing", ac != "none"), ("compile", compile_ != "none"))
+            if used
+        )
         return Plan(
+            activation_checkpointing=ac,
+            compile=compile_,
+            apply_order=order,
             trainer_type=s.TYPE,
             nproc=s.nproc,
             launcher="torchrun" if s.TYPE != "basic" else "python",
