@@ -117,9 +117,8 @@ def parse_args(argv=None):
 def evaluate(model, val_data, dist, step, logger):
     """Mean loss over the first EVAL_BATCHES batches of the validation split."""
     model.eval()
-    total = torch.zeros(
-        2, dtype=torch.float64, device=dist.device
-    )  # loss sum, target count
+    # the summed loss and the count of target tokens, over this rank's batches
+    total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     with torch.no_grad():
         batches = data.eval_batches(
             val_data,
@@ -162,16 +161,14 @@ def main(argv=None):
             f"of micro-batches of {MICRO_BATCH_SIZE}"
         )
     grad_accum_steps = GLOBAL_BATCH_SIZE // (dist.world_size * MICRO_BATCH_SIZE)
-    set_seed(
-        args.seed
-    )  # the same seed on every rank gives every rank the same initial weights
+    # The same seed on every rank gives every rank the same initial weights.
+    set_seed(args.seed)
     output_dir = Path(args.output_dir)
 
     train_data = data.TokenShard.open(args.data, "train")
     val_data = data.TokenShard.open(args.data, "val") if args.eval_every else None
-    if (
-        val_data is not None
-    ):  # a split too small for one eval batch fails now, not after training
+    # A validation split too small for one eval batch fails now, not after training.
+    if val_data is not None:
         data.num_eval_batches(
             val_data,
             seq_len=SEQ_LEN,
@@ -208,9 +205,8 @@ def main(argv=None):
             )
         try:
             model.load_state_dict(state["model"])
-        except (
-            RuntimeError
-        ) as err:  # a different model shape: not this run's checkpoint
+        except RuntimeError as err:
+            # a different model shape: not this run's checkpoint
             first = str(err).strip().splitlines()[-1].strip()
             raise RunError(
                 f"the checkpoint does not fit this model: {first}", path=resume_from
