@@ -119,6 +119,15 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         activations = (L * b * s * h + per_layer) * act + logits + b * s * h * act
     else:
         activations = L * per_layer * act + logits + b * s * h * act
+    if plan.trainer_type == "fsdp2":
+        # each rank holds 1/n of every parameter, gradient and optimizer state, plus one gathered
+        # unit (a decoder layer, or the root) during its forward and backward
+        n = plan.nproc
+        layer = (facts.matmul - (facts.vocab or 0) * h) // L if L else 0
+        root = facts.total - L * layer
+        params = facts.total * p_bytes // n + max(layer, root) * p_bytes
+        grads = facts.total * p_bytes // n
+        optimizer = optimizer // n
     return {
         "parameters": params,
         "gradients": grads,
@@ -144,7 +153,10 @@ def explain_summary(compiled: Compiled) -> str:
     value, formula = flops_per_token(facts, settings.seq_len)
     lines += ["", "training FLOPs per token:", f"  {formula}"]
     lines += ["", "parallel plan:"]
-    lines.append(f"  trainer {plan.trainer_type}, launcher {plan.launcher}, {plan.nproc} rank(s), mesh: dp={plan.nproc}")
+    mesh = f"dp_shard={plan.nproc}" if plan.trainer_type == "fsdp2" else f"dp={plan.nproc}"
+    lines.append(f"  trainer {plan.trainer_type}, launcher {plan.launcher}, {plan.nproc} rank(s), mesh: {mesh}")
+    if plan.fsdp_units != "none":
+        lines.append(f"  FSDP2 units: {plan.fsdp_units}")
     lines.append(
         f"  global batch {plan.global_batch_size} x {plan.seq_len} tokens; per rank {plan.batch_per_rank} "
         f"= {plan.grad_accum_steps} micro-batch(es) of {plan.micro_batch_size}"

@@ -64,6 +64,14 @@ class DataParallelSettings:
 
 
 @dataclass(frozen=True)
+class FSDPSettings(DataParallelSettings):
+    """Fully sharded data parallelism (FSDP2): ``nproc`` processes per node, each holding a shard
+    of every parameter, gradient and optimizer state; one unit per decoder layer plus the root."""
+
+    reshard_after_forward: bool = True
+
+
+@dataclass(frozen=True)
 class ActivationCheckpointSettings:
     """Recompute activations in the backward instead of keeping them: ``none``, or ``full``
     (every decoder layer keeps only its input)."""
@@ -121,7 +129,16 @@ class DDPTrainer(BasicTrainer):
         return self.parallel.nproc
 
 
-TRAINER_TYPES = {cls.TYPE: cls for cls in (BasicTrainer, DDPTrainer)}
+@dataclass(frozen=True)
+class FSDP2Trainer(DDPTrainer):
+    """Fully sharded data parallel over ``parallel.nproc`` processes per node (torch FSDP2)."""
+
+    TYPE: ClassVar[str] = "fsdp2"
+
+    parallel: FSDPSettings = field(default_factory=FSDPSettings)
+
+
+TRAINER_TYPES = {cls.TYPE: cls for cls in (BasicTrainer, DDPTrainer, FSDP2Trainer)}
 
 # The setting groups a trainer holds, and the schema of each (for checks and codegen).
 SETTING_GROUPS = {

@@ -18,6 +18,7 @@ class Plan:
     grad_accum_steps: int  # forwards per optimizer step on a rank
     seq_len: int
     precision: str
+    fsdp_units: str = "none"  # none | each decoder layer, then the root
     activation_checkpointing: str = "none"  # none | per decoder layer
     compile: str = "none"  # none | per decoder layer
     # what is applied to the model, in this order (tensor parallel, activation checkpointing,

@@ -236,10 +236,10 @@ def test_smoke_check_reports_a_failing_constructor_at_its_config_line(tmp_path):
 
 
 def test_unavailable_trainer_type_is_reported_at_the_template_line(tmp_path):
-    proc = run_fgc("build", EXAMPLE, "-o", tmp_path / "out", "-D", "trainer_type=fsdp2")
+    proc = run_fgc("build", EXAMPLE, "-o", tmp_path / "out", "-D", "trainer_type=pipeline")
     assert proc.returncode == 2
     assert "lm/train.yaml:" in proc.stderr
-    assert "trainer_type fsdp2 is not available in this version of fgc" in proc.stderr
+    assert "trainer_type pipeline is not available in this version of fgc" in proc.stderr
 
 
 def test_fgc_data_command(tmp_path):

@@ -471,6 +471,7 @@ def test_plan_ddp(tmp_path):
         "grad_accum_steps": 2,
         "seq_len": 32,
         "precision": "fp32",
+        "fsdp_units": "none",
         "activation_checkpointing": "none",
         "compile": "none",
         "apply_order": [],

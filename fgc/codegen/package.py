@@ -108,7 +108,8 @@ class PackageBuilder:
         plan = self.ctx.plan
         if plan.launcher == "torchrun":
             run = f"torchrun --nproc-per-node {plan.nproc} train.py"
-            description = f"DistributedDataParallel over {plan.nproc} processes per node (torchrun)"
+            kind = "fully sharded (FSDP2)" if plan.trainer_type == "fsdp2" else "DistributedDataParallel"
+            description = f"{kind} over {plan.nproc} processes per node (torchrun)"
         else:
             run = "python train.py"
             description = "one process (basic trainer)"
@@ -249,11 +250,15 @@ class PackageBuilder:
         ]
         if self.ctx.plan.trainer_type == "ddp":
             fixed += ["import contextlib", "from torch.nn.parallel import DistributedDataParallel"]
+        fsdp = self.ctx.plan.trainer_type == "fsdp2"
         applied = [
             fn
             for fn, used in (
                 ("apply_activation_checkpointing", self.ctx.plan.activation_checkpointing != "none"),
                 ("apply_compile", self.ctx.plan.compile != "none"),
+                ("apply_fsdp", fsdp),
+                ("full_state_dicts", fsdp),
+                ("load_full_state_dicts", fsdp),
             )
             if used
         ]

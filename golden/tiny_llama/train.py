@@ -65,6 +65,7 @@ PLAN = {
     "grad_accum_steps": 1,
     "seq_len": 128,
     "precision": "fp32",
+    "fsdp_units": "none",
     "activation_checkpointing": "none",
     "compile": "none",
     "apply_order": [],
@@ -146,8 +147,8 @@ def forward_backward(model, input_ids, labels, n_targets, dist):
     """One micro-batch: forward, then backward of its share of the step's loss. Returns its loss sum."""
     logits = model(input_ids)
     loss_sum, _ = loss_sum_and_count(logits, labels)
-    # DDP averages gradients over ranks, so scaling by the world size turns the average into
-    # the sum over ranks divided by the global target count.
+    # DDP averages gradients over ranks, so scaling by the world size turns the
+    # average into the sum over ranks divided by the global target count.
     (loss_sum * dist.world_size / n_targets).backward()
     return loss_sum.detach()
 
@@ -205,7 +206,7 @@ def main(argv=None):
             )
         try:
             model.load_state_dict(state["model"])
-        except RuntimeError as err:
+        except (RuntimeError, KeyError, ValueError) as err:
             # a different model shape: not this run's checkpoint
             first = str(err).strip().splitlines()[-1].strip()
             raise RunError(
@@ -221,11 +222,12 @@ def main(argv=None):
             print(f"resuming from {resume_from} at step {start_step}", flush=True)
 
     def save(step):
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
         checkpoint.save_checkpoint(
             output_dir,
             step=step,
-            model_state=model.state_dict(),
-            optimizer_state=optimizer.state_dict(),
+            model_state=model_state,
+            optimizer_state=optimizer_state,
             trainer_state={
                 "step": step,
                 "tokens_seen": tokens_seen,

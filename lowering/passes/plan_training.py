@@ -81,12 +81,18 @@ class PlanTraining(Pass):
             err("data", "the data settings name neither text_files nor data_dir")
         ac = "per decoder layer" if s.activation_checkpointing.mode == "full" else "none"
         compile_ = "per decoder layer" if s.compile.enabled else "none"
+        fsdp = s.TYPE == "fsdp2"
         order = tuple(
             step
-            for step, used in (("activation checkpointing", ac != "none"), ("compile", compile_ != "none"))
+            for step, used in (
+                ("activation checkpointing", ac != "none"),
+                ("compile", compile_ != "none"),
+                ("fsdp2", fsdp),
+            )
             if used
         )
         return Plan(
+            fsdp_units="each decoder layer, then the root" if fsdp else "none",
             activation_checkpointing=ac,
             compile=compile_,
             apply_order=order,

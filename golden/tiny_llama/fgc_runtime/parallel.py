@@ -1,10 +1,10 @@
-"""Applying the plan's parallelism to a model: activation checkpointing and compilation, per
-decoder layer, in the order the plan gives (tensor parallel, activation checkpointing, compile,
-FSDP2; this version has the middle two).
+"""Applying the plan's parallelism to a model, per decoder layer, in the order the plan gives:
+(tensor parallel,) activation checkpointing, compile, FSDP2 -- this version has the last three.
 
 A decoder layer is a child of an ``nn.ModuleList`` attribute named ``layers`` (as in the component
 library and transformers' models). Both functions change modules in place and keep every
-parameter name, so checkpoints and state dicts are the same with or without them.
+parameter name; with FSDP2, checkpoints hold the full (gathered) state dicts, so they are the same
+with or without any of them.
 """
 
 from __future__ import annotations
@@ -50,3 +50,49 @@ def apply_compile(model: nn.Module, mode: str | None = None, fullgraph: bool = F
     for layer in layers:
         layer.compile(mode=mode, fullgraph=fullgraph)
     return len(layers)
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> int:
+    """Shard MODEL with FSDP2 over every rank: each decoder layer is one unit, the root (embedding,
+    final norm, head) another. Returns the number of units."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return len(layers) + 1
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and optimizer's full (unsharded) state dicts, on the CPU of rank 0 (empty on the
+    other ranks). Every rank must call this: it gathers the shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, optimizer, options=options),
+    )
+
+
+def load_full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict
+) -> None:
+    """Load full state dicts (as :func:`full_state_dicts` wrote them) into a sharded model and its
+    optimizer; every rank passes the full dicts."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
