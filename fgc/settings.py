@@ -72,6 +72,13 @@ class FSDPSettings(DataParallelSettings):
 
 
 @dataclass(frozen=True)
+class ParamGroupSettings:
+    """Which parameters get no weight decay: regular expressions searched in parameter names."""
+
+    no_weight_decay: tuple[str, ...] = ("norm", "bias", "embed")
+
+
+@dataclass(frozen=True)
 class ActivationCheckpointSettings:
     """Recompute activations in the backward instead of keeping them: ``none``, or ``full``
     (every decoder layer keeps only its input)."""
@@ -110,6 +117,7 @@ class BasicTrainer:
         default_factory=ActivationCheckpointSettings
     )
     compile: CompileSettings = field(default_factory=CompileSettings)
+    param_groups: ParamGroupSettings = field(default_factory=ParamGroupSettings)
 
     @property
     def nproc(self) -> int:
@@ -149,4 +157,5 @@ SETTING_GROUPS = {
     "parallel": DataParallelSettings,
     "activation_checkpointing": ActivationCheckpointSettings,
     "compile": CompileSettings,
+    "param_groups": ParamGroupSettings,
 }

@@ -122,6 +122,21 @@ def test_trainer_errors_are_one_line_exit_2(tmp_path):
     assert missing.returncode == 2 and "no such checkpoint" in missing.stderr
 
 
+def test_debug_optimizer_groups(tmp_path):
+    out = tmp_path / "build"
+    run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=basic", check=True)
+    proc = subprocess.run(
+        [sys.executable, str(out / "train.py"), "--debug-optimizer-groups", "--output-dir", str(tmp_path / "o")],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    groups = {line.split("  ")[0]: line.split("  ")[2] for line in proc.stdout.splitlines()}
+    assert groups["model.embed_tokens.weight"] == "group=no_decay"
+    assert groups["model.layers.0.input_layernorm.weight"] == "group=no_decay"
+    assert groups["model.layers.0.mlp.up_proj.weight"] == "group=decay"
+    assert not (tmp_path / "o").exists()  # it prints and exits before anything is written
+
+
 def test_dry_run(tmp_path):
     out = tmp_path / "build"
     run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=basic", check=True)

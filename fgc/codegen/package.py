@@ -244,6 +244,7 @@ class PackageBuilder:
             "from pathlib import Path",
             "from fgc_runtime import checkpoint, data, distributed, metrics",
             "from fgc_runtime.errors import RunError, run_main",
+            "from fgc_runtime.optim import describe_groups, param_groups",
             "from fgc_runtime.train import Throughput, count_targets, grad_norm, loss_sum_and_count,"
             " mfu, model_flops_per_token, peak_memory_bytes, set_seed",
             "from model import build_model",

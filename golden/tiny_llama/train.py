@@ -17,6 +17,7 @@ import torch.optim
 
 from fgc_runtime import checkpoint, data, distributed, metrics
 from fgc_runtime.errors import RunError, run_main
+from fgc_runtime.optim import describe_groups, param_groups
 import fgc_runtime.train
 from fgc_runtime.train import (
     Throughput,
@@ -51,6 +52,7 @@ ACTIVATION_CHECKPOINTING = "none"  # <fgc>/lm/train.yaml:38
 COMPILE = False  # <fgc>/lm/train.yaml:39
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:109
 NPROC = 2  # <fgc>/lm/train.yaml:30
 MICRO_BATCH_SIZE = 8  # the plan: the whole per-rank batch (micro_batch_size is null)
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
@@ -70,7 +72,7 @@ PLAN = {
     "compile": "none",
     "apply_order": [],
 }
-CONFIG_HASH = "aaf438a46ae2a83f4fa830458b0508ef112e16c1336ce7c3a9e09df73eedc697"  # sha256 of the rendered config
+CONFIG_HASH = "86ea745a228c1040ec409fba5dafabfcb74d95735c7d5619b6e9c8a9fc6312b6"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
 # optimizer: <fgc>/lm/train.yaml:82
@@ -111,6 +113,11 @@ def parse_args(argv=None):
         "--dry-run",
         action="store_true",
         help="one forward/backward, print the plan, exit",
+    )
+    parser.add_argument(
+        "--debug-optimizer-groups",
+        action="store_true",
+        help="print each parameter's optimizer group, exit",
     )
     return parser.parse_args(argv)
 
@@ -190,8 +197,13 @@ def main(argv=None):
     )
     # Gradients are averaged over ranks by DDP; the loss below is scaled to make that a global mean.
     train_model = DistributedDataParallel(model) if dist.distributed else model
-    optimizer = optimizer_factory(model.parameters())
+    optimizer = optimizer_factory(param_groups(model, NO_WEIGHT_DECAY))
     lr_scheduler = lr_scheduler_factory(optimizer)
+    if args.debug_optimizer_groups:
+        if dist.is_main:
+            print(describe_groups(model, optimizer), flush=True)
+        distributed.shutdown(dist)
+        return
 
     start_step, tokens_seen = 0, 0
     resume_from = (

@@ -182,3 +182,32 @@ def test_run_error_and_run_main(capsys):
 
     with pytest.raises(KeyError):
         run_main(bug)
+
+
+def test_param_groups_by_name_patterns():
+    import torch
+    from torch import nn
+
+    from fgc_runtime.optim import describe_groups, param_groups
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.proj = nn.Linear(4, 4)
+            self.norm = nn.LayerNorm(4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight  # tied: one parameter, listed once
+
+    model = Tiny()
+    groups = param_groups(model, ["norm", "bias", "embed"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["name"] for g in groups] == ["decay", "no_decay"]
+    assert [names[id(p)] for p in groups[0]["params"]] == ["proj.weight"]
+    assert [names[id(p)] for p in groups[1]["params"]] == ["embed.weight", "proj.bias", "norm.weight", "norm.bias"]
+    assert groups[1]["weight_decay"] == 0.0 and "weight_decay" not in groups[0]
+    optimizer = torch.optim.AdamW(groups, lr=0.1, weight_decay=0.5)
+    text = describe_groups(model, optimizer).splitlines()
+    assert text[0] == "embed.weight  (10, 4)  group=no_decay  lr=0.1  weight_decay=0.0"
+    assert "proj.weight  (4, 4)  group=decay  lr=0.1  weight_decay=0.5" in text
+    assert param_groups(model, []) == [{"name": "decay", "params": list(model.parameters())}]
