@@ -15,8 +15,8 @@ from .build import Compiled
 from .codegen.smoke import skip_init
 from .errors import FgcError, Location, display_path
 
-BYTES = {"fp32": 4, "bf16-mixed": 4, "bf16": 2}  # parameter (and gradient) bytes by precision
-ACT_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16": 2}  # activation bytes by precision
+BYTES = {"fp32": 4, "bf16-mixed": 4, "bf16": 2, "fp16-mixed": 4}  # parameter (and gradient) bytes by precision
+ACT_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16": 2, "fp16-mixed": 2}  # activation bytes by precision
 OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Adagrad": 1, "RMSprop": 1}
 
 
@@ -128,6 +128,30 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         params = facts.total * p_bytes // n + max(layer, root) * p_bytes
         grads = facts.total * p_bytes // n
         optimizer = optimizer // n
+    if plan.pipeline:
+        # the busiest pipeline rank: its stages' parameters, gradients and optimizer state, and the
+        # activations of the micro-batches in flight on its layers (all of them for GPipe and
+        # looped BFS, which run every forward first; about one per stage for the 1F1B family)
+        pp = plan.pipeline
+        in_flight = pp["microbatches"] if pp["schedule"] in ("gpipe", "looped-bfs") else min(
+            pp["microbatches"], len(pp["stages"])
+        )
+        # per layer and micro-batch: its input alone under activation checkpointing
+        layer_act = b * s * h * act if plan.activation_checkpointing != "none" else per_layer * act
+        best = None
+        for rank in sorted({st["rank"] for st in pp["stages"]}):
+            mine = [st for st in pp["stages"] if st["rank"] == rank]
+            n_params = sum(st["params"] for st in mine)
+            n_layers = sum(st["layers"][1] - st["layers"][0] for st in mine)
+            last = any(st["stage"] == len(pp["stages"]) - 1 for st in mine)
+            acts = in_flight * n_layers * layer_act + (logits if last else 0) + b * s * h * act
+            if plan.activation_checkpointing != "none":
+                acts += per_layer * act  # one layer recomputed at a time
+            ratio = n_params / facts.total if facts.total else 0
+            est = (int(params * ratio), int(grads * ratio), int(optimizer * ratio), acts)
+            if best is None or sum(est) > sum(best):
+                best = est
+        params, grads, optimizer, activations = best
     return {
         "parameters": params,
         "gradients": grads,
@@ -153,10 +177,22 @@ def explain_summary(compiled: Compiled) -> str:
     value, formula = flops_per_token(facts, settings.seq_len)
     lines += ["", "training FLOPs per token:", f"  {formula}"]
     lines += ["", "parallel plan:"]
-    mesh = f"dp_shard={plan.nproc}" if plan.trainer_type == "fsdp2" else f"dp={plan.nproc}"
+    mesh = " x ".join(f"{name}={size}" for name, size in plan.mesh) or "none (one process)"
     lines.append(f"  trainer {plan.trainer_type}, launcher {plan.launcher}, {plan.nproc} rank(s), mesh: {mesh}")
     if plan.fsdp_units != "none":
         lines.append(f"  FSDP2 units: {plan.fsdp_units}")
+    if plan.pipeline:
+        pp = plan.pipeline
+        lines.append(
+            f"  pipeline: {pp['schedule']} schedule, {len(pp['stages'])} stages ({pp['layout']} layout), "
+            f"{pp['microbatches']} micro-batches of {plan.micro_batch_size} per step"
+        )
+        for st in pp["stages"]:
+            first, end = st["layers"]
+            parts = (["embedding"] if st["stage"] == 0 else []) + [f"layers {first}-{end - 1}"]
+            if st["stage"] == len(pp["stages"]) - 1:
+                parts.append("norm and head")
+            lines.append(f"    stage {st['stage']} on rank {st['rank']}: {', '.join(parts)}: {st['params']:,} parameters")
     lines.append(
         f"  global batch {plan.global_batch_size} x {plan.seq_len} tokens; per rank {plan.batch_per_rank} "
         f"= {plan.grad_accum_steps} micro-batch(es) of {plan.micro_batch_size}"

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 class Plan:
     """How the package runs: launcher, ranks and batch layout."""
 
-    trainer_type: str  # basic | ddp
+    trainer_type: str  # basic | ddp | fsdp2 | pipeline
     nproc: int  # processes per node the launcher starts
     launcher: str  # "python" or "torchrun"
     global_batch_size: int  # sequences per optimizer step, over all ranks
@@ -24,8 +24,14 @@ class Plan:
     # what is applied to the model, in this order (tensor parallel, activation checkpointing,
     # compile, FSDP2: the ones this plan uses)
     apply_order: tuple[str, ...] = ()
+    # the device mesh: (dimension name, size) pairs, outermost first; () for one process
+    mesh: tuple[tuple[str, int], ...] = ()
+    # pipeline parallelism: None, or {"schedule", "layout", "microbatches", "stages": [{"stage",
+    # "rank", "layers": [start, end), "params"}]} with ranks counted inside one pipeline
+    pipeline: dict | None = None
 
     def to_data(self) -> dict:
         data = asdict(self)
         data["apply_order"] = list(self.apply_order)
+        data["mesh"] = dict(self.mesh)
         return data

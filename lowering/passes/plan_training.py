@@ -5,11 +5,18 @@ from __future__ import annotations
 
 from fgc.errors import Location
 from fgc.ir import IRGraph
-from fgc.settings import SETTING_GROUPS, BasicTrainer
+from fgc.settings import (
+    MULTI_STAGE_SCHEDULES,
+    SETTING_GROUPS,
+    SPLIT_BACKWARD_SCHEDULES,
+    BasicTrainer,
+    PipelineTrainer,
+)
 
 from ..construct import construct
 from ..context import LoweringContext
 from ..plan import Plan
+from ..stages import balanced_split, stage_ranks
 from .base import Pass
 
 REQUIRED_TARGETS = ("model", "optimizer", "trainer")
@@ -46,18 +53,27 @@ class PlanTraining(Pass):
         return ir
 
     def _plan(self, s: BasicTrainer, ir: IRGraph, ctx: LoweringContext) -> Plan | None:
-        loc = ir.node(ir.targets["trainer"]).loc
+        trainer = ir.node(ir.targets["trainer"])
 
-        def err(field: str, message: str) -> None:
-            node = ir.node(ir.targets["trainer"])
-            where = node.key_locs.get(field, loc)
-            ctx.sink.error(message, where)
+        def where(*path: str) -> Location:
+            """The config line of a settings field, e.g. where("parallel", "microbatches"): the
+            value's own line when the config sets it, else the nearest enclosing node's."""
+            node, loc = trainer, trainer.loc
+            for key in path:
+                if key not in node.kwargs:
+                    return node.key_locs.get(key, loc)
+                node = ir.node(node.kwargs[key])
+                loc = node.loc
+            return loc
+
+        def err(field: str, message: str, *, hint: str | None = None) -> None:
+            ctx.sink.error(message, where(*field.split(".")), hint=hint)
 
         for field in ("max_steps", "batch_size", "seq_len"):
             if getattr(s, field) < 1:
                 err(field, f"{field} must be at least 1, got {getattr(s, field)}")
         if s.nproc < 1:
-            err("parallel", f"nproc must be at least 1, got {s.nproc}")
+            err("parallel.nproc", f"nproc must be at least 1, got {s.nproc}")
         if ctx.sink.errors:
             return None
         for group, cls in SETTING_GROUPS.items():
@@ -65,20 +81,40 @@ class PlanTraining(Pass):
                 err(group, f"'{group}' must be !singleton:fgc.settings:{cls.__name__}")
         if ctx.sink.errors:
             return None
-        if s.batch_size % s.nproc:
-            err("batch_size", f"batch_size {s.batch_size} is not divisible by nproc {s.nproc}")
-            return None
-        per_rank = s.batch_size // s.nproc
-        micro = per_rank if s.micro_batch_size is None else s.micro_batch_size
-        if micro < 1 or per_rank % micro:
-            err(
-                "micro_batch_size",
-                f"the per-rank batch ({per_rank} = batch_size {s.batch_size} / nproc {s.nproc}) "
-                f"is not divisible by micro_batch_size {micro}",
-            )
-            return None
         if not s.data.text_files and not s.data.data_dir:
             err("data", "the data settings name neither text_files nor data_dir")
+        if s.precision.mode == "fp16-mixed" and s.TYPE == "fsdp2":
+            err("precision.mode", "fp16-mixed is not supported with FSDP2 in this version: its gradient "
+                "scaler would need the sharded gradients", hint="use bf16-mixed")
+            return None
+        pipelined = isinstance(s, PipelineTrainer)
+        replicas = s.parallel.data_degree if pipelined else s.nproc
+        if pipelined:
+            pipeline = self._pipeline(s, ir, ctx, err)
+            if pipeline is None:
+                return None
+            per_rank = s.batch_size // replicas
+            micro = per_rank // pipeline["microbatches"]
+            mesh = (("dp", s.parallel.data_degree), ("pp", s.parallel.pipeline_degree))
+        else:
+            pipeline = None
+            if s.batch_size % s.nproc:
+                err("batch_size", f"batch_size {s.batch_size} is not divisible by nproc {s.nproc}")
+                return None
+            per_rank = s.batch_size // s.nproc
+            micro = per_rank if s.micro_batch_size is None else s.micro_batch_size
+            if micro < 1 or per_rank % micro:
+                err(
+                    "micro_batch_size",
+                    f"the per-rank batch ({per_rank} = batch_size {s.batch_size} / nproc {s.nproc}) "
+                    f"is not divisible by micro_batch_size {micro}",
+                )
+                return None
+            eval_batch = s.logging.eval_batch_size
+            if eval_batch is not None and (eval_batch < 1 or eval_batch % s.nproc):
+                err("logging.eval_batch_size", f"eval_batch_size {eval_batch} is not a positive multiple of nproc {s.nproc}")
+                return None
+            mesh = () if s.TYPE == "basic" else ((("dp_shard" if s.TYPE == "fsdp2" else "dp"), s.nproc),)
         ac = "per decoder layer" if s.activation_checkpointing.mode == "full" else "none"
         compile_ = "per decoder layer" if s.compile.enabled else "none"
         fsdp = s.TYPE == "fsdp2"
@@ -102,7 +138,156 @@ class PlanTraining(Pass):
             global_batch_size=s.batch_size,
             batch_per_rank=per_rank,
             micro_batch_size=micro,
-            grad_accum_steps=per_rank // micro,
+            grad_accum_steps=1 if pipelined else per_rank // micro,
             seq_len=s.seq_len,
             precision=s.precision.mode,
+            mesh=mesh,
+            pipeline=pipeline,
         )
+
+    def _pipeline(self, s: "PipelineTrainer", ir: IRGraph, ctx: LoweringContext, err) -> dict | None:
+        """Check the pipeline settings against each other and the model; the stage plan."""
+        p = s.parallel
+        ok = True
+        for field in ("pipeline_degree", "data_degree"):
+            if getattr(p, field) < 1:
+                err(f"parallel.{field}", f"{field} must be at least 1, got {getattr(p, field)}")
+                ok = False
+        if not ok:
+            return None
+        if p.pipeline_degree * p.data_degree != p.nproc:
+            err(
+                "parallel.nproc",
+                f"the world size (nproc {p.nproc}) is not the product of the parallel degrees: "
+                f"pipeline_degree {p.pipeline_degree} x data_degree {p.data_degree} = "
+                f"{p.pipeline_degree * p.data_degree}",
+                hint="set nproc to the product, or change a degree",
+            )
+            ok = False
+        layout = MULTI_STAGE_SCHEDULES.get(p.schedule, "single")
+        per_rank = p.stages_per_rank if p.stages_per_rank is not None else (1 if layout == "single" else 2)
+        if layout == "single" and per_rank != 1:
+            err("parallel.stages_per_rank", f"the {p.schedule} schedule runs one stage per rank, not {per_rank}",
+                hint="interleaved-1f1b, looped-bfs and interleaved-zero-bubble run several")
+            ok = False
+        elif layout == "loop" and per_rank < 2:
+            err("parallel.stages_per_rank", f"the {p.schedule} schedule needs at least 2 stages per rank, got {per_rank}",
+                hint="use gpipe or 1f1b for one stage per rank")
+            ok = False
+        elif layout == "v" and per_rank != 2:
+            err("parallel.stages_per_rank", f"the {p.schedule} schedule runs exactly 2 stages per rank (the V layout), not {per_rank}")
+            ok = False
+        if not ok:
+            return None
+        model = self._meta_model(ir, ctx)
+        if model is None:
+            return None
+        model_node = ir.node(ir.targets["model"])
+        stack = getattr(model, "model", None)
+        layers = getattr(stack, "layers", None)
+        missing = [n for n, o in (("embed_tokens", stack), ("layers", stack), ("norm", stack), ("rotary_emb", stack)) if not hasattr(o, n)]
+        if not hasattr(model, "lm_head"):
+            missing.append("lm_head")
+        if missing:
+            ctx.sink.error(
+                "the model cannot be pipelined: it has no " + ", ".join(missing),
+                model_node.loc,
+                hint="pipelining needs model.embed_tokens, model.layers, model.norm, model.rotary_emb and lm_head",
+            )
+            return None
+        if model.lm_head.weight is stack.embed_tokens.weight:
+            tie = model_node.kwargs.get("tie_word_embeddings")
+            ctx.sink.error(
+                "tied word embeddings are not supported with pipeline parallelism: the embedding "
+                "and the head are on different stages",
+                ir.node(tie).loc if tie else model_node.loc,
+                hint="set tie_word_embeddings: false",
+            )
+            return None
+        stages = p.pipeline_degree * per_rank
+        if stages > len(layers):
+            err("parallel.pipeline_degree" if per_rank == 1 else "parallel.stages_per_rank",
+                f"{stages} pipeline stages (pipeline_degree {p.pipeline_degree} x {per_rank} per rank) "
+                f"for {len(layers)} decoder layers: each stage needs at least one layer")
+            return None
+
+        microbatches = p.microbatches if p.microbatches is not None else stages
+        if microbatches < stages:
+            err("parallel.microbatches",
+                f"microbatches ({microbatches}) must be at least the number of pipeline stages ({stages})")
+            ok = False
+        elif p.schedule in ("interleaved-1f1b", "interleaved-zero-bubble"):
+            rounds = max(1, microbatches // p.pipeline_degree)
+            if microbatches % rounds:
+                err("parallel.microbatches",
+                    f"the {p.schedule} schedule needs microbatches to be a multiple of its rounds "
+                    f"(microbatches // pipeline_degree = {rounds}), got {microbatches}",
+                    hint=f"use a multiple of pipeline_degree {p.pipeline_degree}")
+                ok = False
+        if s.micro_batch_size is not None:
+            err("micro_batch_size",
+                "micro_batch_size does not apply to the pipeline trainer: the batch is cut into "
+                "parallel.microbatches pieces", hint="remove micro_batch_size; set microbatches")
+            ok = False
+        if s.batch_size % p.data_degree:
+            err("batch_size", f"batch_size {s.batch_size} is not divisible by data_degree {p.data_degree}")
+            ok = False
+        elif (s.batch_size // p.data_degree) % microbatches:
+            err("batch_size",
+                f"the batch of each pipeline ({s.batch_size // p.data_degree} = batch_size {s.batch_size} "
+                f"/ data_degree {p.data_degree}) is not divisible by microbatches {microbatches}")
+            ok = False
+        eval_batch = s.logging.eval_batch_size
+        if eval_batch is not None and eval_batch != s.batch_size:
+            err("logging.eval_batch_size",
+                f"under pipeline parallelism the eval batch must equal the train batch "
+                f"({s.batch_size}), got {eval_batch}: the schedule's micro-batch shapes are fixed",
+                hint="remove eval_batch_size")
+            ok = False
+        if s.precision.mode == "fp16-mixed":
+            err("precision.mode",
+                "fp16 is not supported with pipeline parallelism: the loss scaler cannot see the "
+                "gradients of other stages", hint="use bf16-mixed or bf16")
+            ok = False
+        if s.compile.enabled and p.schedule in SPLIT_BACKWARD_SCHEDULES:
+            err("compile.enabled",
+                f"the {p.schedule} schedule splits the backward into input and weight gradients, "
+                "which torch.compile'd layers do not support", hint="disable compile or use another schedule")
+            ok = False
+        def count(*modules) -> int:
+            return sum(t.numel() for m in modules for t in m.parameters())
+
+        layer_params = [count(layer) for layer in layers]
+        runs = balanced_split(layer_params, stages, count(stack.embed_tokens), count(stack.norm, model.lm_head))
+        ranks = stage_ranks(stages, p.pipeline_degree, layout)
+        return {
+            "schedule": p.schedule,
+            "layout": layout,
+            "microbatches": microbatches,
+            "stages": [
+                {
+                    "stage": i,
+                    "rank": ranks[i],
+                    "layers": [start, end],
+                    "params": sum(layer_params[start:end])
+                    + (count(stack.embed_tokens) if i == 0 else 0)
+                    + (count(stack.norm, model.lm_head) if i == stages - 1 else 0),
+                }
+                for i, (start, end) in enumerate(runs)
+            ],
+        }
+
+    def _meta_model(self, ir: IRGraph, ctx: LoweringContext):
+        """The model target built on the meta device (no memory, no initialisation)."""
+        import torch
+
+        from fgc.codegen.smoke import skip_init
+
+        with torch.device("meta"), skip_init():
+            try:
+                return construct(ir, ctx, ir.targets["model"])
+            except Exception as exc:
+                ctx.sink.error(
+                    f"the model does not build: {type(exc).__name__}: {exc}", ir.node(ir.targets["model"]).loc
+                )
+                return None
