@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Plan:
     # pipeline parallelism: None, or {"schedule", "layout", "microbatches", "stages": [{"stage",
     # "rank", "layers": [start, end), "params"}]} with ranks counted inside one pipeline
     pipeline: dict | None = None
+    # kernel -> {"impl", "reason"}: what the select-kernels pass chose
+    kernels: dict = field(default_factory=dict)
 
     def to_data(self) -> dict:
         data = asdict(self)

@@ -1,0 +1,146 @@
+"""Choose each kernel's implementation from the trainer, the device, the dtype, the features the
+config asks for, and what each implementation declares it supports
+(``fgc_runtime.kernels.cross_entropy.CAPABILITIES``).
+
+A feature the chosen implementation lacks is an error at the setting's line, never silently
+dropped. Today one kernel is selectable: the loss (``trainer.loss.impl``). The model's own
+kernels (RMSNorm, SwiGLU, rotary) run the torch code of the component library: no Triton
+implementations exist in this version, so there is nothing to choose for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fgc.errors import Location
+from fgc.ir import IRGraph
+from fgc_runtime.kernels.cross_entropy import CAPABILITIES
+
+from ..context import LoweringContext
+from .base import Pass
+
+# auto picks the chunked loss when one micro-batch's fp32 logits would take at least this much
+CHUNKED_LOSS_THRESHOLD_BYTES = 256 * 2**20
+# trainers whose loss can run outside the model's forward (through fgc_runtime's LMHeadLoss)
+CHUNKED_LOSS_TRAINERS = ("basic", "ddp")
+DTYPES = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16": "bfloat16", "fp16-mixed": "float16"}
+
+
+class SelectKernels(Pass):
+    name = "select-kernels"
+    purpose = "choose each kernel's implementation from device, dtype, features and declared capabilities"
+    needs_clean_input = True
+
+    def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
+        s, plan = ctx.settings, ctx.plan
+        if s is None or plan is None:
+            return ir
+        trainer = ir.node(ir.targets["trainer"])
+        loss_node = ir.node(trainer.kwargs["loss"]) if "loss" in trainer.kwargs else None
+
+        def where(field: str) -> Location:
+            if loss_node is None:
+                return trainer.loc
+            if field in loss_node.kwargs:
+                return ir.node(loss_node.kwargs[field]).loc
+            return loss_node.loc
+
+        loss = s.loss
+        features = [
+            name
+            for name, used in (
+                ("label_smoothing", bool(loss.label_smoothing)),
+                ("z_loss", bool(loss.z_loss)),
+                ("softcap", loss.softcap is not None),
+            )
+            if used
+        ]
+        for name, value, ok in (
+            ("label_smoothing", loss.label_smoothing, 0.0 <= loss.label_smoothing < 1.0),
+            ("z_loss", loss.z_loss, loss.z_loss >= 0.0),
+            ("softcap", loss.softcap, loss.softcap is None or loss.softcap > 0),
+            ("chunk_size", loss.chunk_size, loss.chunk_size >= 1),
+        ):
+            if not ok:
+                ctx.sink.error(f"loss {name} {value} is out of range", where(name))
+        if ctx.sink.errors:
+            return ir
+        logits_bytes = plan.micro_batch_size * s.seq_len * self._vocab(ir) * 4
+        if loss.impl == "triton":
+            ctx.sink.error(
+                "the loss has no Triton implementation in this version of fgc",
+                where("impl"),
+                hint="use impl: auto, torch or chunked",
+            )
+            return ir
+        if loss.impl == "auto":
+            fits = all(f in CAPABILITIES["chunked"]["features"] for f in features)
+            big = logits_bytes >= CHUNKED_LOSS_THRESHOLD_BYTES
+            if big and fits and plan.trainer_type in CHUNKED_LOSS_TRAINERS:
+                impl = "chunked"
+                reason = (
+                    f"auto: one micro-batch's logits would take {logits_bytes / 2**20:,.0f} MiB "
+                    f"(at least {CHUNKED_LOSS_THRESHOLD_BYTES // 2**20} MiB): computed a chunk at a time"
+                )
+            else:
+                impl = "torch"
+                reason = "auto: " + (
+                    f"one micro-batch's logits take {logits_bytes / 2**20:,.1f} MiB (under "
+                    f"{CHUNKED_LOSS_THRESHOLD_BYTES // 2**20} MiB): the reference"
+                    if not big
+                    else "the reference (the chunked kernel does not support "
+                    + (", ".join(f for f in features if f not in CAPABILITIES["chunked"]["features"]) or f"the {plan.trainer_type} trainer")
+                    + ")"
+                )
+        else:
+            impl, reason = loss.impl, "chosen in the config"
+        caps = CAPABILITIES[impl]
+        missing = [f for f in features if f not in caps["features"]]
+        for f in missing:
+            ctx.sink.error(
+                f"the {impl} loss kernel does not support {f}: it would be dropped",
+                where(f),
+                hint=f"{impl} supports " + ", ".join(caps["features"]) + "; use impl: torch",
+            )
+        if DTYPES[plan.precision] not in caps["dtypes"]:
+            ctx.sink.error(f"the {impl} loss kernel does not support {DTYPES[plan.precision]}", where("impl"))
+        if s.device != "auto" and s.device not in caps["devices"]:
+            ctx.sink.error(f"the {impl} loss kernel does not run on {s.device}", where("impl"))
+        if impl == "chunked" and plan.trainer_type not in CHUNKED_LOSS_TRAINERS:
+            ctx.sink.error(
+                f"the chunked loss computes the head outside the model's forward, which the "
+                f"{plan.trainer_type} trainer cannot do in this version",
+                where("impl"),
+                hint="use impl: torch, or the basic or ddp trainer",
+            )
+        if impl == "chunked" and not self._has_head(ir, ctx):
+            ctx.sink.error(
+                "the chunked loss needs a model with `model` (the decoder stack) and `lm_head` (a linear head)",
+                where("impl"),
+            )
+        if ctx.sink.errors:
+            return ir
+        ctx.plan = dataclasses.replace(plan, kernels={"cross_entropy": {"impl": impl, "reason": reason}})
+        return ir
+
+    @staticmethod
+    def _vocab(ir: IRGraph) -> int:
+        model = ir.node(ir.targets["model"])
+        child = model.kwargs.get("vocab_size")
+        value = ir.node(child).value if child is not None else None
+        return value if isinstance(value, int) else 0
+
+    @staticmethod
+    def _has_head(ir: IRGraph, ctx: LoweringContext) -> bool:
+        import torch
+
+        from fgc.codegen.smoke import skip_init
+        from ..construct import construct
+
+        with torch.device("meta"), skip_init():
+            try:
+                model = construct(ir, ctx, ir.targets["model"])
+            except Exception:
+                return True  # the smoke check reports a model that does not build
+        head = getattr(model, "lm_head", None)
+        return hasattr(model, "model") and isinstance(head, torch.nn.Linear)
