@@ -201,6 +201,8 @@ def explain_summary(compiled: Compiled) -> str:
     lines.append(f"  activation checkpointing: {plan.activation_checkpointing}; compile: {plan.compile}")
     if plan.apply_order:
         lines.append("  applied in order: " + " -> ".join(plan.apply_order))
+    for kernel, choice in plan.kernels.items():
+        lines.append(f"  kernel {kernel}: {choice['impl']} ({choice['reason']})")
     memory = memory_estimate(compiled, facts)
     lines += ["", f"estimated peak memory per rank ({plan.precision}):"]
     for kind, size in memory.items():

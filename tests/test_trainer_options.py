@@ -1,0 +1,231 @@
+"""The loss kernels and their selection, the optimizer step in the backward, and fp16-mixed: the
+build-time rules (each an error at the offending line) and what the generated trainer does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import EXAMPLE, run_fgc
+from fgc_runtime.kernels import fused_linear_cross_entropy
+from fgc_runtime.kernels.cross_entropy import cross_entropy_sum_and_count
+
+# -- the kernel -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-3), (0.2, 1e-2)])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_chunked_loss_equals_the_reference_with_gradients(bias, label_smoothing, z_loss, reduction):
+    torch.manual_seed(0)
+    N, D, V = 37, 16, 50
+    hidden = torch.randn(N, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    b = torch.randn(V, requires_grad=True) if bias else None
+    labels = torch.randint(0, V, (N,))
+    labels[::5] = -100
+    results = []
+    for impl in ("torch", "chunked"):
+        loss = fused_linear_cross_entropy(
+            hidden, weight, labels, bias=b, reduction=reduction, label_smoothing=label_smoothing,
+            z_loss=z_loss, impl=impl, chunk_size=8,
+        )
+        grads = torch.autograd.grad(loss * 1.7, [hidden, weight] + ([b] if bias else []))
+        results.append((loss, grads))
+    (ref, ref_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_the_reference_matches_the_definition():
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(6, 4), torch.randn(9, 4)
+    labels = torch.tensor([1, 2, -100, 3, 4, 5])
+    logits = hidden @ weight.T
+    capped = 5.0 * torch.tanh(logits / 5.0)
+    valid = labels != -100
+    expected = torch.nn.functional.cross_entropy(capped, labels, label_smoothing=0.1) + 0.01 * (
+        torch.logsumexp(capped, -1)[valid].square().mean()
+    )
+    got = fused_linear_cross_entropy(hidden, weight, labels, label_smoothing=0.1, z_loss=0.01, softcap=5.0)
+    torch.testing.assert_close(got, expected)
+    loss_sum, count = cross_entropy_sum_and_count(logits, labels, label_smoothing=0.1, z_loss=0.01, softcap=5.0)
+    torch.testing.assert_close(loss_sum / count, expected)
+    assert count.item() == 5
+
+
+def test_a_feature_the_kernel_lacks_is_an_error_not_dropped():
+    h, w, y = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="chunked implementation of fused_linear_cross_entropy does not support softcap"):
+        fused_linear_cross_entropy(h, w, y, softcap=30.0, impl="chunked")
+    with pytest.raises(ValueError, match="reduction='none'"):
+        fused_linear_cross_entropy(h, w, y, reduction="none", impl="chunked")
+    with pytest.raises(ValueError, match="Triton kernels are not implemented"):
+        fused_linear_cross_entropy(h, w, y, impl="triton")
+    assert fused_linear_cross_entropy(h, w, y, reduction="none").shape == (4,)
+
+
+# -- build-time rules -------------------------------------------------------------------------------
+
+CORPUS = "\n\n".join(f"line {i}: pack my box with five dozen liquor jugs." for i in range(200))
+
+
+def _config(tmp_path: Path, meta: str = "", extra: str = "") -> Path:
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        '-- extends "lm/train.yaml"\n'
+        "[config_metadata]\n"
+        "== super()\n"
+        "-- set ns.hidden_size = hidden_size | default(32)\n"
+        "-- set ns.num_hidden_layers = num_hidden_layers | default(2)\n"
+        "-- set ns.seq_len = seq_len | default(32)\n"
+        "-- set ns.batch_size = batch_size | default(4)\n"
+        "-- set ns.max_steps = max_steps | default(3)\n"
+        f"{meta}"
+        "[data]\n"
+        ".data: &data !singleton:fgc.settings:DataSettings@data\n"
+        "    text_files: [corpus.txt]\n"
+        f"{extra}"
+    )
+    return path
+
+
+def _line(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+LOSS_BLOCK = "[loss]\n.loss: &loss !singleton:fgc.settings:LossSettings@loss\n"
+
+
+@pytest.mark.parametrize(
+    "meta,loss,bad,message",
+    [
+        ("", "    impl: chunked\n    softcap: 30.0\n", "softcap: 30.0", "the chunked loss kernel does not support softcap: it would be dropped"),
+        ("", "    impl: triton\n", "impl: triton", "the loss has no Triton implementation in this version of fgc"),
+        ('-- set ns.trainer_type = "fsdp2"\n', "    impl: chunked\n", "impl: chunked",
+         "the chunked loss computes the head outside the model's forward, which the fsdp2 trainer cannot do"),
+        ("", "    label_smoothing: 1.5\n", "label_smoothing: 1.5", "loss label_smoothing 1.5 is out of range"),
+    ],
+)
+def test_loss_kernel_rules(tmp_path, meta, loss, bad, message):
+    path = _config(tmp_path, meta, LOSS_BLOCK + loss)
+    proc = run_fgc("check", path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cfg.yaml:{_line(path, bad)}: error: {message}" in proc.stderr
+
+
+def test_auto_chooses_the_chunked_loss_when_the_logits_are_large(tmp_path):
+    small = _config(tmp_path)
+    out = tmp_path / "small"
+    run_fgc("build", small, "-o", out, check=True)
+    kernels = json.loads((out / "manifest.json").read_text())["plan"]["kernels"]
+    assert kernels["cross_entropy"]["impl"] == "torch"
+    assert "LMHeadLoss" not in (out / "train.py").read_text()
+    # 8 x 2048 tokens x 4096 vocabulary x 4 bytes = 256 MiB of logits a micro-batch
+    big = run_fgc("explain", small, "-D", "batch_size=8", "-D", "seq_len=2048", "-D", "vocab_size=4096",
+                  "-D", "trainer_type=basic")
+    assert big.returncode == 0, big.stderr
+    assert "kernel cross_entropy: chunked (auto: one micro-batch's logits would take 256 MiB" in big.stdout
+    # ...but not for a feature the chunked kernel lacks
+    capped = _config(tmp_path, extra=LOSS_BLOCK + "    softcap: 30.0\n")
+    proc = run_fgc("explain", capped, "-D", "batch_size=8", "-D", "seq_len=2048", "-D", "vocab_size=4096",
+                   "-D", "trainer_type=basic")
+    assert "kernel cross_entropy: torch (auto: the reference (the chunked kernel does not support softcap))" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "meta,message",
+    [
+        ('-- set ns.trainer_type = "ddp"\n', "optimizer_in_backward cannot be combined with the ddp trainer"),
+        ("-- set ns.grad_clip = 1.0\n", "optimizer_in_backward cannot be combined with gradient clipping"),
+        ("-- set ns.grad_clip = none\n-- set ns.micro_batch_size = 2\n",
+         "optimizer_in_backward cannot be combined with gradient accumulation (2 micro-batches a step)"),
+        ('-- set ns.grad_clip = none\n-- set ns.precision = "fp16-mixed"\n', "optimizer_in_backward cannot be combined with fp16-mixed"),
+    ],
+)
+def test_optimizer_in_backward_rules(tmp_path, meta, message):
+    path = _config(tmp_path, '-- set ns.trainer_type = "basic"\n' + meta + "-- set ns.optimizer_in_backward = true\n")
+    proc = run_fgc("check", path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    # the hint names the user's line that turned it on
+    assert f"cfg.yaml:{_line(path, 'ns.optimizer_in_backward = true')}" in proc.stderr
+
+
+def test_fp16_is_rejected_with_fsdp2(tmp_path):
+    path = _config(tmp_path, '-- set ns.trainer_type = "fsdp2"\n-- set ns.precision = "fp16-mixed"\n')
+    proc = run_fgc("check", path)
+    assert proc.returncode == 2
+    assert "fp16-mixed is not supported with FSDP2" in proc.stderr
+    assert f"cfg.yaml:{_line(path, 'fp16-mixed')}" in proc.stderr
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+
+def _train(out: Path, run: Path, *flags) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, str(out / "train.py"), "--output-dir", str(run), "--log-every", "1", *map(str, flags)],
+        capture_output=True, text=True, cwd=run.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+
+
+BASIC = ["-D", "trainer_type=basic", "-D", "max_steps=4", "-D", "eval_every=0", "-D", "num_hidden_layers=2"]
+
+
+@pytest.mark.slow
+def test_optimizer_in_backward_takes_the_same_steps_and_resumes_exactly(tmp_path):
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    run_fgc("build", EXAMPLE, "-o", plain, *BASIC, "-D", "grad_clip=null", check=True)
+    run_fgc("build", EXAMPLE, "-o", fused, *BASIC, "-D", "grad_clip=null", "-D", "optimizer_in_backward=true", check=True)
+    assert "OptimizerInBackward" in (fused / "train.py").read_text()
+    reference = _train(plain, tmp_path / "run_plain")
+    records = _train(fused, tmp_path / "run_fused")
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
+    assert all(r["grad_norm"] is None for r in records)  # the gradients are gone: not measured
+    _train(fused, tmp_path / "part", "--max-steps", "2")
+    assert [r["loss"] for r in _train(fused, tmp_path / "part")] == [r["loss"] for r in records]
+
+
+@pytest.mark.slow
+def test_fp16_mixed_trains_and_resumes_exactly(tmp_path):
+    out = tmp_path / "fp16"
+    run_fgc("build", EXAMPLE, "-o", out, *BASIC, "-D", "precision=fp16-mixed", check=True)
+    text = (out / "train.py").read_text()
+    assert "torch.amp.GradScaler" in text and "dtype=torch.float16" in text
+    full = [r["loss"] for r in _train(out, tmp_path / "full")]
+    assert full[-1] < full[0]
+    _train(out, tmp_path / "part", "--max-steps", "2")
+    assert [r["loss"] for r in _train(out, tmp_path / "part")] == full
+    state = torch.load(tmp_path / "full" / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=False)
+    assert state["grad_scaler"]["scale"] > 0
+
+
+@pytest.mark.slow
+def test_chunked_loss_trains_like_the_reference(tmp_path):
+    ref, chunked, smooth = tmp_path / "ref", tmp_path / "chunked", tmp_path / "smooth"
+    run_fgc("build", EXAMPLE, "-o", ref, *BASIC, check=True)
+    run_fgc("build", EXAMPLE, "-o", chunked, *BASIC, "-D", "loss_impl=chunked", check=True)
+    assert "LMHeadLoss(" in (chunked / "train.py").read_text()
+    reference = [r["loss"] for r in _train(ref, tmp_path / "r1")]
+    assert [r["loss"] for r in _train(chunked, tmp_path / "r2")] == pytest.approx(reference, rel=1e-5)
+    # label smoothing goes through the loss function the trainer defines, and changes the loss
+    cfg = tmp_path / "smooth.yaml"
+    cfg.write_text(
+        f'-- extends "{EXAMPLE}"\n'
+        "[loss]\n.loss: &loss !singleton:fgc.settings:LossSettings@loss\n    label_smoothing: 0.1\n"
+    )
+    run_fgc("build", cfg, "-o", smooth, *BASIC, check=True)
+    assert "def lm_loss(" in (smooth / "train.py").read_text()
+    smoothed = [r["loss"] for r in _train(smooth, tmp_path / "r3")]
+    assert smoothed[0] != pytest.approx(reference[0], rel=1e-4)
+    assert smoothed[-1] < smoothed[0]
