@@ -114,9 +114,14 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
     per_layer = b * s * (6 * h + 2 * kv + 4 * inter)
     # the logits in fp32, their log-softmax and its gradient
     logits = 3 * b * s * v * 4
-    if plan.activation_checkpointing != "none":
-        # each layer keeps its input; one layer's activations exist again while it is recomputed
-        activations = (L * b * s * h + per_layer) * act + logits + b * s * h * act
+    ac = compiled.ctx.settings.activation_checkpointing
+    if ac.mode != "none":
+        # a checkpointed layer keeps its input (full), or also its matmul and attention outputs
+        # (selective: q, k, v, the attention output, o, gate, up, down); one layer's activations
+        # exist again while it is recomputed
+        kept = b * s * h if ac.mode == "full" else b * s * (5 * h + 2 * kv + 2 * inter)
+        n_ckpt = len(range(0, L, ac.every_n_layers))
+        activations = (n_ckpt * kept + (L - n_ckpt) * per_layer + per_layer) * act + logits + b * s * h * act
     else:
         activations = L * per_layer * act + logits + b * s * h * act
     if plan.trainer_type == "fsdp2":
@@ -136,8 +141,8 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         in_flight = pp["microbatches"] if pp["schedule"] in ("gpipe", "looped-bfs") else min(
             pp["microbatches"], len(pp["stages"])
         )
-        # per layer and micro-batch: its input alone under activation checkpointing
-        layer_act = b * s * h * act if plan.activation_checkpointing != "none" else per_layer * act
+        # per layer and micro-batch (checkpointed: what the layer keeps)
+        layer_act = kept * act if ac.mode != "none" else per_layer * act
         best = None
         for rank in sorted({st["rank"] for st in pp["stages"]}):
             mine = [st for st in pp["stages"] if st["rank"] == rank]
@@ -145,7 +150,7 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
             n_layers = sum(st["layers"][1] - st["layers"][0] for st in mine)
             last = any(st["stage"] == len(pp["stages"]) - 1 for st in mine)
             acts = in_flight * n_layers * layer_act + (logits if last else 0) + b * s * h * act
-            if plan.activation_checkpointing != "none":
+            if ac.mode != "none":
                 acts += per_layer * act  # one layer recomputed at a time
             ratio = n_params / facts.total if facts.total else 0
             est = (int(params * ratio), int(grads * ratio), int(optimizer * ratio), acts)

@@ -19,7 +19,7 @@ class Plan:
     seq_len: int
     precision: str
     fsdp_units: str = "none"  # none | each decoder layer, then the root
-    activation_checkpointing: str = "none"  # none | per decoder layer
+    activation_checkpointing: str = "none"  # none | which decoder layers, full or selective
     compile: str = "none"  # none | per decoder layer
     # what is applied to the model, in this order (tensor parallel, activation checkpointing,
     # compile, FSDP2: the ones this plan uses)

@@ -486,7 +486,7 @@ def test_plan_orders_activation_checkpointing_before_compile(tmp_path):
         "    data_dir: tokens\n",
     )
     plan = compile_config(cfg, variables={"compile": True, "activation_checkpointing": "full"}).ctx.plan
-    assert (plan.activation_checkpointing, plan.compile) == ("per decoder layer", "per decoder layer")
+    assert (plan.activation_checkpointing, plan.compile) == ("every decoder layer", "per decoder layer")
     assert plan.apply_order == ("activation checkpointing", "compile")
     with pytest.raises(FgcError) as info:
         compile_config(cfg, variables={"activation_checkpointing": "selective"})
@@ -573,7 +573,7 @@ def test_heads_must_divide_hidden_size_and_kv_heads_divide_heads():
     assert [x.loc.line for x in d] == [
         _example_line("num_attention_heads: {{"),
         _example_line("num_key_value_heads: {{"),
-        _example_line("head_dim: {{"),
+        _example_line("head_dim: {{ ns.head_dim or"),
     ]
     assert d[0].message == "num_attention_heads (5) does not divide hidden_size (96)"
     assert d[1].message == "num_key_value_heads (2) does not divide num_attention_heads (5)"

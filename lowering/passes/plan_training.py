@@ -87,6 +87,19 @@ class PlanTraining(Pass):
             err("precision.mode", "fp16-mixed is not supported with FSDP2 in this version: its gradient "
                 "scaler would need the sharded gradients", hint="use bf16-mixed")
             return None
+        if s.optimizer_in_backward:
+            # each parameter steps before the other gradients exist: nothing may need them all
+            conflicts = [
+                (s.TYPE != "basic", "the " + s.TYPE + " trainer, whose gradients are reduced over ranks after the backward"),
+                (s.grad_clip is not None, "gradient clipping, which needs the norm of every gradient first"),
+                (s.precision.mode == "fp16-mixed", "fp16-mixed, whose loss scaler checks every gradient first"),
+            ]
+            for conflict, why in conflicts:
+                if conflict:
+                    err("optimizer_in_backward", f"optimizer_in_backward cannot be combined with {why}",
+                        hint="set optimizer_in_backward: false, or remove the conflicting setting")
+            if ctx.sink.errors:
+                return None
         pipelined = isinstance(s, PipelineTrainer)
         replicas = s.parallel.data_degree if pipelined else s.nproc
         if pipelined:
@@ -110,12 +123,30 @@ class PlanTraining(Pass):
                     f"is not divisible by micro_batch_size {micro}",
                 )
                 return None
+            if s.optimizer_in_backward and per_rank // micro > 1:
+                err(
+                    "optimizer_in_backward",
+                    f"optimizer_in_backward cannot be combined with gradient accumulation "
+                    f"({per_rank // micro} micro-batches a step): it steps during the first backward",
+                    hint="remove micro_batch_size, or set optimizer_in_backward: false",
+                )
+                return None
             eval_batch = s.logging.eval_batch_size
             if eval_batch is not None and (eval_batch < 1 or eval_batch % s.nproc):
                 err("logging.eval_batch_size", f"eval_batch_size {eval_batch} is not a positive multiple of nproc {s.nproc}")
                 return None
             mesh = () if s.TYPE == "basic" else ((("dp_shard" if s.TYPE == "fsdp2" else "dp"), s.nproc),)
-        ac = "per decoder layer" if s.activation_checkpointing.mode == "full" else "none"
+        ac_settings = s.activation_checkpointing
+        if ac_settings.every_n_layers < 1:
+            err("activation_checkpointing.every_n_layers",
+                f"every_n_layers must be at least 1, got {ac_settings.every_n_layers}")
+            return None
+        which = "decoder layer" if ac_settings.every_n_layers == 1 else f"{_ordinal(ac_settings.every_n_layers)} decoder layer"
+        ac = {
+            "none": "none",
+            "full": f"every {which}",
+            "selective": f"every {which}, selective: matmul and attention outputs kept",
+        }[ac_settings.mode]
         compile_ = "per decoder layer" if s.compile.enabled else "none"
         fsdp = s.TYPE == "fsdp2"
         order = tuple(
@@ -291,3 +322,8 @@ class PlanTraining(Pass):
                     f"the model does not build: {type(exc).__name__}: {exc}", ir.node(ir.targets["model"]).loc
                 )
                 return None
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
