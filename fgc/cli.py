@@ -304,7 +304,12 @@ def ls_(directory, include_dirs):
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="output directory")
-@click.option("--tokenizer", default="byte", show_default=True, help="byte (built in)")
+@click.option(
+    "--tokenizer",
+    default="byte",
+    show_default=True,
+    help="byte (built in), a tokenizer.json file or a local Hugging Face tokenizer directory",
+)
 @click.option("--val-fraction", default=0.0, type=float, show_default=True, help="share of documents held out")
 @command
 def data(inputs, out, tokenizer, val_fraction):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
-Precision = Literal["fp32", "bf16-mixed", "bf16"]
+Precision = Literal["fp32", "bf16-mixed", "bf16", "fp16-mixed"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class DataSettings:
 @dataclass(frozen=True)
 class PrecisionSettings:
     """Numeric formats: ``fp32``; ``bf16-mixed`` (fp32 weights, bf16 autocast); ``bf16`` (bf16
-    weights and activations)."""
+    weights and activations); ``fp16-mixed`` (fp32 weights, fp16 autocast, a gradient scaler;
+    basic and DDP trainers only)."""
 
     mode: Precision = "fp32"
 
@@ -49,11 +50,21 @@ class CheckpointSettings:
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    """Cadences of the metrics line and of evaluation, in optimizer steps (0: never)."""
+    """Cadences of the metrics line, of evaluation and of text samples, in optimizer steps
+    (0: never); TensorBoard output; what a sample is."""
 
     log_every: int = 10
     eval_every: int = 0
     eval_batches: int = 4
+    eval_batch_size: Optional[int] = None  # sequences per eval batch; None: the train batch
+    # TensorBoard event files in OUTPUT_DIR/tensorboard/ (when the tensorboard package is installed)
+    tensorboard: bool = True
+    # a text sample every sample_every steps (0: never): sample_tokens tokens after sample_prompt,
+    # greedy at temperature 0, else drawn with a generator seeded by the run's seed and the step
+    sample_every: int = 0
+    sample_prompt: str = "The"
+    sample_tokens: int = 64
+    sample_temperature: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,47 @@ class FSDPSettings(DataParallelSettings):
     reshard_after_forward: bool = True
 
 
+PipelineSchedule = Literal[
+    "gpipe",
+    "1f1b",
+    "interleaved-1f1b",
+    "looped-bfs",
+    "interleaved-zero-bubble",
+    "zbv-zero-bubble",
+    "dualpipev",
+]
+# schedules that run several stages per rank, and how those stages are laid out over ranks
+MULTI_STAGE_SCHEDULES = {
+    "interleaved-1f1b": "loop",
+    "looped-bfs": "loop",
+    "interleaved-zero-bubble": "loop",
+    "zbv-zero-bubble": "v",
+    "dualpipev": "v",
+}
+# schedules that split the backward into input and weight gradients (torch.compile cannot)
+SPLIT_BACKWARD_SCHEDULES = ("interleaved-zero-bubble", "zbv-zero-bubble", "dualpipev")
+
+
+@dataclass(frozen=True)
+class PipelineSettings(DataParallelSettings):
+    """Pipeline parallelism (torch.distributed.pipelining): the decoder layers are split into
+    stages, balanced by parameter count, over ``pipeline_degree`` ranks; ``data_degree`` copies of
+    the pipeline train on different data. ``nproc`` must equal ``pipeline_degree * data_degree``.
+
+    ``stages_per_rank``: 1 for ``gpipe`` and ``1f1b``; 2 or more for the interleaved schedules
+    (stage s on rank s mod pipeline_degree: the loop layout), exactly 2 for ``zbv-zero-bubble`` and
+    ``dualpipev`` (rank r holds stages r and 2*pipeline_degree-1-r: the V layout); None picks these.
+    ``microbatches``: how many pieces each data-parallel replica's batch is cut into (None: the
+    number of stages).
+    """
+
+    pipeline_degree: int = 2
+    data_degree: int = 1
+    schedule: PipelineSchedule = "1f1b"
+    stages_per_rank: Optional[int] = None
+    microbatches: Optional[int] = None
+
+
 @dataclass(frozen=True)
 class ParamGroupSettings:
     """Which parameters get no weight decay: regular expressions searched in parameter names."""
@@ -79,11 +131,42 @@ class ParamGroupSettings:
 
 
 @dataclass(frozen=True)
-class ActivationCheckpointSettings:
-    """Recompute activations in the backward instead of keeping them: ``none``, or ``full``
-    (every decoder layer keeps only its input)."""
+class PretrainedSettings:
+    """Where the model's initial weights come from: ``model_dir``, a local Hugging Face model
+    directory whose safetensors ``build_model`` loads (None: the model's own initialisation)."""
 
-    mode: Literal["none", "full"] = "none"
+    model_dir: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The language-model loss: token cross-entropy, optionally with label smoothing, z-loss
+    (``z_loss * logsumexp(logits)²`` a token, PaLM) and logit soft-capping
+    (``softcap * tanh(logits / softcap)``, Gemma 2).
+
+    ``impl`` picks the kernel (``fgc_runtime.kernels.fused_linear_cross_entropy``): ``torch`` (the
+    reference: every logit materialised), ``chunked`` (the head and the loss a chunk of
+    ``chunk_size`` tokens at a time: one chunk's logits in memory), or ``auto``: fgc's
+    select-kernels pass chooses from the trainer, the features and the size of the logits.
+    ``triton`` is not available in this version. A feature the chosen kernel lacks is an error.
+    """
+
+    impl: Literal["auto", "torch", "chunked", "triton"] = "auto"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    chunk_size: int = 4096
+
+
+@dataclass(frozen=True)
+class ActivationCheckpointSettings:
+    """Recompute activations in the backward instead of keeping them: ``none``; ``full`` (a
+    checkpointed decoder layer keeps only its input); ``selective`` (a checkpointed layer keeps
+    the outputs of its matmuls and attention, and recomputes the cheap element-wise ops: norms,
+    activations, rotary). ``every_n_layers``: checkpoint layers 0, n, 2n, ... (1: all of them)."""
+
+    mode: Literal["none", "full", "selective"] = "none"
+    every_n_layers: int = 1
 
 
 @dataclass(frozen=True)
@@ -106,6 +189,9 @@ class BasicTrainer:
     micro_batch_size: Optional[int] = None  # sequences per forward on each rank; None: all of it
     seq_len: int = 128
     grad_clip: Optional[float] = 1.0
+    # step each parameter inside the backward as soon as its gradient is complete, and free the
+    # gradient (one process, no accumulation, no clipping)
+    optimizer_in_backward: bool = False
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "output"
@@ -118,6 +204,8 @@ class BasicTrainer:
     )
     compile: CompileSettings = field(default_factory=CompileSettings)
     param_groups: ParamGroupSettings = field(default_factory=ParamGroupSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    pretrained: PretrainedSettings = field(default_factory=PretrainedSettings)
 
     @property
     def nproc(self) -> int:
@@ -146,7 +234,17 @@ class FSDP2Trainer(DDPTrainer):
     parallel: FSDPSettings = field(default_factory=FSDPSettings)
 
 
-TRAINER_TYPES = {cls.TYPE: cls for cls in (BasicTrainer, DDPTrainer, FSDP2Trainer)}
+@dataclass(frozen=True)
+class PipelineTrainer(DDPTrainer):
+    """Pipeline parallel (optionally times data parallel) over ``parallel.nproc`` processes per
+    node, with one of torch's pipeline schedules."""
+
+    TYPE: ClassVar[str] = "pipeline"
+
+    parallel: PipelineSettings = field(default_factory=PipelineSettings)
+
+
+TRAINER_TYPES = {cls.TYPE: cls for cls in (BasicTrainer, DDPTrainer, FSDP2Trainer, PipelineTrainer)}
 
 # The setting groups a trainer holds, and the schema of each (for checks and codegen).
 SETTING_GROUPS = {
@@ -158,4 +256,6 @@ SETTING_GROUPS = {
     "activation_checkpointing": ActivationCheckpointSettings,
     "compile": CompileSettings,
     "param_groups": ParamGroupSettings,
+    "loss": LossSettings,
+    "pretrained": PretrainedSettings,
 }

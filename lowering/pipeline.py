@@ -8,11 +8,13 @@ from fgc.ir import IRGraph
 
 from .context import LoweringContext
 from .passes.bind_arguments import BindArguments
+from .passes.check_optimization import CheckOptimization
 from .passes.check_types import CheckTypes
 from .passes.validate_model import ValidateModel
 from .passes.plan_training import PlanTraining
 from .passes.resolve_callables import ResolveCallables
 from .passes.resolve_variables import ResolveVariables
+from .passes.select_kernels import SelectKernels
 
 PASSES = (
     ResolveVariables(),  # bind every !var to its -D value or its default
@@ -21,6 +23,8 @@ PASSES = (
     CheckTypes(),  # check scalar arguments against parameter annotations
     ValidateModel(),  # cross-field checks of the model's shape
     PlanTraining(),  # typed trainer settings -> the plan codegen reads
+    SelectKernels(),  # each kernel's implementation, from capabilities
+    CheckOptimization(),  # the lr schedule's budgets, the optimizer's trainer, samples
 )
 
 PASS_NAMES = tuple(p.name for p in PASSES)

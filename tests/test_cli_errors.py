@@ -119,7 +119,8 @@ def test_unknown_dump_after_pass(tmp_path):
     lines = result.stderr.split("\n")
     assert lines[0] == "<command line>: error: --dump-after: unknown pass 'nope'"
     assert lines[1] == (
-        "  hint: passes: resolve-variables, resolve-callables, bind-arguments, check-types, validate-model, plan-training"
+        "  hint: passes: resolve-variables, resolve-callables, bind-arguments, check-types, validate-model, plan-training,"
+            " select-kernels, check-optimization"
     )
     assert not (tmp_path / "out").exists()
 

@@ -54,7 +54,7 @@ def test_build_layout(tmp_path):
     ]:
         assert (out / rel).is_file(), rel
     assert os.access(out / "launch.sh", os.X_OK)
-    assert "torchrun --nproc-per-node 2" in (out / "launch.sh").read_text()
+    assert "\nnproc=2\n" in (out / "launch.sh").read_text()  # the plan's processes per node
     assert (out / "requirements.txt").read_text() == "torch>=2.4\n"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["plan"]["trainer_type"] == "ddp"
@@ -236,10 +236,10 @@ def test_smoke_check_reports_a_failing_constructor_at_its_config_line(tmp_path):
 
 
 def test_unavailable_trainer_type_is_reported_at_the_template_line(tmp_path):
-    proc = run_fgc("build", EXAMPLE, "-o", tmp_path / "out", "-D", "trainer_type=pipeline")
+    proc = run_fgc("build", EXAMPLE, "-o", tmp_path / "out", "-D", "trainer_type=diloco")
     assert proc.returncode == 2
     assert "lm/train.yaml:" in proc.stderr
-    assert "trainer_type pipeline is not available in this version of fgc" in proc.stderr
+    assert "trainer_type diloco is not available in this version of fgc" in proc.stderr
 
 
 def test_fgc_data_command(tmp_path):

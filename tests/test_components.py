@@ -1,4 +1,5 @@
-"""fgc.components against transformers' Llama: same state-dict keys, same logits, sane factories.
+"""fgc.components against transformers: same state-dict keys, same logits, same rotary tables for
+each rope type, sane factories; packed-document and sliding-window masks; init rules.
 
 Shape legend: B batch, T sequence, V vocabulary size.
 """
@@ -12,18 +13,24 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from fgc.components.attention import CausalSelfAttention
-from fgc.components.causal_lm import CausalLM
-from fgc.components.layers import PreNormDecoderLayer
+from fgc.components.attention import CausalSelfAttention, sliding_window_causal_mask
+from fgc.components.causal_lm import CausalLM, packed_document_positions_and_mask
+from fgc.components.layers import PostNormDecoderLayer, PreNormDecoderLayer
 from fgc.components.mlp import SwiGLUMLP
 from fgc.components.norm import RMSNorm
-from fgc.components.rotary import RotaryEmbedding
+from fgc.components.rotary import (
+    DynamicNTKRotaryEmbedding,
+    Llama3RotaryEmbedding,
+    LinearScalingRotaryEmbedding,
+    RotaryEmbedding,
+    YarnRotaryEmbedding,
+)
 
 COMPONENTS_DIR = Path(__file__).resolve().parents[1] / "fgc" / "components"
 COMPONENT_FILES = ["norm.py", "rotary.py", "attention.py", "mlp.py", "layers.py", "causal_lm.py"]
 
 # What a component module may import, because the copier inlines these files into model.py.
-ALLOWED_STDLIB = {"math", "functools", "typing", "dataclasses"}
+ALLOWED_STDLIB = {"math", "functools", "re", "typing", "dataclasses"}
 ALLOWED_PLAIN_IMPORTS = ALLOWED_STDLIB | {"torch"}
 ALLOWED_FROM_IMPORTS = {
     ("torch", "nn"),
@@ -229,6 +236,217 @@ def test_bf16_forward_keeps_model_dtype():
         out_BTV = ours(ids_BT)
     assert out_BTV.dtype == torch.bfloat16
     torch.testing.assert_close(out_BTV.float(), ref_BTV, atol=0.05, rtol=0.05)
+
+
+ROPE_VARIANTS = {
+    "linear": (LinearScalingRotaryEmbedding, {"rope_type": "linear", "factor": 4.0}),
+    "dynamic": (DynamicNTKRotaryEmbedding, {"rope_type": "dynamic", "factor": 3.0}),
+    "yarn": (YarnRotaryEmbedding, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
+    "yarn_mscale": (
+        YarnRotaryEmbedding,
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 8,
+            "mscale": 0.707,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "truncate": False,
+        },
+    ),
+    "yarn_attention_factor": (
+        YarnRotaryEmbedding,
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16, "attention_factor": 0.8},
+    ),
+    "llama3": (
+        Llama3RotaryEmbedding,
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(ROPE_VARIANTS))
+def test_rotary_scaling_variants_match_transformers_tables(variant):
+    cls, rope_scaling = ROPE_VARIANTS[variant]
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        rope_theta=1000.0,
+        rope_scaling=dict(rope_scaling),
+    )
+    kwargs = {k: v for k, v in rope_scaling.items() if k != "rope_type"}
+    ours = cls(16, max_position_embeddings=32, rope_theta=1000.0, **kwargs)
+    x = torch.zeros(1, dtype=torch.float32)
+    # positions beyond max_position_embeddings (32) too, where dynamic NTK changes its base
+    for length in (20, 50):
+        ref = LlamaRotaryEmbedding(cfg)  # fresh: transformers' dynamic variant keeps state
+        position_ids_BT = torch.arange(length).unsqueeze(0).expand(2, length)
+        ref_cos, ref_sin = ref(x, position_ids_BT)
+        cos_BTE, sin_BTE = ours(position_ids_BT)
+        torch.testing.assert_close(cos_BTE, ref_cos, atol=1e-7, rtol=0)
+        torch.testing.assert_close(sin_BTE, ref_sin, atol=1e-7, rtol=0)
+    # the variant really differs from the default RoPE
+    plain_cos, _ = RotaryEmbedding(16, 32, 1000.0)(position_ids_BT)
+    assert (plain_cos - cos_BTE).abs().max() > 1e-2
+    if variant != "dynamic":
+        torch.testing.assert_close(ours.inv_freq, LlamaRotaryEmbedding(cfg).inv_freq, atol=0, rtol=0)
+
+
+def test_scaled_rotary_reset_parameters_keeps_the_scaling():
+    rotary = Llama3RotaryEmbedding(32, 64, 500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    expected = rotary.inv_freq.clone()
+    assert not torch.equal(expected, RotaryEmbedding(32, 64, 500000.0).inv_freq)
+    rotary.to(torch.bfloat16)
+    rotary.reset_parameters()
+    assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, expected)
+    with pytest.raises(ValueError, match="high_freq_factor"):
+        Llama3RotaryEmbedding(32, factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0)
+    with pytest.raises(ValueError, match="factor must be positive"):
+        LinearScalingRotaryEmbedding(32, factor=0.0)
+
+
+def test_packed_document_positions_and_mask():
+    doc_BT = torch.tensor([[5, 5, 5, 2, 2, 7], [1, 1, 2, 1, 1, 1]])
+    position_ids_BT, mask_B1TS = packed_document_positions_and_mask(doc_BT)
+    # a document is a run of equal ids: the second row's last three tokens are a new document
+    assert position_ids_BT.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 0, 0, 1, 2]]
+    assert mask_B1TS.shape == (2, 1, 6, 6) and mask_B1TS.dtype == torch.bool
+    assert mask_B1TS[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
+    assert mask_B1TS[1, 0, 5].int().tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_sliding_window_mask_convention():
+    # a token sees itself and the sliding_window - 1 tokens before it (transformers' Mistral)
+    assert sliding_window_causal_mask(5, 2).int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1],
+    ]
+
+
+def _random_model(window=None, qk_norm=False, layer_class=PreNormDecoderLayer) -> CausalLM:
+    torch.manual_seed(0)
+    norm = functools.partial(RMSNorm, eps=1e-6)
+    attention = functools.partial(
+        CausalSelfAttention,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=window,
+        qk_norm_factory=norm if qk_norm else None,
+    )
+    mlp = functools.partial(SwiGLUMLP, intermediate_size=96)
+    layer = functools.partial(layer_class, attention_factory=attention, mlp_factory=mlp, norm_factory=norm)
+    model = CausalLM(97, 64, 2, layer, norm, RotaryEmbedding(16), initializer_range=0.1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize(
+    "window, qk_norm", [(None, False), (4, False), (None, True)], ids=["plain", "window4", "qknorm"]
+)
+def test_packed_documents_give_the_logits_of_each_document_alone(window, qk_norm):
+    model = _random_model(window=window, qk_norm=qk_norm)
+    gen = torch.Generator().manual_seed(5)
+    lengths = [7, 12, 3]
+    docs = [torch.randint(0, 97, (1, n), generator=gen) for n in lengths]
+    packed_BT = torch.cat(docs, dim=1)
+    document_ids_BT = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        packed_BTV = model(packed_BT, document_ids_BT)
+        alone_BTV = torch.cat([model(doc) for doc in docs], dim=1)
+        unmasked_BTV = model(packed_BT)
+        one_document_BTV = model(packed_BT, torch.zeros_like(packed_BT))
+    torch.testing.assert_close(packed_BTV, alone_BTV, atol=1e-5, rtol=0)
+    # the mask matters: without it the second and third documents see the first
+    assert (unmasked_BTV[:, 7:] - alone_BTV[:, 7:]).abs().max() > 1e-3
+    # one document spanning the row is the plain causal path
+    torch.testing.assert_close(one_document_BTV, unmasked_BTV, atol=1e-5, rtol=0)
+
+
+def test_sliding_window_of_one_attends_only_to_itself():
+    attn = CausalSelfAttention(hidden_size=32, num_attention_heads=2, sliding_window=1)
+    x_BTD = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(6))
+    cos_BTE, sin_BTE = RotaryEmbedding(16)(torch.arange(6).unsqueeze(0).expand(2, 6))
+    with torch.no_grad():
+        out_BTD = attn(x_BTD, cos_BTE, sin_BTE)
+        # softmax over one key is 1: the output is o_proj(v_proj(x)) token by token
+        torch.testing.assert_close(out_BTD, attn.o_proj(attn.v_proj(x_BTD)), atol=1e-6, rtol=0)
+        attn.sliding_window = 6  # a window as long as the input is plain causal attention
+        wide_BTD = attn(x_BTD, cos_BTE, sin_BTE)
+        attn.sliding_window = None
+        torch.testing.assert_close(wide_BTD, attn(x_BTD, cos_BTE, sin_BTE), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="sliding_window"):
+        CausalSelfAttention(hidden_size=32, num_attention_heads=2, sliding_window=0)
+
+
+def test_init_rules_first_matching_rule_wins():
+    norm = RMSNorm
+    layer = functools.partial(
+        PreNormDecoderLayer,
+        attention_factory=functools.partial(CausalSelfAttention, num_attention_heads=4),
+        mlp_factory=functools.partial(SwiGLUMLP, intermediate_size=256),
+        norm_factory=norm,
+    )
+    torch.manual_seed(0)
+    model = CausalLM(
+        512,
+        128,
+        2,
+        layer,
+        norm,
+        RotaryEmbedding(32),
+        init_rules=(
+            (r"layers\.0\.self_attn\.q_proj", "zeros"),
+            (r"q_proj", "ones"),
+            (r"o_proj|down_proj", 0.002),
+            (r"layernorm", 0.0),
+        ),
+    )
+    layers = model.model.layers
+    assert torch.equal(layers[0].self_attn.q_proj.weight, torch.zeros(128, 128))
+    assert torch.equal(layers[1].self_attn.q_proj.weight, torch.ones(128, 128))
+    for w in [layers[0].self_attn.o_proj.weight, layers[1].mlp.down_proj.weight]:
+        assert abs(w.std().item() - 0.002) < 0.0003
+    assert torch.equal(layers[0].input_layernorm.weight, torch.zeros(128))
+    # unmatched parameters keep Llama's initialisation
+    assert abs(layers[0].self_attn.k_proj.weight.std().item() - 0.02) < 0.002
+    assert torch.equal(model.model.norm.weight, torch.ones(128))
+    with pytest.raises(ValueError, match="not a valid regex"):
+        CausalLM(8, 32, 1, layer, norm, RotaryEmbedding(8), init_rules=(("(", 0.1),))
+    with pytest.raises(ValueError, match="standard deviation"):
+        CausalLM(8, 32, 1, layer, norm, RotaryEmbedding(8), init_rules=(("q_proj", "normal"),))
+
+
+def test_backward_reaches_every_parameter_of_postnorm_qknorm_window_models():
+    model = _random_model(window=3, qk_norm=True, layer_class=PostNormDecoderLayer).train()
+    ids_BT = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(7))
+    documents_BT = torch.tensor([[0] * 5 + [1] * 6, [0] * 11])
+    logits_BTV = model(ids_BT, documents_BT)
+    torch.nn.functional.cross_entropy(logits_BTV.reshape(-1, 97), ids_BT.reshape(-1)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.1.post_feedforward_layernorm.weight"} <= set(
+        model.state_dict()
+    )
 
 
 def _component_trees() -> dict[str, ast.Module]:

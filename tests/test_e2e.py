@@ -42,7 +42,7 @@ def test_build_then_torchrun_two_ranks_trains(tmp_path):
     assert [r["step"] for r in evals] == [30, 60]
     for r in train:
         assert list(r) == [
-            "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "peak_mem_bytes", "elapsed_s"
+            "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "peak_mem_bytes", "elapsed_s", "eta_s"
         ]
     # 16 sequences of 128 tokens per step, counted over both ranks
     assert train[-1]["tokens"] == 60 * 16 * 128

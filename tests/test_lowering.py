@@ -56,6 +56,8 @@ def test_pipeline_order():
         "check-types",
         "validate-model",
         "plan-training",
+        "select-kernels",
+        "check-optimization",
     )
 
 
@@ -387,7 +389,7 @@ def test_trainer_several_field_errors_together(tmp_path):
     exc = compile_error(cfg, {"t_steps": 1.5, "t_precision": "fp16"})
     assert [(d.loc.line, d.message) for d in exc.diagnostics] == [
         (8, "DDPTrainer.max_steps must be int, got 1.5"),
-        (13, "PrecisionSettings.mode must be one of 'fp32', 'bf16-mixed', 'bf16', got 'fp16'"),
+        (13, "PrecisionSettings.mode must be one of 'fp32', 'bf16-mixed', 'bf16', 'fp16-mixed', got 'fp16'"),
     ]
 
 
@@ -451,7 +453,9 @@ def test_plan_basic(tmp_path):
         grad_accum_steps=3,
         seq_len=32,
         precision="fp32",
+        kernels=compiled.ctx.plan.kernels,
     )
+    assert compiled.ctx.plan.kernels["cross_entropy"]["impl"] == "torch"
     settings = compiled.ctx.settings
     assert type(settings) is BasicTrainer
     assert settings.data == DataSettings(data_dir="tokens")
@@ -475,6 +479,14 @@ def test_plan_ddp(tmp_path):
         "activation_checkpointing": "none",
         "compile": "none",
         "apply_order": [],
+        "mesh": {"dp": 4},
+        "pipeline": None,
+        "kernels": {
+            "cross_entropy": {
+                "impl": "torch",
+                "reason": "auto: one micro-batch's logits take 0.1 MiB (under 256 MiB): the reference",
+            }
+        },
     }
     assert type(compiled.ctx.settings) is DDPTrainer
 
@@ -488,9 +500,11 @@ def test_plan_orders_activation_checkpointing_before_compile(tmp_path):
     plan = compile_config(cfg, variables={"compile": True, "activation_checkpointing": "full"}).ctx.plan
     assert (plan.activation_checkpointing, plan.compile) == ("every decoder layer", "per decoder layer")
     assert plan.apply_order == ("activation checkpointing", "compile")
+    plan = compile_config(cfg, variables={"activation_checkpointing": "selective"}).ctx.plan
+    assert plan.activation_checkpointing == "every decoder layer, selective: matmul and attention outputs kept"
     with pytest.raises(FgcError) as info:
-        compile_config(cfg, variables={"activation_checkpointing": "selective"})
-    assert "ActivationCheckpointSettings.mode must be one of 'none', 'full', got 'selective'" in (
+        compile_config(cfg, variables={"activation_checkpointing": "some"})
+    assert "ActivationCheckpointSettings.mode must be one of 'none', 'full', 'selective', got 'some'" in (
         info.value.diagnostics[0].message
     )
 
@@ -507,15 +521,15 @@ def test_plan_of_library_template_with_defines(tmp_path):
     ddp = compile_config(
         cfg, variables={"trainer_type": "ddp", "nproc": 4, "batch_size": 32, "seq_len": 64}
     ).ctx.plan
-    assert ddp == Plan("ddp", 4, "torchrun", 32, 8, 8, 1, 64, "fp32")
+    assert ddp == Plan("ddp", 4, "torchrun", 32, 8, 8, 1, 64, "fp32", mesh=(("dp", 4),), kernels=ddp.kernels)
 
 
 def test_plan_of_the_main_example():
     example = REPO / "examples" / "tiny_llama" / "train.yaml"
     plan = compile_config(example, variables={"nproc": 2, "batch_size": 8}).ctx.plan
-    assert plan == Plan("ddp", 2, "torchrun", 8, 4, 4, 1, 128, "fp32")
+    assert plan == Plan("ddp", 2, "torchrun", 8, 4, 4, 1, 128, "fp32", mesh=(("dp", 2),), kernels=plan.kernels)
     plan = compile_config(example, variables={"trainer_type": "basic", "max_steps": 5}).ctx.plan
-    assert plan == Plan("basic", 1, "python", 16, 16, 16, 1, 128, "fp32")
+    assert plan == Plan("basic", 1, "python", 16, 16, 16, 1, 128, "fp32", kernels=plan.kernels)
 
 
 def test_library_nproc_error_at_library_line(tmp_path):

@@ -297,7 +297,7 @@ def test_raise_in_block_of_library_template(tmp_path):
     cfg = write(tmp_path / "c.yaml", '-- extends "lm/train.yaml"\n')
     exc = error_of(cfg, variables={"trainer_type": "nope"})
     lib = (LIBRARY_DIR / "lm" / "train.yaml").read_text().split("\n")
-    line = next(i for i, t in enumerate(lib, 1) if "raise(" in t)
+    line = next(i for i, t in enumerate(lib, 1) if "raise(\"trainer_type" in t)
     assert where(exc) == (str(LIBRARY_DIR / "lm" / "train.yaml"), line)
     assert exc.diagnostics[0].message.startswith("trainer_type nope is not available")
 

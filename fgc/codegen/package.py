@@ -39,6 +39,27 @@ CONSTANT_NAMES = {
     ("compile", "enabled"): "COMPILE",
     ("compile", "mode"): "COMPILE_MODE",
     ("compile", "fullgraph"): "COMPILE_FULLGRAPH",
+    ("parallel", "schedule"): "PIPELINE_SCHEDULE",
+    ("loss", "impl"): "LOSS_IMPL",
+    ("loss", "chunk_size"): "LOSS_CHUNK_SIZE",
+}
+
+
+# Settings whose None means "derive it": (value, where) from the settings and the plan.
+RESOLVED = {
+    ("logging", "eval_batch_size"): lambda s, plan: (s.batch_size, "the train batch (eval_batch_size is null)"),
+    ("loss", "impl"): lambda s, plan: (
+        plan.kernels["cross_entropy"]["impl"],
+        "the select-kernels pass, " + plan.kernels["cross_entropy"]["reason"],
+    ),
+    ("parallel", "microbatches"): lambda s, plan: (
+        plan.pipeline["microbatches"],
+        "the plan: one per pipeline stage (microbatches is null)",
+    ),
+    ("parallel", "stages_per_rank"): lambda s, plan: (
+        len(plan.pipeline["stages"]) // s.parallel.pipeline_degree,
+        f"the plan: what the {s.parallel.schedule} schedule runs (stages_per_rank is null)",
+    ),
 }
 
 
@@ -108,8 +129,17 @@ class PackageBuilder:
         plan = self.ctx.plan
         if plan.launcher == "torchrun":
             run = f"torchrun --nproc-per-node {plan.nproc} train.py"
-            kind = "fully sharded (FSDP2)" if plan.trainer_type == "fsdp2" else "DistributedDataParallel"
+            kind = {
+                "fsdp2": "fully sharded (FSDP2)",
+                "pipeline": "pipeline parallel",
+            }.get(plan.trainer_type, "DistributedDataParallel")
             description = f"{kind} over {plan.nproc} processes per node (torchrun)"
+            if plan.pipeline:
+                pp, dp = dict(plan.mesh)["pp"], dict(plan.mesh)["dp"]
+                description += (
+                    f": {len(plan.pipeline['stages'])} stages on {pp} ranks ({plan.pipeline['schedule']}"
+                    f", {plan.pipeline['microbatches']} micro-batches)" + (f" x {dp} data-parallel" if dp > 1 else "")
+                )
         else:
             run = "python train.py"
             description = "one process (basic trainer)"
@@ -128,6 +158,8 @@ class PackageBuilder:
             "trainer_type": plan.trainer_type,
             "trainer_description": description,
             "precision": plan.precision,
+            "forward_only_eval": bool(plan.pipeline) and plan.pipeline["schedule"] in ("zbv-zero-bubble", "dualpipev"),
+            "autocast_dtype": {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}.get(plan.precision),
             "launcher": plan.launcher,
             "nproc": plan.nproc,
             "run_command": run,
@@ -150,7 +182,9 @@ class PackageBuilder:
         emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, vendored)
         statements, var = emitter.emit("model")
         body = [code(s).strip() for s in statements]
-        import_lines = sorted(set(vendored.imports) | set(imports.statements()), key=_import_key)
+        weights_dir, weights_where = self.pretrained()
+        extra = ["from fgc_runtime.hf import load_weights"] if weights_dir is not None else []
+        import_lines = sorted(set(vendored.imports) | set(imports.statements()) | set(extra), key=_import_key)
         self._note_third_party(import_lines)
         source = self.jinja.get_template("model.py.j2").render(
             common,
@@ -159,8 +193,51 @@ class PackageBuilder:
             body=body,
             model_var=var,
             model_where=self.where(self.ir.node(model_root).loc),
+            weights_dir=None if weights_dir is None else code(literal(weights_dir)),
+            weights_where=weights_where,
         )
         return format_python(source)
+
+    def pretrained(self) -> tuple[str | None, str]:
+        """The Hugging Face model directory the model starts from (None: fresh), and where the
+        config set it."""
+        model_dir = self.ctx.settings.pretrained.model_dir
+        if model_dir is None:
+            return None, ""
+        trainer = self.ir.node(self.ir.targets["trainer"])
+        node = self.ir.node(trainer.kwargs["pretrained"])
+        origins = self.rendered.origins_of(self.ir.node(node.kwargs["model_dir"]).loc)
+        loc, dvar = origins[-2] if len(origins) > 1 else origins[-1]
+        return model_dir, f"{dvar} ({self.where(loc)})" if dvar else self.where(loc)
+
+    def hf_export(self) -> str | None:
+        """``hf_config.json``: what ``train.py --export-hf`` writes as the model's config (see
+        :mod:`fgc.hf`), decided from the model built on the meta device (None when it does not
+        build: the smoke check then reports why, at the config line to blame)."""
+        import torch
+
+        from fgc.hf import export_spec
+        from fgc_lowering.construct import construct
+
+        from .smoke import skip_init
+
+        source = None
+        model_dir = self.ctx.settings.pretrained.model_dir
+        if model_dir is not None:
+            config_json = Path(model_dir) / "config.json"
+            try:
+                source = json.loads(config_json.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                trainer = self.ir.node(self.ir.targets["trainer"])
+                node = self.ir.node(self.ir.node(trainer.kwargs["pretrained"]).kwargs["model_dir"])
+                raise FgcError(f"cannot read {config_json}: {exc}", node.loc) from None
+            self.data_inputs.append(config_json)
+        with torch.device("meta"), skip_init():
+            try:
+                model = construct(self.ir, self.ctx, self.ir.targets["model"])
+            except Exception:
+                return None
+        return json.dumps(export_spec(model, source), indent=2) + "\n"
 
     def constants(self) -> list[tuple[str, str, str]]:
         """Settings as (NAME, literal, where) for the top of train.py."""
@@ -183,14 +260,17 @@ class PackageBuilder:
         out: list[tuple[str, str, str]] = []
         for f in fields(s):
             value = getattr(s, f.name)
-            if f.name in ("data", "micro_batch_size"):
+            if f.name in ("data", "micro_batch_size", "pretrained"):
                 continue
             if is_dataclass(value):  # a settings group: one constant per field
                 node, owner = group_node(f.name), type(value).__name__
                 for g in fields(value):
                     name = CONSTANT_NAMES.get((f.name, g.name), g.name.upper())
                     place = where(g.name, node, owner) if node else f"default of {cls}.{f.name}"
-                    out.append((name, code(literal(getattr(value, g.name))), place))
+                    v = getattr(value, g.name)
+                    if v in (None, "auto") and (f.name, g.name) in RESOLVED:  # what the plan fills in
+                        v, place = RESOLVED[(f.name, g.name)](s, plan)
+                    out.append((name, code(literal(v)), place))
                 continue
             name = "GLOBAL_BATCH_SIZE" if f.name == "batch_size" else f.name.upper()
             out.append((name, code(literal(value)), where(f.name)))
@@ -238,19 +318,33 @@ class PackageBuilder:
             statements, _ = emitter.emit(target, var)
             lines = [f"# {target}: {self.where(node.loc)}"] + [code(s).strip() for s in statements]
             blocks.append("\n".join(lines))
+        settings_pretrained = self.ctx.settings.pretrained.model_dir is not None
         fixed = [
             "import argparse",
             "import tempfile",
             "from pathlib import Path",
-            "from fgc_runtime import checkpoint, data, distributed, metrics",
+            "from fgc_runtime import checkpoint, control, data, distributed, hf, metrics",
             "from fgc_runtime.errors import RunError, run_main",
             "from fgc_runtime.optim import describe_groups, param_groups",
-            "from fgc_runtime.train import Throughput, count_targets, grad_norm, loss_sum_and_count,"
-            " mfu, model_flops_per_token, peak_memory_bytes, set_seed",
-            "from model import build_model",
+            "from fgc_runtime.log import RankLog",
+            "from fgc_runtime.train import MFU, Throughput, count_targets, grad_norm, loss_sum_and_count,"
+            " peak_memory_bytes, set_seed",
+            "from model import WEIGHTS_DIR, build_model" if settings_pretrained else "from model import build_model",
         ]
         if self.ctx.plan.trainer_type == "ddp":
             fixed += ["import contextlib", "from torch.nn.parallel import DistributedDataParallel"]
+        if self.ctx.plan.trainer_type == "pipeline":
+            fixed.append("from fgc_runtime import pipeline")
+        loss = self._loss_code()
+        if loss["chunked_loss"]:
+            fixed.append("from fgc_runtime.kernels.cross_entropy import LMHeadLoss")
+        if loss["loss_fn"] == "lm_loss":
+            fixed.append("from fgc_runtime.kernels.cross_entropy import cross_entropy_sum_and_count")
+        if self.ctx.settings.optimizer_in_backward:
+            fixed.append("from fgc_runtime.optim_in_backward import OptimizerInBackward")
+        sampling = self.ctx.settings.logging.sample_every > 0
+        if sampling:
+            fixed.append("from fgc_runtime.sample import TextSampler, load_tokenizer")
         fsdp = self.ctx.plan.trainer_type == "fsdp2"
         applied = [
             fn
@@ -277,8 +371,39 @@ class PackageBuilder:
             config_hash=code(literal(config_hash)),
             factories="\n\n".join(blocks),
             grad_clip=settings.grad_clip,
+            optimizer_in_backward=settings.optimizer_in_backward,
+            **loss,
+            pretrained=settings_pretrained,
+            sampling=sampling,
+            **self.optimization_flags(),
         )
         return format_python(source)
+
+    def optimization_flags(self) -> dict[str, bool]:
+        """How train.py calls the optimizer and schedule factories: ``optimizer_param_names`` when
+        the optimizer class wants named parameters (``needs_param_names``, e.g. MuonAdamW);
+        ``schedule_in_tokens`` when the lr schedule's budgets are tokens (the trainer passes its
+        tokens per step)."""
+        optimizer = self.ctx.symbols.get(self.ir.targets["optimizer"])
+        in_tokens = False
+        if "lr_scheduler" in self.ir.targets:
+            node = self.ir.node(self.ir.targets["lr_scheduler"])
+            unit = node.kwargs.get("budget_unit") if node.kind == "call" else None
+            in_tokens = unit is not None and self.ir.node(unit).value == "tokens"
+        return {
+            "optimizer_param_names": bool(getattr(getattr(optimizer, "obj", None), "needs_param_names", False)),
+            "schedule_in_tokens": in_tokens,
+        }
+
+    def _loss_code(self) -> dict:
+        """How train.py computes the loss: the kernel the select-kernels pass chose."""
+        loss = self.ctx.settings.loss
+        impl = self.ctx.plan.kernels["cross_entropy"]["impl"]
+        features = bool(loss.label_smoothing or loss.z_loss or loss.softcap is not None)
+        return {
+            "chunked_loss": impl == "chunked",
+            "loss_fn": "lm_loss" if features else "loss_sum_and_count",
+        }
 
     def _note_third_party(self, import_lines: list[str]) -> None:
         for line in import_lines:
@@ -309,7 +434,7 @@ class PackageBuilder:
         for given, path in zip(data.text_files, inputs):
             if not Path(path).is_file():
                 raise FgcError(f"text file {given!r} not found (looked for {path})", key_loc)
-        self.data_inputs = [Path(p).resolve() for p in inputs]
+        self.data_inputs += [Path(p).resolve() for p in inputs]
         with tempfile.TemporaryDirectory() as tmp:
             tokenize_to_shards(inputs, tmp, tokenizer="byte", val_fraction=data.val_fraction)
             return {f"data/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir())}
@@ -324,6 +449,9 @@ class PackageBuilder:
             "train.py": self.train_py(common, config_hash).encode(),
             "config.yaml": config_yaml,
         }
+        hf_export = self.hf_export()
+        if hf_export is not None:
+            files["hf_config.json"] = hf_export.encode()
         files.update(self.runtime_files())
         files.update(self.data_files())
         files["launch.sh"] = self.jinja.get_template("launch.sh.j2").render(common).encode()

@@ -1,14 +1,36 @@
 """Decoder-only causal language model assembled from component factories.
 
-Shape legend: B batch, T sequence, D hidden size, E head dim, V vocabulary size.
+Shape legend: B batch, T sequence, D hidden size, E head dim, V vocabulary size,
+S key positions (= T).
 """
 
+import re
 from typing import Callable
 
 import torch
 from torch import nn
 
 from fgc.components.rotary import RotaryEmbedding
+
+
+def packed_document_positions_and_mask(document_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask for rows holding several documents back to back.
+
+    A document is a run of equal ids in a row of `document_ids_BT`. Returns the position of each
+    token within its document (0 at each document's first token) and the boolean
+    block-diagonal causal mask `(B, 1, T, S)`: query t may attend key s when `s <= t` and s is
+    in t's document.
+    """
+    B, T = document_ids_BT.shape
+    index_BT = torch.arange(T, device=document_ids_BT.device).expand(B, T)
+    starts_doc_BT = torch.ones_like(document_ids_BT, dtype=torch.bool)
+    starts_doc_BT[:, 1:] = document_ids_BT[:, 1:] != document_ids_BT[:, :-1]
+    # the index of the first token of each token's document
+    doc_start_BT = torch.where(starts_doc_BT, index_BT, 0).cummax(dim=1).values
+    position_ids_BT = index_BT - doc_start_BT
+    key_S = torch.arange(T, device=document_ids_BT.device)
+    mask_BTS = (key_S <= index_BT[..., None]) & (key_S >= doc_start_BT[..., None])
+    return position_ids_BT, mask_BTS[:, None]
 
 
 class DecoderStack(nn.Module):
@@ -33,14 +55,18 @@ class DecoderStack(nn.Module):
         self.norm = norm_factory(hidden_size)
         self.rotary_emb = rotary_embedding
 
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids_BT.shape
         x_BTD = self.embed_tokens(input_ids_BT)
-        position_ids_BT = torch.arange(T, device=input_ids_BT.device).unsqueeze(0).expand(B, T)
+        if document_ids_BT is None:
+            position_ids_BT = torch.arange(T, device=input_ids_BT.device).unsqueeze(0).expand(B, T)
+            attn_mask_B1TS = None  # plain causal attention
+        else:
+            position_ids_BT, attn_mask_B1TS = packed_document_positions_and_mask(document_ids_BT)
         # Computed once per forward and passed to every layer, as transformers does.
         cos_BTE, sin_BTE = self.rotary_emb(position_ids_BT)
         for layer in self.layers:
-            x_BTD = layer(x_BTD, cos_BTE, sin_BTE)
+            x_BTD = layer(x_BTD, cos_BTE, sin_BTE, attn_mask_B1TS)
         return self.norm(x_BTD)
 
 
@@ -48,7 +74,15 @@ class CausalLM(nn.Module):
     """Decoder stack plus a linear LM head; state-dict keys equal transformers' LlamaForCausalLM.
 
     With `tie_word_embeddings` the head reuses the embedding matrix (both keys stay in the state
-    dict, as in transformers). Weights are initialised like Llama's `_init_weights`.
+    dict, as in transformers). Weights are initialised like Llama's `_init_weights`, then by
+    `init_rules`: `(regex, rule)` pairs tried in order against each parameter name (as
+    `named_parameters()` gives it, e.g. `model.layers.0.self_attn.o_proj.weight`; a tied head
+    is `model.embed_tokens.weight`); the first regex that `re.search` finds in the name decides,
+    with `rule` a standard deviation (normal with mean 0), `"zeros"` or `"ones"`.
+
+    `forward(input_ids_BT)` gives the logits; with `document_ids_BT` (same shape, ints), each
+    row is a sequence of documents (runs of equal ids): tokens attend only within their
+    document, and positions restart at 0 at each document's first token.
     """
 
     def __init__(
@@ -61,13 +95,25 @@ class CausalLM(nn.Module):
         rotary_embedding: RotaryEmbedding,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
+        init_rules: tuple[tuple[str, float | str], ...] = (),
     ):
         super().__init__()
+        for pattern, rule in init_rules:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"CausalLM: init_rules pattern {pattern!r} is not a valid regex: {err}") from None
+            if rule not in ("zeros", "ones") and (isinstance(rule, (str, bool)) or rule < 0):
+                raise ValueError(
+                    f"CausalLM: init_rules rule for {pattern!r} must be a standard deviation >= 0, "
+                    f"'zeros' or 'ones', got {rule!r}"
+                )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.tie_word_embeddings = tie_word_embeddings
         self.initializer_range = initializer_range
+        self.init_rules = tuple((pattern, rule) for pattern, rule in init_rules)
         self.model = DecoderStack(
             vocab_size, hidden_size, num_hidden_layers, layer_factory, norm_factory, rotary_embedding
         )
@@ -79,7 +125,8 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Linear and Embedding weights ~ N(0, initializer_range), biases zero; every other module
-        with a `reset_parameters` (norms: ones; rotary: recomputed buffer) resets itself."""
+        with a `reset_parameters` (norms: ones; rotary: recomputed buffer) resets itself; then
+        the parameters that an `init_rules` pattern matches are set by the first such rule."""
         std = self.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -88,6 +135,14 @@ class CausalLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        for name, param in self.named_parameters():
+            rule = next((rule for pattern, rule in self.init_rules if re.search(pattern, name)), None)
+            if rule == "zeros":
+                nn.init.zeros_(param)
+            elif rule == "ones":
+                nn.init.ones_(param)
+            elif rule is not None:
+                nn.init.normal_(param, mean=0.0, std=rule)
 
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids_BT))
+    def forward(self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids_BT, document_ids_BT))

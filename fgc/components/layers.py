@@ -1,6 +1,10 @@
 """Transformer decoder layers, built from swappable attention, MLP and norm factories.
 
-Shape legend: B batch, T sequence, D hidden size, E head dim.
+A layer is called as `layer(x_BTD, cos_BTE, sin_BTE, attn_mask_B1TS)`: the rotary tables of
+the positions, and an optional boolean attention mask (None: causal) that it hands to its
+attention.
+
+Shape legend: B batch, T sequence, D hidden size, E head dim, S key positions (= T).
 """
 
 from typing import Callable
@@ -30,7 +34,46 @@ class PreNormDecoderLayer(nn.Module):
         self.input_layernorm = norm_factory(hidden_size)
         self.post_attention_layernorm = norm_factory(hidden_size)
 
-    def forward(self, x_BTD: torch.Tensor, cos_BTE: torch.Tensor, sin_BTE: torch.Tensor) -> torch.Tensor:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTE, sin_BTE)
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTE: torch.Tensor,
+        sin_BTE: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTE, sin_BTE, attn_mask_B1TS)
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        return x_BTD
+
+
+class PostNormDecoderLayer(nn.Module):
+    """Post-norm residual decoder layer, the order of the original Transformer.
+
+    `norm(x + attn(x))`, then `norm(x + mlp(x))`: the norm follows each residual addition, so
+    the stream between layers is normalised. Takes the same factories as PreNormDecoderLayer.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        attention_factory: Callable[..., nn.Module],
+        mlp_factory: Callable[..., nn.Module],
+        norm_factory: Callable[..., nn.Module],
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.self_attn = attention_factory(hidden_size=hidden_size)
+        self.mlp = mlp_factory(hidden_size=hidden_size)
+        self.post_attention_layernorm = norm_factory(hidden_size)
+        self.post_feedforward_layernorm = norm_factory(hidden_size)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTE: torch.Tensor,
+        sin_BTE: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x_BTD = self.post_attention_layernorm(x_BTD + self.self_attn(x_BTD, cos_BTE, sin_BTE, attn_mask_B1TS))
+        x_BTD = self.post_feedforward_layernorm(x_BTD + self.mlp(x_BTD))
         return x_BTD

@@ -15,7 +15,8 @@ import yaml
 
 
 # Plain scalars that mean the same everywhere: no indicators, no flow characters, no edge spaces.
-_PLAIN_SAFE_RE = re.compile(r"^[A-Za-z0-9_./+=@$-](?:[A-Za-z0-9_./+=@$' -]*[A-Za-z0-9_./+=@$-])?$")
+# "@" (reserved in YAML) may not start a plain scalar
+_PLAIN_SAFE_RE = re.compile(r"^[A-Za-z0-9_./+=$-](?:[A-Za-z0-9_./+=@$' -]*[A-Za-z0-9_./+=@$-])?$")
 
 
 class TemplateRaise(Exception):
@@ -78,6 +79,13 @@ def toyaml(value, *default):
     return _toyaml(value)
 
 
+def _loads_as_str_in_yaml_1_1(text: str) -> bool:
+    try:
+        return isinstance(yaml.safe_load(text), str)
+    except yaml.YAMLError:
+        return False
+
+
 def _toyaml(value) -> str:
     if value is None:
         return "null"
@@ -103,7 +111,7 @@ def _toyaml(value) -> str:
     if (
         _PLAIN_SAFE_RE.match(text)
         and isinstance(_resolve_plain(text), str)  # fgc reads YAML 1.2 ...
-        and isinstance(yaml.safe_load(text), str)  # ... other tools YAML 1.1 (yes, on, 1_000)
+        and _loads_as_str_in_yaml_1_1(text)  # ... other tools YAML 1.1 (yes, on, 1_000)
     ):
         return text  # safe as a plain scalar in block and flow context alike
     if text.isprintable():
@@ -170,6 +178,11 @@ def make_environment(
             raise TemplateRaise(str(msg))
         return ""
 
+    def hf_config(model_dir=None):
+        from fgc.hf import read_config_json  # fgc.hf imports this module
+
+        return read_config_json(model_dir, nonrepro)
+
     env.globals.update(
         joinpath=lambda *parts: os.path.join(*parts),
         normpath=os.path.normpath,
@@ -200,6 +213,7 @@ def make_environment(
     env.globals["namespace"] = lambda *args, **kwargs: TrackedNamespace(history, *args, **kwargs)
     env.globals["raise"] = _raise
     env.globals["assert"] = _assert
+    env.globals["hf_config"] = hf_config
     env.filters["toyaml"] = toyaml
     env.filters["fgc_rstrip_newlines"] = lambda s: str(s).rstrip("\n")
     return env

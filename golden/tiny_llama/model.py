@@ -6,6 +6,7 @@ so this package needs nothing of fgc or of the project it was built from.
 """
 
 import functools
+import re
 from typing import Callable
 
 import torch
@@ -18,11 +19,32 @@ from fgc_runtime.kernels import swiglu
 
 
 # ---- vendored from fgc/components/attention.py
+def sliding_window_causal_mask(
+    seq_len: int, sliding_window: int, device=None
+) -> torch.Tensor:
+    """(T, S) bool, True where query t may attend key s: `t - sliding_window < s <= t`.
+
+    A token sees itself and the `sliding_window - 1` tokens before it, as in transformers'
+    Mistral (`kv_idx > q_idx - sliding_window`).
+    """
+    q_T1 = torch.arange(seq_len, device=device)[:, None]
+    k_1S = torch.arange(seq_len, device=device)[None, :]
+    return (k_1S <= q_T1) & (k_1S > q_T1 - sliding_window)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention as in transformers' LlamaAttention.
+    """Multi-head causal self-attention as in transformers' LlamaAttention, over SDPA.
 
     Supports grouped-query attention (`num_key_value_heads` < `num_attention_heads`) and a head
     dim that is not hidden_size / heads. Projection names match Llama so checkpoints load as-is.
+    Options, each off by default:
+    - `sliding_window`: each token attends to itself and the `sliding_window - 1` tokens before
+      it (Mistral);
+    - `qk_norm_factory`: a norm over each head's channels applied to queries and keys before the
+      rotation, built as `qk_norm_factory(head_dim)` and named `q_norm`/`k_norm` (Qwen3).
+    `forward` takes an optional boolean `attn_mask_B1TS` (True: may attend) that replaces the
+    causal mask, e.g. the block-diagonal mask of packed documents; without one, and without a
+    window shorter than the input, SDPA runs its causal kernel with no mask in memory.
     """
 
     def __init__(
@@ -32,6 +54,8 @@ class CausalSelfAttention(nn.Module):
         num_key_value_heads: int | None = None,
         head_dim: int | None = None,
         attention_bias: bool = False,
+        sliding_window: int | None = None,
+        qk_norm_factory: Callable[..., nn.Module] | None = None,
     ):
         super().__init__()
         if num_key_value_heads is None:
@@ -48,10 +72,15 @@ class CausalSelfAttention(nn.Module):
                 f"CausalSelfAttention: num_key_value_heads ({num_key_value_heads}) must divide "
                 f"num_attention_heads ({num_attention_heads})"
             )
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(
+                f"CausalSelfAttention: sliding_window must be at least 1, got {sliding_window}"
+            )
         self.hidden_size = hidden_size
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
+        self.sliding_window = sliding_window
         self.q_proj = nn.Linear(
             hidden_size, num_attention_heads * head_dim, bias=attention_bias
         )
@@ -64,36 +93,42 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(
             num_attention_heads * head_dim, hidden_size, bias=attention_bias
         )
+        self.q_norm = qk_norm_factory(head_dim) if qk_norm_factory is not None else None
+        self.k_norm = qk_norm_factory(head_dim) if qk_norm_factory is not None else None
 
     def forward(
-        self, x_BTD: torch.Tensor, cos_BTE: torch.Tensor, sin_BTE: torch.Tensor
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTE: torch.Tensor,
+        sin_BTE: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BHTE = (
-            self.q_proj(x_BTD)
-            .view(B, T, self.num_attention_heads, self.head_dim)
-            .transpose(1, 2)
-        )
-        k_BKTE = (
-            self.k_proj(x_BTD)
-            .view(B, T, self.num_key_value_heads, self.head_dim)
-            .transpose(1, 2)
-        )
-        v_BKTE = (
-            self.v_proj(x_BTD)
-            .view(B, T, self.num_key_value_heads, self.head_dim)
-            .transpose(1, 2)
-        )
+        q_BTHE = self.q_proj(x_BTD).view(B, T, self.num_attention_heads, self.head_dim)
+        k_BTKE = self.k_proj(x_BTD).view(B, T, self.num_key_value_heads, self.head_dim)
+        v_BTKE = self.v_proj(x_BTD).view(B, T, self.num_key_value_heads, self.head_dim)
+        if self.q_norm is not None:
+            # QK-norm normalises each head's E channels, before the rotation (Qwen3).
+            q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+        q_BHTE = q_BTHE.transpose(1, 2)
+        k_BKTE = k_BTKE.transpose(1, 2)
+        v_BKTE = v_BTKE.transpose(1, 2)
         # The rotary tables are fp32; cast them so a bf16 model keeps bf16 q/k, as transformers does.
         q_BHTE, k_BKTE = apply_rope(
             q_BHTE, k_BKTE, cos_BTE.to(q_BHTE.dtype), sin_BTE.to(q_BHTE.dtype)
         )
+        if self.sliding_window is not None and self.sliding_window < T:
+            window_TS = sliding_window_causal_mask(T, self.sliding_window, x_BTD.device)
+            attn_mask_B1TS = (
+                window_TS if attn_mask_B1TS is None else attn_mask_B1TS & window_TS
+            )
         # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv copy.
         y_BHTE = F.scaled_dot_product_attention(
             q_BHTE,
             k_BKTE,
             v_BKTE,
-            is_causal=True,
+            attn_mask=attn_mask_B1TS,
+            is_causal=attn_mask_B1TS is None,
             enable_gqa=self.num_key_value_heads != self.num_attention_heads,
         )
         y_BTD = y_BHTE.transpose(1, 2).reshape(
@@ -102,24 +137,59 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(y_BTD)
 
     def extra_repr(self) -> str:
+        window = (
+            f", sliding_window={self.sliding_window}"
+            if self.sliding_window is not None
+            else ""
+        )
         return (
             f"heads={self.num_attention_heads}, kv_heads={self.num_key_value_heads}, "
-            f"head_dim={self.head_dim}"
+            f"head_dim={self.head_dim}{window}"
         )
 
 
-# ---- vendored from fgc/components/rotary.py
-def _rotary_inv_freq(head_dim: int, rope_theta: float, device=None) -> torch.Tensor:
-    """Inverse frequencies of the default RoPE, as transformers computes them (fp32).
+# ---- vendored from fgc/components/causal_lm.py
+def packed_document_positions_and_mask(
+    document_ids_BT: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask for rows holding several documents back to back.
 
-    Computed on the CPU, then moved to DEVICE (default: the device the model is being built on),
-    so building on the meta device stays cheap.
+    A document is a run of equal ids in a row of `document_ids_BT`. Returns the position of each
+    token within its document (0 at each document's first token) and the boolean
+    block-diagonal causal mask `(B, 1, T, S)`: query t may attend key s when `s <= t` and s is
+    in t's document.
     """
-    exponents = (
-        torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
+    B, T = document_ids_BT.shape
+    index_BT = torch.arange(T, device=document_ids_BT.device).expand(B, T)
+    starts_doc_BT = torch.ones_like(document_ids_BT, dtype=torch.bool)
+    starts_doc_BT[:, 1:] = document_ids_BT[:, 1:] != document_ids_BT[:, :-1]
+    # the index of the first token of each token's document
+    doc_start_BT = torch.where(starts_doc_BT, index_BT, 0).cummax(dim=1).values
+    position_ids_BT = index_BT - doc_start_BT
+    key_S = torch.arange(T, device=document_ids_BT.device)
+    mask_BTS = (key_S <= index_BT[..., None]) & (key_S >= doc_start_BT[..., None])
+    return position_ids_BT, mask_BTS[:, None]
+
+
+# ---- vendored from fgc/components/rotary.py
+def _default_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
+    """`1 / rope_theta ** (2i / head_dim)` for each channel pair i, in fp32 on the CPU, computed
+    the way transformers computes it (so the tables agree bit for bit)."""
+    exponents_F = (
+        torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     )
-    inv_freq = 1.0 / (rope_theta**exponents)
-    return inv_freq.to(device if device is not None else torch.get_default_device())
+    return 1.0 / (rope_theta**exponents_F)
+
+
+def _rotary_tables(
+    inv_freq_F: torch.Tensor, position_ids_BT: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of `position * inv_freq`, each frequency used for both halves of the head dim."""
+    # Always fp32: a bf16 angle loses whole radians at large positions.
+    inv_freq_F = inv_freq_F.to(device=position_ids_BT.device, dtype=torch.float32)
+    freqs_BTF = position_ids_BT[..., None].float() * inv_freq_F
+    emb_BTD = torch.cat((freqs_BTF, freqs_BTF), dim=-1)
+    return emb_BTD.cos(), emb_BTD.sin()
 
 
 class RotaryEmbedding(nn.Module):
@@ -127,6 +197,8 @@ class RotaryEmbedding(nn.Module):
 
     Same numbers as transformers' LlamaRotaryEmbedding with the "default" rope type. One instance
     is shared by every layer of a model; it has no parameters and nothing in the state dict.
+    Scaled variants subclass it and override `compute_inv_freq` (and `forward` where the tables
+    themselves change).
     """
 
     def __init__(
@@ -142,28 +214,26 @@ class RotaryEmbedding(nn.Module):
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
         # Non-persistent: derived from the hyperparameters, so checkpoints stay equal to HF's.
+        # Built on the CPU, then moved to the device the model is being built on (cheap on meta).
+        inv_freq_F = _default_inv_freq(head_dim, rope_theta)
         self.register_buffer(
-            "inv_freq", _rotary_inv_freq(head_dim, rope_theta), persistent=False
+            "inv_freq", inv_freq_F.to(torch.get_default_device()), persistent=False
         )
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        """The inverse frequencies, fp32, on the CPU."""
+        return _default_inv_freq(self.head_dim, self.rope_theta)
 
     def reset_parameters(self) -> None:
         """Recompute the buffer in fp32, e.g. after `to_empty()` from the meta device or a cast to bf16."""
         # Assigning to a registered buffer name replaces the buffer and keeps it non-persistent.
-        self.inv_freq = _rotary_inv_freq(
-            self.head_dim, self.rope_theta, self.inv_freq.device
-        )
+        self.inv_freq = self.compute_inv_freq().to(self.inv_freq.device)
 
     @torch.no_grad()
     def forward(
         self, position_ids_BT: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Always fp32: a bf16 angle loses whole radians at large positions.
-        inv_freq_F = self.inv_freq.to(
-            device=position_ids_BT.device, dtype=torch.float32
-        )
-        freqs_BTF = position_ids_BT[..., None].float() * inv_freq_F
-        emb_BTD = torch.cat((freqs_BTF, freqs_BTF), dim=-1)
-        return emb_BTD.cos(), emb_BTD.sin()
+        return _rotary_tables(self.inv_freq, position_ids_BT)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rope_theta={self.rope_theta}"
@@ -194,16 +264,24 @@ class DecoderStack(nn.Module):
         self.norm = norm_factory(hidden_size)
         self.rotary_emb = rotary_embedding
 
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T = input_ids_BT.shape
         x_BTD = self.embed_tokens(input_ids_BT)
-        position_ids_BT = (
-            torch.arange(T, device=input_ids_BT.device).unsqueeze(0).expand(B, T)
-        )
+        if document_ids_BT is None:
+            position_ids_BT = (
+                torch.arange(T, device=input_ids_BT.device).unsqueeze(0).expand(B, T)
+            )
+            attn_mask_B1TS = None  # plain causal attention
+        else:
+            position_ids_BT, attn_mask_B1TS = packed_document_positions_and_mask(
+                document_ids_BT
+            )
         # Computed once per forward and passed to every layer, as transformers does.
         cos_BTE, sin_BTE = self.rotary_emb(position_ids_BT)
         for layer in self.layers:
-            x_BTD = layer(x_BTD, cos_BTE, sin_BTE)
+            x_BTD = layer(x_BTD, cos_BTE, sin_BTE, attn_mask_B1TS)
         return self.norm(x_BTD)
 
 
@@ -211,7 +289,15 @@ class CausalLM(nn.Module):
     """Decoder stack plus a linear LM head; state-dict keys equal transformers' LlamaForCausalLM.
 
     With `tie_word_embeddings` the head reuses the embedding matrix (both keys stay in the state
-    dict, as in transformers). Weights are initialised like Llama's `_init_weights`.
+    dict, as in transformers). Weights are initialised like Llama's `_init_weights`, then by
+    `init_rules`: `(regex, rule)` pairs tried in order against each parameter name (as
+    `named_parameters()` gives it, e.g. `model.layers.0.self_attn.o_proj.weight`; a tied head
+    is `model.embed_tokens.weight`); the first regex that `re.search` finds in the name decides,
+    with `rule` a standard deviation (normal with mean 0), `"zeros"` or `"ones"`.
+
+    `forward(input_ids_BT)` gives the logits; with `document_ids_BT` (same shape, ints), each
+    row is a sequence of documents (runs of equal ids): tokens attend only within their
+    document, and positions restart at 0 at each document's first token.
     """
 
     def __init__(
@@ -224,13 +310,29 @@ class CausalLM(nn.Module):
         rotary_embedding: RotaryEmbedding,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
+        init_rules: tuple[tuple[str, float | str], ...] = (),
     ):
         super().__init__()
+        for pattern, rule in init_rules:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"CausalLM: init_rules pattern {pattern!r} is not a valid regex: {err}"
+                ) from None
+            if rule not in ("zeros", "ones") and (
+                isinstance(rule, (str, bool)) or rule < 0
+            ):
+                raise ValueError(
+                    f"CausalLM: init_rules rule for {pattern!r} must be a standard deviation >= 0, "
+                    f"'zeros' or 'ones', got {rule!r}"
+                )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.tie_word_embeddings = tie_word_embeddings
         self.initializer_range = initializer_range
+        self.init_rules = tuple((pattern, rule) for pattern, rule in init_rules)
         self.model = DecoderStack(
             vocab_size,
             hidden_size,
@@ -247,7 +349,8 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Linear and Embedding weights ~ N(0, initializer_range), biases zero; every other module
-        with a `reset_parameters` (norms: ones; rotary: recomputed buffer) resets itself.
+        with a `reset_parameters` (norms: ones; rotary: recomputed buffer) resets itself; then
+        the parameters that an `init_rules` pattern matches are set by the first such rule.
         """
         std = self.initializer_range
         for module in self.modules():
@@ -257,9 +360,22 @@ class CausalLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        for name, param in self.named_parameters():
+            rule = next(
+                (rule for pattern, rule in self.init_rules if re.search(pattern, name)),
+                None,
+            )
+            if rule == "zeros":
+                nn.init.zeros_(param)
+            elif rule == "ones":
+                nn.init.ones_(param)
+            elif rule is not None:
+                nn.init.normal_(param, mean=0.0, std=rule)
 
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids_BT))
+    def forward(
+        self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids_BT, document_ids_BT))
 
 
 # ---- vendored from fgc/components/layers.py
@@ -285,9 +401,15 @@ class PreNormDecoderLayer(nn.Module):
         self.post_attention_layernorm = norm_factory(hidden_size)
 
     def forward(
-        self, x_BTD: torch.Tensor, cos_BTE: torch.Tensor, sin_BTE: torch.Tensor
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTE: torch.Tensor,
+        sin_BTE: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTE, sin_BTE)
+        x_BTD = x_BTD + self.self_attn(
+            self.input_layernorm(x_BTD), cos_BTE, sin_BTE, attn_mask_B1TS
+        )
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD
 
@@ -334,7 +456,7 @@ class RMSNorm(nn.Module):
 
 
 def build_model(device=None, dtype=None):
-    """Build the config's `model` target (<fgc>/lm/train.yaml:73) on DEVICE (default: the CPU), in DTYPE."""
+    """Build the config's `model` target (<fgc>/lm/train.yaml:150) on DEVICE (default: the CPU), in DTYPE."""
     with torch.device(device if device is not None else "cpu"):
         attention_factory = functools.partial(
             CausalSelfAttention, num_attention_heads=4, num_key_value_heads=2
@@ -358,6 +480,7 @@ def build_model(device=None, dtype=None):
             norm_factory=norm_factory,
             rotary_embedding=rotary_embedding,
             tie_word_embeddings=False,
+            initializer_range=0.02,
         )
     if dtype is not None:
         model = model.to(dtype=dtype)

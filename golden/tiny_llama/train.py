@@ -15,17 +15,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 import torch.optim
 
-from fgc_runtime import checkpoint, data, distributed, metrics
+from fgc_runtime import checkpoint, control, data, distributed, hf, metrics
 from fgc_runtime.errors import RunError, run_main
+from fgc_runtime.log import RankLog
 from fgc_runtime.optim import describe_groups, param_groups
 import fgc_runtime.train
 from fgc_runtime.train import (
+    MFU,
     Throughput,
     count_targets,
     grad_norm,
     loss_sum_and_count,
-    mfu,
-    model_flops_per_token,
     peak_memory_bytes,
     set_seed,
 )
@@ -38,22 +38,35 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MAX_STEPS = 300  # train.yaml:20
 GLOBAL_BATCH_SIZE = 16  # train.yaml:19
 SEQ_LEN = 128  # train.yaml:18
-GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:28
-SEED = 42  # <fgc>/lm/train.yaml:31
+GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:52
+OPTIMIZER_IN_BACKWARD = False  # <fgc>/lm/train.yaml:53
+SEED = 42  # <fgc>/lm/train.yaml:61
 DEVICE = "auto"  # default of DDPTrainer.device
-OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:33
-PRECISION = "fp32"  # <fgc>/lm/train.yaml:32
-SAVE_EVERY = 0  # <fgc>/lm/train.yaml:36
+OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:63
+PRECISION = "fp32"  # <fgc>/lm/train.yaml:62
+SAVE_EVERY = 0  # <fgc>/lm/train.yaml:68
 KEEP_LAST_N = 2  # default of CheckpointSettings.keep_last_n
 LOG_EVERY = 10  # train.yaml:24
 EVAL_EVERY = 100  # train.yaml:25
 EVAL_BATCHES = 4  # default of LoggingSettings.eval_batches
-ACTIVATION_CHECKPOINTING = "none"  # <fgc>/lm/train.yaml:38
-COMPILE = False  # <fgc>/lm/train.yaml:39
+EVAL_BATCH_SIZE = 16  # the train batch (eval_batch_size is null)
+TENSORBOARD = True  # default of LoggingSettings.tensorboard
+SAMPLE_EVERY = 0  # <fgc>/lm/train.yaml:66
+SAMPLE_PROMPT = "The"  # <fgc>/lm/train.yaml:67
+SAMPLE_TOKENS = 64  # default of LoggingSettings.sample_tokens
+SAMPLE_TEMPERATURE = 0.0  # default of LoggingSettings.sample_temperature
+ACTIVATION_CHECKPOINTING = "none"  # <fgc>/lm/train.yaml:70
+EVERY_N_LAYERS = 1  # default of ActivationCheckpointSettings.every_n_layers
+COMPILE = False  # <fgc>/lm/train.yaml:71
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
-NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:109
-NPROC = 2  # <fgc>/lm/train.yaml:30
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:237
+LOSS_IMPL = "torch"  # the select-kernels pass, auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference
+LABEL_SMOOTHING = 0.0  # default of LossSettings.label_smoothing
+Z_LOSS = 0.0  # default of LossSettings.z_loss
+SOFTCAP = None  # default of LossSettings.softcap
+LOSS_CHUNK_SIZE = 4096  # default of LossSettings.chunk_size
+NPROC = 2  # <fgc>/lm/train.yaml:55
 MICRO_BATCH_SIZE = 8  # the plan: the whole per-rank batch (micro_batch_size is null)
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
 # The parallel plan fgc computed for this config.
@@ -71,18 +84,26 @@ PLAN = {
     "activation_checkpointing": "none",
     "compile": "none",
     "apply_order": [],
+    "mesh": {"dp": 2},
+    "pipeline": None,
+    "kernels": {
+        "cross_entropy": {
+            "impl": "torch",
+            "reason": "auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference",
+        }
+    },
 }
-CONFIG_HASH = "86ea745a228c1040ec409fba5dafabfcb74d95735c7d5619b6e9c8a9fc6312b6"  # sha256 of the rendered config
+CONFIG_HASH = "77337c80da6d72e42bebabdbfc88c5d9d96afecfb33fae8c7ba0a8442667c7b8"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:82
+# optimizer: <fgc>/lm/train.yaml:167
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:87
+# lr_scheduler: <fgc>/lm/train.yaml:181
 lr_scheduler_factory = functools.partial(
-    fgc_runtime.train.warmup_cosine, warmup_steps=30, max_steps=300
+    fgc_runtime.train.warmup_cosine, warmup=30, total=300
 )
 
 
@@ -119,11 +140,38 @@ def parse_args(argv=None):
         action="store_true",
         help="print each parameter's optimizer group, exit",
     )
+    parser.add_argument(
+        "--control",
+        choices=control.ACTIONS,
+        help="act on the job running with --output-dir: print its status, save now, save and stop, or kill it",
+    )
+    parser.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a collective waits for the other ranks before the job fails",
+    )
+    parser.add_argument(
+        "--export-hf",
+        metavar="DIR",
+        help="write the model of a checkpoint as a Hugging Face model directory, exit",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="the checkpoint --export-hf writes (default: the newest)",
+    )
+    parser.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=hf.DEFAULT_MAX_SHARD_BYTES,
+        help="Hugging Face exports (--export-hf, final/) are split into safetensors shards of at most this size",
+    )
     return parser.parse_args(argv)
 
 
-def evaluate(model, val_data, dist, step, logger):
-    """Mean loss over the first EVAL_BATCHES batches of the validation split."""
+def evaluate(model, val_data, dist, step, logger, ctl):
+    """Mean loss over the first EVAL_BATCHES batches of the validation split (none when a stop is agreed)."""
     model.eval()
     # the summed loss and the count of target tokens, over this rank's batches
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
@@ -131,12 +179,15 @@ def evaluate(model, val_data, dist, step, logger):
         batches = data.eval_batches(
             val_data,
             seq_len=SEQ_LEN,
-            batch_size=GLOBAL_BATCH_SIZE,
+            batch_size=EVAL_BATCH_SIZE,
             max_batches=EVAL_BATCHES,
             rank=dist.rank,
             world_size=dist.world_size,
         )
         for input_ids, labels in batches:
+            if ctl.poll(step).stop:  # every rank sees the same request: all leave here
+                model.train()
+                return
             input_ids, labels = input_ids.to(dist.device), labels.to(dist.device)
             logits = model(input_ids)
             loss_sum, count = loss_sum_and_count(logits, labels)
@@ -162,7 +213,19 @@ def forward_backward(model, input_ids, labels, n_targets, dist):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = distributed.init_distributed(args.device)
+    if args.control:
+        control.send(args.control, args.output_dir)
+        return
+    if args.export_hf:  # one process writes it: run `python train.py --export-hf DIR`
+        export_hf(
+            hf.export_checkpoint_dir(args.checkpoint, args.output_dir),
+            Path(args.export_hf),
+            args,
+        )
+        return
+    # SIGTERM: save and stop at the next step boundary; SIGUSR1: save and go on (fgc_runtime/control.py).
+    ctl = control.Control.install()
+    dist = distributed.init_distributed(args.device, timeout_s=args.collective_timeout)
     if GLOBAL_BATCH_SIZE % (dist.world_size * MICRO_BATCH_SIZE):
         raise RunError(
             f"the global batch {GLOBAL_BATCH_SIZE} does not split into {dist.world_size} ranks "
@@ -180,7 +243,7 @@ def main(argv=None):
         data.num_eval_batches(
             val_data,
             seq_len=SEQ_LEN,
-            batch_size=GLOBAL_BATCH_SIZE,
+            batch_size=EVAL_BATCH_SIZE,
             max_batches=EVAL_BATCHES,
         )
     model = build_model(device=dist.device)
@@ -269,11 +332,17 @@ def main(argv=None):
         distributed.shutdown(dist)
         return
 
-    logger = metrics.MetricsLogger(output_dir, enabled=dist.is_main)
+    logger = metrics.MetricsLogger(
+        output_dir, enabled=dist.is_main, tensorboard=TENSORBOARD
+    )
+    # INFO lines from rank 0, warnings from any rank; a progress bar when stdout is a terminal
+    log = RankLog(dist.rank, progress_total=args.max_steps)
     throughput, logged_tokens = Throughput(), tokens_seen
-    flops_per_token = _flops_per_token(model)
+    model_flops = MFU(model, SEQ_LEN, PRECISION, dist.device)
+    log.info(model_flops.describe())
     train_model.train()
-    step = start_step
+    step = last_saved = start_step
+    ctl.attach(output_dir, dist, max_steps=args.max_steps, step=start_step)
     for step in range(start_step + 1, args.max_steps + 1):
         input_ids, labels = sampler.batch(step - 1)
         input_ids, labels = input_ids.to(dist.device), labels.to(dist.device)
@@ -305,6 +374,8 @@ def main(argv=None):
             distributed.all_reduce_sum(step_loss_sum, dist)
             rate = throughput.update(tokens_seen - logged_tokens)
             logged_tokens = tokens_seen
+            peak_mem = torch.tensor(peak_memory_bytes(dist.device), device=dist.device)
+            distributed.all_reduce_max(peak_mem, dist)  # the rank that used the most
             record = metrics.train_record(
                 step=step,
                 loss=(step_loss_sum / n_targets).item(),
@@ -312,41 +383,53 @@ def main(argv=None):
                 grad_norm=norm,
                 tokens=tokens_seen,
                 tokens_per_s=rate["tokens_per_s"],
-                mfu=(
-                    mfu(
-                        flops_per_token,
-                        rate["tokens_per_s"] / dist.world_size,
-                        dist.device,
-                    )
-                    if flops_per_token
-                    else None
-                ),
-                peak_mem_bytes=peak_memory_bytes(dist.device),
+                mfu=model_flops(rate["tokens_per_s"] / dist.world_size),
+                peak_mem_bytes=peak_mem.item(),
                 elapsed_s=rate["elapsed_s"],
+                eta_s=metrics.eta_seconds(
+                    rate["elapsed_s"], step - start_step, args.max_steps - step
+                ),
             )
             logger.log(record)
-            if dist.is_main:
-                print(metrics.format_record(record), flush=True)
+            log.info(metrics.format_record(record))
+            log.status(metrics.format_progress(record))
+        log.progress(step)
         if val_data is not None and step % args.eval_every == 0:
-            evaluate(train_model, val_data, dist, step, logger)
-        if args.save_every and step % args.save_every == 0 and step != args.max_steps:
+            evaluate(train_model, val_data, dist, step, logger, ctl)
+        # A SIGTERM or SIGUSR1 on any rank, agreed by all ranks: they all save this same step.
+        request = ctl.poll(step)
+        if (
+            request.save
+            or request.stop
+            or (args.save_every and step % args.save_every == 0)
+        ):
             save(step)
-    if step > start_step:
+            last_saved = step
+        if request.stop:
+            break
+    if step > last_saved:
         save(step)
+    if step > start_step and step == args.max_steps and dist.is_main:
+        # Training is done: the model of the checkpoint just saved, as a Hugging Face model directory.
+        export_hf(checkpoint.find_checkpoint(output_dir), output_dir / "final", args)
+    ctl.finish(step)
+    log.close()
     logger.close()
     distributed.shutdown(dist)
 
 
-def _flops_per_token(model):
-    """Training FLOPs per token (see fgc_runtime.train.model_flops_per_token), when the model says its shape."""
-    layers, hidden = getattr(model, "num_hidden_layers", None), getattr(
-        model, "hidden_size", None
+def export_hf(checkpoint_dir, out_dir, args):
+    """Write the model of CHECKPOINT_DIR as a Hugging Face model directory OUT_DIR, with the
+    tokenizer files of the data directory."""
+    hf.export_checkpoint(
+        checkpoint_dir,
+        out_dir,
+        PACKAGE_DIR,
+        max_shard_bytes=args.max_shard_bytes,
+        tokenizer_dirs=[args.data],
+        eos_token_id=hf.data_eos_id(args.data),
     )
-    if layers is None or hidden is None:
-        return None
-    return model_flops_per_token(
-        sum(p.numel() for p in model.parameters()), layers, hidden, SEQ_LEN
-    )
+    print(f"wrote {out_dir} (the model of {checkpoint_dir})", flush=True)
 
 
 def _writable_dir(path):

@@ -4,15 +4,31 @@ The rules are keyed on the parameter names the component library (and Hugging Fa
 so they apply to any component that takes them:
 - ``num_attention_heads`` divides the model's ``hidden_size`` (unless ``head_dim`` is given);
 - ``num_key_value_heads`` divides ``num_attention_heads``;
-- a rotary embedding's ``head_dim`` is even.
+- a rotary embedding's ``head_dim`` is even;
+- an attention's ``sliding_window`` is at least 1 (or null: no window);
+- a rotary embedding's scaling ``factor`` is positive, and a Llama 3 one's ``high_freq_factor``
+  is greater than its ``low_freq_factor``;
+- every pattern of a model's ``init_rules`` is a valid regular expression.
 """
 
 from __future__ import annotations
+
+import re
 
 from fgc.ir import IRGraph
 
 from ..context import LoweringContext
 from .base import Pass
+
+
+def _number_arg(ir: IRGraph, node, key: str):
+    child = node.kwargs.get(key)
+    if child is None:
+        return None, None
+    value = ir.node(child)
+    if value.kind != "value" or not isinstance(value.value, (int, float)) or isinstance(value.value, bool):
+        return None, None
+    return value.value, value.loc
 
 
 def _int_arg(ir: IRGraph, node, key: str):
@@ -27,7 +43,7 @@ def _int_arg(ir: IRGraph, node, key: str):
 
 class ValidateModel(Pass):
     name = "validate-model"
-    purpose = "check the model's shape across fields: heads divide the width, KV heads divide heads"
+    purpose = "check the model's shape across fields: heads, KV heads, head_dim, windows, rope factors"
 
     def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
         if "model" not in ir.targets:
@@ -59,4 +75,43 @@ class ValidateModel(Pass):
                 )
             if head_dim is not None and "num_attention_heads" not in node.kwargs and head_dim % 2:
                 ctx.sink.error(f"rotary head_dim must be even, got {head_dim}", head_dim_loc)
+            window, window_loc = _int_arg(ir, node, "sliding_window")
+            if window is not None and window < 1:
+                ctx.sink.error(
+                    f"sliding_window must be at least 1, got {window}",
+                    window_loc,
+                    hint="a token sees itself and the sliding_window - 1 tokens before it; null means no window",
+                )
+            if "rope_theta" in node.kwargs:
+                self._check_rope_scaling(ir, node, ctx)
+            if "init_rules" in node.kwargs:
+                self._check_init_rules(ir, ir.node(node.kwargs["init_rules"]), ctx)
         return ir
+
+    @staticmethod
+    def _check_rope_scaling(ir: IRGraph, node, ctx: LoweringContext) -> None:
+        factor, factor_loc = _number_arg(ir, node, "factor")
+        if factor is not None and factor <= 0:
+            ctx.sink.error(f"rope scaling factor must be positive, got {factor}", factor_loc)
+        low, _ = _number_arg(ir, node, "low_freq_factor")
+        high, high_loc = _number_arg(ir, node, "high_freq_factor")
+        if low is not None and high is not None and high <= low:
+            ctx.sink.error(
+                f"high_freq_factor ({high}) must be greater than low_freq_factor ({low})", high_loc
+            )
+
+    @staticmethod
+    def _check_init_rules(ir: IRGraph, rules, ctx: LoweringContext) -> None:
+        if rules.kind not in ("list", "tuple"):
+            return
+        for rule_id in rules.args:
+            rule = ir.node(rule_id)
+            if rule.kind not in ("list", "tuple") or not rule.args:
+                continue
+            pattern = ir.node(rule.args[0])
+            if pattern.kind != "value" or not isinstance(pattern.value, str):
+                continue
+            try:
+                re.compile(pattern.value)
+            except re.error as err:
+                ctx.sink.error(f"init_rules pattern {pattern.value!r} is not a valid regex: {err}", pattern.loc)

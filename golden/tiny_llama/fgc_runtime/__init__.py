@@ -2,5 +2,5 @@
 
 It imports only the Python standard library and torch, so a generated package runs with nothing
 of fgc installed. Modules: ``errors``, ``distributed``, ``data``, ``train``, ``checkpoint``,
-``metrics`` and ``kernels``.
+``metrics``, ``log``, ``sample``, ``optim``, ``control`` and ``kernels``.
 """

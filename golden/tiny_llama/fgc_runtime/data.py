@@ -6,6 +6,14 @@ A shard directory holds::
                  "tokenizer": str, "version": 1, "vocab_size": int}
     train.bin   the training tokens
     val.bin     the validation tokens (possibly none)
+    tokenizer.json  (only when "tokenizer" is "tokenizer.json") the Hugging Face tokenizer the
+                    tokens come from, readable with the ``tokenizers`` package; fgc data also
+                    copies a tokenizer directory's tokenizer_config.json,
+                    special_tokens_map.json and tokenizer.model next to it when it has them
+
+``"tokenizer"`` is ``"byte"`` for the built-in byte tokenizer (:class:`ByteTokenizer`: vocab_size
+257, eos_id 256) and ``"tokenizer.json"`` for a Hugging Face tokenizer saved in the directory;
+``eos_id`` is then the id of its end-of-text token, which separates the documents.
 
 Each ``.bin`` file is a fixed 64-byte little-endian header followed by the tokens::
 

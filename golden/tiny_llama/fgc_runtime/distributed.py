@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -66,11 +67,13 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
     """Read the torchrun environment and, with more than one process, start the process group.
 
     The backend is gloo on CPU and nccl on CUDA; on CUDA each process uses ``cuda:LOCAL_RANK``.
-    A single process gets no process group at all, so collectives become no-ops.
+    A single process gets no process group at all, so collectives become no-ops. ``timeout_s``
+    bounds how long a collective waits for the other ranks before it fails (torch's default
+    when None), so a rank that hangs brings the job down instead of stalling it forever.
     """
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -89,7 +92,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, timeout=timeout
+        )
     return DistInfo(
         rank=rank,
         local_rank=local_rank,
@@ -106,13 +112,29 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_gather_object(obj, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects); ``[obj]`` for a single process."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Take the maximum of ``t`` over all ranks in place and return it; a no-op for one process."""
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank; a no-op for a single process."""
     if info.distributed:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
-    """Destroy the process group if one was created."""
+def shutdown(info: DistInfo | None = None) -> None:
+    """Destroy the process group if one was created (safe to call twice)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -25,10 +25,29 @@ class RunError(Exception):
 def run_main(main, argv=None) -> None:
     """Call ``main(argv)``; a :class:`RunError` is printed to stderr and exits with status 2.
 
-    Other exceptions propagate: they are bugs, and their traceback is wanted.
+    Other exceptions propagate: they are bugs, and their traceback is wanted. Whatever happens,
+    the process group (if any) is torn down, so no rank leaves its peers waiting at exit.
     """
+    failed = True
     try:
         main(argv)
+        failed = False
     except RunError as err:
         print(str(err), file=sys.stderr)
         sys.exit(2)
+    finally:
+        _close_process_group(failed)
+
+
+def _close_process_group(failed: bool) -> None:
+    # imported here: errors is imported by every other runtime module, and needs torch only now
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if failed and abort is not None and dist.get_backend() == "nccl":
+        # destroying an nccl group whose peers are gone can block; aborting it cannot
+        abort()
+    else:
+        dist.destroy_process_group()

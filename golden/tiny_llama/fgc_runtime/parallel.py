@@ -24,20 +24,48 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise RunError("the model has no `layers` ModuleList: cannot apply per-layer settings")
 
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each decoder layer's activations in the backward instead of keeping them.
+# Under selective checkpointing these ops' outputs are kept (they are the expensive ones); every
+# other op in a checkpointed layer is recomputed in the backward.
+_SAVED_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if hasattr(torch.ops.aten, name)
+)
 
-    Only the layer's inputs are kept (non-reentrant ``torch.utils.checkpoint``). Returns the
-    number of layers wrapped.
-    """
-    layers = decoder_layers(model)
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every_n_layers: int = 1) -> int:
+    """Checkpoint decoder layers 0, n, 2n, ... (n = EVERY_N_LAYERS; non-reentrant
+    ``torch.utils.checkpoint``): ``full`` keeps only each such layer's inputs; ``selective`` also
+    keeps the outputs of its matmuls and attention and recomputes only the element-wise ops.
+    Returns the number of layers wrapped."""
+    if mode not in ("full", "selective"):
+        raise ValueError(f"unknown activation checkpointing mode {mode!r}")
+    layers = decoder_layers(model)[::every_n_layers]
+    extra = {"context_fn": _selective_context} if mode == "selective" else {}
     for layer in layers:
         forward = layer.forward
 
         def checkpointed(*args, _forward=forward, **kwargs):
             if not torch.is_grad_enabled():  # eval: nothing to save, nothing to recompute
                 return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **extra, **kwargs)
 
         layer.forward = checkpointed
     return len(layers)

@@ -1,0 +1,224 @@
+"""The LM head and its cross-entropy in one call (CONTRACT §4).
+
+``fused_linear_cross_entropy(hidden, weight, labels, ...)`` equals
+``cross_entropy(softcap(hidden @ weight.T + bias), labels)`` (+ ``z_loss * logsumexp²`` over the
+same rows). Two implementations:
+
+- ``torch``: the reference. It materialises every logit (N x V in fp32) and lets autograd do the
+  rest.
+- ``chunked``: rows in chunks of ``chunk_size``; each chunk's logits exist only while that chunk's
+  loss and gradients (with respect to the hidden states, the weight and the bias) are computed, in
+  the forward. Peak memory holds one chunk's logits instead of all of them; the backward only
+  scales the stored gradients. Supports bias, ``ignore_index``, label smoothing and z-loss, with
+  ``reduction`` ``sum`` or ``mean``; not ``softcap`` or ``reduction="none"`` (see
+  :data:`CAPABILITIES`: fgc's kernel-selection pass reads it and rejects a config that asks a
+  kernel for a feature it lacks, rather than dropping the feature).
+
+Shape legend: N rows (tokens), D hidden size, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("auto", "torch", "chunked", "triton")
+
+# What each implementation supports (fgc's select-kernels pass reads this at build time).
+CAPABILITIES = {
+    "torch": {
+        "devices": ("cpu", "cuda"),
+        "dtypes": ("float32", "bfloat16", "float16"),
+        "features": ("bias", "ignore_index", "label_smoothing", "z_loss", "softcap"),
+        "reductions": ("mean", "sum", "none"),
+    },
+    "chunked": {
+        "devices": ("cpu", "cuda"),
+        "dtypes": ("float32", "bfloat16", "float16"),
+        "features": ("bias", "ignore_index", "label_smoothing", "z_loss"),
+        "reductions": ("mean", "sum"),
+    },
+}
+
+
+def _reference(hidden_ND, weight_VD, labels_N, bias_V, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    logits_NV = hidden_ND @ weight_VD.T
+    if bias_V is not None:
+        logits_NV = logits_NV + bias_V
+    logits_NV = logits_NV.float()
+    if softcap is not None:
+        logits_NV = softcap * torch.tanh(logits_NV / softcap)
+    loss_N = F.cross_entropy(
+        logits_NV, labels_N, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    valid_N = labels_N != ignore_index
+    if z_loss:
+        lse_N = torch.logsumexp(logits_NV, dim=-1)
+        loss_N = loss_N + z_loss * torch.where(valid_N, lse_N.square(), torch.zeros_like(lse_N))
+    if reduction == "none":
+        return loss_N
+    total = loss_N.sum()
+    if reduction == "sum":
+        return total
+    return total / valid_N.sum().clamp(min=1)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, bias_V, labels_N, ignore_index, label_smoothing, z_loss, chunk_size, mean):
+        N, V = hidden_ND.shape[0], weight_VD.shape[0]
+        needs = ctx.needs_input_grad
+        grad_hidden_ND = torch.zeros_like(hidden_ND) if needs[0] else None
+        grad_weight_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if needs[1] else None
+        grad_bias_V = (
+            torch.zeros(V, dtype=torch.float32, device=weight_VD.device) if bias_V is not None and needs[2] else None
+        )
+        total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
+        count = (labels_N != ignore_index).sum()
+        scale = 1.0 / count.clamp(min=1).float() if mean else None
+        for start in range(0, N, chunk_size):
+            h_CD = hidden_ND[start : start + chunk_size]
+            y_C = labels_N[start : start + chunk_size]
+            logits_CV = h_CD @ weight_VD.T
+            if bias_V is not None:
+                logits_CV = logits_CV + bias_V
+            logits_CV = logits_CV.float()
+            valid_C = y_C != ignore_index
+            safe_y_C = torch.where(valid_C, y_C, torch.zeros_like(y_C))
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            target_C = logits_CV.gather(1, safe_y_C.unsqueeze(1)).squeeze(1)
+            loss_C = (1.0 - label_smoothing) * (lse_C - target_C)
+            if label_smoothing:
+                loss_C = loss_C + label_smoothing * (lse_C - logits_CV.mean(dim=-1))
+            if z_loss:
+                loss_C = loss_C + z_loss * lse_C.square()
+            total += torch.where(valid_C, loss_C, torch.zeros_like(loss_C)).sum()
+            # d loss / d logits: p (1 + 2 z lse) - (1 - eps) onehot(y) - eps / V, zero on ignored rows
+            grad_CV = torch.softmax(logits_CV, dim=-1)
+            if z_loss:
+                grad_CV.mul_((1.0 + 2.0 * z_loss * lse_C).unsqueeze(1))
+            grad_CV.scatter_add_(
+                1, safe_y_C.unsqueeze(1), torch.full_like(target_C, -(1.0 - label_smoothing)).unsqueeze(1)
+            )
+            if label_smoothing:
+                grad_CV.sub_(label_smoothing / V)
+            grad_CV.mul_(valid_C.unsqueeze(1).float())
+            if scale is not None:
+                grad_CV.mul_(scale)
+            if grad_hidden_ND is not None:
+                grad_hidden_ND[start : start + chunk_size] = (grad_CV.to(weight_VD.dtype) @ weight_VD).to(hidden_ND.dtype)
+            if grad_weight_VD is not None:
+                grad_weight_VD += grad_CV.T @ h_CD.float()
+            if grad_bias_V is not None:
+                grad_bias_V += grad_CV.sum(dim=0)
+        ctx.save_for_backward(
+            grad_hidden_ND if grad_hidden_ND is not None else torch.empty(0),
+            grad_weight_VD.to(weight_VD.dtype) if grad_weight_VD is not None else torch.empty(0),
+            grad_bias_V.to(bias_V.dtype) if grad_bias_V is not None else torch.empty(0),
+        )
+        ctx.has = (grad_hidden_ND is not None, grad_weight_VD is not None, grad_bias_V is not None)
+        return total * scale if scale is not None else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [g * grad_out.to(g.dtype) if has else None for g, has in zip((grad_hidden, grad_weight, grad_bias), ctx.has)]
+        return scaled[0], scaled[1], scaled[2], None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    impl: str = "auto",
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (CONTRACT §4).
+
+    ``hidden`` is ``(..., D)`` and ``labels`` the matching ``(...)``. ``reduction``: ``mean`` over
+    non-ignored labels, ``sum``, or ``none`` (one value a row, 0 where ignored). ``impl``:
+    ``torch`` (the reference), ``chunked``, or ``auto`` (the reference: no Triton kernel exists in
+    this version); ``triton`` raises ValueError. A feature the chosen implementation lacks raises
+    ValueError: it is never dropped.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}: expected one of {', '.join(map(repr, IMPLS))}")
+    if impl == "triton":
+        raise ValueError("impl='triton' is not available: Triton kernels are not implemented in this version of fgc_runtime")
+    chosen = "torch" if impl == "auto" else impl
+    wanted = {
+        "bias": bias is not None,
+        "label_smoothing": bool(label_smoothing),
+        "z_loss": bool(z_loss),
+        "softcap": softcap is not None,
+    }
+    caps = CAPABILITIES[chosen]
+    missing = [name for name, used in wanted.items() if used and name not in caps["features"]]
+    if reduction not in caps["reductions"]:
+        missing.append(f"reduction={reduction!r}")
+    if missing:
+        raise ValueError(f"the {chosen} implementation of fused_linear_cross_entropy does not support {', '.join(missing)}")
+    hidden_ND = hidden.reshape(-1, hidden.shape[-1])
+    labels_N = labels.reshape(-1)
+    if chosen == "torch":
+        loss = _reference(hidden_ND, weight, labels_N, bias, ignore_index, reduction, label_smoothing, z_loss, softcap)
+        return loss.reshape(labels.shape) if reduction == "none" else loss
+    return _ChunkedLinearCrossEntropy.apply(
+        hidden_ND, weight, bias, labels_N, ignore_index, float(label_smoothing), float(z_loss), int(chunk_size),
+        reduction == "mean",
+    )
+
+
+def cross_entropy_sum_and_count(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From logits ``(..., V)``: the summed loss (fp32) over non-ignored labels, with label
+    smoothing, z-loss and soft-capping as in :func:`fused_linear_cross_entropy`, and the count of
+    those labels (int64)."""
+    logits_NV = logits.reshape(-1, logits.shape[-1]).float()
+    labels_N = labels.reshape(-1)
+    if softcap is not None:
+        logits_NV = softcap * torch.tanh(logits_NV / softcap)
+    loss = F.cross_entropy(
+        logits_NV, labels_N, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
+    )
+    valid_N = labels_N != ignore_index
+    if z_loss:
+        lse_N = torch.logsumexp(logits_NV, dim=-1)
+        loss = loss + z_loss * torch.where(valid_N, lse_N.square(), torch.zeros_like(lse_N)).sum()
+    return loss, valid_N.sum(dtype=torch.int64)
+
+
+class LMHeadLoss(torch.nn.Module):
+    """A causal LM whose forward returns ``(loss_sum, count)`` from the last hidden states and the
+    head's weight through :func:`fused_linear_cross_entropy`, never holding every logit at once.
+
+    MODEL has the component library's shape: ``model.model(input_ids)`` gives the final hidden
+    states and ``model.lm_head`` is a linear head. Wrap this module (not MODEL) in DDP, so that
+    the loss is part of the forward DDP sees; parameter names keep a ``model.`` prefix here only.
+    """
+
+    def __init__(self, model: torch.nn.Module, impl: str = "chunked", chunk_size: int = 4096, **features):
+        super().__init__()
+        self.model = model
+        self.impl, self.chunk_size, self.features = impl, chunk_size, features
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.model(input_ids)
+        head = self.model.lm_head
+        loss_sum = fused_linear_cross_entropy(
+            hidden, head.weight, labels, bias=head.bias, reduction="sum",
+            impl=self.impl, chunk_size=self.chunk_size, **self.features,
+        )
+        return loss_sum, (labels != -100).sum(dtype=torch.int64)

@@ -1,0 +1,332 @@
+"""Pipeline parallelism: the model cut into stages that run one of torch's pipeline schedules.
+
+A pipelined model has the component library's shape (transformers' too): ``model.model`` holds
+``embed_tokens``, a ``layers`` ModuleList, a final ``norm`` and a ``rotary_emb``; ``model.lm_head``
+is the output head. A stage is a contiguous run of decoder layers; the first stage also holds the
+embedding, the last the final norm and the head. :class:`StageModule` keeps every parameter's full
+name (``model.layers.3.mlp.up_proj.weight``), so the state dicts of the stages merge into the
+whole model's, and checkpoints are the same with or without pipelining.
+
+The plan (``PLAN["pipeline"]`` in train.py, computed by fgc) gives each stage's layers and rank:
+stage ``s`` of ``S`` runs on rank ``s % P`` in the loop layout (interleaved schedules) and on
+rank ``s`` or ``S - 1 - s`` in the V layout (ZBV and DualPipeV: the first and last stage share
+rank 0).
+
+The loss: each micro-batch's loss function returns its summed token loss divided by the global
+count of target tokens in the step (over micro-batches and data-parallel replicas), so the
+schedule's gradients are those of the step loss with no further scaling (``scale_grads=False``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import RunError
+
+SCHEDULE_CLASSES = {
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved-1f1b": "ScheduleInterleaved1F1B",
+    "looped-bfs": "ScheduleLoopedBFS",
+    "interleaved-zero-bubble": "ScheduleInterleavedZeroBubble",
+    "zbv-zero-bubble": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
+}
+SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
+
+
+class StageModule(nn.Module):
+    """Decoder layers ``layers`` of MODEL, plus the embedding (``first``) or the final norm and
+    head (``last``). Its parameters are MODEL's own (no copies), under their full names.
+
+    ``forward`` takes token ids (first stage) or hidden states ``(B, T, D)`` and returns hidden
+    states, or logits ``(B, T, V)`` on the last stage.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], first: bool, last: bool):
+        super().__init__()
+        stack = _stack(model)
+        self.first, self.last = first, last
+        self.model = nn.Module()
+        if first:
+            self.model.embed_tokens = stack.embed_tokens
+        self.model.layers = nn.ModuleDict({str(i): stack.layers[i] for i in layers})
+        if last:
+            self.model.norm = stack.norm
+            self.lm_head = model.lm_head
+        self.model.rotary_emb = stack.rotary_emb
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_BTD = self.model.embed_tokens(x) if self.first else x
+        B, T = x_BTD.shape[:2]
+        position_ids_BT = torch.arange(T, device=x_BTD.device).unsqueeze(0).expand(B, T)
+        cos_BTE, sin_BTE = self.model.rotary_emb(position_ids_BT)
+        for layer in self.model.layers.values():
+            x_BTD = layer(x_BTD, cos_BTE, sin_BTE)
+        if self.last:
+            return self.lm_head(self.model.norm(x_BTD))
+        return x_BTD
+
+
+def _stack(model: nn.Module) -> nn.Module:
+    stack = getattr(model, "model", None)
+    missing = [
+        name
+        for name, owner in (
+            ("model.embed_tokens", stack),
+            ("model.layers", stack),
+            ("model.norm", stack),
+            ("model.rotary_emb", stack),
+            ("lm_head", model),
+        )
+        if owner is None or not hasattr(owner, name.split(".")[-1])
+    ]
+    if missing:
+        raise RunError(
+            "the model cannot be pipelined: it has no " + ", ".join(missing)
+            + " (see fgc_runtime.pipeline)"
+        )
+    return stack
+
+
+def local_stages(plan: dict, pp_rank: int) -> list[dict]:
+    """The plan's stages that run on pipeline rank PP_RANK, in stage order."""
+    return [s for s in plan["stages"] if s["rank"] == pp_rank]
+
+
+def mesh_groups(device: torch.device, pipeline_degree: int):
+    """The 2-D mesh ``(dp, pp)`` over every rank (pipeline neighbours are adjacent ranks).
+    Returns ``(pp_group, pp_rank, dp_group, dp_rank, dp_size)``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = torch.distributed.get_world_size()
+    if world % pipeline_degree:
+        raise RunError(
+            f"{world} ranks do not split into pipelines of {pipeline_degree}: "
+            "launch a multiple of the pipeline degree"
+        )
+    mesh = init_device_mesh(device.type, (world // pipeline_degree, pipeline_degree), mesh_dim_names=("dp", "pp"))
+    return (
+        mesh.get_group("pp"),
+        mesh.get_local_rank("pp"),
+        mesh.get_group("dp"),
+        mesh.get_local_rank("dp"),
+        world // pipeline_degree,
+    )
+
+
+def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torch.device):
+    """This rank's part of MODEL and its pipeline stages.
+
+    Returns ``(part, stages)``: ``part`` is one :class:`StageModule` holding every layer of this
+    rank (its parameters, state dict and optimizer groups are this rank's share of the model's,
+    under the full names); ``stages`` are the ``PipelineStage`` objects the schedule runs.
+    """
+    from torch.distributed.pipelining import PipelineStage
+
+    num_stages = len(plan["stages"])
+    mine = local_stages(plan, pp_rank)
+    layers = [i for s in mine for i in range(*s["layers"])]
+    part = StageModule(
+        model,
+        layers,
+        first=any(s["stage"] == 0 for s in mine),
+        last=any(s["stage"] == num_stages - 1 for s in mine),
+    )
+    stages = []
+    for s in mine:
+        index = s["stage"]
+        module = StageModule(model, range(*s["layers"]), first=index == 0, last=index == num_stages - 1)
+        stages.append(PipelineStage(module, index, num_stages, device, group=group))
+    return part, stages
+
+
+def build_schedule(name: str, stages: list, microbatches: int, loss_fn: Callable):
+    """Torch's schedule NAME over this rank's STAGES (one stage for gpipe and 1f1b)."""
+    import torch.distributed.pipelining as pipelining
+
+    cls = getattr(pipelining, SCHEDULE_CLASSES[name])
+    target = stages[0] if name in SINGLE_STAGE_SCHEDULES else stages
+    return cls(target, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+# schedules whose ``eval()`` torch does not support (they split the backward): evaluation runs
+# the stages one micro-batch at a time with :func:`forward_only` instead
+FORWARD_ONLY_EVAL = ("zbv-zero-bubble", "dualpipev")
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _send(t: torch.Tensor, peer: int, group) -> None:
+    header = torch.tensor([_DTYPES.index(t.dtype), t.dim(), *t.shape], dtype=torch.int64, device=t.device)
+    torch.distributed.send(torch.tensor([header.numel()], device=t.device), group_dst=peer, group=group)
+    torch.distributed.send(header, group_dst=peer, group=group)
+    torch.distributed.send(t.contiguous(), group_dst=peer, group=group)
+
+
+def _recv(peer: int, group, device: torch.device) -> torch.Tensor:
+    size = torch.zeros(1, dtype=torch.int64, device=device)
+    torch.distributed.recv(size, group_src=peer, group=group)
+    header = torch.zeros(int(size), dtype=torch.int64, device=device)
+    torch.distributed.recv(header, group_src=peer, group=group)
+    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
+    t = torch.empty([int(d) for d in header[2 : 2 + ndim]], dtype=dtype, device=device)
+    torch.distributed.recv(t, group_src=peer, group=group)
+    return t
+
+
+def forward_only(stages: list, plan: dict, pp_rank: int, group, input_ids: torch.Tensor, microbatches: int):
+    """The logits of INPUT_IDS through the whole pipeline, without a schedule: each micro-batch
+    goes through the stages in order, activations sent between ranks. Returns the list of each
+    micro-batch's logits on the rank that holds the last stage (an empty list elsewhere)."""
+    ranks = [s["rank"] for s in plan["stages"]]
+    local = {stage.stage_index: stage.submod for stage in stages}
+    outputs = []
+    for chunk in input_ids.chunk(microbatches):
+        x = chunk
+        for index, rank in enumerate(ranks):
+            previous = ranks[index - 1] if index else rank
+            if rank == pp_rank:
+                if previous != pp_rank:
+                    x = _recv(previous, group, input_ids.device)
+                x = local[index](x)
+            elif previous == pp_rank:
+                _send(x, rank, group)
+        if ranks[-1] == pp_rank:
+            outputs.append(x)
+    return outputs
+
+
+class StepLoss:
+    """The schedule's loss function: a micro-batch's summed token loss over ``n_targets`` (set
+    to the step's global count of target tokens before each step; 1 for plain sums)."""
+
+    def __init__(self, loss_sum_fn: Callable):
+        self.loss_sum_fn = loss_sum_fn
+        self.n_targets: torch.Tensor | float = 1.0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss_sum, _ = self.loss_sum_fn(logits, labels)
+        return loss_sum / self.n_targets
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _names(part: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in part.named_parameters()}
+
+
+def full_state_dicts(part: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int, rank: int) -> tuple:
+    """The whole model's state dict and the name-keyed optimizer state, gathered from the
+    pipeline ranks of the first replica onto rank 0 (None elsewhere). Every rank must call it."""
+    mine = None
+    if dp_rank == 0:
+        mine = (_to_cpu(part.state_dict()), _to_cpu(optimizer_state_by_name(optimizer, _names(part))))
+    gathered = [None] * torch.distributed.get_world_size() if rank == 0 else None
+    torch.distributed.gather_object(mine, gathered, dst=0)
+    if rank != 0:
+        return None, None
+    parts = [g for g in gathered if g is not None]
+    model_state = {}
+    for model_part, _ in parts:
+        model_state.update(model_part)
+    return dict(sorted(model_state.items())), merge_optimizer_states([o for _, o in parts])
+
+
+def load_full_state_dicts(part: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load whole-model state dicts (as :func:`full_state_dicts` or a non-pipelined trainer with
+    name-keyed optimizer state wrote them) into this rank's part and optimizer."""
+    wanted = part.state_dict().keys()
+    missing = [k for k in wanted if k not in model_state]
+    if missing:
+        raise KeyError(f"missing key(s) in state_dict: {', '.join(missing[:5])}")
+    part.load_state_dict({k: model_state[k] for k in wanted})
+    load_optimizer_state_by_name(optimizer, optimizer_state, _names(part))
+
+
+def clip_grad_norm_(part: nn.Module, max_norm: float | None, group) -> float:
+    """Clip the gradients of the whole pipeline to a total L2 norm of MAX_NORM (None: do not
+    clip), as ``torch.nn.utils.clip_grad_norm_`` does for one model; returns the total norm
+    before clipping. Every pipeline rank calls it with its part."""
+    params = [p for p in part.parameters() if p.grad is not None]
+    device = params[0].grad.device if params else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        sq += p.grad.detach().float().pow(2).sum()
+    torch.distributed.all_reduce(sq, group=group)
+    total = sq.sqrt()
+    if max_norm is not None:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in params:
+            p.grad.detach().mul_(coef.to(p.grad.dtype))
+    return float(total)
+
+
+def all_reduce_grads(part: nn.Module, group) -> None:
+    """Sum the gradients of this rank's part over the data-parallel replicas (each replica's
+    loss is already divided by the global target count, so the sum is the step's gradient)."""
+    for p in part.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad, group=group)
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict:
+    """The optimizer's state dict keyed by parameter names instead of indices (the format of
+    ``torch.distributed.checkpoint.state_dict``), so that the parts of several ranks merge."""
+    state = optimizer.state_dict()
+    index_to_name = {}
+    ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    for index, pid in enumerate(ids):
+        index_to_name[index] = names[pid]
+    return {
+        "state": {index_to_name[i]: s for i, s in state["state"].items()},
+        "param_groups": [
+            {**g, "params": [index_to_name[i] for i in g["params"]]} for g in state["param_groups"]
+        ],
+    }
+
+
+def merge_optimizer_states(parts: list[dict]) -> dict:
+    """One name-keyed optimizer state from the parts of every rank (groups matched by name)."""
+    merged: dict = {"state": {}, "param_groups": []}
+    by_name: dict = {}
+    for part in parts:
+        merged["state"].update(part["state"])
+        for group in part["param_groups"]:
+            key = group.get("name", len(by_name))
+            if key not in by_name:
+                by_name[key] = {**group, "params": []}
+                merged["param_groups"].append(by_name[key])
+            by_name[key]["params"].extend(group["params"])
+    return merged
+
+
+def load_optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer, state: dict, names: dict[int, str]
+) -> None:
+    """Load a name-keyed (merged) optimizer state into this rank's optimizer."""
+    groups_by_name = {g.get("name", i): g for i, g in enumerate(state["param_groups"])}
+    local_state, local_groups, index = {}, [], 0
+    for i, group in enumerate(optimizer.param_groups):
+        saved = groups_by_name.get(group.get("name", i))
+        if saved is None:
+            raise RunError(f"the checkpoint has no optimizer group {group.get('name', i)!r}")
+        params = []
+        for p in group["params"]:
+            name = names[id(p)]
+            if name in state["state"]:
+                local_state[index] = state["state"][name]
+            params.append(index)
+            index += 1
+        local_groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": params})
+    optimizer.load_state_dict({"state": local_state, "param_groups": local_groups})
