@@ -198,11 +198,17 @@ def explain_summary(compiled: Compiled) -> str:
             if st["stage"] == len(pp["stages"]) - 1:
                 parts.append("norm and head")
             lines.append(f"    stage {st['stage']} on rank {st['rank']}: {', '.join(parts)}: {st['params']:,} parameters")
-    lines.append(
-        f"  global batch {plan.global_batch_size} x {plan.seq_len} tokens; per rank {plan.batch_per_rank} "
-        f"= {plan.grad_accum_steps} micro-batch(es) of {plan.micro_batch_size}"
-    )
-    lines.append("  pipeline stages: none (every rank holds all layers)")
+    if plan.pipeline:
+        lines.append(
+            f"  global batch {plan.global_batch_size} x {plan.seq_len} tokens; per pipeline {plan.batch_per_rank} "
+            f"= {plan.pipeline['microbatches']} micro-batches of {plan.micro_batch_size}"
+        )
+    else:
+        lines.append(
+            f"  global batch {plan.global_batch_size} x {plan.seq_len} tokens; per rank {plan.batch_per_rank} "
+            f"= {plan.grad_accum_steps} micro-batch(es) of {plan.micro_batch_size}"
+        )
+        lines.append("  pipeline stages: none (every rank holds all layers)")
     lines.append(f"  activation checkpointing: {plan.activation_checkpointing}; compile: {plan.compile}")
     if plan.apply_order:
         lines.append("  applied in order: " + " -> ".join(plan.apply_order))
