@@ -192,6 +192,10 @@ class BasicTrainer:
     # step each parameter inside the backward as soon as its gradient is complete, and free the
     # gradient (one process, no accumulation, no clipping)
     optimizer_in_backward: bool = False
+    # Training windows are packed: they cut through documents, which end with the data's eos_id.
+    # True: attention stays inside each document of a window, and positions restart at each one
+    # (the model's forward takes document ids after input_ids, as the library's CausalLM does).
+    document_masking: bool = False
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "output"

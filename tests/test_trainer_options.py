@@ -229,3 +229,75 @@ def test_chunked_loss_trains_like_the_reference(tmp_path):
     smoothed = [r["loss"] for r in _train(smooth, tmp_path / "r3")]
     assert smoothed[0] != pytest.approx(reference[0], rel=1e-4)
     assert smoothed[-1] < smoothed[0]
+
+
+# -- document masking -------------------------------------------------------------------------------
+
+
+def test_document_ids_and_the_masking_wrapper_keep_documents_apart():
+    from fgc.components.attention import CausalSelfAttention
+    from fgc.components.causal_lm import CausalLM
+    from fgc.components.layers import PreNormDecoderLayer
+    from fgc.components.mlp import SwiGLUMLP
+    from fgc.components.norm import RMSNorm
+    from fgc.components.rotary import RotaryEmbedding
+    from fgc_runtime.data import DocumentMasking, document_ids
+    import functools
+
+    ids = torch.tensor([[5, 6, 9, 7, 9, 8, 8]])  # eos 9 ends a document and belongs to it
+    assert document_ids(ids, 9).tolist() == [[0, 0, 0, 1, 1, 2, 2]]
+    torch.manual_seed(0)
+    model = CausalLM(
+        vocab_size=10, hidden_size=16, num_hidden_layers=2,
+        layer_factory=functools.partial(
+            PreNormDecoderLayer,
+            attention_factory=functools.partial(CausalSelfAttention, num_attention_heads=2, num_key_value_heads=2),
+            mlp_factory=functools.partial(SwiGLUMLP, intermediate_size=32),
+            norm_factory=RMSNorm,
+        ),
+        norm_factory=RMSNorm,
+        rotary_embedding=RotaryEmbedding(head_dim=8, max_position_embeddings=16),
+    ).eval()
+    with torch.no_grad():
+        packed = DocumentMasking(model, eos_id=9)(ids)
+        alone = [model(ids[:, a:b]) for a, b in ((0, 3), (3, 5), (5, 7))]
+        plain = model(ids)
+    torch.testing.assert_close(packed, torch.cat(alone, dim=1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain[:, 3:], packed[:, 3:], atol=1e-4)  # without masking they differ
+
+
+@pytest.mark.parametrize(
+    "meta,message",
+    [
+        ('-- set ns.trainer_type = "pipeline"\n', "document_masking is not supported by the pipeline trainer"),
+        ('-- set ns.trainer_type = "basic"\n-- set ns.loss_impl = "chunked"\n',
+         "the chunked loss kernel does not support document_masking"),
+    ],
+)
+def test_document_masking_rules(tmp_path, meta, message):
+    path = _config(tmp_path, meta + "-- set ns.document_masking = true\n")
+    proc = run_fgc("check", path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
+@pytest.mark.slow
+def test_document_masking_trains_on_two_ranks(tmp_path):
+    masked, plain = tmp_path / "masked", tmp_path / "plain"
+    knobs = ["-D", "max_steps=3", "-D", "eval_every=3", "-D", "num_hidden_layers=2"]
+    run_fgc("build", EXAMPLE, "-o", masked, *knobs, "-D", "document_masking=true", check=True)
+    run_fgc("build", EXAMPLE, "-o", plain, *knobs, check=True)
+    assert "DocumentMasking(model" in (masked / "train.py").read_text()
+    losses = {}
+    for name, out in (("masked", masked), ("plain", plain)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(out / "train.py"),
+             "--output-dir", str(tmp_path / f"run_{name}"), "--log-every", "1"],
+            capture_output=True, text=True, cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = (tmp_path / f"run_{name}" / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(r)["loss"] for r in records if '"loss"' in r]
+    assert len(losses["masked"]) == 3
+    # the corpus's documents are shorter than a window: masking changes what each token sees
+    assert losses["masked"][0] != pytest.approx(losses["plain"][0], rel=1e-5)

@@ -323,7 +323,7 @@ class PackageBuilder:
             "import argparse",
             "import tempfile",
             "from pathlib import Path",
-            "from fgc_runtime import checkpoint, control, data, distributed, hf, metrics",
+            "from fgc_runtime import checkpoint, control, data, distributed, hf, metrics, quantize",
             "from fgc_runtime.errors import RunError, run_main",
             "from fgc_runtime.optim import describe_groups, param_groups",
             "from fgc_runtime.log import RankLog",
@@ -403,6 +403,10 @@ class PackageBuilder:
         return {
             "chunked_loss": impl == "chunked",
             "loss_fn": "lm_loss" if features else "loss_sum_and_count",
+            "document_masking": self.ctx.settings.document_masking,
+            "train_module": "masked_model"
+            if self.ctx.settings.document_masking
+            else ("loss_model" if impl == "chunked" else "model"),
         }
 
     def _note_third_party(self, import_lines: list[str]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 
 from fgc.errors import Location
 from fgc.ir import IRGraph
@@ -101,6 +103,19 @@ class PlanTraining(Pass):
             if ctx.sink.errors:
                 return None
         pipelined = isinstance(s, PipelineTrainer)
+        if s.document_masking:
+            if pipelined:
+                err("document_masking", "document_masking is not supported by the pipeline trainer in this "
+                    "version: its stages do not pass document ids", hint="set document_masking: false")
+                return None
+            model = self._meta_model(ir, ctx)
+            if model is None:
+                return None
+            params = list(inspect.signature(model.forward).parameters)
+            if len(params) < 2:
+                err("document_masking", f"document_masking needs a model whose forward takes document ids "
+                    f"after input_ids; {type(model).__name__}.forward takes ({', '.join(params)})")
+                return None
         replicas = s.parallel.data_degree if pipelined else s.nproc
         if pipelined:
             pipeline = self._pipeline(s, ir, ctx, err)

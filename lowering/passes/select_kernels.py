@@ -52,6 +52,7 @@ class SelectKernels(Pass):
                 ("label_smoothing", bool(loss.label_smoothing)),
                 ("z_loss", bool(loss.z_loss)),
                 ("softcap", loss.softcap is not None),
+                ("document_masking", s.document_masking),
             )
             if used
         ]
