@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import safetensors
+from . import quantize, safetensors
 from .checkpoint import find_checkpoint, resolve_resume
 from .errors import RunError
 
@@ -130,6 +130,7 @@ def export(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer_dirs=(),
     eos_token_id: int | None = None,
+    quantize_recipe: str | None = None,
 ) -> Path:
     """Write the model state dict STATE as a Hugging Face model directory OUT_DIR.
 
@@ -137,8 +138,9 @@ def export(
     ``generation_config.json``, the weights (``model.safetensors``, or shards of at most
     MAX_SHARD_BYTES with an index), the tokenizer files found first in TOKENIZER_DIRS and, for a
     custom architecture, the modelling code ``config.json``'s ``auto_map`` names. A tied weight
-    is written once, under its source name. The directory is written beside OUT_DIR, then
-    renamed into place (an earlier export there is replaced).
+    is written once, under its source name. With QUANTIZE_RECIPE, the projection weights are
+    quantized with torchao (:mod:`.quantize`; standard architectures only). The directory is
+    written beside OUT_DIR, then renamed into place (an earlier export there is replaced).
     """
     package_dir = Path(package_dir)
     spec = read_export_spec(package_dir)
@@ -155,13 +157,19 @@ def export(
         config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     if spec["remote_code"]:
         tensors = {REMOTE_PREFIX + k: v for k, v in tensors.items()}
+    metadata = {"format": "pt"}
+    if quantize_recipe is not None:
+        if spec["remote_code"]:
+            raise RunError("--quantize: only a standard transformers architecture can be quantized", path=out_dir)
+        tensors, quantized_metadata, config["quantization_config"] = quantize.quantize(tensors, quantize_recipe)
+        metadata.update(quantized_metadata)
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    safetensors.save_sharded(tensors, tmp, max_shard_bytes, metadata={"format": "pt"})
+    safetensors.save_sharded(tensors, tmp, max_shard_bytes, metadata=metadata)
     _write_json(tmp / "config.json", config)
     _write_json(tmp / "generation_config.json", generation)
     for directory in tokenizer_dirs:

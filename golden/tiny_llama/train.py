@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 import torch.optim
 
-from fgc_runtime import checkpoint, control, data, distributed, hf, metrics
+from fgc_runtime import checkpoint, control, data, distributed, hf, metrics, quantize
 from fgc_runtime.errors import RunError, run_main
 from fgc_runtime.log import RankLog
 from fgc_runtime.optim import describe_groups, param_groups
@@ -40,6 +40,7 @@ GLOBAL_BATCH_SIZE = 16  # train.yaml:19
 SEQ_LEN = 128  # train.yaml:18
 GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:52
 OPTIMIZER_IN_BACKWARD = False  # <fgc>/lm/train.yaml:53
+DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:73
 SEED = 42  # <fgc>/lm/train.yaml:61
 DEVICE = "auto"  # default of DDPTrainer.device
 OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:63
@@ -60,7 +61,7 @@ EVERY_N_LAYERS = 1  # default of ActivationCheckpointSettings.every_n_layers
 COMPILE = False  # <fgc>/lm/train.yaml:71
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
-NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:237
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:238
 LOSS_IMPL = "torch"  # the select-kernels pass, auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference
 LABEL_SMOOTHING = 0.0  # default of LossSettings.label_smoothing
 Z_LOSS = 0.0  # default of LossSettings.z_loss
@@ -93,15 +94,15 @@ PLAN = {
         }
     },
 }
-CONFIG_HASH = "77337c80da6d72e42bebabdbfc88c5d9d96afecfb33fae8c7ba0a8442667c7b8"  # sha256 of the rendered config
+CONFIG_HASH = "56fc3683a9fd3dece0ed7f1cbd1ddc54f61f4c72aa6f308349716506d3a83a4c"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:167
+# optimizer: <fgc>/lm/train.yaml:168
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:181
+# lr_scheduler: <fgc>/lm/train.yaml:182
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup=30, total=300
 )
@@ -162,6 +163,11 @@ def parse_args(argv=None):
         help="the checkpoint --export-hf writes (default: the newest)",
     )
     parser.add_argument(
+        "--quantize",
+        choices=quantize.RECIPES,
+        help="--export-hf writes torchao-quantized weights (needs torchao)",
+    )
+    parser.add_argument(
         "--max-shard-bytes",
         type=int,
         default=hf.DEFAULT_MAX_SHARD_BYTES,
@@ -216,7 +222,11 @@ def main(argv=None):
     if args.control:
         control.send(args.control, args.output_dir)
         return
+    if args.quantize and not args.export_hf:
+        raise RunError("--quantize applies only to --export-hf DIR")
     if args.export_hf:  # one process writes it: run `python train.py --export-hf DIR`
+        if args.quantize:
+            quantize.require_torchao()
         export_hf(
             hf.export_checkpoint_dir(args.checkpoint, args.output_dir),
             Path(args.export_hf),
@@ -428,6 +438,7 @@ def export_hf(checkpoint_dir, out_dir, args):
         max_shard_bytes=args.max_shard_bytes,
         tokenizer_dirs=[args.data],
         eos_token_id=hf.data_eos_id(args.data),
+        quantize_recipe=args.quantize,
     )
     print(f"wrote {out_dir} (the model of {checkpoint_dir})", flush=True)
 

@@ -494,3 +494,25 @@ class ByteTokenizer:
             ids = ids.tolist()
         data = bytes(i for i in ids if i != self.eos_id)
         return data.decode("utf-8", errors="replace")
+
+
+def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """For packed sequences ``(B, T)``: the index of the document each token belongs to, counting
+    from 0 in each row; an ``eos_id`` token ends (and belongs to) its document."""
+    is_eos = (input_ids == eos_id).long()
+    return torch.cumsum(is_eos, dim=1) - is_eos
+
+
+class DocumentMasking(torch.nn.Module):
+    """MODEL with attention kept inside each document of a packed sequence: ``forward(input_ids)``
+    calls ``model(input_ids, document_ids)`` (the component library's ``CausalLM`` then masks
+    attention block-diagonally and restarts positions at each document). Wrap it in DDP, not the
+    other way round; MODEL's parameter names do not change."""
+
+    def __init__(self, model: torch.nn.Module, eos_id: int):
+        super().__init__()
+        self.model = model
+        self.eos_id = int(eos_id)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, document_ids(input_ids, self.eos_id))

@@ -123,7 +123,8 @@ def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torc
 
     Returns ``(part, stages)``: ``part`` is one :class:`StageModule` holding every layer of this
     rank (its parameters, state dict and optimizer groups are this rank's share of the model's,
-    under the full names); ``stages`` are the ``PipelineStage`` objects the schedule runs.
+    under the full names); ``stages`` are the ``PipelineStage`` objects the schedule runs. The
+    rest of MODEL moves to the meta device.
     """
     from torch.distributed.pipelining import PipelineStage
 
@@ -136,6 +137,17 @@ def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torc
         first=any(s["stage"] == 0 for s in mine),
         last=any(s["stage"] == num_stages - 1 for s in mine),
     )
+    # What this rank does not run moves to the meta device: its memory is freed, its shapes stay
+    # (parameter counts, e.g. for the FLOPs per token, still see the whole model).
+    stack = _stack(model)
+    for i, layer in enumerate(stack.layers):
+        if i not in layers:
+            layer.to_empty(device="meta")
+    if not part.first:
+        stack.embed_tokens.to_empty(device="meta")
+    if not part.last:
+        stack.norm.to_empty(device="meta")
+        model.lm_head.to_empty(device="meta")
     stages = []
     for s in mine:
         index = s["stage"]

@@ -29,7 +29,8 @@ CAPABILITIES = {
     "torch": {
         "devices": ("cpu", "cuda"),
         "dtypes": ("float32", "bfloat16", "float16"),
-        "features": ("bias", "ignore_index", "label_smoothing", "z_loss", "softcap"),
+        # document_masking: the trainer passes document ids through the model's own forward
+        "features": ("bias", "ignore_index", "label_smoothing", "z_loss", "softcap", "document_masking"),
         "reductions": ("mean", "sum", "none"),
     },
     "chunked": {
