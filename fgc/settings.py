@@ -77,9 +77,15 @@ class DataParallelSettings:
 @dataclass(frozen=True)
 class FSDPSettings(DataParallelSettings):
     """Fully sharded data parallelism (FSDP2): ``nproc`` processes per node, each holding a shard
-    of every parameter, gradient and optimizer state; one unit per decoder layer plus the root."""
+    of every parameter, gradient and optimizer state; one unit per decoder layer plus the root.
+
+    ``tensor_degree``: with T > 1, groups of T neighbouring ranks split each decoder layer's
+    attention and MLP projections (tensor parallelism, applied before FSDP2), and FSDP2 shards over
+    the ``nproc / T`` groups. ``nproc`` must be divisible by T, and T must divide the model's
+    query and key/value heads and its MLP intermediate size."""
 
     reshard_after_forward: bool = True
+    tensor_degree: int = 1
 
 
 PipelineSchedule = Literal[

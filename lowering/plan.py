@@ -26,6 +26,9 @@ class Plan:
     apply_order: tuple[str, ...] = ()
     # the device mesh: (dimension name, size) pairs, outermost first; () for one process
     mesh: tuple[tuple[str, int], ...] = ()
+    # tensor parallelism: None, or {"degree", "colwise": [projections split by output features],
+    # "rowwise": [split by input features], "replicated": what every rank holds whole}
+    tensor_parallel: dict | None = None
     # pipeline parallelism: None, or {"schedule", "layout", "microbatches", "stages": [{"stage",
     # "rank", "layers": [start, end), "params"}]} with ranks counted inside one pipeline
     pipeline: dict | None = None

@@ -1,5 +1,5 @@
 """Applying the plan's parallelism to a model, per decoder layer, in the order the plan gives:
-(tensor parallel,) activation checkpointing, compile, FSDP2 -- this version has the last three.
+tensor parallel, activation checkpointing, compile, FSDP2.
 
 A decoder layer is a child of an ``nn.ModuleList`` attribute named ``layers`` (as in the component
 library and transformers' models). Both functions change modules in place and keep every
@@ -80,13 +80,111 @@ def apply_compile(model: nn.Module, mode: str | None = None, fullgraph: bool = F
     return len(layers)
 
 
-def apply_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> int:
-    """Shard MODEL with FSDP2 over every rank: each decoder layer is one unit, the root (embedding,
-    final norm, head) another. Returns the number of units."""
+# Tensor parallelism of a decoder layer: these projections are split by output features (each
+# rank computes some heads, or some of the MLP's hidden features), these by input features (each
+# rank's partial output is summed over the tensor-parallel ranks).
+COLWISE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROWWISE_PROJECTIONS = ("o_proj", "down_proj")
+
+
+def tensor_parallel_mesh(device: torch.device, tensor_degree: int):
+    """The 2-D ("dp_shard", "tp") device mesh over every rank: groups of TENSOR_DEGREE neighbouring
+    ranks split each layer's matrices; the groups shard the rest with FSDP2."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import logging
+
+    # DTensor warns that gathering a shard of both dimensions (checkpoints gather full state
+    # dicts) takes two all-gathers, one per dimension: expected here, and not the user's concern
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    world = torch.distributed.get_world_size()
+    return init_device_mesh(device.type, (world // tensor_degree, tensor_degree), mesh_dim_names=("dp_shard", "tp"))
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> int:
+    """Split each decoder layer's attention and MLP projections over TP_MESH: column-wise
+    (q, k, v, gate, up) and row-wise (o, down), so a layer needs one all-reduce in the forward
+    after attention and one after the MLP. The embedding, norms and head stay whole on every rank.
+    Parameter names do not change. Returns the number of projections split."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    count = 0
+    for layer in decoder_layers(model):
+        plan = {}
+        for name, module in layer.named_modules():
+            leaf = name.split(".")[-1]
+            if leaf in COLWISE_PROJECTIONS:
+                plan[name] = ColwiseParallel()
+            elif leaf in ROWWISE_PROJECTIONS:
+                plan[name] = RowwiseParallel()
+        if not plan:
+            raise RunError("a decoder layer has none of the projections tensor parallelism splits")
+        parallelize_module(layer, tp_mesh, plan)
+        count += len(plan)
+    return count
+
+
+def clip_sharded_grad_norm_(model: nn.Module, max_norm: float) -> float:
+    """Clip the gradients of a model sharded over several meshes (FSDP2 on "dp_shard", tensor
+    parallel on "dp_shard" x "tp") to total norm MAX_NORM; returns the total norm before clipping.
+
+    A gradient's squared local norm is summed over the mesh dimensions it is sharded on (not over
+    those it is replicated on), so every element counts once and every rank gets the same norm."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    by_mesh: dict = {}  # mesh (None: plain tensors) -> its gradients
+    sums: dict = {}  # (mesh, sharded mesh dims) -> squared norm of the local shards
+    for grad in grads:
+        mesh = grad.device_mesh if isinstance(grad, DTensor) else None
+        by_mesh.setdefault(mesh, []).append(grad)
+        if mesh is None:
+            key, local = (None, ()), grad
+        else:
+            key = (mesh, tuple(d for d, p in enumerate(grad.placements) if not isinstance(p, Replicate)))
+            local = grad.to_local()
+        sums[key] = sums.get(key, 0.0) + torch.linalg.vector_norm(local, dtype=torch.float32) ** 2
+    total_sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
+    for (mesh, dims), value in sums.items():
+        value = torch.as_tensor(value, dtype=torch.float32, device=total_sq.device).clone()
+        for d in dims:
+            torch.distributed.all_reduce(value, group=mesh.get_group(d))
+        total_sq += value
+    total = total_sq.sqrt()
+    for mesh_grads in by_mesh.values():  # a foreach op takes the tensors of one mesh only
+        torch.nn.utils.clip_grads_with_norm_(mesh_grads, max_norm, total)
+    return total.item()
+
+
+def split_groups_by_mesh(groups: list[dict]) -> list[dict]:
+    """Split optimizer parameter groups so that each holds parameters of one device mesh (the
+    optimizer's foreach ops take the tensors of one mesh only): a group's tensor-parallel
+    parameters move to a group of the same settings, named with a " (tensor parallel)" suffix."""
+    from torch.distributed.tensor import DTensor
+
+    def on_tp(entry) -> bool:
+        param = entry[1] if isinstance(entry, tuple) else entry
+        return isinstance(param, DTensor) and "tp" in (param.device_mesh.mesh_dim_names or ())
+
+    out = []
+    for group in groups:
+        rest = [e for e in group["params"] if not on_tp(e)]
+        tp = [e for e in group["params"] if on_tp(e)]
+        if rest:
+            out.append({**group, "params": rest})
+        if tp:
+            out.append({**group, "name": f"{group.get('name', len(out))} (tensor parallel)", "params": tp})
+    return out
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bool = True, mesh=None) -> int:
+    """Shard MODEL with FSDP2 over MESH (default: every rank): each decoder layer is one unit, the
+    root (embedding, final norm, head) another. Returns the number of units."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    if mesh is None:
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)

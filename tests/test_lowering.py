@@ -480,6 +480,7 @@ def test_plan_ddp(tmp_path):
         "compile": "none",
         "apply_order": [],
         "mesh": {"dp": 4},
+        "tensor_parallel": None,
         "pipeline": None,
         "kernels": {
             "cross_entropy": {

@@ -134,6 +134,9 @@ class PackageBuilder:
                 "pipeline": "pipeline parallel",
             }.get(plan.trainer_type, "DistributedDataParallel")
             description = f"{kind} over {plan.nproc} processes per node (torchrun)"
+            if plan.tensor_parallel:
+                mesh = dict(plan.mesh)
+                description += f": {mesh['dp_shard']} data-parallel groups x {mesh['tp']} tensor-parallel ranks"
             if plan.pipeline:
                 pp, dp = dict(plan.mesh)["pp"], dict(plan.mesh)["dp"]
                 description += (
@@ -346,9 +349,14 @@ class PackageBuilder:
         if sampling:
             fixed.append("from fgc_runtime.sample import TextSampler, load_tokenizer")
         fsdp = self.ctx.plan.trainer_type == "fsdp2"
+        tp = self.ctx.plan.tensor_parallel is not None
         applied = [
             fn
             for fn, used in (
+                ("tensor_parallel_mesh", tp),
+                ("apply_tensor_parallel", tp),
+                ("clip_sharded_grad_norm_", tp),
+                ("split_groups_by_mesh", tp),
                 ("apply_activation_checkpointing", self.ctx.plan.activation_checkpointing != "none"),
                 ("apply_compile", self.ctx.plan.compile != "none"),
                 ("apply_fsdp", fsdp),

@@ -104,9 +104,10 @@ class CausalSelfAttention(nn.Module):
         attn_mask_B1TS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BTHE = self.q_proj(x_BTD).view(B, T, self.num_attention_heads, self.head_dim)
-        k_BTKE = self.k_proj(x_BTD).view(B, T, self.num_key_value_heads, self.head_dim)
-        v_BTKE = self.v_proj(x_BTD).view(B, T, self.num_key_value_heads, self.head_dim)
+        # -1: under tensor parallelism a rank's projections give only its share of the heads
+        q_BTHE = self.q_proj(x_BTD).view(B, T, -1, self.head_dim)
+        k_BTKE = self.k_proj(x_BTD).view(B, T, -1, self.head_dim)
+        v_BTKE = self.v_proj(x_BTD).view(B, T, -1, self.head_dim)
         if self.q_norm is not None:
             # QK-norm normalises each head's E channels, before the rotation (Qwen3).
             q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
@@ -131,9 +132,7 @@ class CausalSelfAttention(nn.Module):
             is_causal=attn_mask_B1TS is None,
             enable_gqa=self.num_key_value_heads != self.num_attention_heads,
         )
-        y_BTD = y_BHTE.transpose(1, 2).reshape(
-            B, T, self.num_attention_heads * self.head_dim
-        )
+        y_BTD = y_BHTE.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y_BTD)
 
     def extra_repr(self) -> str:
@@ -456,7 +455,7 @@ class RMSNorm(nn.Module):
 
 
 def build_model(device=None, dtype=None):
-    """Build the config's `model` target (<fgc>/lm/train.yaml:151) on DEVICE (default: the CPU), in DTYPE."""
+    """Build the config's `model` target (<fgc>/lm/train.yaml:153) on DEVICE (default: the CPU), in DTYPE."""
     with torch.device(device if device is not None else "cpu"):
         attention_factory = functools.partial(
             CausalSelfAttention, num_attention_heads=4, num_key_value_heads=2

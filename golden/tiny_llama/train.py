@@ -61,7 +61,7 @@ EVERY_N_LAYERS = 1  # default of ActivationCheckpointSettings.every_n_layers
 COMPILE = False  # <fgc>/lm/train.yaml:71
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
-NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:238
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:246
 LOSS_IMPL = "torch"  # the select-kernels pass, auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference
 LABEL_SMOOTHING = 0.0  # default of LossSettings.label_smoothing
 Z_LOSS = 0.0  # default of LossSettings.z_loss
@@ -86,6 +86,7 @@ PLAN = {
     "compile": "none",
     "apply_order": [],
     "mesh": {"dp": 2},
+    "tensor_parallel": None,
     "pipeline": None,
     "kernels": {
         "cross_entropy": {
@@ -97,12 +98,12 @@ PLAN = {
 CONFIG_HASH = "56fc3683a9fd3dece0ed7f1cbd1ddc54f61f4c72aa6f308349716506d3a83a4c"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:168
+# optimizer: <fgc>/lm/train.yaml:170
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:182
+# lr_scheduler: <fgc>/lm/train.yaml:184
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup=30, total=300
 )

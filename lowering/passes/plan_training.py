@@ -126,15 +126,21 @@ class PlanTraining(Pass):
             mesh = (("dp", s.parallel.data_degree), ("pp", s.parallel.pipeline_degree))
         else:
             pipeline = None
-            if s.batch_size % s.nproc:
-                err("batch_size", f"batch_size {s.batch_size} is not divisible by nproc {s.nproc}")
+            tensor_degree = getattr(s.parallel, "tensor_degree", 1) if s.TYPE == "fsdp2" else 1
+            if tensor_degree != 1 and not self._tensor_parallel_ok(s, ir, ctx, err, where):
                 return None
-            per_rank = s.batch_size // s.nproc
+            # the ranks of one tensor-parallel group read the same batch
+            dp = s.nproc // tensor_degree
+            dp_what = f"nproc {s.nproc}" if tensor_degree == 1 else f"the {dp} data-parallel groups"
+            if s.batch_size % dp:
+                err("batch_size", f"batch_size {s.batch_size} is not divisible by {dp_what}")
+                return None
+            per_rank = s.batch_size // dp
             micro = per_rank if s.micro_batch_size is None else s.micro_batch_size
             if micro < 1 or per_rank % micro:
                 err(
                     "micro_batch_size",
-                    f"the per-rank batch ({per_rank} = batch_size {s.batch_size} / nproc {s.nproc}) "
+                    f"the per-rank batch ({per_rank} = batch_size {s.batch_size} / {dp_what}) "
                     f"is not divisible by micro_batch_size {micro}",
                 )
                 return None
@@ -147,10 +153,12 @@ class PlanTraining(Pass):
                 )
                 return None
             eval_batch = s.logging.eval_batch_size
-            if eval_batch is not None and (eval_batch < 1 or eval_batch % s.nproc):
-                err("logging.eval_batch_size", f"eval_batch_size {eval_batch} is not a positive multiple of nproc {s.nproc}")
+            if eval_batch is not None and (eval_batch < 1 or eval_batch % dp):
+                err("logging.eval_batch_size", f"eval_batch_size {eval_batch} is not a positive multiple of {dp_what}")
                 return None
-            mesh = () if s.TYPE == "basic" else ((("dp_shard" if s.TYPE == "fsdp2" else "dp"), s.nproc),)
+            mesh = () if s.TYPE == "basic" else ((("dp_shard" if s.TYPE == "fsdp2" else "dp"), dp),)
+            if tensor_degree != 1:
+                mesh += (("tp", tensor_degree),)
         ac_settings = s.activation_checkpointing
         if ac_settings.every_n_layers < 1:
             err("activation_checkpointing.every_n_layers",
@@ -164,9 +172,20 @@ class PlanTraining(Pass):
         }[ac_settings.mode]
         compile_ = "per decoder layer" if s.compile.enabled else "none"
         fsdp = s.TYPE == "fsdp2"
+        tensor_parallel = None
+        if dict(mesh).get("tp", 1) > 1:
+            from fgc_runtime.parallel import COLWISE_PROJECTIONS, ROWWISE_PROJECTIONS
+
+            tensor_parallel = {
+                "degree": dict(mesh)["tp"],
+                "colwise": list(COLWISE_PROJECTIONS),
+                "rowwise": list(ROWWISE_PROJECTIONS),
+                "replicated": "embedding, norms, head",
+            }
         order = tuple(
             step
             for step, used in (
+                ("tensor parallel", tensor_parallel is not None),
                 ("activation checkpointing", ac != "none"),
                 ("compile", compile_ != "none"),
                 ("fsdp2", fsdp),
@@ -188,8 +207,68 @@ class PlanTraining(Pass):
             seq_len=s.seq_len,
             precision=s.precision.mode,
             mesh=mesh,
+            tensor_parallel=tensor_parallel,
             pipeline=pipeline,
         )
+
+    def _tensor_parallel_ok(self, s, ir: IRGraph, ctx: LoweringContext, err, where) -> bool:
+        """Check the tensor degree against the world size and the model's heads and MLP width."""
+        from torch import nn
+
+        from fgc_runtime.parallel import COLWISE_PROJECTIONS, ROWWISE_PROJECTIONS
+
+        degree = s.parallel.tensor_degree
+        if degree < 1:
+            err("parallel.tensor_degree", f"tensor_degree must be at least 1, got {degree}")
+            return False
+        if s.nproc % degree:
+            err(
+                "parallel.tensor_degree",
+                f"the world size (nproc {s.nproc}) is not divisible by tensor_degree {degree}: the world "
+                f"size is the product of the parallel degrees (data-parallel groups x tensor_degree)",
+                hint="set nproc to a multiple of tensor_degree",
+            )
+            return False
+        model = self._meta_model(ir, ctx)
+        if model is None:
+            return False
+        layers = next(
+            (m for n, m in model.named_modules() if n.split(".")[-1] == "layers" and isinstance(m, nn.ModuleList)),
+            None,
+        )
+        projections = [
+            (n.split(".")[-1], m) for n, m in (layers.named_modules() if layers is not None else ())
+            if n.split(".")[-1] in COLWISE_PROJECTIONS + ROWWISE_PROJECTIONS
+        ]
+        if not projections:
+            err("parallel.tensor_degree", "tensor parallelism needs decoder layers (a `layers` list) whose "
+                "projections are named " + ", ".join(COLWISE_PROJECTIONS + ROWWISE_PROJECTIONS))
+            return False
+        ok = True
+        seen = set()
+        for _, module in layers.named_modules():
+            for attr in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+                value = getattr(module, attr, None)
+                if isinstance(value, int) and value % degree and attr not in seen:
+                    seen.add(attr)
+                    what = {"num_attention_heads": "attention heads", "num_key_value_heads": "key/value heads",
+                            "intermediate_size": "MLP intermediate size"}[attr]
+                    ctx.sink.error(
+                        f"{attr} {value} is not divisible by tensor_degree {degree}: each tensor-parallel "
+                        f"rank holds an equal share of the {what}",
+                        self._model_setting(ir, attr) or where("parallel", "tensor_degree"),
+                    )
+                    ok = False
+        return ok
+
+    @staticmethod
+    def _model_setting(ir: IRGraph, key: str):
+        """The config line that sets KEY on a component of the model (None when none does)."""
+        for node_id in ir.reachable(ir.targets["model"]):
+            node = ir.node(node_id)
+            if node.kind == "call" and key in node.kwargs:
+                return ir.node(node.kwargs[key]).loc
+        return None
 
     def _pipeline(self, s: "PipelineTrainer", ir: IRGraph, ctx: LoweringContext, err) -> dict | None:
         """Check the pipeline settings against each other and the model; the stage plan."""
