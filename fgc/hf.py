@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fgc_runtime.hf import _aliases
+
 from .frontend.environment import TemplateRaise
 
 
@@ -161,7 +163,7 @@ def export_spec(model, source: dict | None = None) -> dict:
     ``generation_config``, ``tied`` (parameter name → the name it is tied to; written once) and
     ``remote_code``. SOURCE is the config.json the model was imported from, if any: the fields
     that do not describe the structure come from it."""
-    tied = _tied(model)
+    tied = _aliases(model)  # the one definition the exporter uses too
     found = _family_config(model, source)
     if found is None or (tied and tied != {"lm_head.weight": "model.embed_tokens.weight"}):
         prefix = "fgc_model."
@@ -200,17 +202,6 @@ def export_spec(model, source: dict | None = None) -> dict:
         "tied": dict(sorted(tied.items())),
         "remote_code": remote,
     }
-
-
-def _tied(model) -> dict[str, str]:
-    first: dict[int, str] = {}
-    out = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            out[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return out
 
 
 def _is(module, name: str) -> bool:

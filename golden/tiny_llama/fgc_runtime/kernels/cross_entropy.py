@@ -42,10 +42,9 @@ CAPABILITIES = {
 }
 
 
-def _reference(hidden_ND, weight_VD, labels_N, bias_V, ignore_index, reduction, label_smoothing, z_loss, softcap):
-    logits_NV = hidden_ND @ weight_VD.T
-    if bias_V is not None:
-        logits_NV = logits_NV + bias_V
+def _row_losses(logits_NV, labels_N, ignore_index, label_smoothing, z_loss, softcap):
+    """Per-row losses in fp32 (0 where ignored) and the mask of non-ignored rows: the definition
+    every implementation is tested against."""
     logits_NV = logits_NV.float()
     if softcap is not None:
         logits_NV = softcap * torch.tanh(logits_NV / softcap)
@@ -56,6 +55,14 @@ def _reference(hidden_ND, weight_VD, labels_N, bias_V, ignore_index, reduction, 
     if z_loss:
         lse_N = torch.logsumexp(logits_NV, dim=-1)
         loss_N = loss_N + z_loss * torch.where(valid_N, lse_N.square(), torch.zeros_like(lse_N))
+    return loss_N, valid_N
+
+
+def _reference(hidden_ND, weight_VD, labels_N, bias_V, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    logits_NV = hidden_ND @ weight_VD.T
+    if bias_V is not None:
+        logits_NV = logits_NV + bias_V
+    loss_N, valid_N = _row_losses(logits_NV, labels_N, ignore_index, label_smoothing, z_loss, softcap)
     if reduction == "none":
         return loss_N
     total = loss_N.sum()
@@ -187,18 +194,10 @@ def cross_entropy_sum_and_count(
     """From logits ``(..., V)``: the summed loss (fp32) over non-ignored labels, with label
     smoothing, z-loss and soft-capping as in :func:`fused_linear_cross_entropy`, and the count of
     those labels (int64)."""
-    logits_NV = logits.reshape(-1, logits.shape[-1]).float()
-    labels_N = labels.reshape(-1)
-    if softcap is not None:
-        logits_NV = softcap * torch.tanh(logits_NV / softcap)
-    loss = F.cross_entropy(
-        logits_NV, labels_N, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
+    loss_N, valid_N = _row_losses(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index, label_smoothing, z_loss, softcap
     )
-    valid_N = labels_N != ignore_index
-    if z_loss:
-        lse_N = torch.logsumexp(logits_NV, dim=-1)
-        loss = loss + z_loss * torch.where(valid_N, lse_N.square(), torch.zeros_like(lse_N)).sum()
-    return loss, valid_N.sum(dtype=torch.int64)
+    return loss_N.sum(), valid_N.sum(dtype=torch.int64)
 
 
 class LMHeadLoss(torch.nn.Module):
