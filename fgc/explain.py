@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fgc_lowering.construct import construct
+from fgc_lowering.construct import meta_model
 
 from .build import Compiled
-from .codegen.smoke import skip_init
 from .errors import FgcError, Location, display_path
 
 BYTES = {"fp32": 4, "bf16-mixed": 4, "bf16": 2, "fp16-mixed": 4}  # parameter (and gradient) bytes by precision
@@ -41,13 +40,12 @@ def model_facts(compiled: Compiled) -> ModelFacts:
     import torch
 
     ir, ctx = compiled.ir, compiled.ctx
-    with torch.device("meta"), skip_init():
-        try:
-            model = construct(ir, ctx, ir.targets["model"])
-        except Exception as exc:
-            raise FgcError(
-                f"the model does not build: {type(exc).__name__}: {exc}", ir.node(ir.targets["model"]).loc
-            ) from None
+    try:
+        model = meta_model(ir, ctx)
+    except Exception as exc:
+        raise FgcError(
+            f"the model does not build: {type(exc).__name__}: {exc}", ir.node(ir.targets["model"]).loc
+        ) from None
     params = list(model.parameters())  # shared (tied) parameters appear once
     total = sum(p.numel() for p in params)
     embedding_ids = {

@@ -44,3 +44,21 @@ def construct(ir: IRGraph, ctx: LoweringContext, node_id: str) -> Any:
         raise ValueError(f"cannot construct a {node.kind} node ({nid})")
 
     return build(node_id)
+
+
+def meta_model(ir: IRGraph, ctx: LoweringContext):
+    """The model target built on the meta device (no memory, no initialisation), once per
+    lowering: later calls return the same module, or raise the same exception again."""
+    if ctx.meta_model is None:
+        import torch
+
+        from fgc.codegen.smoke import skip_init
+
+        with torch.device("meta"), skip_init():
+            try:
+                ctx.meta_model = construct(ir, ctx, ir.targets["model"])
+            except Exception as exc:  # the model's own error, reported by each caller its way
+                ctx.meta_model = exc
+    if isinstance(ctx.meta_model, Exception):
+        raise ctx.meta_model
+    return ctx.meta_model

@@ -23,3 +23,4 @@ class LoweringContext:
     symbols: dict[str, Symbol] = field(default_factory=dict)  # call node id -> its callable
     settings: Any = None  # the trainer settings object (fgc.settings), built by the plan pass
     plan: Any = None  # fgc_lowering.plan.Plan
+    meta_model: Any = None  # the model built on the meta device (construct.meta_model), or its error

@@ -15,7 +15,7 @@ from fgc.settings import (
     PipelineTrainer,
 )
 
-from ..construct import construct
+from ..construct import construct, meta_model
 from ..context import LoweringContext
 from ..plan import Plan
 from ..stages import balanced_split, stage_ranks
@@ -116,12 +116,11 @@ class PlanTraining(Pass):
                 err("document_masking", f"document_masking needs a model whose forward takes document ids "
                     f"after input_ids; {type(model).__name__}.forward takes ({', '.join(params)})")
                 return None
-        replicas = s.parallel.data_degree if pipelined else s.nproc
         if pipelined:
             pipeline = self._pipeline(s, ir, ctx, err)
             if pipeline is None:
                 return None
-            per_rank = s.batch_size // replicas
+            per_rank = s.batch_size // s.parallel.data_degree
             micro = per_rank // pipeline["microbatches"]
             mesh = (("dp", s.parallel.data_degree), ("pp", s.parallel.pipeline_degree))
         else:
@@ -403,19 +402,14 @@ class PlanTraining(Pass):
         }
 
     def _meta_model(self, ir: IRGraph, ctx: LoweringContext):
-        """The model target built on the meta device (no memory, no initialisation)."""
-        import torch
-
-        from fgc.codegen.smoke import skip_init
-
-        with torch.device("meta"), skip_init():
-            try:
-                return construct(ir, ctx, ir.targets["model"])
-            except Exception as exc:
-                ctx.sink.error(
-                    f"the model does not build: {type(exc).__name__}: {exc}", ir.node(ir.targets["model"]).loc
-                )
-                return None
+        """The model target built on the meta device; None (and an error) when it does not build."""
+        try:
+            return meta_model(ir, ctx)
+        except Exception as exc:
+            ctx.sink.error(
+                f"the model does not build: {type(exc).__name__}: {exc}", ir.node(ir.targets["model"]).loc
+            )
+            return None
 
 
 def _ordinal(n: int) -> str:

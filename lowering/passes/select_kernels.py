@@ -135,13 +135,11 @@ class SelectKernels(Pass):
     def _has_head(ir: IRGraph, ctx: LoweringContext) -> bool:
         import torch
 
-        from fgc.codegen.smoke import skip_init
-        from ..construct import construct
+        from ..construct import meta_model
 
-        with torch.device("meta"), skip_init():
-            try:
-                model = construct(ir, ctx, ir.targets["model"])
-            except Exception:
-                return True  # the smoke check reports a model that does not build
+        try:
+            model = meta_model(ir, ctx)
+        except Exception:
+            return True  # the smoke check reports a model that does not build
         head = getattr(model, "lm_head", None)
         return hasattr(model, "model") and isinstance(head, torch.nn.Linear)
