@@ -236,6 +236,8 @@ def test_namespace_default_idiom(tmp_path):
         ("#x", "'#x'"),
         ("it's", "it's"),
         ("a\nb", '"a\\nb"'),
+        ("A\n", '"A\\n"'),  # a trailing newline is kept (a plain scalar would drop it)
+        ("@x", "'@x'"),  # "@" is reserved: it cannot start a plain scalar
         ([1, "x", None], "[1, x, null]"),
         ((1, 2), "[1, 2]"),
         ({"a": 1, "b": "c d"}, "{a: 1, b: c d}"),
@@ -246,7 +248,7 @@ def test_toyaml_values(value, text):
 
 
 @pytest.mark.parametrize(
-    "value", ["yes", "1e-4", "0x10", "0o17", "123", "null", "~", "True", "a: b", "a\nb", "", "x'y"]
+    "value", ["yes", "1e-4", "0x10", "0o17", "123", "null", "~", "True", "a: b", "a\nb", "", "x'y", "A\n", "@"]
 )
 def test_toyaml_strings_stay_strings_when_loaded(tmp_path, value):
     cfg = write(tmp_path / "c.yaml", "v: {{ value | toyaml }}\n")

@@ -16,7 +16,7 @@ import yaml
 
 # Plain scalars that mean the same everywhere: no indicators, no flow characters, no edge spaces.
 # "@" (reserved in YAML) may not start a plain scalar
-_PLAIN_SAFE_RE = re.compile(r"^[A-Za-z0-9_./+=$-](?:[A-Za-z0-9_./+=@$' -]*[A-Za-z0-9_./+=@$-])?$")
+_PLAIN_SAFE_RE = re.compile(r"[A-Za-z0-9_./+=$-](?:[A-Za-z0-9_./+=@$' -]*[A-Za-z0-9_./+=@$-])?")
 
 
 class TemplateRaise(Exception):
@@ -109,7 +109,7 @@ def _toyaml(value) -> str:
         return "{" + ", ".join(f"{_toyaml(k)}: {_toyaml(v)}" for k, v in value.items()) + "}"
     text = str(value)
     if (
-        _PLAIN_SAFE_RE.match(text)
+        _PLAIN_SAFE_RE.fullmatch(text)  # fullmatch: "$" would accept a trailing newline
         and isinstance(_resolve_plain(text), str)  # fgc reads YAML 1.2 ...
         and _loads_as_str_in_yaml_1_1(text)  # ... other tools YAML 1.1 (yes, on, 1_000)
     ):
