@@ -1,25 +1,39 @@
 """Benchmark: tokens/s of the generated trainer against a plain training loop over transformers'
 LlamaForCausalLM of the same shape, in one process, with the same batch, optimizer and threads.
 
-Rows:
+Two shapes: `example` (the main example's defaults: hidden 96, 3 layers, T 128, batch 16) and
+`h256` (hidden 256, 4 layers, T 256, batch 8). For each, the rows:
 - `fgc train.py`: the generated trainer itself (basic, fp32, one process): its `main()` runs
   2 x STEPS steps logging every STEPS; the second record's tokens_per_s is the steady-state rate
   (batch sampling, loss, clipping, optimizer and scheduler steps included);
 - `fgc train.py, compile`: the same config built with `-D compile=true` (each decoder layer
-  compiled by torch.compile; the warm-up steps include the compilation), with `--compile`;
+  compiled by torch.compile; the warm-up steps include the compilation);
 - `fgc model, plain loop`: the generated model in the same plain loop as the Hugging Face one
   (tells the trainer's overhead from the model's speed);
 - `HF Llama, plain loop`: `LlamaForCausalLM` (sdpa attention), `model(ids, labels=ids).loss`,
   `clip_grad_norm_`, AdamW, over the same batches.
 
 The loops take turns for ROUNDS rounds and each row keeps its best rate, so that a machine busy
-with other work disturbs the comparison less. Also prints the CPU's measured fp32 matmul FLOP/s (a square matmul) and each row's share of it
-(tokens/s x FLOPs per token, 6N + 12LHT). Goal: the generated trainer at least 1.3x the HF loop.
+with other work disturbs the comparison less. Also prints the CPU's measured fp32 matmul FLOP/s
+(a square matmul) and each row's share of it (tokens/s x FLOPs per token, 6N + 12LHT).
 
-    python benchmarks/trainer.py [--threads N] [--steps N] [--rounds N] [--compile] [--csv out.csv]
+The second table splits one step of each plain loop (torch's profiler, self time): the matmul
+kernels, the attention kernels and everything else. `bound_vs_hf` is the HF step time over the
+generated model's matmul and attention time: the most any trainer running the same kernels
+could reach against the HF loop, if everything else took no time at all.
+Goal: the generated trainer at least 1.3x the HF loop.
+
+    python benchmarks/trainer.py [--shapes example,h256] [--threads N] [--steps N] [--rounds N]
+                                 [--no-compile] [--csv out.csv]
 """
 
 from __future__ import annotations
+
+import os
+
+# Inductor compiles in worker processes by default; on a small machine they would compete with
+# the loops being timed.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse
 import contextlib
@@ -40,16 +54,33 @@ from fgc.build import build_package, compile_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "tiny_llama" / "train.yaml"
-SHAPE = {
-    "hidden_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 688,
-    "seq_len": 256,
-    "batch_size": 8,
+SHAPES = {
+    # the main example's defaults (examples/tiny_llama/train.yaml), as a new user runs it
+    "example": {
+        "hidden_size": 96,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 256,
+        "seq_len": 128,
+        "batch_size": 16,
+    },
+    "h256": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 688,
+        "seq_len": 256,
+        "batch_size": 8,
+    },
 }
 LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.95), 0.1
+# The kernels of the split table, by the profiler's names (self time).
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+ATTENTION_PREFIX = "aten::_scaled_dot_product"
+# The 1-minute load average, sampled as the loops run: a busy machine makes the rates unreliable.
+load_samples: list[float] = []
 
 
 def matmul_flops(n: int = 1024, reps: int = 10) -> float:
@@ -65,10 +96,22 @@ def matmul_flops(n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 * reps / best
 
 
+_loaded_packages: list[str] = []
+
+
 def import_train_module(package: Path):
-    """The generated train.py as a module (its model.py and fgc_runtime/ beside it)."""
+    """The generated train.py of PACKAGE as a module (its model.py and fgc_runtime/ beside it).
+
+    Each package has its own `model` module, so the previous package's leaves `sys.path` and
+    `sys.modules` first (a loaded train module keeps its own model module); `fgc_runtime` is the
+    same vendored code in every package and stays loaded.
+    """
+    while _loaded_packages:
+        sys.path.remove(_loaded_packages.pop())
+    sys.modules.pop("model", None)
     sys.path.insert(0, str(package))
-    spec = importlib.util.spec_from_file_location("fgc_generated_train", package / "train.py")
+    _loaded_packages.append(str(package))
+    spec = importlib.util.spec_from_file_location(f"fgc_generated_train_{package.name}", package / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -84,10 +127,14 @@ def run_generated_trainer(train, package: Path, steps: int) -> float:
     return records[-1]["tokens_per_s"]
 
 
-def plain_loop(model, batches, steps: int, hf: bool) -> float:
-    """tokens/s of a plain loop (forward, loss, backward, clip, AdamW) after STEPS warm-up steps."""
+def plain_loop(model, batches, steps: int, hf: bool):
+    """A plain loop's step (forward, loss, backward, clip, AdamW), after STEPS warm-up steps.
+
+    Returns `run(n)`, which times N more steps and gives their tokens/s.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
     model.train()
+    position = 0
 
     def step(i):
         ids, labels = batches(i)
@@ -101,14 +148,44 @@ def plain_loop(model, batches, steps: int, hf: bool) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for i in range(steps):
-        step(i)
-    start = time.perf_counter()
-    for i in range(steps, 2 * steps):
-        step(i)
-    elapsed = time.perf_counter() - start
-    ids, _ = batches(0)
-    return steps * ids.numel() / elapsed
+    def run(n: int) -> float:
+        nonlocal position
+        start = time.perf_counter()
+        for i in range(position, position + n):
+            step(i)
+        elapsed = time.perf_counter() - start
+        position += n
+        ids, _ = batches(0)
+        return n * ids.numel() / elapsed
+
+    run(steps)  # warm-up
+    return run
+
+
+def kernel_split(run, steps: int, tokens_per_step: int) -> dict:
+    """Milliseconds per step in matmul kernels, attention kernels and everything else.
+
+    The kernels' self time under torch's profiler over STEPS steps of RUN; "other" is the rest
+    of the step's wall time measured without the profiler.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    step_ms = min(1e3 * tokens_per_step / run(steps) for _ in range(3))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(steps)
+    matmul_us = attention_us = 0.0
+    for event in prof.key_averages():
+        if event.key in MATMUL_OPS:
+            matmul_us += event.self_cpu_time_total
+        elif event.key.startswith(ATTENTION_PREFIX):
+            attention_us += event.self_cpu_time_total
+    matmul_ms, attention_ms = matmul_us / 1e3 / steps, attention_us / 1e3 / steps
+    return {
+        "step_ms": step_ms,
+        "matmul_ms": matmul_ms,
+        "attention_ms": attention_ms,
+        "other_ms": max(step_ms - matmul_ms - attention_ms, 0.0),
+    }
 
 
 def hf_llama(shape: dict, vocab: int):
@@ -130,73 +207,125 @@ def hf_llama(shape: dict, vocab: int):
     return LlamaForCausalLM(config)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--steps", type=int, default=10, help="warm-up steps, then as many timed")
-    parser.add_argument("--rounds", type=int, default=3, help="turns of every loop; the best rate counts")
-    parser.add_argument("--compile", action="store_true", help="also a trainer built with -D compile=true")
-    parser.add_argument("--csv", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], list[dict], str]:
+    """The rate rows and the split rows of one shape, and a line describing it."""
+    variables = dict(shape, trainer_type="basic", precision="fp32", lr=LR, max_steps=2 * args.steps)
+    packages = {"fgc train.py": tmp / f"{name}_eager"}
+    if args.compile:
+        packages["fgc train.py, compile"] = tmp / f"{name}_compile"
+    trainers = {}
+    for row, package in packages.items():
+        compile_vars = dict(variables, compile=True) if package.name.endswith("_compile") else variables
+        build_package(compile_config(EXAMPLE, variables=compile_vars), package)
+        trainers[row] = (import_train_module(package), package)
+    train, package = trainers["fgc train.py"]
+    from fgc_runtime import data
+    from fgc_runtime.train import model_flops_per_token
 
-    variables = dict(SHAPE, trainer_type="basic", precision="fp32", lr=LR, max_steps=2 * args.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        package = Path(tmp) / "pkg"
-        build_package(compile_config(EXAMPLE, variables=variables), package)
-        train = import_train_module(package)
-        from fgc_runtime import data
-        from fgc_runtime.train import model_flops_per_token
+    shard = data.TokenShard.open(package / "data", "train")
+    sampler = data.BatchSampler(shard, seq_len=shape["seq_len"], global_batch_size=shape["batch_size"], seed=0)
+    tokens_per_step = shape["seq_len"] * shape["batch_size"]
 
-        shard = data.TokenShard.open(package / "data", "train")
-        sampler = data.BatchSampler(
-            shard, seq_len=SHAPE["seq_len"], global_batch_size=SHAPE["batch_size"], seed=0
-        )
+    torch.manual_seed(0)
+    fgc_model = train.build_model()
+    vocab = fgc_model.vocab_size
+    hf_model = hf_llama(shape, vocab)
+    n_fgc = sum(p.numel() for p in fgc_model.parameters())
+    n_hf = sum(p.numel() for p in hf_model.parameters())
+    assert n_fgc == n_hf, f"the two models differ in size: {n_fgc} vs {n_hf}"
+    flops_per_token = model_flops_per_token(n_fgc, shape["num_hidden_layers"], shape["hidden_size"], shape["seq_len"])
 
-        torch.manual_seed(0)
-        fgc_model = train.build_model()
-        vocab = fgc_model.vocab_size
-        hf_model = hf_llama(SHAPE, vocab)
-        n_fgc = sum(p.numel() for p in fgc_model.parameters())
-        n_hf = sum(p.numel() for p in hf_model.parameters())
-        assert n_fgc == n_hf, f"the two models differ in size: {n_fgc} vs {n_hf}"
-        flops_per_token = model_flops_per_token(n_fgc, SHAPE["num_hidden_layers"], SHAPE["hidden_size"], SHAPE["seq_len"])
-
-        loops = {"fgc train.py": lambda: run_generated_trainer(train, package, args.steps)}
-        if args.compile:
-            compiled_package = Path(tmp) / "pkg_compile"
-            build_package(compile_config(EXAMPLE, variables=dict(variables, compile=True)), compiled_package)
-            sys.path.remove(str(package))
-            for name in ("model", "fgc_generated_train"):
-                sys.modules.pop(name, None)
-            compiled_train = import_train_module(compiled_package)
-            loops["fgc train.py, compile"] = lambda: run_generated_trainer(compiled_train, compiled_package, args.steps)
-        loops["fgc model, plain loop"] = lambda: plain_loop(fgc_model, sampler.batch, args.steps, hf=False)
-        loops["HF Llama, plain loop"] = lambda: plain_loop(hf_model, sampler.batch, args.steps, hf=True)
-        rates = {name: 0.0 for name in loops}
-        peak = 0.0
-        for _ in range(args.rounds):
-            peak = max(peak, matmul_flops())  # measured between the loops, best of the rounds too
-            for name, loop in loops.items():
-                rates[name] = max(rates[name], loop())
+    loops = {
+        row: (lambda t=t, pkg=pkg: run_generated_trainer(t, pkg, args.steps)) for row, (t, pkg) in trainers.items()
+    }
+    fgc_loop = plain_loop(fgc_model, sampler.batch, args.steps, hf=False)
+    hf_loop = plain_loop(hf_model, sampler.batch, args.steps, hf=True)
+    loops["fgc model, plain loop"] = lambda: fgc_loop(args.steps)
+    loops["HF Llama, plain loop"] = lambda: hf_loop(args.steps)
+    rates = {row: 0.0 for row in loops}
+    peak = 0.0
+    for _ in range(args.rounds):
+        peak = max(peak, matmul_flops())  # measured between the loops, best of the rounds too
+        for row, loop in loops.items():
+            rates[row] = max(rates[row], loop())
+            load_samples.append(os.getloadavg()[0])
     hf_rate = rates["HF Llama, plain loop"]
-    rows = [
+    rate_rows = [
         {
-            "loop": name,
+            "shape": name,
+            "loop": row,
             "tokens_per_s": round(rate),
             "vs_hf": round(rate / hf_rate, 2),
             "gflop_per_s": round(rate * flops_per_token / 1e9, 1),
             "share_of_matmul": f"{100 * rate * flops_per_token / peak:.1f}%",
         }
-        for name, rate in rates.items()
+        for row, rate in rates.items()
     ]
-    shape = " ".join(f"{k}={v}" for k, v in SHAPE.items())
-    print(f"shape: {shape}, vocab {vocab}, {n_fgc:,} parameters, {flops_per_token:,.0f} FLOPs/token; "
-          f"{args.threads} threads, torch {torch.__version__}")
-    print(f"measured fp32 matmul: {peak / 1e9:.1f} GFLOP/s (1024 x 1024 x 1024)")
-    print_table(rows, args.csv)
-    ratio = rates["fgc train.py"] / hf_rate
-    print(f"generated trainer / HF loop: {ratio:.2f}x (goal: 1.3x) -> {'met' if ratio >= 1.3 else 'NOT met'}")
+    splits = {
+        "fgc model, plain loop": kernel_split(fgc_loop, args.steps, tokens_per_step),
+        "HF Llama, plain loop": kernel_split(hf_loop, args.steps, tokens_per_step),
+    }
+    hf_step_ms = splits["HF Llama, plain loop"]["step_ms"]
+    split_rows = [
+        {"shape": name, "loop": row}
+        | {key: round(value, 1) for key, value in split.items()}
+        | {"bound_vs_hf": round(hf_step_ms / (split["matmul_ms"] + split["attention_ms"]), 2)}
+        for row, split in splits.items()
+    ]
+    dims = " ".join(f"{k}={v}" for k, v in shape.items())
+    line = (
+        f"{name}: {dims}, vocab {vocab}, {n_fgc:,} parameters, {flops_per_token:,.0f} FLOPs/token; "
+        f"measured fp32 matmul {peak / 1e9:.1f} GFLOP/s (1024 x 1024 x 1024)"
+    )
+    return rate_rows, split_rows, line
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="example,h256", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--steps", type=int, default=10, help="warm-up steps, then as many timed")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of every loop; the best rate counts")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled trainer")
+    parser.add_argument("--csv", type=Path, help="the rate table as CSV")
+    args = parser.parse_args(argv)
+    names = args.shapes.split(",")
+    unknown = [name for name in names if name not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape {unknown[0]!r}: expected one of {', '.join(SHAPES)}")
+    torch.set_num_threads(args.threads)
+
+    rate_rows, split_rows, lines = [], [], []
+    load_samples.append(os.getloadavg()[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            rates, splits, line = measure_shape(name, SHAPES[name], args, Path(tmp))
+            rate_rows += rates
+            split_rows += splits
+            lines.append(line)
+    print(f"{args.threads} threads, torch {torch.__version__}")
+    load = max(load_samples)
+    if load > args.threads + 0.5:
+        print(
+            f"WARNING: the machine was busy (load average {load:.1f} for {args.threads} threads): "
+            "the rates below are not reliable; run again on a quiet machine"
+        )
+    for line in lines:
+        print(line)
+    print_table(rate_rows, args.csv)
+    print()
+    print("one step of each plain loop, in ms (matmul and attention: kernel self time under the profiler)")
+    print_table(split_rows)
+    print()
+    for name in names:
+        by_loop = {row["loop"]: row for row in rate_rows if row["shape"] == name}
+        best_row = max((row for row in by_loop if row.startswith("fgc train.py")), key=lambda r: by_loop[r]["vs_hf"])
+        ratio = by_loop[best_row]["vs_hf"]
+        bound = next(r["bound_vs_hf"] for r in split_rows if r["shape"] == name and r["loop"].startswith("fgc"))
+        print(
+            f"{name}: generated trainer ({best_row}) / HF loop: {ratio:.2f}x (goal: 1.3x) -> "
+            f"{'met' if ratio >= 1.3 else 'NOT met'}; bound with these kernels: {bound:.2f}x"
+        )
 
 
 if __name__ == "__main__":
