@@ -33,6 +33,8 @@ class ModelFacts:
     intermediate: int | None
     vocab: int | None
     tied: bool
+    # Adafactor's second-moment elements: a row and a column mean per matrix, all of a vector
+    factored: int = 0
 
 
 def model_facts(compiled: Compiled) -> ModelFacts:
@@ -69,6 +71,10 @@ def model_facts(compiled: Compiled) -> ModelFacts:
         intermediate=getattr(getattr(mlp, "up_proj", None), "out_features", None),
         vocab=getattr(model, "vocab_size", None),
         tied=tied,
+        factored=sum(
+            p.shape[:-1].numel() + (p.shape[:-2] + p.shape[-1:]).numel() if p.ndim > 1 else p.numel()
+            for p in params
+        ),
     )
 
 
@@ -99,6 +105,13 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         momentum = compiled.ir.node(opt_node.kwargs["momentum"]).value if "momentum" in opt_node.kwargs else 0
         states = 1 if momentum else 0
     optimizer = states * facts.total * p_bytes
+    symbol = compiled.ctx.symbols[opt_node.id]
+    runtime_optimizer = symbol.qualname if symbol.module == "fgc_runtime.optim" else None
+    if runtime_optimizer == "AdamW":  # fp32 state whatever the precision
+        optimizer = 2 * facts.total * 4
+    elif runtime_optimizer == "Adafactor":  # fp32: factored second moments, beta1's mean
+        beta1 = compiled.ir.node(opt_node.kwargs["beta1"]).value if "beta1" in opt_node.kwargs else None
+        optimizer = (facts.factored + (facts.total if beta1 is not None else 0)) * 4
     b, s = plan.micro_batch_size, settings.seq_len
     h, L = facts.hidden or 0, facts.layers or 0
     a = facts.heads or 1
@@ -155,13 +168,18 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
             if best is None or sum(est) > sum(best):
                 best = est
         params, grads, optimizer, activations = best
-    return {
+    out = {
         "parameters": params,
         "gradients": grads,
         "optimizer state": optimizer,
         "activations": activations,
-        "total": params + grads + optimizer + activations,
     }
+    if plan.diloco:
+        # the global parameters and the outer momentum (none at momentum 0), fp32 on every worker
+        # (a sync briefly adds 4 bytes per parameter more, after the step's activations are freed)
+        out["outer (DiLoCo)"] = (8 if plan.diloco["outer_momentum"] > 0 else 4) * facts.total
+    out["total"] = sum(out.values())
+    return out
 
 
 def _mib(n: int) -> str:
@@ -210,6 +228,13 @@ def explain_summary(compiled: Compiled) -> str:
     lines.append(f"  activation checkpointing: {plan.activation_checkpointing}; compile: {plan.compile}")
     if plan.apply_order:
         lines.append("  applied in order: " + " -> ".join(plan.apply_order))
+    if plan.diloco:
+        d = plan.diloco
+        lines.append(
+            f"  DiLoCo: {d['workers']} workers, each with its own optimizer, sync every {d['inner_steps']} steps; "
+            f"outer optimizer {d['outer_optimizer']}, lr {d['outer_lr']}, momentum {d['outer_momentum']}, fp32; "
+            f"loss normalised {d['loss_normalisation']}"
+        )
     for kernel, choice in plan.kernels.items():
         lines.append(f"  kernel {kernel}: {choice['impl']} ({choice['reason']})")
     memory = memory_estimate(compiled, facts)

@@ -130,6 +130,18 @@ class PipelineSettings(DataParallelSettings):
 
 
 @dataclass(frozen=True)
+class DiLoCoSettings:
+    """DiLoCo's outer loop: every ``inner_steps`` optimizer steps the workers average their
+    pseudo-gradients (global minus local parameters), and an outer SGD with Nesterov momentum
+    (``outer_lr``, ``outer_momentum``) steps the global parameters, which every worker then
+    copies."""
+
+    inner_steps: int = 20
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+
+
+@dataclass(frozen=True)
 class ParamGroupSettings:
     """Which parameters get no weight decay: regular expressions searched in parameter names."""
 
@@ -254,7 +266,20 @@ class PipelineTrainer(DDPTrainer):
     parallel: PipelineSettings = field(default_factory=PipelineSettings)
 
 
-TRAINER_TYPES = {cls.TYPE: cls for cls in (BasicTrainer, DDPTrainer, FSDP2Trainer, PipelineTrainer)}
+@dataclass(frozen=True)
+class DiLoCoTrainer(DDPTrainer):
+    """DiLoCo over ``parallel.nproc`` workers per node: each trains its own copy of the model with
+    its own inner optimizer on its share of the batch, with no gradient all-reduce, and the
+    workers sync every ``diloco.inner_steps`` steps (see :class:`DiLoCoSettings`)."""
+
+    TYPE: ClassVar[str] = "diloco"
+
+    diloco: DiLoCoSettings = field(default_factory=DiLoCoSettings)
+
+
+TRAINER_TYPES = {
+    cls.TYPE: cls for cls in (BasicTrainer, DDPTrainer, FSDP2Trainer, PipelineTrainer, DiLoCoTrainer)
+}
 
 # The setting groups a trainer holds, and the schema of each (for checks and codegen).
 SETTING_GROUPS = {
@@ -268,4 +293,5 @@ SETTING_GROUPS = {
     "param_groups": ParamGroupSettings,
     "loss": LossSettings,
     "pretrained": PretrainedSettings,
+    "diloco": DiLoCoSettings,
 }

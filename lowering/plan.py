@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 class Plan:
     """How the package runs: launcher, ranks and batch layout."""
 
-    trainer_type: str  # basic | ddp | fsdp2 | pipeline
+    trainer_type: str  # basic | ddp | fsdp2 | pipeline | diloco
     nproc: int  # processes per node the launcher starts
     launcher: str  # "python" or "torchrun"
     global_batch_size: int  # sequences per optimizer step, over all ranks
@@ -34,9 +34,14 @@ class Plan:
     pipeline: dict | None = None
     # kernel -> {"impl", "reason"}: what the select-kernels pass chose
     kernels: dict = field(default_factory=dict)
+    # DiLoCo: None, or {"workers", "inner_steps", "outer_optimizer", "outer_lr", "outer_momentum",
+    # "loss_normalisation"}
+    diloco: dict | None = None
 
     def to_data(self) -> dict:
         data = asdict(self)
         data["apply_order"] = list(self.apply_order)
         data["mesh"] = dict(self.mesh)
+        if self.diloco is None:  # only a DiLoCo plan has the key
+            del data["diloco"]
         return data

@@ -9,6 +9,8 @@ Layout under the output dir::
         trainer_state.pt    scheduler state, step, tokens seen,   (rank 0)
                             data position, config hash, ...
         rng-rank0.pt ...    Python / torch CPU / CUDA RNG states  (one per rank, by that rank)
+        state-rank0.pt ...  a rank's own state, when ranks differ  (one per rank, by that rank;
+                            the DiLoCo trainer's local model and inner optimizer)
         manifest.json       written last: files, step, config_hash, world_size
       latest                a text file naming the newest complete checkpoint, e.g. "step-00000100"
 
@@ -118,11 +120,13 @@ def save_checkpoint(
     world_size: int = 1,
     keep_last_n: int | None = None,
     barrier: Callable[[], None] | None = None,
+    rank_state=None,
 ) -> Path:
     """Write the checkpoint of ``step`` and return its directory; every rank calls this.
 
     Rank 0 writes the model, optimizer and trainer state (other ranks may pass None for them);
-    every rank writes its RNG states. ``barrier`` (a no-op when None) separates the phases so the
+    every rank writes its RNG states and, when ``rank_state`` is given (by every rank), that
+    object as ``state-rank{rank}.pt``. ``barrier`` (a no-op when None) separates the phases so the
     manifest is written only after every rank has written. Then rank 0 renames the directory into
     place, updates ``latest``, removes stale ``.tmp-*`` directories and, with ``keep_last_n``
     (None or 0: keep all), deletes older complete checkpoints, never the newest complete one.
@@ -143,12 +147,16 @@ def save_checkpoint(
         _save(trainer_state, tmp / "trainer_state.pt")
     sync()  # the tmp dir exists for every rank
     _save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank_state is not None:
+        _save(rank_state, tmp / f"state-rank{rank}.pt")
     sync()  # every rank's file is written before the manifest
 
     if rank == 0:
         files = ["model.pt", "optimizer.pt", "trainer_state.pt"] + [
             f"rng-rank{r}.pt" for r in range(world_size)
         ]
+        if rank_state is not None:
+            files += [f"state-rank{r}.pt" for r in range(world_size)]
         missing = [f for f in files if not (tmp / f).is_file()]
         if missing:
             raise RuntimeError(
@@ -257,8 +265,9 @@ def resolve_resume(arg: str, output_dir) -> Path | None:
 def load_checkpoint(path, rank: int = 0) -> dict:
     """Load a complete checkpoint onto the CPU.
 
-    Returns ``{"model", "optimizer", "trainer_state", "rng", "manifest"}``; ``rng`` is this rank's
-    RNG states, or None when the checkpoint was saved by fewer ranks.
+    Returns ``{"model", "optimizer", "trainer_state", "rng", "rank_state", "manifest"}``; ``rng``
+    and ``rank_state`` are this rank's RNG states and own state, or None when the checkpoint has
+    none for this rank (saved by fewer ranks, or without per-rank state).
     """
     path = Path(path)
     manifest_path = path / MANIFEST
@@ -275,6 +284,7 @@ def load_checkpoint(path, rank: int = 0) -> dict:
         if not (path / fname).is_file():
             raise RunError(f"checkpoint file {fname} is missing", path=path / fname)
     rng_path = path / f"rng-rank{rank}.pt"
+    rank_path = path / f"state-rank{rank}.pt"
     return {
         "model": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
         # our own files: optimizer and trainer state may hold plain Python objects
@@ -287,6 +297,11 @@ def load_checkpoint(path, rank: int = 0) -> dict:
         "rng": (
             torch.load(rng_path, map_location="cpu", weights_only=False)
             if rng_path.is_file()
+            else None
+        ),
+        "rank_state": (
+            torch.load(rank_path, map_location="cpu", weights_only=False)
+            if rank_path.is_file()
             else None
         ),
         "manifest": manifest,

@@ -30,32 +30,66 @@ TRAIN_FIELDS = (
 )
 
 
-def tensorboard_writer(log_dir):
-    """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir``, or None when the
-    ``tensorboard`` package is not installed."""
+def tensorboard_writer(log_dir, purge_step: int | None = None):
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir`` (events from ``purge_step`` on,
+    left by an earlier run, hidden), or None when the ``tensorboard`` package is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove the records of ``path`` whose step is after ``step``, and any line a kill cut short;
+    the number of lines removed.
+
+    A run resumed from the checkpoint of STEP runs the steps after it again, so their records
+    from the interrupted run would otherwise appear twice. The file is replaced atomically.
+    """
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # the last line of a run killed while writing it
+            dropped += 1
+            continue
+        if record.get("step", 0) > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+    return dropped
 
 
 class MetricsLogger:
     """Appends records to ``OUTPUT_DIR/metrics.jsonl`` and, with ``tensorboard`` (and the package
     installed), writes their numbers to ``OUTPUT_DIR/tensorboard/``; does nothing when
-    ``enabled`` is false (ranks other than 0 pass ``enabled=False``)."""
+    ``enabled`` is false (ranks other than 0 pass ``enabled=False``).
 
-    def __init__(self, output_dir, enabled: bool = True, tensorboard: bool = False):
+    A run that starts at ``start_step`` (the step of the checkpoint it resumes, 0 for a fresh
+    run) continues the same file: records after ``start_step`` are first removed (see
+    ``drop_records_after``; ``self.dropped`` counts them) and TensorBoard hides its events from
+    those steps (``purge_step``), so every step is logged once.
+    """
+
+    def __init__(self, output_dir, enabled: bool = True, tensorboard: bool = False, start_step: int = 0):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._file = None
         self.tensorboard = None
+        self.dropped = 0
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # append: a resumed run continues the same file
+            self.dropped = drop_records_after(self.path, start_step)
             self._file = open(self.path, "a", encoding="utf-8")
             if tensorboard:
-                self.tensorboard = tensorboard_writer(Path(output_dir) / "tensorboard")
+                self.tensorboard = tensorboard_writer(Path(output_dir) / "tensorboard", purge_step=start_step + 1)
 
     def log(self, record: dict) -> None:
         """Write ``record`` as one JSON line, keys in the given order, and flush it."""

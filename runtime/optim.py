@@ -1,5 +1,7 @@
-"""Optimizer parameter groups chosen by regular expressions over parameter names, and
-:class:`MuonAdamW`, Muon for hidden weight matrices with AdamW for the rest.
+"""Optimizer parameter groups chosen by regular expressions over parameter names;
+:class:`MuonAdamW`, Muon for hidden weight matrices with AdamW for the rest; and :class:`AdamW`
+and :class:`Adafactor`, which keep their state in fp32 whatever the parameters' dtype and can
+write bf16 parameters back with stochastic rounding (:func:`stochastic_round_to_bf16`).
 
 By default, norms, biases and embeddings get no weight decay (decaying them toward zero only
 hurts); every other parameter is in the group that takes the optimizer's own settings.
@@ -161,3 +163,329 @@ def _named_groups(params) -> list[dict]:
             )
         groups.append({**group, "param_names": [n for n, _ in entries], "params": [p for _, p in entries]})
     return groups
+
+
+# -- fp32 state and bf16 stochastic rounding --------------------------------------------------------
+
+_BF16_DROPPED_BITS = 1 << 16  # an fp32 value's low 16 bits: what bf16 drops from its bit pattern
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` (fp32, or anything ``.float()`` takes) rounded to bf16 stochastically: up to the next
+    bf16 value with probability equal to the distance from the one below, so that the rounding is
+    unbiased, ``E[round(x)] == x``.
+
+    Uniform random bits are added below bf16's mantissa in the fp32 bit pattern, which is then
+    truncated. A bit pattern is sign and magnitude, so this rounds the magnitude and negative
+    numbers are handled like positive ones; a value above the largest bf16 may round to inf, as
+    its carry reaches the exponent. inf and nan are returned as they are (adding bits to them
+    would change a nan's payload or make an inf a nan). ``generator`` (on ``x``'s device) gives
+    the random bits.
+    """
+    x = x.float()
+    noise = torch.randint(0, _BF16_DROPPED_BITS, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    # -65536 is 0xFFFF0000: keep the sign, exponent and bf16's 7 mantissa bits
+    rounded = (x.view(torch.int32) + noise).bitwise_and_(-_BF16_DROPPED_BITS).view(torch.float32)
+    rounded = torch.where(torch.isfinite(x), rounded, x)
+    return rounded.to(torch.bfloat16)  # exact: the dropped bits are zero
+
+
+class _Fp32StateOptimizer(torch.optim.Optimizer):
+    """What :class:`AdamW` and :class:`Adafactor` share: state tensors in fp32 whatever the
+    parameter dtype (also after ``load_state_dict``, which in torch casts floating-point state to
+    the parameter's dtype), the update computed in fp32, and a bf16 parameter written back
+    rounded to nearest or, with the group's ``bf16_stochastic_round``, stochastically.
+
+    The random bits come from generators the optimizer owns, one per device type, seeded with
+    ``seed`` (default: ``torch.initial_seed()`` when the optimizer is made, which is the run's
+    seed after ``torch.manual_seed``; every rank of a data-parallel job then rounds alike and the
+    replicas stay equal). Their states are in ``state_dict()["stochastic_rounding"]`` and
+    ``load_state_dict`` restores them, so a resumed run draws the same bits.
+    """
+
+    def __init__(self, params, defaults: dict, seed: int | None):
+        super().__init__(params, defaults)
+        self._seed = int(torch.initial_seed() if seed is None else seed)
+        self._generators: dict[str, torch.Generator] = {}
+        # loaded states of generators not made yet (by device type)
+        self._rng_states: dict[str, torch.Tensor] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """This optimizer's generator on DEVICE, made on first use."""
+        gen = self._generators.get(device.type)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            if device.type in self._rng_states:
+                gen.set_state(self._rng_states.pop(device.type))
+            else:
+                gen.manual_seed(self._seed)
+            self._generators[device.type] = gen
+        elif gen.device != device:
+            raise ValueError(
+                f"bf16 stochastic rounding keeps one generator per device type: parameters on "
+                f"{gen.device} and {device} cannot share an optimizer"
+            )
+        return gen
+
+    def _write_back(self, param: torch.Tensor, value: torch.Tensor, group: dict) -> None:
+        """Store the fp32 VALUE in a parameter of another dtype."""
+        if param.dtype == torch.bfloat16 and group["bf16_stochastic_round"]:
+            param.copy_(stochastic_round_to_bf16(value, self._generator(param.device)))
+        else:
+            param.copy_(value)  # rounded to nearest
+
+    def _fp32_state(self, param: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict, plus ``stochastic_rounding``: the seed and the state of
+        each generator (made or loaded)."""
+        state = super().state_dict()
+        rng = dict(self._rng_states)
+        rng.update({kind: gen.get_state() for kind, gen in self._generators.items()})
+        state["stochastic_rounding"] = {"seed": self._seed, "rng": rng}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load like any torch optimizer, keep the state in fp32, and restore the generators."""
+        super().load_state_dict(state_dict)
+        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            for key, value in (saved or {}).items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    # torch cast it to the parameter's dtype: take the saved fp32 value again
+                    self.state[param][key] = value.to(device=param.device, dtype=torch.float32)
+        rounding = state_dict.get("stochastic_rounding")
+        if rounding is not None:
+            self._seed = int(rounding["seed"])
+            self._generators = {}
+            self._rng_states = dict(rounding["rng"])
+
+    def _params_with_grad(self, group: dict):
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if torch.is_complex(param):
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+            yield param
+
+
+class AdamW(_Fp32StateOptimizer):
+    """AdamW (Loshchilov & Hutter 2019): Adam with bias correction and decoupled weight decay, the
+    math of ``torch.optim.AdamW`` (without amsgrad). With fp32 parameters it runs torch's
+    single-tensor steps in torch's order, so it matches ``torch.optim.AdamW(..., foreach=False)``
+    bitwise (and the default ``torch.optim.AdamW`` on the CPU, which is that).
+
+    ``exp_avg`` and ``exp_avg_sq`` are fp32 whatever the parameter dtype. For a bf16 (or fp16)
+    parameter the step is computed on an fp32 copy and written back rounded to nearest, or, with
+    ``bf16_stochastic_round=True`` and a bf16 parameter, stochastically
+    (:func:`stochastic_round_to_bf16`): updates smaller than bf16's resolution then still move
+    the weights on average. For fp32 parameters ``bf16_stochastic_round`` does nothing, so one
+    optimizer can hold a mixed model. ``seed``: see :class:`_Fp32StateOptimizer`.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        bf16_stochastic_round: bool = False,
+        *,
+        seed: int | None = None,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"invalid betas: {betas} (each in [0, 1))")
+        if not eps >= 0.0:
+            raise ValueError(f"invalid eps: {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "bf16_stochastic_round": bool(bf16_stochastic_round),
+        }
+        super().__init__(params, defaults, seed)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for param in self._params_with_grad(group):
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = self._fp32_state(param)
+                    state["exp_avg_sq"] = self._fp32_state(param)
+                in_place = param.dtype == torch.float32
+                value = param if in_place else param.float()
+                grad = param.grad if param.grad.dtype == torch.float32 else param.grad.float()
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                # torch's _single_tensor_adam, op for op
+                state["step"] += 1
+                step = state["step"].item()
+                if weight_decay != 0:
+                    value.mul_(1 - lr * weight_decay)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bias_correction1 = 1 - beta1**step
+                bias_correction2 = 1 - beta2**step
+                step_size = lr / bias_correction1
+                bias_correction2_sqrt = bias_correction2**0.5
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                value.addcdiv_(exp_avg, denom, value=-step_size)
+                if not in_place:
+                    self._write_back(param, value, group)
+        return loss
+
+
+class Adafactor(_Fp32StateOptimizer):
+    """Adafactor (Shazeer & Stern 2018, "Adaptive Learning Rates with Sublinear Memory Cost").
+
+    The second moment of a parameter of 2 or more dimensions is factored over its last two: a
+    running mean of the squared gradient over each row (``row_var``, shape ``(..., R, 1)``) and
+    over each column (``col_var``, ``(..., 1, C)``), whose product over the mean of ``row_var``
+    estimates it; a 1-D parameter keeps the full running mean (``variance``). The averaging
+    weight of step ``t`` is ``1 - beta2_t = t ** beta2_decay`` (default -0.8: the first step
+    takes the squared gradient whole). ``eps = (eps1, eps2)``: eps1 is added to the squared
+    gradient before it is averaged (as in the paper), eps2 is the least parameter RMS that
+    ``scale_parameter`` uses. The update (gradient over the root of the estimate) is divided by
+    ``max(1, RMS(update) / clip_threshold)``; with ``beta1`` (default None: no first moment, the
+    paper's choice to save memory) a running mean of the clipped updates is applied instead.
+
+    The step is ``lr`` times the update. ``relative_step=True`` makes the learning rate
+    ``min(lr, 1/sqrt(t))``, and ``scale_parameter=True`` multiplies it by
+    ``max(eps2, RMS(parameter))``; with both, this is torch.optim.Adafactor's step, whose ``d``
+    is ``clip_threshold`` here. Weight decay is decoupled: ``param *= 1 - lr * weight_decay``
+    before the update, as in torch.optim.Adafactor and AdamW. The names follow
+    ``torch.optim.Adafactor`` (``lr``, ``beta2_decay``, ``eps``, ``weight_decay``, the state's
+    ``row_var``, ``col_var``, ``variance``), with the paper's ``clip_threshold`` and ``beta1``.
+    It differs from torch's in where eps1 goes (the paper's place, so the default eps1 of 1e-30
+    works in fp32) and in the order of a few operations: in fp32 the two agree to rounding.
+
+    State is fp32 whatever the parameter dtype; bf16 parameters and ``bf16_stochastic_round``
+    are as in :class:`AdamW`.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        beta1: float | None = None,
+        beta2_decay: float = -0.8,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        weight_decay: float = 0.0,
+        relative_step: bool = False,
+        scale_parameter: bool = False,
+        bf16_stochastic_round: bool = False,
+        *,
+        seed: int | None = None,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"invalid beta1: {beta1} (None, or in [0, 1))")
+        if not beta2_decay <= 0.0:
+            raise ValueError(f"invalid beta2_decay: {beta2_decay} (<= 0)")
+        if len(eps) != 2 or not eps[0] > 0.0 or not eps[1] >= 0.0:
+            raise ValueError(f"invalid eps: {eps} (a pair: eps1 > 0, eps2 >= 0)")
+        if not clip_threshold >= 1.0:
+            raise ValueError(f"invalid clip_threshold: {clip_threshold} (>= 1)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "beta1": beta1,
+            "beta2_decay": beta2_decay,
+            "eps": tuple(eps),
+            "clip_threshold": clip_threshold,
+            "weight_decay": weight_decay,
+            "relative_step": bool(relative_step),
+            "scale_parameter": bool(scale_parameter),
+            "bf16_stochastic_round": bool(bf16_stochastic_round),
+        }
+        super().__init__(params, defaults, seed)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Adafactor step of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, weight_decay, beta1 = float(group["lr"]), group["weight_decay"], group["beta1"]
+            eps1, eps2 = group["eps"]
+            for param in self._params_with_grad(group):
+                grad = param.grad if param.grad.dtype == torch.float32 else param.grad.float()
+                factored = grad.dim() > 1
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    if factored:
+                        state["row_var"] = grad.new_zeros(grad.shape[:-1] + (1,))
+                        state["col_var"] = grad.new_zeros(grad.shape[:-2] + (1, grad.shape[-1]))
+                    else:
+                        state["variance"] = self._fp32_state(grad)
+                    if beta1 is not None:
+                        state["exp_avg"] = self._fp32_state(grad)
+                in_place = param.dtype == torch.float32
+                value = param if in_place else param.float()
+
+                state["step"] += 1
+                t = state["step"].item()
+                one_minus_beta2 = t ** group["beta2_decay"]
+                rho = min(lr, 1 / t**0.5) if group["relative_step"] else lr
+                # the step size: a number, or with scale_parameter a tensor (no host sync)
+                alpha = rho
+                if group["scale_parameter"]:
+                    alpha = _rms(value).clamp_(min=eps2).mul_(rho)
+                if weight_decay != 0:
+                    value.mul_(1 - lr * weight_decay)
+
+                if factored:
+                    # mean of (g^2 + eps1) over a row / a column, without a g-sized temporary
+                    row_mean = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_()
+                    state["row_var"].lerp_(row_mean.div_(grad.size(-1)).add_(eps1), one_minus_beta2)
+                    col_mean = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()
+                    state["col_var"].lerp_(col_mean.div_(grad.size(-2)).add_(eps1), one_minus_beta2)
+                    # g / sqrt(V) with V = row_var col_var / mean(row_var); the two factors apart
+                    # keep a zero gradient's update finite (row_var col_var may underflow)
+                    row_var, col_var = state["row_var"], state["col_var"]
+                    update = grad * (row_var / row_var.mean(dim=-2, keepdim=True)).rsqrt_()
+                    update.mul_(col_var.rsqrt())
+                else:
+                    state["variance"].lerp_(grad.square().add_(eps1), one_minus_beta2)
+                    update = grad * state["variance"].rsqrt()
+                update.div_(_rms(update).div_(group["clip_threshold"]).clamp_(min=1.0))
+                if beta1 is not None:
+                    state["exp_avg"].lerp_(update, 1 - beta1)
+                    update = state["exp_avg"]
+                if torch.is_tensor(alpha):
+                    value.addcmul_(update, alpha, value=-1)
+                else:
+                    value.add_(update, alpha=-alpha)
+                if not in_place:
+                    self._write_back(param, value, group)
+        return loss
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """The root mean square of X, a 0-d tensor."""
+    return torch.linalg.vector_norm(x).div_(x.numel() ** 0.5)

@@ -237,11 +237,11 @@ def test_smoke_check_reports_a_failing_constructor_at_its_config_line(tmp_path):
     assert check.returncode == 2 and "the model does not build" in check.stderr
 
 
-def test_unavailable_trainer_type_is_reported_at_the_template_line(tmp_path):
-    proc = run_fgc("build", EXAMPLE, "-o", tmp_path / "out", "-D", "trainer_type=diloco")
+def test_unknown_trainer_type_is_reported_at_the_template_line(tmp_path):
+    proc = run_fgc("build", EXAMPLE, "-o", tmp_path / "out", "-D", "trainer_type=zero")
     assert proc.returncode == 2
     assert "lm/train.yaml:" in proc.stderr
-    assert "trainer_type diloco is not available in this version of fgc" in proc.stderr
+    assert "trainer_type zero is not one of basic, ddp, fsdp2, pipeline, diloco" in proc.stderr
 
 
 def test_fgc_data_command(tmp_path):

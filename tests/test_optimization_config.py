@@ -120,6 +120,6 @@ def test_unknown_optimizer_is_one_line_exit_2():
     assert proc.returncode == 2
     line = library_line('-- set _ = raise("optimizer ')
     assert proc.stderr.splitlines()[0] == (
-        f"fgc/templates/lm/train.yaml:{line}: error: optimizer adam is not one of adamw, sgd, muon"
+        f"fgc/templates/lm/train.yaml:{line}: error: optimizer adam is not one of adamw, sgd, muon, adafactor"
     )
     assert "Traceback" not in proc.stderr

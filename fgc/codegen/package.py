@@ -42,6 +42,9 @@ CONSTANT_NAMES = {
     ("parallel", "schedule"): "PIPELINE_SCHEDULE",
     ("loss", "impl"): "LOSS_IMPL",
     ("loss", "chunk_size"): "LOSS_CHUNK_SIZE",
+    ("diloco", "inner_steps"): "DILOCO_INNER_STEPS",
+    ("diloco", "outer_lr"): "DILOCO_OUTER_LR",
+    ("diloco", "outer_momentum"): "DILOCO_OUTER_MOMENTUM",
 }
 
 
@@ -132,8 +135,11 @@ class PackageBuilder:
             kind = {
                 "fsdp2": "fully sharded (FSDP2)",
                 "pipeline": "pipeline parallel",
+                "diloco": "DiLoCo",
             }.get(plan.trainer_type, "DistributedDataParallel")
             description = f"{kind} over {plan.nproc} processes per node (torchrun)"
+            if plan.diloco:
+                description += f", syncing every {plan.diloco['inner_steps']} steps"
             if plan.tensor_parallel:
                 mesh = dict(plan.mesh)
                 description += f": {mesh['dp_shard']} data-parallel groups x {mesh['tp']} tensor-parallel ranks"
@@ -338,6 +344,8 @@ class PackageBuilder:
             fixed += ["import contextlib", "from torch.nn.parallel import DistributedDataParallel"]
         if self.ctx.plan.trainer_type == "pipeline":
             fixed.append("from fgc_runtime import pipeline")
+        if self.ctx.plan.trainer_type == "diloco":
+            fixed.append("from fgc_runtime.diloco import DiLoCo, check_resume")
         loss = self._loss_code()
         if loss["chunked_loss"]:
             fixed.append("from fgc_runtime.kernels.cross_entropy import LMHeadLoss")

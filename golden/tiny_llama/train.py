@@ -38,36 +38,36 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MAX_STEPS = 300  # train.yaml:20
 GLOBAL_BATCH_SIZE = 16  # train.yaml:19
 SEQ_LEN = 128  # train.yaml:18
-GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:52
-OPTIMIZER_IN_BACKWARD = False  # <fgc>/lm/train.yaml:53
-DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:73
-SEED = 42  # <fgc>/lm/train.yaml:61
+GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:54
+OPTIMIZER_IN_BACKWARD = False  # <fgc>/lm/train.yaml:55
+DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:75
+SEED = 42  # <fgc>/lm/train.yaml:63
 DEVICE = "auto"  # default of DDPTrainer.device
-OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:63
-PRECISION = "fp32"  # <fgc>/lm/train.yaml:62
-SAVE_EVERY = 0  # <fgc>/lm/train.yaml:68
+OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:65
+PRECISION = "fp32"  # <fgc>/lm/train.yaml:64
+SAVE_EVERY = 0  # <fgc>/lm/train.yaml:70
 KEEP_LAST_N = 2  # default of CheckpointSettings.keep_last_n
 LOG_EVERY = 10  # train.yaml:24
 EVAL_EVERY = 100  # train.yaml:25
 EVAL_BATCHES = 4  # default of LoggingSettings.eval_batches
 EVAL_BATCH_SIZE = 16  # the train batch (eval_batch_size is null)
 TENSORBOARD = True  # default of LoggingSettings.tensorboard
-SAMPLE_EVERY = 0  # <fgc>/lm/train.yaml:66
-SAMPLE_PROMPT = "The"  # <fgc>/lm/train.yaml:67
+SAMPLE_EVERY = 0  # <fgc>/lm/train.yaml:68
+SAMPLE_PROMPT = "The"  # <fgc>/lm/train.yaml:69
 SAMPLE_TOKENS = 64  # default of LoggingSettings.sample_tokens
 SAMPLE_TEMPERATURE = 0.0  # default of LoggingSettings.sample_temperature
-ACTIVATION_CHECKPOINTING = "none"  # <fgc>/lm/train.yaml:70
+ACTIVATION_CHECKPOINTING = "none"  # <fgc>/lm/train.yaml:72
 EVERY_N_LAYERS = 1  # default of ActivationCheckpointSettings.every_n_layers
-COMPILE = False  # <fgc>/lm/train.yaml:71
+COMPILE = False  # <fgc>/lm/train.yaml:73
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
-NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:246
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:260
 LOSS_IMPL = "torch"  # the select-kernels pass, auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference
 LABEL_SMOOTHING = 0.0  # default of LossSettings.label_smoothing
 Z_LOSS = 0.0  # default of LossSettings.z_loss
 SOFTCAP = None  # default of LossSettings.softcap
 LOSS_CHUNK_SIZE = 4096  # default of LossSettings.chunk_size
-NPROC = 2  # <fgc>/lm/train.yaml:55
+NPROC = 2  # <fgc>/lm/train.yaml:57
 MICRO_BATCH_SIZE = 8  # the plan: the whole per-rank batch (micro_batch_size is null)
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
 # The parallel plan fgc computed for this config.
@@ -98,12 +98,12 @@ PLAN = {
 CONFIG_HASH = "56fc3683a9fd3dece0ed7f1cbd1ddc54f61f4c72aa6f308349716506d3a83a4c"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:170
+# optimizer: <fgc>/lm/train.yaml:179
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:184
+# lr_scheduler: <fgc>/lm/train.yaml:198
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup=30, total=300
 )
@@ -298,7 +298,15 @@ def main(argv=None):
             raise RunError(
                 f"the checkpoint does not fit this model: {first}", path=resume_from
             ) from None
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            # e.g. the checkpoint of another trainer type or optimizer in the same output dir
+            first = str(err).strip().splitlines()[-1].strip()
+            raise RunError(
+                f"the checkpoint's optimizer state does not fit this run's optimizer ({type(optimizer).__name__}): {first}",
+                path=resume_from,
+            ) from None
         lr_scheduler.load_state_dict(state["trainer_state"]["lr_scheduler"])
         start_step = state["trainer_state"]["step"]
         tokens_seen = state["trainer_state"]["tokens_seen"]
@@ -343,11 +351,16 @@ def main(argv=None):
         distributed.shutdown(dist)
         return
 
+    # Records after start_step, from a run that went on past its last checkpoint, are removed.
     logger = metrics.MetricsLogger(
-        output_dir, enabled=dist.is_main, tensorboard=TENSORBOARD
+        output_dir, enabled=dist.is_main, tensorboard=TENSORBOARD, start_step=start_step
     )
     # INFO lines from rank 0, warnings from any rank; a progress bar when stdout is a terminal
     log = RankLog(dist.rank, progress_total=args.max_steps)
+    if logger.dropped:
+        log.info(
+            f"metrics.jsonl: removed {logger.dropped} records after step {start_step}, to be logged again"
+        )
     throughput, logged_tokens = Throughput(), tokens_seen
     model_flops = MFU(model, SEQ_LEN, PRECISION, dist.device)
     log.info(model_flops.describe())

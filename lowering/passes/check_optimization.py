@@ -7,6 +7,12 @@ at the config line of the offending value.
   argument checks (``ScheduleError``: a warmup longer than the total, a ratio outside [0, 1], a
   decay that leaves no room for the warmup, ...) become build errors. One set of rules serves both.
 - ``fgc_runtime.optim:MuonAdamW`` needs whole weight matrices: the basic and ddp trainers only.
+- ``fgc_runtime.optim:Adafactor`` (factored over whole rows and columns) and ``:AdamW`` (whose
+  state dict carries its stochastic-rounding generators, which the fsdp2 and pipeline trainers'
+  name-keyed optimizer checkpoints would drop): the basic and ddp trainers only, the ones they
+  are tested with.
+- ``bf16_stochastic_round: true`` rounds bf16 weights: it needs precision ``bf16`` (with the
+  other precisions the weights are fp32 and it would silently do nothing).
 - Text samples need the whole model on each rank: not with the pipeline trainer.
 """
 
@@ -15,13 +21,27 @@ from __future__ import annotations
 import torch
 
 from fgc.ir import IRGraph
-from fgc_runtime.optim import MuonAdamW
+from fgc_runtime.optim import Adafactor, AdamW, MuonAdamW
 from fgc_runtime.train import ScheduleError
 
 from ..context import LoweringContext
 from .base import Pass
 
 MUON_TRAINERS = ("basic", "ddp")
+# fgc_runtime's optimizers: what each needs of the trainer, and the trainers it works with
+RUNTIME_OPTIMIZER_TRAINERS = {
+    MuonAdamW: ("the Muon optimizer needs whole weight matrices on every rank", MUON_TRAINERS),
+    Adafactor: (
+        "fgc_runtime.optim.Adafactor needs whole weight matrices (its second moments are factored over "
+        "rows and columns) and its own state dict in checkpoints",
+        ("basic", "ddp"),
+    ),
+    AdamW: (
+        "fgc_runtime.optim.AdamW needs its own state dict in checkpoints (it holds the "
+        "stochastic-rounding generators)",
+        ("basic", "ddp"),
+    ),
+}
 
 
 class CheckOptimization(Pass):
@@ -66,12 +86,25 @@ class CheckOptimization(Pass):
         node = ir.node(ir.targets["optimizer"])
         symbol = ctx.symbols.get(node.id)
         obj = getattr(symbol, "obj", None)
-        if isinstance(obj, type) and issubclass(obj, MuonAdamW) and ctx.plan.trainer_type not in MUON_TRAINERS:
-            ctx.sink.error(
-                f"the Muon optimizer needs whole weight matrices on every rank: it works with the "
-                f"{' and '.join(MUON_TRAINERS)} trainers, not {ctx.plan.trainer_type}",
-                node.loc,
-            )
+        rounding = node.kwargs.get("bf16_stochastic_round")
+        for cls, (why, trainers) in RUNTIME_OPTIMIZER_TRAINERS.items():
+            if isinstance(obj, type) and issubclass(obj, cls) and ctx.plan.trainer_type not in trainers:
+                # the template picks this AdamW for bf16_stochastic_round: point at that line
+                where = ir.node(rounding).loc if cls is AdamW and rounding is not None else node.loc
+                ctx.sink.error(
+                    f"{why}: it works with the {' and '.join(trainers)} trainers, not {ctx.plan.trainer_type}",
+                    where,
+                )
+                break
+        precision = ctx.settings.precision.mode
+        if rounding is not None and ir.node(rounding).kind == "value" and ir.node(rounding).value is True:
+            if precision != "bf16":
+                ctx.sink.error(
+                    f"bf16_stochastic_round rounds bf16 weights, but precision {precision} keeps the "
+                    "weights in fp32: it would do nothing",
+                    ir.node(rounding).loc,
+                    hint="use precision bf16 (bf16 weights), or leave bf16_stochastic_round off",
+                )
 
     def _samples(self, ir: IRGraph, ctx: LoweringContext) -> None:
         logging = ctx.settings.logging

@@ -12,6 +12,7 @@ from fgc.settings import (
     SETTING_GROUPS,
     SPLIT_BACKWARD_SCHEDULES,
     BasicTrainer,
+    DiLoCoTrainer,
     PipelineTrainer,
 )
 
@@ -89,10 +90,16 @@ class PlanTraining(Pass):
             err("precision.mode", "fp16-mixed is not supported with FSDP2 in this version: its gradient "
                 "scaler would need the sharded gradients", hint="use bf16-mixed")
             return None
+        diloco = None
+        if isinstance(s, DiLoCoTrainer):
+            diloco = self._diloco(s, err)
+            if diloco is None:
+                return None
         if s.optimizer_in_backward:
             # each parameter steps before the other gradients exist: nothing may need them all
             conflicts = [
-                (s.TYPE != "basic", "the " + s.TYPE + " trainer, whose gradients are reduced over ranks after the backward"),
+                (s.TYPE == "diloco", "the diloco trainer in this version"),
+                (s.TYPE not in ("basic", "diloco"), "the " + s.TYPE + " trainer, whose gradients are reduced over ranks after the backward"),
                 (s.grad_clip is not None, "gradient clipping, which needs the norm of every gradient first"),
                 (s.precision.mode == "fp16-mixed", "fp16-mixed, whose loss scaler checks every gradient first"),
             ]
@@ -208,7 +215,37 @@ class PlanTraining(Pass):
             mesh=mesh,
             tensor_parallel=tensor_parallel,
             pipeline=pipeline,
+            diloco=diloco,
         )
+
+    @staticmethod
+    def _diloco(s: DiLoCoTrainer, err) -> dict | None:
+        """Check the DiLoCo settings; the plan's ``diloco`` entry."""
+        d = s.diloco
+        ok = True
+        if d.inner_steps < 1:
+            err("diloco.inner_steps", f"diloco inner_steps must be at least 1, got {d.inner_steps}")
+            ok = False
+        if not d.outer_lr > 0:
+            err("diloco.outer_lr", f"diloco outer_lr must be more than 0, got {d.outer_lr}")
+            ok = False
+        if not 0 <= d.outer_momentum < 1:
+            err("diloco.outer_momentum", f"diloco outer_momentum must be in [0, 1), got {d.outer_momentum}")
+            ok = False
+        if s.precision.mode == "fp16-mixed":
+            err("precision.mode", "fp16-mixed is not supported with DiLoCo in this version: each worker "
+                "would need its own gradient scaler in the checkpoint", hint="use bf16-mixed")
+            ok = False
+        if not ok:
+            return None
+        return {
+            "workers": s.nproc,
+            "inner_steps": d.inner_steps,
+            "outer_optimizer": "SGD with Nesterov momentum" if d.outer_momentum > 0 else "SGD",
+            "outer_lr": d.outer_lr,
+            "outer_momentum": d.outer_momentum,
+            "loss_normalisation": "per worker (no gradient sync between rounds)",
+        }
 
     def _tensor_parallel_ok(self, s, ir: IRGraph, ctx: LoweringContext, err, where) -> bool:
         """Check the tensor degree against the world size and the model's heads and MLP width."""

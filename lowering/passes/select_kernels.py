@@ -22,7 +22,7 @@ from .base import Pass
 # auto picks the chunked loss when one micro-batch's fp32 logits would take at least this much
 CHUNKED_LOSS_THRESHOLD_BYTES = 256 * 2**20
 # trainers whose loss can run outside the model's forward (through fgc_runtime's LMHeadLoss)
-CHUNKED_LOSS_TRAINERS = ("basic", "ddp")
+CHUNKED_LOSS_TRAINERS = ("basic", "ddp", "diloco")
 DTYPES = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16": "bfloat16", "fp16-mixed": "float16"}
 
 

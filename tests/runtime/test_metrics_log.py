@@ -2,6 +2,7 @@
 TensorBoard event files."""
 
 import io
+import json
 
 import pytest
 import torch
@@ -170,3 +171,40 @@ def test_no_tensorboard_unless_asked_or_on_other_ranks(tmp_path):
     MetricsLogger(tmp_path / "b", enabled=False, tensorboard=True).close()
     assert not (tmp_path / "a" / "tensorboard").exists()
     assert not (tmp_path / "b").exists()
+
+
+def test_a_resumed_logger_removes_the_records_after_its_start_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def record(step, loss):
+        return train_record(step, loss, 1e-3, 1.0, 100 * step, 10.0, None, 0, 1.0)
+
+    with MetricsLogger(tmp_path, tensorboard=True) as logger:
+        for step in range(1, 6):
+            logger.log(record(step, float(step)))
+            if step == 2:
+                logger.log(eval_record(2, 9.0))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a kill in the middle of a line
+    # resumed from the checkpoint of step 3: steps 4 and 5 run again, with other losses here
+    with MetricsLogger(tmp_path, tensorboard=True, start_step=3) as logger:
+        assert logger.dropped == 3
+        for step in (4, 5):
+            logger.log(record(step, 10.0 * step))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("loss", r.get("eval_loss"))) for r in records] == [
+        (1, 1.0), (2, 2.0), (2, 9.0), (3, 3.0), (4, 40.0), (5, 50.0)
+    ]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)
+    ]
+
+
+def test_a_fresh_logger_keeps_a_file_without_later_records_untouched(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "eval_loss": 5.0}\n')
+    with MetricsLogger(tmp_path) as logger:
+        assert logger.dropped == 0
+    assert path.read_text() == '{"step": 0, "eval_loss": 5.0}\n'

@@ -113,7 +113,7 @@ def test_metrics_logger(tmp_path):
     logger.log(record)
     logger.log(eval_record(10, 3.25))
     logger.close()
-    logger = MetricsLogger(out)  # a resumed run appends
+    logger = MetricsLogger(out, start_step=10)  # a run resumed at step 10 appends
     logger.log({"step": 11, "eval_loss": 3.0})
     logger.close()
     lines = (out / "metrics.jsonl").read_text().splitlines()

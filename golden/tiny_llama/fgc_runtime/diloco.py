@@ -1,0 +1,174 @@
+"""DiLoCo's outer loop (Douillard et al. 2023, "DiLoCo: Distributed Low-Communication Training of
+Language Models").
+
+Every rank is a worker holding a whole model and its own inner optimizer, and trains on its own
+share of each global batch with no gradient all-reduce. Every ``inner_steps`` steps the workers
+sync: each worker's pseudo-gradient ``global - local`` is averaged over the workers (one
+all-reduce), an outer optimizer (SGD with Nesterov momentum) steps the global parameters with that
+average as their gradient, and every worker copies the new global parameters into its model. The
+inner optimizers' states stay per worker.
+
+The global (outer) parameters and the outer momentum are fp32, on the training device: 8 bytes per
+parameter on every rank, plus 4 more during a sync (the averaged pseudo-gradients, one flat
+buffer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from .distributed import DistInfo
+from .errors import RunError
+
+
+class DiLoCo:
+    """The global parameters of MODEL, its outer optimizer, and where the current round is.
+
+    Build it after the model has its initial weights (the same on every rank): the global
+    parameters start as a copy of them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dist: DistInfo,
+        *,
+        inner_steps: int,
+        outer_lr: float,
+        outer_momentum: float,
+    ):
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be at least 1, got {inner_steps}")
+        self.dist = dist
+        self.inner_steps = inner_steps
+        # trainable parameters by name; a tied weight is yielded (and synced) once
+        self.local = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            self.outer = {
+                n: p.detach().to(dtype=torch.float32, copy=True)
+                for n, p in self.local.items()
+            }
+        # Nesterov needs momentum: with outer_momentum 0 the outer step is plain SGD
+        self.outer_optimizer = torch.optim.SGD(
+            list(self.outer.values()),
+            lr=outer_lr,
+            momentum=outer_momentum,
+            nesterov=outer_momentum > 0,
+        )
+        self.inner_step = 0  # inner steps taken since the last sync
+
+    def step(self, *, last: bool = False) -> bool:
+        """Count one inner step; sync when the round is complete, or at LAST (the end of training
+        ends the round early, so the final model is the global one). True when it synced.
+        """
+        self.inner_step += 1
+        if self.inner_step >= self.inner_steps or last:
+            self.sync()
+            return True
+        return False
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Average the pseudo-gradients over the workers, step the global parameters, and copy
+        them into this worker's model (a collective: every rank calls it at the same step).
+        """
+        outer = list(self.outer.values())
+        local = [self.local[n] for n in self.outer]
+        flat = torch.empty(
+            sum(g.numel() for g in outer), dtype=torch.float32, device=outer[0].device
+        )
+        offset = 0
+        for g, p in zip(outer, local):
+            # the pseudo-gradient, a view into the one buffer the all-reduce sends
+            g.grad = flat[offset : offset + g.numel()].view_as(g)
+            torch.sub(g, p.float(), out=g.grad)
+            offset += g.numel()
+        if self.dist.distributed:
+            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+            flat.div_(self.dist.world_size)
+        self.outer_optimizer.step()
+        for g, p in zip(outer, local):
+            g.grad = None
+            p.copy_(g)
+        self.inner_step = 0
+
+    @contextlib.contextmanager
+    def global_model(self):
+        """Inside, the model holds the global parameters (for evaluation and samples); this
+        worker's own parameters are put back exactly on the way out."""
+        with torch.no_grad():
+            saved = {n: p.detach().clone() for n, p in self.local.items()}
+            for n, p in self.local.items():
+                p.copy_(self.outer[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.local.items():
+                    p.copy_(saved[n])
+
+    def global_state_dict(self, model: nn.Module) -> dict:
+        """MODEL's state dict with the global parameters (in the model's dtypes): what a
+        checkpoint's ``model.pt``, and so ``--export-hf`` and ``final/``, hold."""
+        state = model.state_dict()
+        for name, value in self.outer.items():
+            if name in state:
+                state[name] = value.to(dtype=state[name].dtype, device="cpu")
+        return state
+
+    def state_dict(self) -> dict:
+        """The state every worker shares: the fp32 global parameters, the outer optimizer and the
+        position in the round."""
+        return {
+            "outer_params": {n: g.detach().cpu() for n, g in self.outer.items()},
+            "outer_optimizer": self.outer_optimizer.state_dict(),
+            "inner_step": self.inner_step,
+            "inner_steps": self.inner_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` gave."""
+        missing = sorted(set(self.outer) - set(state["outer_params"]))
+        if missing:
+            raise KeyError(f"global parameters missing: {', '.join(missing)}")
+        with torch.no_grad():
+            for n, g in self.outer.items():
+                g.copy_(state["outer_params"][n])
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self.inner_step = state["inner_step"]
+
+    def global_sum(self, values: list[float]) -> list[float]:
+        """VALUES summed over the workers (float64; a collective): the logged loss, target count
+        and gradient norm are global although nothing else is synced between rounds."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
+        if self.dist.distributed:
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return t.tolist()
+
+
+def check_resume(state: dict, world_size: int, path) -> dict:
+    """This worker's piece of a checkpoint (its own model, inner optimizer and token count); a
+    RunError when the checkpoint is not a DiLoCo one or was written by another number of workers.
+    """
+    written_by = state["manifest"].get("world_size")
+    if (
+        not isinstance(state.get("optimizer"), dict)
+        or "outer_params" not in state["optimizer"]
+    ):
+        raise RunError(
+            "not a DiLoCo checkpoint: it has no global parameters or outer optimizer",
+            path=path,
+        )
+    if written_by != world_size:
+        raise RunError(
+            f"this DiLoCo checkpoint was written by {written_by} workers, and this run has {world_size}: "
+            f"each worker's own model and inner optimizer are in it, so resume with {written_by} processes",
+            path=path,
+        )
+    if state.get("rank_state") is None:
+        raise RunError("the checkpoint has no state for this worker", path=path)
+    return state["rank_state"]

@@ -1,0 +1,318 @@
+"""The DiLoCo trainer (`trainer_type=diloco`): build-time rules at their config lines, the plan and
+the specialised train.py, a 2-worker run against an independent single-process simulation, a stop
+in the middle of a round that resumes bitwise, and a resume with another number of workers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import EXAMPLE, REPO, run_fgc
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+CORPUS = "\n\n".join(f"line {i}: pack my box with five dozen liquor jugs." for i in range(200))
+
+# -- build-time rules --------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, meta: str = "", extra: str = "") -> Path:
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        '-- extends "lm/train.yaml"\n'
+        "[config_metadata]\n"
+        "== super()\n"
+        '-- set ns.trainer_type = "diloco"\n'
+        "-- set ns.hidden_size = hidden_size | default(32)\n"
+        "-- set ns.num_hidden_layers = num_hidden_layers | default(2)\n"
+        "-- set ns.seq_len = seq_len | default(32)\n"
+        "-- set ns.batch_size = batch_size | default(4)\n"
+        f"{meta}"
+        "[data]\n"
+        ".data: &data !singleton:fgc.settings:DataSettings@data\n"
+        "    text_files: [corpus.txt]\n"
+        f"{extra}"
+    )
+    return path
+
+
+def _line(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def test_outer_loop_rules_are_errors_at_their_lines(tmp_path):
+    path = _config(
+        tmp_path,
+        extra="[diloco]\n.diloco: &diloco !singleton:fgc.settings:DiLoCoSettings@diloco\n"
+        "    inner_steps: 0\n    outer_lr: 0.0\n    outer_momentum: 1.0\n",
+    )
+    proc = run_fgc("check", path)
+    assert proc.returncode == 2, proc.stderr
+    # independent errors, all reported, each at the line of its value
+    assert f"cfg.yaml:{_line(path, 'inner_steps: 0')}: error: diloco inner_steps must be at least 1, got 0" in proc.stderr
+    assert f"cfg.yaml:{_line(path, 'outer_lr: 0.0')}: error: diloco outer_lr must be more than 0, got 0.0" in proc.stderr
+    assert (
+        f"cfg.yaml:{_line(path, 'outer_momentum: 1.0')}: error: diloco outer_momentum must be in [0, 1), got 1.0"
+        in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "meta,knob,message",
+    [
+        # a knob set in the child's [config_metadata] wins over the library default, and the hint names it
+        ("-- set ns.diloco_inner_steps = diloco_inner_steps | default(-1)\n", "diloco_inner_steps",
+         "error: diloco inner_steps must be at least 1, got -1"),
+        ('-- set ns.precision = "fp16-mixed"\n', "fp16-mixed", "error: fp16-mixed is not supported with DiLoCo"),
+        ("-- set ns.grad_clip = none\n-- set ns.optimizer_in_backward = true\n", "optimizer_in_backward",
+         "error: optimizer_in_backward cannot be combined with the diloco trainer"),
+    ],
+)
+def test_unsupported_settings_are_errors_naming_the_users_line(tmp_path, meta, knob, message):
+    path = _config(tmp_path, meta)
+    proc = run_fgc("check", path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert f"cfg.yaml:{_line(path, knob)}" in proc.stderr  # the hint: the line that set it
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+H = 3
+STEPS = 6
+# small and quick; micro_batch_size 4 gives each worker two micro-batches a step
+KNOBS = ["-D", "trainer_type=diloco", "-D", f"diloco_inner_steps={H}", "-D", "diloco_outer_lr=0.7",
+         "-D", f"max_steps={STEPS}", "-D", "num_hidden_layers=2", "-D", "eval_every=0",
+         "-D", "micro_batch_size=4", "-D", "lr_scheduler=constant", "-D", "warmup_steps=0"]
+
+
+def _torchrun(pkg: Path, run: Path, *flags, script=None, nproc=2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd += [str(script), str(pkg)] if script else [str(pkg / "train.py")]
+    cmd += ["--output-dir", str(run), "--log-every", "1", *map(str, flags)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=run.parent)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    """The loss of each step (the last one logged: a resumed run logs its steps again)."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def pkg(tmp_path_factory):
+    """The package the training tests run."""
+    out = tmp_path_factory.mktemp("diloco") / "pkg"
+    run_fgc("build", EXAMPLE, "-o", out, *KNOBS, check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full(pkg):
+    """The package, and its uninterrupted 2-worker run."""
+    run = pkg.parent / "full"
+    proc = _torchrun(pkg, run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return pkg, run
+
+
+
+def test_plan_constants_and_explain(pkg):
+    out = pkg
+    plan = json.loads((out / "manifest.json").read_text())["plan"]
+    assert plan["trainer_type"] == "diloco" and plan["launcher"] == "torchrun"
+    assert plan["diloco"] == {
+        "workers": 2,
+        "inner_steps": 3,
+        "outer_optimizer": "SGD with Nesterov momentum",
+        "outer_lr": 0.7,
+        "outer_momentum": 0.9,
+        "loss_normalisation": "per worker (no gradient sync between rounds)",
+    }
+    train = (out / "train.py").read_text()
+    assert "DILOCO_INNER_STEPS = 3  # -D diloco_inner_steps=3 (<fgc>/lm/train.yaml:" in train
+    assert "DILOCO_OUTER_LR = 0.7  # -D diloco_outer_lr=0.7 (<fgc>/lm/train.yaml:" in train
+    assert re.search(r"DILOCO_OUTER_MOMENTUM = 0\.9  # <fgc>/lm/train\.yaml:\d+\n", train)
+    assert "from fgc_runtime.diloco import DiLoCo, check_resume" in train
+    assert "DistributedDataParallel" not in train  # no gradient all-reduce
+    assert (out / "fgc_runtime" / "diloco.py").is_file()
+    # the other trainers carry no DiLoCo code (the golden package is the ddp trainer)
+    assert "diloco" not in (REPO / "golden" / "tiny_llama" / "train.py").read_text().lower()
+    explain = run_fgc("explain", EXAMPLE, *KNOBS)
+    assert explain.returncode == 0, explain.stderr
+    assert "DiLoCo: 2 workers, each with its own optimizer, sync every 3 steps; outer optimizer SGD with Nesterov " \
+           "momentum, lr 0.7, momentum 0.9, fp32" in explain.stdout
+    assert re.search(r"outer \(DiLoCo\) +1\.9 MiB", explain.stdout)  # 8 bytes x 252,576 parameters
+
+
+def _simulate(pkg: Path, steps: int):
+    """DiLoCo written out in one process: two model copies with two AdamWs, each on its rank's
+    shard of the batch, and every H steps the average of (global - local) as the gradient of a torch
+    SGD with Nesterov momentum over fp32 global parameters, copied back into both models."""
+    from fgc_runtime.data import BatchSampler, TokenShard
+
+    spec = importlib.util.spec_from_file_location("diloco_test_model", pkg / "model.py")
+    model_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_module)
+    workers, optimizers, samplers = [], [], []
+    shard = TokenShard.open(pkg / "data", "train")
+    for rank in range(2):
+        torch.manual_seed(42)  # the trainer seeds every rank alike: the same initial weights
+        model = model_module.build_model()
+        no_decay = [p for n, p in model.named_parameters() if re.search("norm|bias|embed", n)]
+        decay = [p for n, p in model.named_parameters() if not re.search("norm|bias|embed", n)]
+        optimizers.append(torch.optim.AdamW(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95),
+            weight_decay=0.1,
+        ))
+        samplers.append(BatchSampler(shard, seq_len=128, global_batch_size=16, seed=42, rank=rank, world_size=2))
+        workers.append(model)
+    names = [n for n, _ in workers[0].named_parameters()]
+    outer = [p.detach().clone().float() for p in workers[0].parameters()]
+    outer_opt = torch.optim.SGD(outer, lr=0.7, momentum=0.9, nesterov=True)
+    losses = []
+    for step in range(1, steps + 1):
+        total, count = 0.0, 0
+        for model, opt, sampler in zip(workers, optimizers, samplers):
+            input_ids, labels = sampler.batch(step - 1)
+            logits = model(input_ids)
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+            n = int((labels != -100).sum())
+            (loss_sum / n).backward()  # this worker's own target count
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            total, count = total + loss_sum.item(), count + n
+        losses.append(total / count)
+        if step % H == 0 or step == steps:
+            with torch.no_grad():
+                for i, g in enumerate(outer):
+                    local = [list(m.parameters())[i].float() for m in workers]
+                    g.grad = ((g - local[0]) + (g - local[1])) / 2
+                outer_opt.step()
+                for model in workers:
+                    for p, g in zip(model.parameters(), outer):
+                        p.copy_(g)
+    return losses, dict(zip(names, outer))
+
+
+@pytest.mark.slow
+def test_two_workers_match_an_independent_simulation(full):
+    pkg, run = full
+    losses = _losses(run)
+    want, global_params = _simulate(pkg, STEPS)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx(want, rel=1e-6)
+    # the final checkpoint's model (what final/ exports) is the global model after the last sync
+    saved = _load(run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
+    for name, value in global_params.items():
+        # (two micro-batches against one whole batch: an element or two differ by a few 1e-6,
+        # where AdamW divides by a tiny second moment)
+        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-5)
+    # after that sync every worker holds the global model
+    for rank in (0, 1):
+        mine = _load(run / "checkpoints" / f"step-{STEPS:08d}" / f"state-rank{rank}.pt")["model"]
+        assert all(torch.equal(mine[n], saved[n]) for n in global_params)
+    assert (run / "final" / "config.json").is_file()
+    # the logged loss is the global one, the grad norm the workers' mean: one line a step
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["tokens"] == r["step"] * 16 * 128 for r in records)
+
+
+# rank 1 gets a SIGTERM as it fetches the batch of step 4: every rank stops after step 4, mid-round
+SIGTERM_AT_STEP_4 = """\
+import os, runpy, signal, sys
+build = sys.argv[1]
+sys.path.insert(0, build)
+import fgc_runtime.data as data
+original = data.BatchSampler.batch
+def batch(self, index):
+    if os.environ.get("RANK") == "1" and index == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, index)
+data.BatchSampler.batch = batch
+sys.argv = [os.path.join(build, "train.py")] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_mid_round_resumes_bitwise_and_another_world_size_is_an_error(full, tmp_path):
+    pkg, full_run = full
+    script = tmp_path / "stop.py"
+    script.write_text(SIGTERM_AT_STEP_4)
+    run = tmp_path / "run"
+    stopped = _torchrun(pkg, run, script=script)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+    saved = run / "checkpoints" / "step-00000004"
+    files = json.loads((saved / "manifest.json").read_text())["files"]
+    assert "state-rank0.pt" in files and "state-rank1.pt" in files
+    assert _load(saved / "optimizer.pt")["inner_step"] == 1  # one step into the second round
+    # between syncs the workers' models differ
+    local = [_load(saved / f"state-rank{r}.pt")["model"] for r in (0, 1)]
+    assert not torch.equal(local[0]["lm_head.weight"], local[1]["lm_head.weight"])
+
+    # one process cannot take over two workers' states: a one-line error naming both sizes
+    wrong = subprocess.run([sys.executable, str(pkg / "train.py"), "--output-dir", str(run)],
+                           capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines() == [
+        f"{saved}: error: this DiLoCo checkpoint was written by 2 workers, and this run has 1: each worker's own "
+        "model and inner optimizer are in it, so resume with 2 processes"
+    ]
+
+    resumed = _torchrun(pkg, run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert _losses(run) == _losses(full_run)  # bitwise
+    end = f"step-{STEPS:08d}"
+    a = _load(run / "checkpoints" / end / "model.pt")
+    b = _load(full_run / "checkpoints" / end / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.slow
+def test_one_worker_with_outer_lr_1_and_no_momentum_is_plain_training(tmp_path):
+    """With one worker, outer_lr 1 and outer_momentum 0, a sync sets the global model to the local
+    one: DiLoCo is then the basic trainer (to rounding)."""
+    knobs = ["-D", "max_steps=3", "-D", "num_hidden_layers=1", "-D", "seq_len=32", "-D", "eval_every=0"]
+    basic, single = tmp_path / "basic", tmp_path / "single"
+    run_fgc("build", EXAMPLE, "-o", basic, *knobs, "-D", "trainer_type=basic", check=True)
+    run_fgc("build", EXAMPLE, "-o", single, *knobs, "-D", "trainer_type=diloco", "-D", "diloco_inner_steps=2",
+            "-D", "diloco_outer_lr=1.0", "-D", "diloco_outer_momentum=0.0", check=True)
+    for pkg in (basic, single):
+        proc = subprocess.run([sys.executable, str(pkg / "train.py"), "--output-dir", str(tmp_path / f"run_{pkg.name}"),
+                               "--log-every", "1"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = _losses(tmp_path / "run_basic"), _losses(tmp_path / "run_single")
+    assert sorted(got) == [1, 2, 3]
+    assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(want)], rel=1e-5)
+
+    # the basic package pointed at the DiLoCo run finds its checkpoint, whose optimizer.pt holds
+    # the outer state: a one-line error, not a traceback
+    wrong = subprocess.run([sys.executable, str(basic / "train.py"), "--output-dir", str(tmp_path / "run_single"),
+                            "--max-steps", "4"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines() == [
+        f"{tmp_path / 'run_single' / 'checkpoints' / 'step-00000003'}: error: the checkpoint's optimizer state "
+        "does not fit this run's optimizer (AdamW): 'param_groups'"
+    ]
