@@ -102,9 +102,9 @@ _loaded_packages: list[str] = []
 def import_train_module(package: Path):
     """The generated train.py of PACKAGE as a module (its model.py and fgc_runtime/ beside it).
 
-    Each package has its own `model` module, so the previous package's leaves `sys.path` and
-    `sys.modules` first (a loaded train module keeps its own model module); `fgc_runtime` is the
-    same vendored code in every package and stays loaded.
+    Each package has its own `model` module, so the previous package is first taken off
+    `sys.path` and its `model` out of `sys.modules` (a loaded train module keeps its own);
+    `fgc_runtime` is the same vendored code in every package and stays loaded.
     """
     while _loaded_packages:
         sys.path.remove(_loaded_packages.pop())

@@ -539,3 +539,47 @@ def test_the_package_trains_and_resumes_bitwise(tmp_path, name, flags, marker):
     if name == "adamw-sr":
         assert all(w.dtype == torch.bfloat16 for w in weights[0].values())
         assert state["stochastic_rounding"]["rng"].keys() == {"cpu"}
+
+
+@pytest.mark.slow
+def test_ddp_replicas_stay_bitwise_equal_with_stochastic_rounding(tmp_path):
+    """Every rank seeds its rounding generator alike (the run's seed), so the bf16 replicas of a
+    DDP job round their equal updates alike and never drift apart."""
+    out = tmp_path / "ddp"
+    flags = [f if f != "trainer_type=basic" else "trainer_type=ddp" for f in SMALL]
+    run_fgc("build", EXAMPLE, "-o", out, *flags, "-D", "precision=bf16", "-D", "bf16_stochastic_round=true",
+            check=True)
+    # every rank's model state as it saves its last checkpoint (only rank 0 writes model.pt)
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(
+        "import os, runpy, sys, torch\n"
+        "build, dump = sys.argv[1], sys.argv[2]\n"
+        "sys.path.insert(0, build)\n"
+        "import fgc_runtime.checkpoint as ck\n"
+        "original = ck.save_checkpoint\n"
+        "def save_checkpoint(output_dir, **kwargs):\n"
+        "    name = f\"rank{os.environ['RANK']}-step{kwargs['step']}.pt\"\n"
+        "    torch.save(kwargs['model_state'], os.path.join(dump, name))\n"
+        "    return original(output_dir, **kwargs)\n"
+        "ck.save_checkpoint = save_checkpoint\n"
+        "sys.argv = [os.path.join(build, 'train.py')] + sys.argv[3:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(wrapper), str(out), str(dump),
+         "--output-dir", str(tmp_path / "run"), "--log-every", "1", "--save-every", "2"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in (2, 4):
+        states = [torch.load(dump / f"rank{r}-step{step}.pt", weights_only=True) for r in (0, 1)]
+        assert all(v.dtype == torch.bfloat16 for v in states[0].values())
+        assert states[0].keys() == states[1].keys()
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0]), f"step {step}"
+    # the weights moved between the two saves, and model.pt is what rank 0 held
+    early = torch.load(dump / "rank0-step2.pt", weights_only=True)
+    assert not torch.equal(early["lm_head.weight"], states[0]["lm_head.weight"])
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step-00000004" / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], states[0][k]) for k in saved)
