@@ -40,3 +40,35 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def example():
     return EXAMPLE
+
+
+SMALL_CORPUS = "\n\n".join(f"line {i}: pack my box with five dozen liquor jugs." for i in range(200))
+
+
+def small_config(tmp_path: Path, meta: str = "", extra: str = "") -> Path:
+    """`TMP_PATH/cfg.yaml`: a small child of lm/train.yaml over its own corpus, with META added to
+    its `[config_metadata]` (after the size defaults, which `-D` can still set) and EXTRA after
+    its `[data]` block (e.g. a block that overrides the library's)."""
+    (tmp_path / "corpus.txt").write_text(SMALL_CORPUS)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        '-- extends "lm/train.yaml"\n'
+        "[config_metadata]\n"
+        "== super()\n"
+        "-- set ns.hidden_size = hidden_size | default(32)\n"
+        "-- set ns.num_hidden_layers = num_hidden_layers | default(2)\n"
+        "-- set ns.seq_len = seq_len | default(32)\n"
+        "-- set ns.batch_size = batch_size | default(4)\n"
+        "-- set ns.max_steps = max_steps | default(3)\n"
+        f"{meta}"
+        "[data]\n"
+        ".data: &data !singleton:fgc.settings:DataSettings@data\n"
+        "    text_files: [corpus.txt]\n"
+        f"{extra}"
+    )
+    return path
+
+
+def line_of(path: Path, text: str) -> int:
+    """The number of the first line of PATH that contains TEXT."""
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)

@@ -16,37 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import EXAMPLE, REPO, run_fgc
+from conftest import EXAMPLE, REPO, line_of, run_fgc, small_config
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
-CORPUS = "\n\n".join(f"line {i}: pack my box with five dozen liquor jugs." for i in range(200))
 
 # -- build-time rules --------------------------------------------------------------------------------
 
 
 def _config(tmp_path: Path, meta: str = "", extra: str = "") -> Path:
-    (tmp_path / "corpus.txt").write_text(CORPUS)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(
-        '-- extends "lm/train.yaml"\n'
-        "[config_metadata]\n"
-        "== super()\n"
-        '-- set ns.trainer_type = "diloco"\n'
-        "-- set ns.hidden_size = hidden_size | default(32)\n"
-        "-- set ns.num_hidden_layers = num_hidden_layers | default(2)\n"
-        "-- set ns.seq_len = seq_len | default(32)\n"
-        "-- set ns.batch_size = batch_size | default(4)\n"
-        f"{meta}"
-        "[data]\n"
-        ".data: &data !singleton:fgc.settings:DataSettings@data\n"
-        "    text_files: [corpus.txt]\n"
-        f"{extra}"
-    )
-    return path
-
-
-def _line(path: Path, text: str) -> int:
-    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+    """A small DiLoCo config (see conftest.small_config)."""
+    return small_config(tmp_path, '-- set ns.trainer_type = "diloco"\n' + meta, extra)
 
 
 def test_outer_loop_rules_are_errors_at_their_lines(tmp_path):
@@ -58,10 +37,10 @@ def test_outer_loop_rules_are_errors_at_their_lines(tmp_path):
     proc = run_fgc("check", path)
     assert proc.returncode == 2, proc.stderr
     # independent errors, all reported, each at the line of its value
-    assert f"cfg.yaml:{_line(path, 'inner_steps: 0')}: error: diloco inner_steps must be at least 1, got 0" in proc.stderr
-    assert f"cfg.yaml:{_line(path, 'outer_lr: 0.0')}: error: diloco outer_lr must be more than 0, got 0.0" in proc.stderr
+    assert f"cfg.yaml:{line_of(path, 'inner_steps: 0')}: error: diloco inner_steps must be at least 1, got 0" in proc.stderr
+    assert f"cfg.yaml:{line_of(path, 'outer_lr: 0.0')}: error: diloco outer_lr must be more than 0, got 0.0" in proc.stderr
     assert (
-        f"cfg.yaml:{_line(path, 'outer_momentum: 1.0')}: error: diloco outer_momentum must be in [0, 1), got 1.0"
+        f"cfg.yaml:{line_of(path, 'outer_momentum: 1.0')}: error: diloco outer_momentum must be in [0, 1), got 1.0"
         in proc.stderr
     )
     assert "Traceback" not in proc.stderr
@@ -78,12 +57,12 @@ def test_outer_loop_rules_are_errors_at_their_lines(tmp_path):
          "error: optimizer_in_backward cannot be combined with the diloco trainer"),
     ],
 )
-def test_unsupported_settings_are_errors_naming_the_users_line(tmp_path, meta, knob, message):
+def test_unsupported_settings_are_errors_naming_the_usersline_of(tmp_path, meta, knob, message):
     path = _config(tmp_path, meta)
     proc = run_fgc("check", path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
-    assert f"cfg.yaml:{_line(path, knob)}" in proc.stderr  # the hint: the line that set it
+    assert f"cfg.yaml:{line_of(path, knob)}" in proc.stderr  # the hint: the line that set it
 
 
 # -- training ----------------------------------------------------------------------------------------
@@ -132,7 +111,6 @@ def full(pkg):
     proc = _torchrun(pkg, run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return pkg, run
-
 
 
 def test_plan_constants_and_explain(pkg):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE, run_fgc
+from conftest import EXAMPLE, line_of, run_fgc
 from fgc_lowering.stages import balanced_split, stage_ranks
 
 # -- the split ------------------------------------------------------------------------------------
@@ -92,10 +92,6 @@ def _config(tmp_path: Path, parallel: str, meta: str = "", extra: str = "") -> P
     return path
 
 
-def _line(path: Path, text: str) -> int:
-    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
-
-
 @pytest.mark.parametrize(
     "parallel,meta,bad_line,message",
     [
@@ -168,13 +164,13 @@ def _line(path: Path, text: str) -> int:
         ),
     ],
 )
-def test_pipeline_rules_are_errors_at_the_offending_line(tmp_path, parallel, meta, bad_line, message):
+def test_pipeline_rules_are_errors_at_the_offendingline_of(tmp_path, parallel, meta, bad_line, message):
     path = _config(tmp_path, parallel, meta)
     proc = run_fgc("check", path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert f"pp.yaml:{_line(path, bad_line)}" in proc.stderr
+    assert f"pp.yaml:{line_of(path, bad_line)}" in proc.stderr
 
 
 def test_eval_batch_must_equal_the_train_batch_under_pipelining(tmp_path):
@@ -186,7 +182,7 @@ def test_eval_batch_must_equal_the_train_batch_under_pipelining(tmp_path):
     )
     proc = run_fgc("check", path)
     assert proc.returncode == 2
-    assert f"pp.yaml:{_line(path, 'eval_batch_size: 4')}: error: under pipeline parallelism the eval batch" in proc.stderr
+    assert f"pp.yaml:{line_of(path, 'eval_batch_size: 4')}: error: under pipeline parallelism the eval batch" in proc.stderr
 
 
 def test_the_plan_splits_layers_by_parameter_count(tmp_path):

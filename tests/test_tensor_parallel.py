@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE, run_fgc
+from conftest import EXAMPLE, line_of, run_fgc
 
 # -- the plan and the checks ----------------------------------------------------------------------
 
@@ -37,10 +37,6 @@ def _config(tmp_path: Path, meta: str = "", parallel: str = "    nproc: 4\n    t
         f"{parallel}"
     )
     return path
-
-
-def _line(path: Path, text: str) -> int:
-    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
 
 
 def test_the_plan_has_a_2d_mesh_and_applies_tensor_parallel_first(tmp_path):
@@ -113,14 +109,14 @@ def test_the_plan_has_a_2d_mesh_and_applies_tensor_parallel_first(tmp_path):
         ),
     ],
 )
-def test_tensor_parallel_rules_are_errors_at_the_offending_line(tmp_path, meta, parallel, bad_line, message):
+def test_tensor_parallel_rules_are_errors_at_the_offendingline_of(tmp_path, meta, parallel, bad_line, message):
     path = _config(tmp_path, meta, parallel)
     proc = run_fgc("check", path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     # the error names the line that set the value (the model's, through the template's hint)
-    assert f"tp.yaml:{_line(path, bad_line)}" in proc.stderr
+    assert f"tp.yaml:{line_of(path, bad_line)}" in proc.stderr
 
 
 # -- training -------------------------------------------------------------------------------------

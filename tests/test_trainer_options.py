@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EXAMPLE, run_fgc
+from conftest import EXAMPLE, line_of, run_fgc, small_config
 from fgc_runtime.kernels import fused_linear_cross_entropy
 from fgc_runtime.kernels.cross_entropy import cross_entropy_sum_and_count
 
@@ -73,33 +73,6 @@ def test_a_feature_the_kernel_lacks_is_an_error_not_dropped():
 
 # -- build-time rules -------------------------------------------------------------------------------
 
-CORPUS = "\n\n".join(f"line {i}: pack my box with five dozen liquor jugs." for i in range(200))
-
-
-def _config(tmp_path: Path, meta: str = "", extra: str = "") -> Path:
-    (tmp_path / "corpus.txt").write_text(CORPUS)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(
-        '-- extends "lm/train.yaml"\n'
-        "[config_metadata]\n"
-        "== super()\n"
-        "-- set ns.hidden_size = hidden_size | default(32)\n"
-        "-- set ns.num_hidden_layers = num_hidden_layers | default(2)\n"
-        "-- set ns.seq_len = seq_len | default(32)\n"
-        "-- set ns.batch_size = batch_size | default(4)\n"
-        "-- set ns.max_steps = max_steps | default(3)\n"
-        f"{meta}"
-        "[data]\n"
-        ".data: &data !singleton:fgc.settings:DataSettings@data\n"
-        "    text_files: [corpus.txt]\n"
-        f"{extra}"
-    )
-    return path
-
-
-def _line(path: Path, text: str) -> int:
-    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
-
 
 LOSS_BLOCK = "[loss]\n.loss: &loss !singleton:fgc.settings:LossSettings@loss\n"
 
@@ -115,14 +88,14 @@ LOSS_BLOCK = "[loss]\n.loss: &loss !singleton:fgc.settings:LossSettings@loss\n"
     ],
 )
 def test_loss_kernel_rules(tmp_path, meta, loss, bad, message):
-    path = _config(tmp_path, meta, LOSS_BLOCK + loss)
+    path = small_config(tmp_path, meta, LOSS_BLOCK + loss)
     proc = run_fgc("check", path)
     assert proc.returncode == 2, proc.stderr
-    assert f"cfg.yaml:{_line(path, bad)}: error: {message}" in proc.stderr
+    assert f"cfg.yaml:{line_of(path, bad)}: error: {message}" in proc.stderr
 
 
 def test_auto_chooses_the_chunked_loss_when_the_logits_are_large(tmp_path):
-    small = _config(tmp_path)
+    small = small_config(tmp_path)
     out = tmp_path / "small"
     run_fgc("build", small, "-o", out, check=True)
     kernels = json.loads((out / "manifest.json").read_text())["plan"]["kernels"]
@@ -134,7 +107,7 @@ def test_auto_chooses_the_chunked_loss_when_the_logits_are_large(tmp_path):
     assert big.returncode == 0, big.stderr
     assert "kernel cross_entropy: chunked (auto: one micro-batch's logits would take 256 MiB" in big.stdout
     # ...but not for a feature the chunked kernel lacks
-    capped = _config(tmp_path, extra=LOSS_BLOCK + "    softcap: 30.0\n")
+    capped = small_config(tmp_path, extra=LOSS_BLOCK + "    softcap: 30.0\n")
     proc = run_fgc("explain", capped, "-D", "batch_size=8", "-D", "seq_len=2048", "-D", "vocab_size=4096",
                    "-D", "trainer_type=basic")
     assert "kernel cross_entropy: torch (auto: the reference (the chunked kernel does not support softcap))" in proc.stdout
@@ -151,20 +124,20 @@ def test_auto_chooses_the_chunked_loss_when_the_logits_are_large(tmp_path):
     ],
 )
 def test_optimizer_in_backward_rules(tmp_path, meta, message):
-    path = _config(tmp_path, '-- set ns.trainer_type = "basic"\n' + meta + "-- set ns.optimizer_in_backward = true\n")
+    path = small_config(tmp_path, '-- set ns.trainer_type = "basic"\n' + meta + "-- set ns.optimizer_in_backward = true\n")
     proc = run_fgc("check", path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     # the hint names the user's line that turned it on
-    assert f"cfg.yaml:{_line(path, 'ns.optimizer_in_backward = true')}" in proc.stderr
+    assert f"cfg.yaml:{line_of(path, 'ns.optimizer_in_backward = true')}" in proc.stderr
 
 
 def test_fp16_is_rejected_with_fsdp2(tmp_path):
-    path = _config(tmp_path, '-- set ns.trainer_type = "fsdp2"\n-- set ns.precision = "fp16-mixed"\n')
+    path = small_config(tmp_path, '-- set ns.trainer_type = "fsdp2"\n-- set ns.precision = "fp16-mixed"\n')
     proc = run_fgc("check", path)
     assert proc.returncode == 2
     assert "fp16-mixed is not supported with FSDP2" in proc.stderr
-    assert f"cfg.yaml:{_line(path, 'fp16-mixed')}" in proc.stderr
+    assert f"cfg.yaml:{line_of(path, 'fp16-mixed')}" in proc.stderr
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -275,7 +248,7 @@ def test_document_ids_and_the_masking_wrapper_keep_documents_apart():
     ],
 )
 def test_document_masking_rules(tmp_path, meta, message):
-    path = _config(tmp_path, meta + "-- set ns.document_masking = true\n")
+    path = small_config(tmp_path, meta + "-- set ns.document_masking = true\n")
     proc = run_fgc("check", path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
