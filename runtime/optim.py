@@ -263,15 +263,33 @@ class _Fp32StateOptimizer(torch.optim.Optimizer):
             self._generators = {}
             self._rng_states = dict(rounding["rng"])
 
-    def _params_with_grad(self, group: dict):
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if torch.is_complex(param):
-                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
-            yield param
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of every parameter that has a gradient: ``_update`` changes an fp32 value of
+        the parameter (the parameter itself when it is fp32, else a copy written back)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if torch.is_complex(param):
+                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+                in_place = param.dtype == torch.float32
+                value = param if in_place else param.float()
+                grad = param.grad if param.grad.dtype == torch.float32 else param.grad.float()
+                self._update(value, grad, self.state[param], group)
+                if not in_place:
+                    self._write_back(param, value, group)
+        return loss
+
+    def _update(self, value: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        """Step VALUE (fp32, in place) with GRAD (fp32); STATE is the parameter's state dict."""
+        raise NotImplementedError
 
 
 class AdamW(_Fp32StateOptimizer):
@@ -316,42 +334,27 @@ class AdamW(_Fp32StateOptimizer):
         }
         super().__init__(params, defaults, seed)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW step of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
-            for param in self._params_with_grad(group):
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = self._fp32_state(param)
-                    state["exp_avg_sq"] = self._fp32_state(param)
-                in_place = param.dtype == torch.float32
-                value = param if in_place else param.float()
-                grad = param.grad if param.grad.dtype == torch.float32 else param.grad.float()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                # torch's _single_tensor_adam, op for op
-                state["step"] += 1
-                step = state["step"].item()
-                if weight_decay != 0:
-                    value.mul_(1 - lr * weight_decay)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias_correction1 = 1 - beta1**step
-                bias_correction2 = 1 - beta2**step
-                step_size = lr / bias_correction1
-                bias_correction2_sqrt = bias_correction2**0.5
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                value.addcdiv_(exp_avg, denom, value=-step_size)
-                if not in_place:
-                    self._write_back(param, value, group)
-        return loss
+    def _update(self, value, grad, state, group):
+        lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = self._fp32_state(value)
+            state["exp_avg_sq"] = self._fp32_state(value)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        # torch's _single_tensor_adam, op for op
+        state["step"] += 1
+        step = state["step"].item()
+        if weight_decay != 0:
+            value.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        value.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 class Adafactor(_Fp32StateOptimizer):
@@ -422,68 +425,53 @@ class Adafactor(_Fp32StateOptimizer):
         }
         super().__init__(params, defaults, seed)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One Adafactor step of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, weight_decay, beta1 = float(group["lr"]), group["weight_decay"], group["beta1"]
-            eps1, eps2 = group["eps"]
-            for param in self._params_with_grad(group):
-                grad = param.grad if param.grad.dtype == torch.float32 else param.grad.float()
-                factored = grad.dim() > 1
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    if factored:
-                        state["row_var"] = grad.new_zeros(grad.shape[:-1] + (1,))
-                        state["col_var"] = grad.new_zeros(grad.shape[:-2] + (1, grad.shape[-1]))
-                    else:
-                        state["variance"] = self._fp32_state(grad)
-                    if beta1 is not None:
-                        state["exp_avg"] = self._fp32_state(grad)
-                in_place = param.dtype == torch.float32
-                value = param if in_place else param.float()
+    def _update(self, value, grad, state, group):
+        lr, weight_decay, beta1 = float(group["lr"]), group["weight_decay"], group["beta1"]
+        eps1, eps2 = group["eps"]
+        factored = grad.dim() > 1
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if factored:
+                state["row_var"] = grad.new_zeros(grad.shape[:-1] + (1,))
+                state["col_var"] = grad.new_zeros(grad.shape[:-2] + (1, grad.shape[-1]))
+            else:
+                state["variance"] = self._fp32_state(grad)
+            if beta1 is not None:
+                state["exp_avg"] = self._fp32_state(grad)
 
-                state["step"] += 1
-                t = state["step"].item()
-                one_minus_beta2 = t ** group["beta2_decay"]
-                rho = min(lr, 1 / t**0.5) if group["relative_step"] else lr
-                # the step size: a number, or with scale_parameter a tensor (no host sync)
-                alpha = rho
-                if group["scale_parameter"]:
-                    alpha = _rms(value).clamp_(min=eps2).mul_(rho)
-                if weight_decay != 0:
-                    value.mul_(1 - lr * weight_decay)
+        state["step"] += 1
+        t = state["step"].item()
+        one_minus_beta2 = t ** group["beta2_decay"]
+        rho = min(lr, 1 / t**0.5) if group["relative_step"] else lr
+        # the step size: a number, or with scale_parameter a tensor (no host sync)
+        alpha = rho
+        if group["scale_parameter"]:
+            alpha = _rms(value).clamp_(min=eps2).mul_(rho)
+        if weight_decay != 0:
+            value.mul_(1 - lr * weight_decay)
 
-                if factored:
-                    # mean of (g^2 + eps1) over a row / a column, without a g-sized temporary
-                    row_mean = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_()
-                    state["row_var"].lerp_(row_mean.div_(grad.size(-1)).add_(eps1), one_minus_beta2)
-                    col_mean = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()
-                    state["col_var"].lerp_(col_mean.div_(grad.size(-2)).add_(eps1), one_minus_beta2)
-                    # g / sqrt(V) with V = row_var col_var / mean(row_var); the two factors apart
-                    # keep a zero gradient's update finite (row_var col_var may underflow)
-                    row_var, col_var = state["row_var"], state["col_var"]
-                    update = grad * (row_var / row_var.mean(dim=-2, keepdim=True)).rsqrt_()
-                    update.mul_(col_var.rsqrt())
-                else:
-                    state["variance"].lerp_(grad.square().add_(eps1), one_minus_beta2)
-                    update = grad * state["variance"].rsqrt()
-                update.div_(_rms(update).div_(group["clip_threshold"]).clamp_(min=1.0))
-                if beta1 is not None:
-                    state["exp_avg"].lerp_(update, 1 - beta1)
-                    update = state["exp_avg"]
-                if torch.is_tensor(alpha):
-                    value.addcmul_(update, alpha, value=-1)
-                else:
-                    value.add_(update, alpha=-alpha)
-                if not in_place:
-                    self._write_back(param, value, group)
-        return loss
+        if factored:
+            # mean of (g^2 + eps1) over a row / a column, without a g-sized temporary
+            row_mean = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_()
+            state["row_var"].lerp_(row_mean.div_(grad.size(-1)).add_(eps1), one_minus_beta2)
+            col_mean = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()
+            state["col_var"].lerp_(col_mean.div_(grad.size(-2)).add_(eps1), one_minus_beta2)
+            # g / sqrt(V) with V = row_var col_var / mean(row_var); the two factors apart
+            # keep a zero gradient's update finite (row_var col_var may underflow)
+            row_var, col_var = state["row_var"], state["col_var"]
+            update = grad * (row_var / row_var.mean(dim=-2, keepdim=True)).rsqrt_()
+            update.mul_(col_var.rsqrt())
+        else:
+            state["variance"].lerp_(grad.square().add_(eps1), one_minus_beta2)
+            update = grad * state["variance"].rsqrt()
+        update.div_(_rms(update).div_(group["clip_threshold"]).clamp_(min=1.0))
+        if beta1 is not None:
+            state["exp_avg"].lerp_(update, 1 - beta1)
+            update = state["exp_avg"]
+        if torch.is_tensor(alpha):
+            value.addcmul_(update, alpha, value=-1)
+        else:
+            value.add_(update, alpha=-alpha)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
