@@ -258,6 +258,9 @@ def _write_remote_code(out: Path, package_dir: Path) -> None:
     (out / "modeling_fgc.py").write_text(_MODELING, encoding="utf-8")
     model_src = (package_dir / "model.py").read_text(encoding="utf-8")
     model_src = re.sub(r"^from fgc_runtime\.kernels import", "from .fgc_kernels import", model_src, flags=re.M)
+    # fgc_kernels.py carries the torch twins only (remote code is flat files): a model built to run
+    # the Triton kernels (-D kernel_impl=triton) runs the twins there
+    model_src = model_src.replace('kernel_impl="triton"', 'kernel_impl="auto"')
     if re.search(r"^\s*(from|import) fgc_runtime", model_src, flags=re.M):
         raise RunError("model.py uses fgc_runtime beyond its kernels: cannot write remote code for it", path=out)
     (out / "fgc_model.py").write_text(model_src, encoding="utf-8")

@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+# fgc_runtime's Triton kernels run on CPU tensors in Triton's interpreter, which reads this
+# variable when triton is first imported (so before any test imports it). On a machine with a
+# GPU, TRITON_INTERPRET=0 runs the kernel tests on CUDA instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent

@@ -149,10 +149,14 @@ def test_generated_package_runs_without_build_time_packages(tmp_path):
     assert [r["step"] for r in train] == [2, 4]
     assert [r["step"] for r in lines if "eval_loss" in r] == [2, 4]
     # every import of the package is standard library, torch, or the package itself; the optional
-    # extras (tokenizers for sampling, torchao for --quantize) only inside functions
+    # extras (tokenizers for sampling, torchao for --quantize) only inside functions, and triton
+    # only in fgc_runtime/kernels/triton/, which the kernels import inside functions
     own = {"fgc_runtime", "model"}
     for path in copy.rglob("*.py"):
+        triton_module = path.parent.name == "triton" and path.parent.parent.name == "kernels"
         for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0 and (node.module or "").startswith("triton"):
+                assert node.col_offset > 0, (path, "imports the Triton kernels at module level")
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -161,7 +165,7 @@ def test_generated_package_runs_without_build_time_packages(tmp_path):
                 continue
             for name in names:
                 top = name.split(".")[0]
-                optional = top in ("tokenizers", "torchao") and node.col_offset > 0
+                optional = (top in ("tokenizers", "torchao") and node.col_offset > 0) or (top == "triton" and triton_module)
                 assert top in sys.stdlib_module_names or top == "torch" or top in own or optional, (path, name)
 
 

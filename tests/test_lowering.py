@@ -486,7 +486,11 @@ def test_plan_ddp(tmp_path):
             "cross_entropy": {
                 "impl": "torch",
                 "reason": "auto: one micro-batch's logits take 0.1 MiB (under 256 MiB): the reference",
-            }
+            },
+        }
+        | {
+            name: {"impl": "torch", "reason": "auto: the torch code; the Triton kernels are opt-in, kernel_impl: triton"}
+            for name in ("apply_rope", "rms_norm", "swiglu")
         },
     }
     assert type(compiled.ctx.settings) is DDPTrainer

@@ -176,6 +176,8 @@ class PackageBuilder:
             "data_description": data_description,
             "ships_data": bool(data.text_files),
             "output_dir": self.ctx.settings.output_dir,
+            # the model kernels that run in Triton (the select-kernels pass): train.py checks the device
+            "triton_kernels": sorted(k for k, c in plan.kernels.items() if c["impl"] in ("triton", "mixed")),
         }
 
     def model_py(self, common: dict) -> str:
@@ -351,6 +353,8 @@ class PackageBuilder:
             fixed.append("from fgc_runtime.kernels.cross_entropy import LMHeadLoss")
         if loss["loss_fn"] == "lm_loss":
             fixed.append("from fgc_runtime.kernels.cross_entropy import cross_entropy_sum_and_count")
+        if any(c["impl"] in ("triton", "mixed") for c in self.ctx.plan.kernels.values()):
+            fixed.append("from fgc_runtime.kernels._impl import check_impl_devices")
         if self.ctx.settings.optimizer_in_backward:
             fixed.append("from fgc_runtime.optim_in_backward import OptimizerInBackward")
         sampling = self.ctx.settings.logging.sample_every > 0

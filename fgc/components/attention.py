@@ -4,7 +4,7 @@ Shape legend: B batch, T sequence, D hidden size, H query heads, K key/value hea
 E head dim (the `D` of the rotary tables, which are per head), S key positions (= T).
 """
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -33,7 +33,9 @@ class CausalSelfAttention(nn.Module):
     - `sliding_window`: each token attends to itself and the `sliding_window - 1` tokens before
       it (Mistral);
     - `qk_norm_factory`: a norm over each head's channels applied to queries and keys before the
-      rotation, built as `qk_norm_factory(head_dim)` and named `q_norm`/`k_norm` (Qwen3).
+      rotation, built as `qk_norm_factory(head_dim)` and named `q_norm`/`k_norm` (Qwen3);
+    - `kernel_impl`: the implementation of the rotary kernel (`fgc_runtime.kernels.apply_rope`):
+      auto, torch or triton.
     `forward` takes an optional boolean `attn_mask_B1TS` (True: may attend) that replaces the
     causal mask, e.g. the block-diagonal mask of packed documents; without one, and without a
     window shorter than the input, SDPA runs its causal kernel with no mask in memory.
@@ -48,6 +50,7 @@ class CausalSelfAttention(nn.Module):
         attention_bias: bool = False,
         sliding_window: int | None = None,
         qk_norm_factory: Callable[..., nn.Module] | None = None,
+        kernel_impl: Literal["auto", "torch", "triton"] = "auto",
     ):
         super().__init__()
         if num_key_value_heads is None:
@@ -71,6 +74,7 @@ class CausalSelfAttention(nn.Module):
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.sliding_window = sliding_window
+        self.kernel_impl = kernel_impl
         self.q_proj = nn.Linear(hidden_size, num_attention_heads * head_dim, bias=attention_bias)
         self.k_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
         self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
@@ -97,7 +101,9 @@ class CausalSelfAttention(nn.Module):
         k_BKTE = k_BTKE.transpose(1, 2)
         v_BKTE = v_BTKE.transpose(1, 2)
         # The rotary tables are fp32; cast them so a bf16 model keeps bf16 q/k, as transformers does.
-        q_BHTE, k_BKTE = apply_rope(q_BHTE, k_BKTE, cos_BTE.to(q_BHTE.dtype), sin_BTE.to(q_BHTE.dtype))
+        q_BHTE, k_BKTE = apply_rope(
+            q_BHTE, k_BKTE, cos_BTE.to(q_BHTE.dtype), sin_BTE.to(q_BHTE.dtype), impl=self.kernel_impl
+        )
         if self.sliding_window is not None and self.sliding_window < T:
             window_TS = sliding_window_causal_mask(T, self.sliding_window, x_BTD.device)
             attn_mask_B1TS = window_TS if attn_mask_B1TS is None else attn_mask_B1TS & window_TS
@@ -115,7 +121,8 @@ class CausalSelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         window = f", sliding_window={self.sliding_window}" if self.sliding_window is not None else ""
+        impl = f", kernel_impl={self.kernel_impl}" if self.kernel_impl != "auto" else ""
         return (
             f"heads={self.num_attention_heads}, kv_heads={self.num_key_value_heads}, "
-            f"head_dim={self.head_dim}{window}"
+            f"head_dim={self.head_dim}{window}{impl}"
         )

@@ -3,6 +3,8 @@
 Shape legend: B batch, T sequence, D hidden size.
 """
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -10,12 +12,22 @@ from fgc_runtime.kernels import rms_norm
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale, as in Llama (no bias, no mean subtraction)."""
+    """Root-mean-square norm with a learned scale, as in Llama (no bias, no mean subtraction).
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    `kernel_impl` chooses the implementation of `fgc_runtime.kernels.rms_norm`: auto, torch or
+    triton.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        kernel_impl: Literal["auto", "torch", "triton"] = "auto",
+    ):
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
+        self.kernel_impl = kernel_impl
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def reset_parameters(self) -> None:
@@ -24,7 +36,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         # The kernel normalises in fp32 and returns x's dtype, like transformers' LlamaRMSNorm.
-        return rms_norm(x_BTD, self.weight, self.eps)
+        return rms_norm(x_BTD, self.weight, self.eps, impl=self.kernel_impl)
 
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}"
+        impl = f", kernel_impl={self.kernel_impl}" if self.kernel_impl != "auto" else ""
+        return f"{self.hidden_size}, eps={self.eps}{impl}"

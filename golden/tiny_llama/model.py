@@ -8,6 +8,7 @@ so this package needs nothing of fgc or of the project it was built from.
 import functools
 import re
 from typing import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -41,7 +42,9 @@ class CausalSelfAttention(nn.Module):
     - `sliding_window`: each token attends to itself and the `sliding_window - 1` tokens before
       it (Mistral);
     - `qk_norm_factory`: a norm over each head's channels applied to queries and keys before the
-      rotation, built as `qk_norm_factory(head_dim)` and named `q_norm`/`k_norm` (Qwen3).
+      rotation, built as `qk_norm_factory(head_dim)` and named `q_norm`/`k_norm` (Qwen3);
+    - `kernel_impl`: the implementation of the rotary kernel (`fgc_runtime.kernels.apply_rope`):
+      auto, torch or triton.
     `forward` takes an optional boolean `attn_mask_B1TS` (True: may attend) that replaces the
     causal mask, e.g. the block-diagonal mask of packed documents; without one, and without a
     window shorter than the input, SDPA runs its causal kernel with no mask in memory.
@@ -56,6 +59,7 @@ class CausalSelfAttention(nn.Module):
         attention_bias: bool = False,
         sliding_window: int | None = None,
         qk_norm_factory: Callable[..., nn.Module] | None = None,
+        kernel_impl: Literal["auto", "torch", "triton"] = "auto",
     ):
         super().__init__()
         if num_key_value_heads is None:
@@ -81,6 +85,7 @@ class CausalSelfAttention(nn.Module):
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.sliding_window = sliding_window
+        self.kernel_impl = kernel_impl
         self.q_proj = nn.Linear(
             hidden_size, num_attention_heads * head_dim, bias=attention_bias
         )
@@ -116,7 +121,11 @@ class CausalSelfAttention(nn.Module):
         v_BKTE = v_BTKE.transpose(1, 2)
         # The rotary tables are fp32; cast them so a bf16 model keeps bf16 q/k, as transformers does.
         q_BHTE, k_BKTE = apply_rope(
-            q_BHTE, k_BKTE, cos_BTE.to(q_BHTE.dtype), sin_BTE.to(q_BHTE.dtype)
+            q_BHTE,
+            k_BKTE,
+            cos_BTE.to(q_BHTE.dtype),
+            sin_BTE.to(q_BHTE.dtype),
+            impl=self.kernel_impl,
         )
         if self.sliding_window is not None and self.sliding_window < T:
             window_TS = sliding_window_causal_mask(T, self.sliding_window, x_BTD.device)
@@ -141,9 +150,10 @@ class CausalSelfAttention(nn.Module):
             if self.sliding_window is not None
             else ""
         )
+        impl = f", kernel_impl={self.kernel_impl}" if self.kernel_impl != "auto" else ""
         return (
             f"heads={self.num_attention_heads}, kv_heads={self.num_key_value_heads}, "
-            f"head_dim={self.head_dim}{window}"
+            f"head_dim={self.head_dim}{window}{impl}"
         )
 
 
@@ -415,31 +425,52 @@ class PreNormDecoderLayer(nn.Module):
 
 # ---- vendored from fgc/components/mlp.py
 class SwiGLUMLP(nn.Module):
-    """SwiGLU feed-forward, `down(silu(gate(x)) * up(x))`, as in transformers' LlamaMLP."""
+    """SwiGLU feed-forward, `down(silu(gate(x)) * up(x))`, as in transformers' LlamaMLP.
+
+    `kernel_impl` chooses the implementation of `fgc_runtime.kernels.swiglu`: auto, torch or
+    triton.
+    """
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, mlp_bias: bool = False
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        mlp_bias: bool = False,
+        kernel_impl: Literal["auto", "torch", "triton"] = "auto",
     ):
         super().__init__()
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
+        self.kernel_impl = kernel_impl
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=mlp_bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=mlp_bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=mlp_bias)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        h_BTI = swiglu(self.gate_proj(x_BTD), self.up_proj(x_BTD))
+        h_BTI = swiglu(
+            self.gate_proj(x_BTD), self.up_proj(x_BTD), impl=self.kernel_impl
+        )
         return self.down_proj(h_BTI)
 
 
 # ---- vendored from fgc/components/norm.py
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale, as in Llama (no bias, no mean subtraction)."""
+    """Root-mean-square norm with a learned scale, as in Llama (no bias, no mean subtraction).
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    `kernel_impl` chooses the implementation of `fgc_runtime.kernels.rms_norm`: auto, torch or
+    triton.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        kernel_impl: Literal["auto", "torch", "triton"] = "auto",
+    ):
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
+        self.kernel_impl = kernel_impl
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def reset_parameters(self) -> None:
@@ -448,14 +479,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         # The kernel normalises in fp32 and returns x's dtype, like transformers' LlamaRMSNorm.
-        return rms_norm(x_BTD, self.weight, self.eps)
+        return rms_norm(x_BTD, self.weight, self.eps, impl=self.kernel_impl)
 
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}"
+        impl = f", kernel_impl={self.kernel_impl}" if self.kernel_impl != "auto" else ""
+        return f"{self.hidden_size}, eps={self.eps}{impl}"
 
 
 def build_model(device=None, dtype=None):
-    """Build the config's `model` target (<fgc>/lm/train.yaml:155) on DEVICE (default: the CPU), in DTYPE."""
+    """Build the config's `model` target (<fgc>/lm/train.yaml:167) on DEVICE (default: the CPU), in DTYPE."""
     with torch.device(device if device is not None else "cpu"):
         attention_factory = functools.partial(
             CausalSelfAttention, num_attention_heads=4, num_key_value_heads=2

@@ -40,7 +40,7 @@ GLOBAL_BATCH_SIZE = 16  # train.yaml:19
 SEQ_LEN = 128  # train.yaml:18
 GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:54
 OPTIMIZER_IN_BACKWARD = False  # <fgc>/lm/train.yaml:55
-DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:75
+DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:78
 SEED = 42  # <fgc>/lm/train.yaml:63
 DEVICE = "auto"  # default of DDPTrainer.device
 OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:65
@@ -61,7 +61,7 @@ EVERY_N_LAYERS = 1  # default of ActivationCheckpointSettings.every_n_layers
 COMPILE = False  # <fgc>/lm/train.yaml:73
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
-NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:260
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:272
 LOSS_IMPL = "torch"  # the select-kernels pass, auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference
 LABEL_SMOOTHING = 0.0  # default of LossSettings.label_smoothing
 Z_LOSS = 0.0  # default of LossSettings.z_loss
@@ -92,18 +92,30 @@ PLAN = {
         "cross_entropy": {
             "impl": "torch",
             "reason": "auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference",
-        }
+        },
+        "apply_rope": {
+            "impl": "torch",
+            "reason": "auto: the torch code; the Triton kernels are opt-in, kernel_impl: triton",
+        },
+        "rms_norm": {
+            "impl": "torch",
+            "reason": "auto: the torch code; the Triton kernels are opt-in, kernel_impl: triton",
+        },
+        "swiglu": {
+            "impl": "torch",
+            "reason": "auto: the torch code; the Triton kernels are opt-in, kernel_impl: triton",
+        },
     },
 }
 CONFIG_HASH = "56fc3683a9fd3dece0ed7f1cbd1ddc54f61f4c72aa6f308349716506d3a83a4c"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:179
+# optimizer: <fgc>/lm/train.yaml:191
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:198
+# lr_scheduler: <fgc>/lm/train.yaml:210
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup=30, total=300
 )

@@ -21,6 +21,8 @@ from .base import Pass
 
 # auto picks the chunked loss when one micro-batch's fp32 logits would take at least this much
 CHUNKED_LOSS_THRESHOLD_BYTES = 256 * 2**20
+# the components whose `kernel_impl` chooses a kernel of fgc_runtime.kernels, by spec suffix
+MODEL_KERNELS = {":RMSNorm": "rms_norm", ":SwiGLUMLP": "swiglu", ":CausalSelfAttention": "apply_rope"}
 # trainers whose loss can run outside the model's forward (through fgc_runtime's LMHeadLoss)
 CHUNKED_LOSS_TRAINERS = ("basic", "ddp", "diloco")
 DTYPES = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16": "bfloat16", "fp16-mixed": "float16"}
@@ -121,8 +123,54 @@ class SelectKernels(Pass):
             )
         if ctx.sink.errors:
             return ir
-        ctx.plan = dataclasses.replace(plan, kernels={"cross_entropy": {"impl": impl, "reason": reason}})
+        kernels = {"cross_entropy": {"impl": impl, "reason": reason}}
+        model_kernels = self._model_kernels(ir, ctx)
+        if ctx.sink.errors:
+            return ir
+        ctx.plan = dataclasses.replace(plan, kernels=kernels | model_kernels)
         return ir
+
+    @staticmethod
+    def _model_kernels(ir: IRGraph, ctx: LoweringContext) -> dict:
+        """The model's kernels, by name: what the components' ``kernel_impl`` arguments ask for.
+
+        A kernel some components run in Triton and others in torch is ``mixed``. Triton with
+        ``torch.compile``, or on a CPU-only run, is an error at the ``kernel_impl`` line.
+        """
+        s = ctx.settings
+        chosen: dict[str, set[str]] = {}
+        triton_locs: list[Location] = []
+        for node_id in ir.reachable(ir.targets["model"]):
+            node = ir.node(node_id)
+            kernel = next((k for suffix, k in MODEL_KERNELS.items() if (node.spec or "").endswith(suffix)), None)
+            if node.kind != "call" or kernel is None:
+                continue
+            child = node.kwargs.get("kernel_impl")
+            value = ir.node(child).value if child is not None else "auto"
+            chosen.setdefault(kernel, set()).add(value)
+            if value == "triton":
+                triton_locs.append(ir.node(child).loc)
+        for loc in triton_locs[:1]:  # one error for the knob, not one per component
+            if s.compile.enabled:
+                ctx.sink.error(
+                    "kernel_impl triton with compile: torch.compile generates its own fused kernels "
+                    "for RMSNorm, SwiGLU and rotary, and fgc's Triton kernels are not tested under it",
+                    loc,
+                    hint="use kernel_impl auto with compile, or turn compile off",
+                )
+            if s.device == "cpu":
+                ctx.sink.error("kernel_impl triton: fgc's Triton kernels run on CUDA, and this config's device is cpu", loc)
+        out = {}
+        for kernel, impls in sorted(chosen.items()):
+            if impls == {"auto"}:
+                out[kernel] = {"impl": "torch", "reason": "auto: the torch code; the Triton kernels are opt-in, kernel_impl: triton"}
+            elif len(impls) == 1:
+                out[kernel] = {"impl": impls.pop(), "reason": "chosen in the config, kernel_impl"}
+            elif "triton" in impls:
+                out[kernel] = {"impl": "mixed", "reason": "triton in some components, torch in others"}
+            else:  # auto and torch: the same code
+                out[kernel] = {"impl": "torch", "reason": "chosen in the config, kernel_impl"}
+        return out
 
     @staticmethod
     def _vocab(ir: IRGraph) -> int:

@@ -1,8 +1,9 @@
-"""Kernels with exact torch references (CONTRACT §4).
+"""Kernels with exact torch twins (CONTRACT §4).
 
-Every kernel takes ``impl="auto"|"triton"|"torch"``. This version has no Triton kernels: ``auto``
-runs the torch references, and ``triton`` raises ValueError rather than silently falling back.
-``fused_linear_cross_entropy`` also has ``impl="chunked"`` (torch, one chunk of logits at a time).
+Every kernel takes ``impl="auto"|"triton"|"torch"`` (``_impl.check_impl``). ``rms_norm``,
+``swiglu`` and ``apply_rope`` have Triton kernels (``fgc_runtime.kernels.triton``, imported only
+when asked for); ``auto`` runs the torch twins in this version. ``fused_linear_cross_entropy``
+has ``impl="chunked"`` (torch, one chunk of logits at a time) and no Triton kernel.
 """
 
 from .cross_entropy import fused_linear_cross_entropy

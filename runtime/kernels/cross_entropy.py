@@ -158,7 +158,7 @@ def fused_linear_cross_entropy(
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}: expected one of {', '.join(map(repr, IMPLS))}")
     if impl == "triton":
-        raise ValueError("impl='triton' is not available: Triton kernels are not implemented in this version of fgc_runtime")
+        raise ValueError("impl='triton' is not available: fused_linear_cross_entropy has no Triton implementation in this version of fgc_runtime")
     chosen = "torch" if impl == "auto" else impl
     wanted = {
         "bias": bias is not None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._impl import check_impl
+from ._impl import check_impl, triton_kernel
 
 
 def swiglu_torch(gate_BTF: torch.Tensor, up_BTF: torch.Tensor) -> torch.Tensor:
@@ -19,8 +19,9 @@ def swiglu_torch(gate_BTF: torch.Tensor, up_BTF: torch.Tensor) -> torch.Tensor:
 def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """``silu(gate) * up``.
 
-    ``impl``: ``auto`` or ``torch`` run the torch reference; ``triton`` raises ValueError (no
-    Triton kernels exist yet).
+    ``impl``: ``auto`` or ``torch`` run the torch reference, ``triton`` the Triton kernel (forward
+    and backward; see ``_impl.check_impl`` for where it runs).
     """
-    check_impl(impl)
+    if check_impl(impl, gate, up) == "triton":
+        return triton_kernel("swiglu", "swiglu_triton")(gate, up)
     return swiglu_torch(gate, up)

@@ -83,16 +83,27 @@ def test_apply_rope_matches_transformers(shape):
     assert q_out.shape == (B, H, T, D) and k_out.shape == (B, 1, T, D)
 
 
-def test_impl_argument():
+def test_impl_argument(monkeypatch):
+    """impl='triton' on CPU tensors outside Triton's interpreter, or without triton, is a clear
+    error naming the way out; an unknown impl is an error too."""
+    import importlib.util
+
     x = torch.randn(2, 4)
     w = torch.ones(4)
-    msg = "impl='triton' is not available: Triton kernels are not implemented in this version of fgc_runtime"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    msg = (
+        "impl='triton' runs on CUDA tensors, got cpu ones (TRITON_INTERPRET=1 runs the kernels on the "
+        "CPU in Triton's interpreter, slowly: for tests); use impl='torch' or 'auto'"
+    )
     with pytest.raises(ValueError) as info:
         rms_norm(x, w, impl="triton")
     assert str(info.value) == msg
-    with pytest.raises(ValueError, match="impl='triton' is not available"):
+    with pytest.raises(ValueError, match="impl='triton' runs on CUDA tensors, got cpu ones"):
         swiglu(x, x, impl="triton")
-    with pytest.raises(ValueError, match="impl='triton' is not available"):
+    with pytest.raises(ValueError, match="impl='triton' runs on CUDA tensors, got cpu ones"):
         apply_rope(x[None, None], x[None, None], x[None], x[None], impl="triton")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ValueError, match=r"impl='triton' needs the triton package \(pip install triton\)"):
+        swiglu(x, x, impl="triton")
     with pytest.raises(ValueError, match="unknown impl 'cuda'"):
         swiglu(x, x, impl="cuda")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._impl import check_impl
+from ._impl import check_impl, triton_kernel
 
 
 def rms_norm_torch(
@@ -30,8 +30,9 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm of ``x`` over its last dim, scaled by ``offset + weight``; fp32 math, ``x.dtype`` out.
 
-    ``impl``: ``auto`` or ``torch`` run the torch reference; ``triton`` raises ValueError (no
-    Triton kernels exist yet).
+    ``impl``: ``auto`` or ``torch`` run the torch reference, ``triton`` the Triton kernel (forward
+    and backward; see ``_impl.check_impl`` for where it runs).
     """
-    check_impl(impl)
+    if check_impl(impl, x, weight) == "triton":
+        return triton_kernel("rms_norm", "rms_norm_triton")(x, weight, eps=eps, offset=offset)
     return rms_norm_torch(x, weight, eps=eps, offset=offset)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._impl import check_impl
+from ._impl import check_impl, triton_kernel
 
 
 def rotate_half(x_BHTD: torch.Tensor) -> torch.Tensor:
@@ -41,8 +41,10 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q`` and ``k`` (``(B, H, T, D)``) by ``cos``/``sin`` (``(B, T, D)``); returns ``(q, k)``.
 
-    ``impl``: ``auto`` or ``torch`` run the torch reference; ``triton`` raises ValueError (no
-    Triton kernels exist yet).
+    ``impl``: ``auto`` or ``torch`` run the torch reference, ``triton`` the Triton kernel (forward
+    and backward for ``q`` and ``k``; ``cos``/``sin`` get no gradient; see ``_impl.check_impl``
+    for where it runs).
     """
-    check_impl(impl)
+    if check_impl(impl, q, k, cos, sin) == "triton":
+        return triton_kernel("rope", "apply_rope_triton")(q, k, cos, sin)
     return apply_rope_torch(q, k, cos, sin)
