@@ -35,6 +35,10 @@ class ModelFacts:
     tied: bool
     # Adafactor's second-moment elements: a row and a column mean per matrix, all of a vector
     factored: int = 0
+    # parameters of the decoder layers' projections that tensor parallelism splits (q, k, v, o,
+    # gate, up, down), and of one layer (all of its parameters)
+    tp_split: int = 0
+    layer_params: int = 0
 
 
 def model_facts(compiled: Compiled) -> ModelFacts:
@@ -60,7 +64,20 @@ def model_facts(compiled: Compiled) -> ModelFacts:
     layer = next(iter(getattr(getattr(model, "model", model), "layers", [])), None)
     attn = getattr(layer, "self_attn", None)
     mlp = getattr(layer, "mlp", None)
+    from fgc_runtime.parallel import COLWISE_PROJECTIONS, ROWWISE_PROJECTIONS
+
+    layers = getattr(getattr(model, "model", model), "layers", None) or []
+    split_names = set(COLWISE_PROJECTIONS) | set(ROWWISE_PROJECTIONS)
+    tp_split = sum(
+        p.numel()
+        for block in layers
+        for name, module in block.named_modules()
+        if name.split(".")[-1] in split_names
+        for p in module.parameters(recurse=False)
+    )
     return ModelFacts(
+        tp_split=tp_split,
+        layer_params=max((sum(p.numel() for p in block.parameters()) for block in layers), default=0),
         total=total,
         embedding=embedding,
         matmul=matmul,
@@ -122,7 +139,10 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
     # tensors autograd keeps per decoder layer (elements): the two norms' inputs and outputs, the
     # rotated q and k, v, the attention output (SDPA's fused kernels keep no (s, s) matrix), and
     # the MLP's gate, up, activation and product.
-    per_layer = b * s * (6 * h + 2 * kv + 4 * inter)
+    # Tensor parallelism splits q, k, v, the attention output and the MLP's four over its ranks;
+    # the norms' inputs and outputs stay whole (no sequence parallelism).
+    tp = plan.tensor_parallel["degree"] if plan.tensor_parallel else 1
+    per_layer = b * s * (4 * h + (2 * h + 2 * kv + 4 * inter) // tp)
     # the logits in fp32, their log-softmax and its gradient
     logits = 3 * b * s * v * 4
     ac = compiled.ctx.settings.activation_checkpointing
@@ -130,20 +150,24 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         # a checkpointed layer keeps its input (full), or also its matmul and attention outputs
         # (selective: q, k, v, the attention output, o, gate, up, down); one layer's activations
         # exist again while it is recomputed
-        kept = b * s * h if ac.mode == "full" else b * s * (5 * h + 2 * kv + 2 * inter)
+        kept = b * s * h if ac.mode == "full" else b * s * (2 * h + (3 * h + 2 * kv + 2 * inter) // tp)
         n_ckpt = len(range(0, L, ac.every_n_layers))
         activations = (n_ckpt * kept + (L - n_ckpt) * per_layer + per_layer) * act + logits + b * s * h * act
     else:
         activations = L * per_layer * act + logits + b * s * h * act
     if plan.trainer_type == "fsdp2":
         # each rank holds 1/n of every parameter, gradient and optimizer state, plus one gathered
-        # unit (a decoder layer, or the root) during its forward and backward
-        n = plan.nproc
-        layer = (facts.matmul - (facts.vocab or 0) * h) // L if L else 0
-        root = facts.total - L * layer
-        params = facts.total * p_bytes // n + max(layer, root) * p_bytes
-        grads = facts.total * p_bytes // n
-        optimizer = optimizer // n
+        # unit (a decoder layer, or the root) during its forward and backward. With tensor
+        # parallelism FSDP shards over the n / tp data-parallel ranks, and a rank's parameters are
+        # 1/tp of the split projections plus the rest (embedding, norms, head) whole.
+        n = plan.nproc // tp
+        layer_split = facts.tp_split // L if L else 0
+        layer = facts.layer_params - layer_split + layer_split // tp
+        root = facts.total - L * facts.layer_params
+        local = facts.total - facts.tp_split + facts.tp_split // tp
+        params = local * p_bytes // n + max(layer, root) * p_bytes
+        grads = local * p_bytes // n
+        optimizer = int(optimizer * local / facts.total) // n if facts.total else 0
     if plan.pipeline:
         # the busiest pipeline rank: its stages' parameters, gradients and optimizer state, and the
         # activations of the micro-batches in flight on its layers (all of them for GPipe and

@@ -81,3 +81,39 @@ def test_explain_cli(tmp_path):
     bad = run_fgc("explain", EXAMPLE, "optimizer.lrr")
     assert bad.returncode == 2
     assert "error: optimizer has no 'lrr'" in bad.stderr and "lr" in bad.stderr
+
+
+def test_memory_estimate_with_tensor_parallelism():
+    """FSDP2 x TP: a rank holds 1/tp of the split projections and shards over the n/tp
+    data-parallel ranks; the activations of the split projections shrink by tp."""
+    from fgc.explain import memory_estimate, model_facts
+    from fgc_lowering.construct import meta_model
+
+    fsdp = compile_config(EXAMPLE, variables={"trainer_type": "fsdp2", "nproc": 4})
+    tp = compile_config(EXAMPLE, variables={"trainer_type": "fsdp2", "nproc": 4, "tensor_degree": 2})
+    assert tp.ctx.plan.tensor_parallel["degree"] == 2
+    facts = model_facts(tp)
+    # the split parameters, counted from the parameter names
+    model = meta_model(tp.ir, tp.ctx)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    split = sum(p.numel() for name, p in model.named_parameters() if name.split(".")[-2] in projections)
+    assert facts.tp_split == split
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    root = facts.total - 3 * layer
+    local = facts.total - split + split // 2
+    got = memory_estimate(tp, facts)
+    assert got["parameters"] == local * 4 // 2 + max(layer - split // 3 + split // 6, root) * 4
+    assert got["gradients"] == local * 4 // 2
+    assert got["optimizer state"] == 2 * local * 4 // 2
+    plain = memory_estimate(fsdp, model_facts(fsdp))
+    assert plain["parameters"] == facts.total * 4 // 4 + max(layer, root) * 4
+    # per layer, the micro-batch's q, k, v, attention output and the MLP's four are halved
+    b, s = tp.ctx.plan.micro_batch_size, 128
+    assert fsdp.ctx.plan.micro_batch_size == 4 and b == 8  # 4 and 2 data-parallel ranks
+    h, kv, inter = 96, 48, 256
+
+    def activations(b, tp):  # L layers' tensors, the fp32 logits (3 copies), the final hidden
+        return 3 * b * s * (4 * h + (2 * h + 2 * kv + 4 * inter) // tp) * 4 + 3 * b * s * 257 * 4 + b * s * h * 4
+
+    assert plain["activations"] == activations(4, 1)
+    assert got["activations"] == activations(8, 2)
