@@ -125,6 +125,11 @@ def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torc
     rank (its parameters, state dict and optimizer groups are this rank's share of the model's,
     under the full names); ``stages`` are the ``PipelineStage`` objects the schedule runs. The
     rest of MODEL moves to the meta device.
+
+    A MODEL built on the meta device (train.py does so for the component library's ``CausalLM``)
+    has only this rank's share materialised on DEVICE and initialised by ``model.init_weights()``,
+    which gives each parameter the values the whole model would have: a rank never holds more
+    than its stages.
     """
     from torch.distributed.pipelining import PipelineStage
 
@@ -140,6 +145,11 @@ def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torc
     # What this rank does not run moves to the meta device: its memory is freed, its shapes stay
     # (parameter counts, e.g. for the FLOPs per token, still see the whole model).
     stack = _stack(model)
+    if any(t.is_meta for t in part.parameters()):
+        if not hasattr(model, "init_weights"):
+            raise RunError("the model was built on the meta device but has no init_weights() to initialise its stages")
+        part.to_empty(device=device)
+        model.init_weights()  # skips what stays on the meta device
     for i, layer in enumerate(stack.layers):
         if i not in layers:
             layer.to_empty(device="meta")

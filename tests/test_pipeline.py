@@ -285,3 +285,61 @@ def test_pipeline_resumes_exactly_and_runs_with_data_parallel_replicas(tmp_path,
     losses = [r["loss"] for r in _torchrun(dp / "train.py", tmp_path / "dprun", nproc=4)]
     reference = [r["loss"] for r in basic_losses if "loss" in r]
     assert losses == pytest.approx(reference, rel=2e-5)
+
+
+def _stage_worker(rank, port, package, results):
+    """One rank: the model built on the meta device, then its stage materialised by build_stages."""
+    import os
+    import sys
+
+    import torch
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    sys.path.insert(0, package)
+    from model import build_model
+
+    from fgc_runtime import pipeline
+    from fgc_runtime.distributed import init_distributed, shutdown
+
+    info = init_distributed("cpu")
+    plan = {"stages": [{"stage": 0, "rank": 0, "layers": [0, 2]}, {"stage": 1, "rank": 1, "layers": [2, 3]}]}
+    torch.manual_seed(7)
+    whole = build_model()
+    torch.manual_seed(7)
+    model = build_model(device="meta")
+    part, _ = pipeline.build_stages(model, plan, rank, torch.distributed.group.WORLD, info.device)
+    whole_params = dict(whole.named_parameters())
+    results[rank] = {
+        "materialised": sorted(n for n, p in model.named_parameters() if not p.is_meta),
+        "part": sorted(n for n, _ in part.named_parameters()),
+        "equal": all(torch.equal(p, whole_params[n]) for n, p in model.named_parameters() if not p.is_meta),
+        "rotary": torch.equal(model.model.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq),
+    }
+    shutdown(info)
+
+
+def test_a_rank_materialises_only_its_stages_with_the_whole_models_values(tmp_path):
+    """The pipeline trainer builds the model on the meta device; build_stages gives each rank
+    only its stages' tensors, with the values a model built whole would have."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "build"
+    run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=pipeline", check=True)
+    assert 'model = build_model(device="meta")' in (out / "train.py").read_text()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.get_context("spawn").Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_stage_worker, args=(port, str(out), results), nprocs=2, join=True, start_method="spawn")
+        results = dict(results)
+    first, last = results[0], results[1]
+    assert first["materialised"] == first["part"]
+    assert last["materialised"] == last["part"]
+    assert first["materialised"][0] == "model.embed_tokens.weight"
+    assert not any(".layers.2." in n or n.startswith("lm_head") for n in first["materialised"])
+    assert "lm_head.weight" in last["materialised"] and "model.norm.weight" in last["materialised"]
+    assert not any(".layers.0." in n or ".layers.1." in n or "embed" in n for n in last["materialised"])
+    assert first["equal"] and last["equal"] and first["rotary"] and last["rotary"]

@@ -176,9 +176,21 @@ class PackageBuilder:
             "data_description": data_description,
             "ships_data": bool(data.text_files),
             "output_dir": self.ctx.settings.output_dir,
+            # the model is built on the meta device and each rank materialises its share
+            "meta_init": self.meta_init(),
             # the model kernels that run in Triton (the select-kernels pass): train.py checks the device
             "triton_kernels": sorted(k for k, c in plan.kernels.items() if c["impl"] in ("triton", "mixed")),
         }
+
+    def meta_init(self) -> bool:
+        """Whether train.py builds the model on the meta device, each rank materialising only its
+        share (its stages, or its FSDP2 and tensor-parallel shards): the pipeline and FSDP2
+        trainers with the component library's CausalLM (whose init_weights gives any share the
+        whole model's values), unless pretrained weights are loaded."""
+        symbol = self.ctx.symbols.get(self.ir.targets["model"])
+        causal_lm = symbol is not None and (symbol.module, symbol.qualname) == ("fgc.components.causal_lm", "CausalLM")
+        pretrained = self.ctx.settings.pretrained.model_dir is not None
+        return self.ctx.plan.trainer_type in ("pipeline", "fsdp2") and causal_lm and not pretrained
 
     def model_py(self, common: dict) -> str:
         model_root = self.ir.targets["model"]

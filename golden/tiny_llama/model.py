@@ -9,6 +9,7 @@ import functools
 import re
 from typing import Callable
 from typing import Literal
+import zlib
 
 import torch
 from torch import nn
@@ -302,7 +303,8 @@ class CausalLM(nn.Module):
     `init_rules`: `(regex, rule)` pairs tried in order against each parameter name (as
     `named_parameters()` gives it, e.g. `model.layers.0.self_attn.o_proj.weight`; a tied head
     is `model.embed_tokens.weight`); the first regex that `re.search` finds in the name decides,
-    with `rule` a standard deviation (normal with mean 0), `"zeros"` or `"ones"`.
+    with `rule` a standard deviation (normal with mean 0), `"zeros"` or `"ones"` (see
+    `init_weights`: each parameter's random values depend only on the seed and its name).
 
     `forward(input_ids_BT)` gives the logits; with `document_ids_BT` (same shape, ints), each
     row is a sequence of documents (runs of equal ids): tokens attend only within their
@@ -360,26 +362,68 @@ class CausalLM(nn.Module):
         """Linear and Embedding weights ~ N(0, initializer_range), biases zero; every other module
         with a `reset_parameters` (norms: ones; rotary: recomputed buffer) resets itself; then
         the parameters that an `init_rules` pattern matches are set by the first such rule.
+
+        Each random parameter draws from its own generator, seeded from `torch.initial_seed()`
+        and the parameter's name: its values do not depend on which other parameters exist or
+        in which order they are initialised. So a rank that materialises only its share of a
+        model built on the meta device (a pipeline stage, an FSDP2 or tensor-parallel shard)
+        gives it the values the whole model would have. Tensors still on the meta device are
+        skipped; a DTensor parameter gets its shard of the full tensor's values.
         """
         std = self.initializer_range
+        default: dict[int, float | str] = (
+            {}
+        )  # id(param) -> its rule when no init_rules pattern matches
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                default[id(module.weight)] = std
                 if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                    default[id(module.bias)] = "zeros"
             elif module is not self and hasattr(module, "reset_parameters"):
+                tensors = list(module.parameters(recurse=False)) + list(
+                    module.buffers(recurse=False)
+                )
+                if tensors and all(t.is_meta for t in tensors):
+                    continue
+                dtypes = {
+                    name: b.dtype for name, b in module.named_buffers(recurse=False)
+                }
                 module.reset_parameters()
+                # a buffer recomputed in fp32 keeps the dtype the model was cast to
+                for name, b in list(module.named_buffers(recurse=False)):
+                    if name in dtypes and b.dtype != dtypes[name]:
+                        setattr(module, name, b.to(dtypes[name]))
+        base = torch.initial_seed()
         for name, param in self.named_parameters():
+            if param.is_meta:
+                continue
             rule = next(
                 (rule for pattern, rule in self.init_rules if re.search(pattern, name)),
                 None,
             )
+            if rule is None:
+                rule = default.get(id(param))
             if rule == "zeros":
                 nn.init.zeros_(param)
             elif rule == "ones":
                 nn.init.ones_(param)
             elif rule is not None:
-                nn.init.normal_(param, mean=0.0, std=rule)
+                device = param.device
+                generator = torch.Generator(device=device)
+                generator.manual_seed(
+                    (base + 1_000_003 * zlib.crc32(name.encode())) % 2**63
+                )
+                values = torch.empty(param.shape, dtype=torch.float32, device=device)
+                values.normal_(mean=0.0, std=rule, generator=generator)
+                if hasattr(
+                    param, "device_mesh"
+                ):  # a DTensor: this rank's shard of the values
+                    from torch.distributed.tensor import distribute_tensor
+
+                    values = distribute_tensor(
+                        values, param.device_mesh, param.placements, src_data_rank=None
+                    )
+                param.copy_(values)
 
     def forward(
         self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None

@@ -1,0 +1,87 @@
+"""Sharded trainers build the model on the meta device: each rank allocates only its shards and
+gives them the values the whole model would have (CausalLM.init_weights draws each parameter
+from a generator seeded by its name). Two gloo ranks inside pytest; the pipeline trainer's
+stages are tested in tests/test_pipeline.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import EXAMPLE, run_fgc
+
+
+def _worker(rank, port, package, mode, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    sys.path.insert(0, package)
+    from model import build_model
+
+    from fgc_runtime.distributed import init_distributed, shutdown
+    from fgc_runtime.parallel import apply_fsdp, apply_tensor_parallel, tensor_parallel_mesh
+
+    info = init_distributed("cpu")
+    torch.manual_seed(3)
+    whole = dict(build_model().named_parameters())
+    torch.manual_seed(3)
+    model = build_model(device="meta")
+    if mode == "fsdp2+tp":
+        mesh = tensor_parallel_mesh(info.device, 2)
+        apply_tensor_parallel(model, mesh["tp"])
+        apply_fsdp(model, info.device, mesh=mesh["dp_shard"])
+    else:
+        apply_fsdp(model, info.device)
+    model.to_empty(device=info.device)
+    model.init_weights()
+    local = {n: p.to_local().numel() for n, p in model.named_parameters()}
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    results[rank] = {
+        "local": sum(local.values()),
+        "whole": sum(p.numel() for p in whole.values()),
+        "equal": sorted(n for n, t in full.items() if torch.equal(t, whole[n])),
+        "names": sorted(whole),
+        "split": sum(
+            p.numel() for n, p in whole.items() if n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        ),
+        "rotary": torch.equal(model.model.rotary_emb.inv_freq, build_model().model.rotary_emb.inv_freq),
+    }
+    shutdown(info)
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2+tp"])
+def test_each_rank_allocates_its_shards_with_the_whole_models_values(tmp_path, mode):
+    out = tmp_path / "build"
+    run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=fsdp2", check=True)
+    train = (out / "train.py").read_text()
+    assert 'model = build_model(device="meta")' in train
+    assert train.index("apply_fsdp(model") < train.index("model.to_empty(device=dist.device)") < train.index("model.init_weights()")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.get_context("spawn").Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_worker, args=(port, str(out), mode, results), nprocs=2, join=True, start_method="spawn")
+        results = dict(results)
+    for rank in (0, 1):
+        r = results[rank]
+        assert r["equal"] == r["names"]  # every parameter: the whole model's values
+        assert r["rotary"]
+        if mode == "fsdp2":  # each rank holds its half of every tensor (rank 0 the larger of uneven halves)
+            assert r["local"] <= r["whole"] // 2 + 1000, (r["local"], r["whole"])
+        else:  # the tp=2 mesh splits the projections; on a dp_shard of 1, FSDP2 keeps the rest whole
+            assert r["local"] == r["whole"] - r["split"] // 2
+    if mode == "fsdp2":
+        assert results[0]["local"] + results[1]["local"] == results[0]["whole"]
+
+
+def test_pretrained_weights_or_another_model_class_build_the_whole_model(tmp_path):
+    """The meta build needs CausalLM's init_weights and no weights to load: the DDP trainer and
+    a basic one build the model whole, as before."""
+    out = tmp_path / "ddp"
+    run_fgc("build", EXAMPLE, "-o", out, check=True)
+    assert "model = build_model(device=dist.device)" in (out / "train.py").read_text()
+    assert "init_weights" not in (out / "train.py").read_text()
