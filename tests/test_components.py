@@ -30,13 +30,14 @@ COMPONENTS_DIR = Path(__file__).resolve().parents[1] / "fgc" / "components"
 COMPONENT_FILES = ["norm.py", "rotary.py", "attention.py", "mlp.py", "layers.py", "causal_lm.py"]
 
 # What a component module may import, because the copier inlines these files into model.py.
-ALLOWED_STDLIB = {"math", "functools", "re", "typing", "dataclasses"}
+ALLOWED_STDLIB = {"math", "functools", "re", "typing", "dataclasses", "zlib"}
 ALLOWED_PLAIN_IMPORTS = ALLOWED_STDLIB | {"torch"}
 ALLOWED_FROM_IMPORTS = {
     ("torch", "nn"),
     ("fgc_runtime.kernels", "rms_norm"),
     ("fgc_runtime.kernels", "swiglu"),
     ("fgc_runtime.kernels", "apply_rope"),
+    ("torch.distributed.tensor", "distribute_tensor"),  # CausalLM.init_weights, for DTensor shards
 }
 
 
