@@ -78,10 +78,34 @@ def test_each_rank_allocates_its_shards_with_the_whole_models_values(tmp_path, m
         assert results[0]["local"] + results[1]["local"] == results[0]["whole"]
 
 
-def test_pretrained_weights_or_another_model_class_build_the_whole_model(tmp_path):
-    """The meta build needs CausalLM's init_weights and no weights to load: the DDP trainer and
-    a basic one build the model whole, as before."""
+def test_a_part_of_the_users_own_or_the_ddp_trainer_build_the_whole_model(tmp_path):
+    """The meta build needs every part of the model to be the library's (init_weights knows how
+    to initialise them; a user's part could hold a parameter it does not know): a model with
+    the user's own MLP, and the DDP trainer, build the model whole, as before."""
     out = tmp_path / "ddp"
     run_fgc("build", EXAMPLE, "-o", out, check=True)
     assert "model = build_model(device=dist.device)" in (out / "train.py").read_text()
     assert "init_weights" not in (out / "train.py").read_text()
+
+    (tmp_path / "my_mlp.py").write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "class ScaledMLP(nn.Module):\n"
+        "    def __init__(self, hidden_size):\n"
+        "        super().__init__()\n"
+        "        self.proj = nn.Linear(hidden_size, hidden_size)\n"
+        "        self.scale = nn.Parameter(torch.full((hidden_size,), 0.5))\n\n"
+        "    def forward(self, x):\n"
+        "        return self.proj(x) * self.scale\n"
+    )
+    cfg = tmp_path / "own.yaml"
+    cfg.write_text(
+        '-- extends "lm/train.yaml"\n'
+        "[mlp]\n.mlp: &mlp !partial:.my_mlp:ScaledMLP@mlp_factory\n"
+        "[data]\n.data: &data !singleton:fgc.settings:DataSettings@data\n    data_dir: tokens\n"
+    )
+    own = tmp_path / "own"
+    proc = run_fgc("build", cfg, "-o", own, "-D", "trainer_type=fsdp2")
+    assert proc.returncode == 0, proc.stderr
+    train = (own / "train.py").read_text()
+    assert "model = build_model(device=dist.device)" in train
+    assert "init_weights" not in train and 'device="meta"' not in train

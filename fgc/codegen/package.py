@@ -185,12 +185,21 @@ class PackageBuilder:
     def meta_init(self) -> bool:
         """Whether train.py builds the model on the meta device, each rank materialising only its
         share (its stages, or its FSDP2 and tensor-parallel shards): the pipeline and FSDP2
-        trainers with the component library's CausalLM (whose init_weights gives any share the
-        whole model's values), unless pretrained weights are loaded."""
-        symbol = self.ctx.symbols.get(self.ir.targets["model"])
+        trainers with the component library's CausalLM made of library parts only (whose
+        init_weights gives any share the whole model's values), unless pretrained weights are
+        loaded."""
+        model_root = self.ir.targets["model"]
+        symbol = self.ctx.symbols.get(model_root)
         causal_lm = symbol is not None and (symbol.module, symbol.qualname) == ("fgc.components.causal_lm", "CausalLM")
+        # init_weights initialises the library's parts; a part of the user's own could hold a
+        # parameter it does not know, which would stay uninitialised memory after to_empty()
+        library_only = all(
+            self.ctx.symbols[n].module.startswith(("fgc.components.", "torch"))
+            for n in self.ir.reachable(model_root)
+            if n in self.ctx.symbols
+        )
         pretrained = self.ctx.settings.pretrained.model_dir is not None
-        return self.ctx.plan.trainer_type in ("pipeline", "fsdp2") and causal_lm and not pretrained
+        return self.ctx.plan.trainer_type in ("pipeline", "fsdp2") and causal_lm and library_only and not pretrained
 
     def model_py(self, common: dict) -> str:
         model_root = self.ir.targets["model"]

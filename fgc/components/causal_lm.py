@@ -138,7 +138,8 @@ class CausalLM(nn.Module):
         skipped; a DTensor parameter gets its shard of the full tensor's values.
         """
         std = self.initializer_range
-        default: dict[int, float | str] = {}  # id(param) -> its rule when no init_rules pattern matches
+        # id(param) -> its rule when no init_rules pattern matches
+        default: dict[int, float | str] = {}
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 default[id(module.weight)] = std
@@ -171,7 +172,8 @@ class CausalLM(nn.Module):
                 generator.manual_seed((base + 1_000_003 * zlib.crc32(name.encode())) % 2**63)
                 values = torch.empty(param.shape, dtype=torch.float32, device=device)
                 values.normal_(mean=0.0, std=rule, generator=generator)
-                if hasattr(param, "device_mesh"):  # a DTensor: this rank's shard of the values
+                # a DTensor (FSDP2, tensor parallel) gets this rank's shard of the values
+                if hasattr(param, "device_mesh"):
                     from torch.distributed.tensor import distribute_tensor
 
                     values = distribute_tensor(values, param.device_mesh, param.placements, src_data_rank=None)

@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noq
 
 from fgc_runtime.kernels.rope import apply_rope_torch  # noqa: E402
 from fgc_runtime.kernels.triton.rope import apply_rope_triton  # noqa: E402
+from triton_checks import assert_rounded_once  # noqa: E402
 
 # The interpreter runs the kernels on CPU tensors; with TRITON_INTERPRET=0 (a GPU machine), CUDA ones.
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] not in ("", "0") else "cuda"
@@ -77,12 +78,6 @@ def run(fn, x_q, x_k, cos, sin, dy_q, dy_k, D):
     q_out, k_out = fn(q_BHTD, k_BKTD, cos, sin)
     torch.autograd.backward([q_out, k_out], [dy_q, dy_k])
     return q_out.detach(), k_out.detach(), x_q.grad, x_k.grad
-
-
-def ulp(x):
-    """The spacing of x's dtype at |x| (one unit in the last place)."""
-    a = x.abs()
-    return torch.nextafter(a, torch.full_like(a, float("inf"))) - a
 
 
 @pytest.mark.parametrize(
@@ -159,16 +154,7 @@ def test_half_precision_rounds_once_and_beats_twin(dtype, shape):
         ("q", "k", "d_q", "d_k"), ours, exact, twin
     ):
         assert value.dtype == dtype
-        # fp32 math rounded once: within one ulp of the correctly rounded fp32 result everywhere,
-        # and equal to it nearly everywhere (a truncating cast would match only about half)
-        rounded = exact32.to(dtype)
-        assert ((value - rounded).abs() <= ulp(rounded)).all(), name
-        assert (value == rounded).float().mean() > 0.99, name
-        # STYLE: the error against fp32 is under twice the torch twin's
-        our_err = (value.float() - exact32).abs().max()
-        twin_err = (twin_value.float() - exact32).abs().max()
-        assert twin_err > 0  # the comparison below means something
-        assert our_err <= 2 * twin_err, (name, our_err, twin_err)
+        assert_rounded_once(name, value, exact32, twin_value, dtype)
 
 
 def test_tables_with_batch_of_one_broadcast():

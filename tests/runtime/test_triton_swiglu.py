@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 
 from fgc_runtime.kernels.swiglu import swiglu_torch  # noqa: E402
 from fgc_runtime.kernels.triton.swiglu import swiglu_triton  # noqa: E402
+from triton_checks import assert_rounded_once  # noqa: E402
 
 # The interpreter runs the kernels on CPU tensors; with TRITON_INTERPRET=0 (a GPU machine), CUDA ones.
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] not in ("", "0") else "cuda"
@@ -32,12 +33,6 @@ def run(fn, gate, up, dy=None):
     y = fn(gate, up)
     y.backward(torch.ones_like(y) if dy is None else dy)
     return y.detach(), gate.grad, up.grad
-
-
-def ulp(x):
-    """The spacing of x's dtype at |x| (one unit in the last place)."""
-    a = x.abs()
-    return torch.nextafter(a, torch.full_like(a, float("inf"))) - a
 
 
 def inputs(shape, dtype, seed):
@@ -74,16 +69,7 @@ def test_half_precision_rounds_once_and_beats_twin(dtype, shape):
     for name, value, exact32, twin_value in zip(
         ("y", "d_gate", "d_up"), ours, exact, twin
     ):
-        # fp32 math rounded once: within one ulp of the correctly rounded fp32 result everywhere,
-        # and equal to it nearly everywhere (a truncating cast would match only about half)
-        rounded = exact32.to(dtype)
-        assert ((value - rounded).abs() <= ulp(rounded)).all(), name
-        assert (value == rounded).float().mean() > 0.99, name
-        # STYLE: the error against fp32 is under twice the torch twin's
-        our_err = (value.float() - exact32).abs().max()
-        twin_err = (twin_value.float() - exact32).abs().max()
-        assert twin_err > 0  # the comparison below means something
-        assert our_err <= 2 * twin_err, (name, our_err, twin_err)
+        assert_rounded_once(name, value, exact32, twin_value, dtype)
 
 
 def test_non_contiguous_inputs():
