@@ -226,10 +226,9 @@ def apply_rope_triton(
     # Broadcast a batch of one with stride 0, as the torch twin's broadcasting does.
     cos = cos.expand(B, T, D)
     sin = sin.expand(B, T, D)
+    # rare (the model's tables are contiguous), and the tables are small
     if cos.stride(-1) != 1:
-        cos = (
-            cos.contiguous()
-        )  # rare (the model's tables are contiguous); tables are small
+        cos = cos.contiguous()
     if sin.stride(-1) != 1:
         sin = sin.contiguous()
     return RopeFunction.apply(q, k, cos, sin)
