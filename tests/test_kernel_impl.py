@@ -129,3 +129,21 @@ def test_training_on_the_triton_kernels_matches_the_torch_code(tmp_path):
         "in Triton's interpreter, slowly: for tests); use impl='torch' or 'auto'"
     )
     assert "Traceback" not in ran.stderr
+
+
+def test_remote_code_of_a_triton_model_runs_the_torch_twins(tmp_path):
+    """Hugging Face remote code carries the kernels' torch twins only (flat files): a model built
+    with kernel_impl triton is written to use them there."""
+    from fgc_runtime.hf import _write_remote_code
+
+    package = build(tmp_path, "triton", "-D", "kernel_impl=triton")
+    out = tmp_path / "remote"
+    out.mkdir()
+    _write_remote_code(out, package)
+    model_src = (out / "fgc_model.py").read_text()
+    assert 'kernel_impl="triton"' not in model_src
+    assert model_src.count('kernel_impl="auto"') == 3
+    assert "from .fgc_kernels import rms_norm" in model_src
+    kernels_src = (out / "fgc_kernels.py").read_text()
+    assert "def rms_norm_torch(" in kernels_src
+    assert "import triton" not in kernels_src and "from .triton" not in kernels_src
