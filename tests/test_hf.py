@@ -312,3 +312,25 @@ def test_a_custom_architecture_exports_with_remote_code(tmp_path):
     assert torch.equal(got, torch.load(tmp_path / "l.pt"))
     inner = model.fgc_model
     assert inner.lm_head.weight is inner.model.embed_tokens.weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer, tie", [("fsdp2", True), ("pipeline", False)])
+def test_sharded_trainers_load_each_ranks_share_and_export_the_original(tmp_path, trainer, tie):
+    """FSDP2 and pipeline ranks build the model on the meta device and read only their share of
+    the (sharded) weights: one step at learning rate 0 on 2 ranks exports the original model."""
+    import os
+
+    src = save_tiny("llama", tmp_path / "hf", tie=tie, shard="100KB")
+    pkg = build(tmp_path, src, "-D", "lr=0", "-D", f"trainer_type={trainer}")
+    assert 'model = build_model(device="meta")' in (pkg / "train.py").read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(pkg / "train.py"),
+         "--max-steps", "1", "--output-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    original, expected = logits(src, IDS)
+    model, got = logits(tmp_path / "run" / "final", IDS)
+    assert type(model) is type(original)
+    assert torch.equal(got, expected)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from conftest import EXAMPLE, run_fgc
 
 
-def _worker(rank, port, package, mode, results):
+def _worker(rank, port, package, mode, results, weights=None):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     sys.path.insert(0, package)
     from model import build_model
@@ -37,6 +37,15 @@ def _worker(rank, port, package, mode, results):
         apply_fsdp(model, info.device)
     model.to_empty(device=info.device)
     model.init_weights()
+    read = []
+    if weights:  # pretrained: every rank reads the weights into its shards
+        from fgc_runtime import safetensors
+        from fgc_runtime.hf import load_weights
+
+        get = safetensors.SafetensorsFile.get
+        safetensors.SafetensorsFile.get = lambda self, name: read.append(name) or get(self, name)
+        whole = {n: t.float() for n, t in safetensors.load_dir(weights).items()}
+        load_weights(model, weights)
     local = {n: p.to_local().numel() for n, p in model.named_parameters()}
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
     results[rank] = {
@@ -48,6 +57,7 @@ def _worker(rank, port, package, mode, results):
             p.numel() for n, p in whole.items() if n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
         ),
         "rotary": torch.equal(model.model.rotary_emb.inv_freq, build_model().model.rotary_emb.inv_freq),
+        "read": sorted(set(read)),
     }
     shutdown(info)
 
@@ -109,3 +119,68 @@ def test_a_part_of_the_users_own_or_the_ddp_trainer_build_the_whole_model(tmp_pa
     train = (own / "train.py").read_text()
     assert "model = build_model(device=dist.device)" in train
     assert "init_weights" not in train and 'device="meta"' not in train
+
+
+def test_pretrained_weights_load_into_each_ranks_shards(tmp_path):
+    """FSDP2 x TP from pretrained weights: each rank copies its shards of the file's tensors."""
+    from fgc_runtime import safetensors
+
+    out = tmp_path / "build"
+    run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=fsdp2", check=True)
+    sys.path.insert(0, str(out))
+    try:
+        from model import build_model
+
+        torch.manual_seed(11)  # other weights than the seed the ranks initialise with
+        source = build_model()
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop("model", None)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    safetensors.save_file({n: t.detach() for n, t in source.state_dict().items()}, weights / "model.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.get_context("spawn").Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(
+            _worker, args=(port, str(out), "fsdp2+tp", results, str(weights)), nprocs=2, join=True, start_method="spawn"
+        )
+        results = dict(results)
+    for rank in (0, 1):
+        r = results[rank]
+        assert r["equal"] == r["names"]  # every parameter: the file's values
+        assert r["read"] == sorted(source.state_dict())
+
+
+def test_a_pipeline_stage_reads_only_its_tensors_of_the_weights(tmp_path, monkeypatch):
+    """load_weights skips what stays on the meta device: a rank of a pipeline reads its stages'
+    tensors from the files and nothing else."""
+    from fgc_runtime import safetensors
+    from fgc_runtime.hf import load_weights
+
+    out = tmp_path / "build"
+    run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=pipeline", check=True)
+    monkeypatch.syspath_prepend(str(out))
+    monkeypatch.delitem(sys.modules, "model", raising=False)
+    from model import build_model
+
+    torch.manual_seed(11)
+    source = build_model()
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    safetensors.save_file({n: t.detach() for n, t in source.state_dict().items()}, weights / "model.safetensors")
+    model = build_model(device="meta")
+    model.model.layers[1].to_empty(device="cpu")
+    model.model.rotary_emb.to_empty(device="cpu")
+    model.init_weights()
+    read = []
+    get = safetensors.SafetensorsFile.get
+    monkeypatch.setattr(safetensors.SafetensorsFile, "get", lambda self, name: read.append(name) or get(self, name))
+    load_weights(model, weights)
+    assert sorted(read) == sorted(n for n in source.state_dict() if n.startswith("model.layers.1."))
+    for name, value in model.state_dict().items():
+        if not value.is_meta:
+            assert torch.equal(value, source.state_dict()[name]), name
+    monkeypatch.delitem(sys.modules, "model", raising=False)

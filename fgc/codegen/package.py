@@ -184,10 +184,10 @@ class PackageBuilder:
 
     def meta_init(self) -> bool:
         """Whether train.py builds the model on the meta device, each rank materialising only its
-        share (its stages, or its FSDP2 and tensor-parallel shards): the pipeline and FSDP2
-        trainers with the component library's CausalLM made of library parts only (whose
-        init_weights gives any share the whole model's values), unless pretrained weights are
-        loaded."""
+        share (its stages, or its FSDP2 and tensor-parallel shards), and loads only that share of
+        pretrained weights: the pipeline and FSDP2 trainers with the component library's
+        CausalLM made of library parts only (whose init_weights gives any share the whole
+        model's values)."""
         model_root = self.ir.targets["model"]
         symbol = self.ctx.symbols.get(model_root)
         causal_lm = symbol is not None and (symbol.module, symbol.qualname) == ("fgc.components.causal_lm", "CausalLM")
@@ -198,8 +198,7 @@ class PackageBuilder:
             for n in self.ir.reachable(model_root)
             if n in self.ctx.symbols
         )
-        pretrained = self.ctx.settings.pretrained.model_dir is not None
-        return self.ctx.plan.trainer_type in ("pipeline", "fsdp2") and causal_lm and library_only and not pretrained
+        return self.ctx.plan.trainer_type in ("pipeline", "fsdp2") and causal_lm and library_only
 
     def model_py(self, common: dict) -> str:
         model_root = self.ir.targets["model"]

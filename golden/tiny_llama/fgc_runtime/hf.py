@@ -40,9 +40,12 @@ def load_weights(model: torch.nn.Module, model_dir) -> None:
     """Copy the safetensors weights of the Hugging Face model directory MODEL_DIR into MODEL.
 
     Every parameter and persistent buffer of the model must be there with its shape, and every
-    tensor there must belong to the model (a RunError naming the file otherwise). A head tied to
-    the embedding may be absent from the files, as transformers writes it. Values are cast to
-    the model's dtype.
+    tensor there must belong to the model (a RunError naming the file otherwise; checked from
+    the files' headers). A head tied to the embedding may be absent from the files, as
+    transformers writes it. Values are cast to the model's dtype.
+
+    Only what this process holds is read: a tensor still on the meta device (another pipeline
+    stage's) is skipped, and a DTensor (an FSDP2 or tensor-parallel parameter) gets its shard.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -50,29 +53,36 @@ def load_weights(model: torch.nn.Module, model_dir) -> None:
     where = model_dir / (
         safetensors.INDEX_FILE if (model_dir / safetensors.INDEX_FILE).is_file() else safetensors.SINGLE_FILE
     )
-    tensors = {k: v for k, v in safetensors.load_dir(model_dir).items() if not _IGNORED.search(k)}
+    files = {k: v for k, v in safetensors.index_dir(model_dir).items() if not _IGNORED.search(k)}
     state = model.state_dict(keep_vars=True)
     aliases = _aliases(model)  # name -> the first name of the same parameter
+    sources = {}  # the model's name -> the name in the files
     for name, target in state.items():
-        source = tensors.get(name)
-        if source is None and name in aliases:
-            source = tensors.get(aliases[name])
-        if source is None:
+        source = name if name in files else aliases.get(name)
+        if source not in files:
             raise RunError(f"tensor {name!r} of the model is missing", path=where)
-        if tuple(source.shape) != tuple(target.shape):
-            raise RunError(
-                f"tensor {name!r} has shape {list(source.shape)}, the model's is {list(target.shape)}",
-                path=where,
-            )
-    extra = sorted(set(tensors) - set(state))
+        shape = list(files[source].entries[source]["shape"])
+        if shape != list(target.shape):
+            raise RunError(f"tensor {name!r} has shape {shape}, the model's is {list(target.shape)}", path=where)
+        sources[name] = source
+    extra = sorted(set(files) - set(state))
     if extra:
         raise RunError(f"tensor {extra[0]!r} is not a parameter of the model", path=where)
     with torch.no_grad():
         for name, target in state.items():
-            source = tensors.get(name)
-            if source is None:
-                source = tensors[aliases[name]]
-            target.copy_(source)
+            if target.is_meta:
+                continue
+            values = files[sources[name]].get(sources[name])
+            if hasattr(target, "device_mesh"):  # a DTensor: this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                values = distribute_tensor(
+                    values.to(device=target.device, dtype=target.dtype),
+                    target.device_mesh,
+                    target.placements,
+                    src_data_rank=None,
+                )
+            target.copy_(values)
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, str]:

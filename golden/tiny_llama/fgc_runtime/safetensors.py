@@ -183,9 +183,10 @@ def save_sharded(
     return files + [INDEX_FILE]
 
 
-def load_dir(directory) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face model directory: ``model.safetensors``, or the shards that
-    ``model.safetensors.index.json`` names. A missing file is a RunError naming it."""
+def index_dir(directory) -> dict[str, "SafetensorsFile"]:
+    """Which file holds each tensor of a Hugging Face model directory (``model.safetensors``, or
+    the shards ``model.safetensors.index.json`` names), reading only the files' headers: a tensor
+    is read when its file's ``get(name)`` is called. A missing file is a RunError naming it."""
     directory = Path(directory)
     index_path = directory / INDEX_FILE
     if index_path.is_file():
@@ -193,7 +194,7 @@ def load_dir(directory) -> dict[str, torch.Tensor]:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         except (ValueError, KeyError, TypeError):
             raise RunError("not a safetensors index: no weight_map", path=index_path) from None
-        tensors = {}
+        where: dict[str, SafetensorsFile] = {}
         for file in sorted(set(weight_map.values())):
             shard_path = directory / file
             if not shard_path.is_file():
@@ -201,12 +202,19 @@ def load_dir(directory) -> dict[str, torch.Tensor]:
             shard = SafetensorsFile(shard_path)
             for name in shard.keys():
                 if weight_map.get(name) == file:
-                    tensors[name] = shard.get(name)
-        missing = sorted(set(weight_map) - set(tensors))
+                    where[name] = shard
+        missing = sorted(set(weight_map) - set(where))
         if missing:
             raise RunError(f"tensor {missing[0]!r} is not in the shard the index names", path=index_path)
-        return tensors
+        return where
     single = directory / SINGLE_FILE
     if not single.is_file():
         raise RunError(f"no {SINGLE_FILE} or {INDEX_FILE} here", path=directory)
-    return load_file(single)
+    file = SafetensorsFile(single)
+    return {name: file for name in file.keys()}
+
+
+def load_dir(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face model directory: ``model.safetensors``, or the shards that
+    ``model.safetensors.index.json`` names. A missing file is a RunError naming it."""
+    return {name: file.get(name) for name, file in index_dir(directory).items()}
