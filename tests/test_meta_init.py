@@ -162,9 +162,13 @@ def test_a_pipeline_stage_reads_only_its_tensors_of_the_weights(tmp_path, monkey
 
     out = tmp_path / "build"
     run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=pipeline", check=True)
-    monkeypatch.syspath_prepend(str(out))
-    monkeypatch.delitem(sys.modules, "model", raising=False)
-    from model import build_model
+    sys.path.insert(0, str(out))
+    sys.modules.pop("model", None)
+    try:
+        from model import build_model
+    finally:  # the next test's `model` is another package's
+        sys.path.remove(str(out))
+        sys.modules.pop("model", None)
 
     torch.manual_seed(11)
     source = build_model()
@@ -183,4 +187,3 @@ def test_a_pipeline_stage_reads_only_its_tensors_of_the_weights(tmp_path, monkey
     for name, value in model.state_dict().items():
         if not value.is_meta:
             assert torch.equal(value, source.state_dict()[name]), name
-    monkeypatch.delitem(sys.modules, "model", raising=False)
