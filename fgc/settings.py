@@ -6,14 +6,26 @@ precision, checkpointing, logging, parallelism), each itself selected in the con
 trainer type, or any group, is a one-line override.
 fgc constructs them at build time (they are plain data), checks their fields, and specialises the
 generated ``train.py`` to the values: they are compiled away, never imported by the package.
+A number's range is part of its annotation (``Annotated[int, Range(ge=1)]``): the check-types pass
+refuses a value outside it at its config line, so a setting that would fail or do nothing at run
+time (a negative cadence, a zero batch, a NaN) never builds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
+
+from fgc_lowering.types import Range
 
 Precision = Literal["fp32", "bf16-mixed", "bf16", "fp16-mixed"]
+# the ranges of the settings' numbers
+Count = Annotated[int, Range(ge=1)]  # a size or a number of things: at least 1
+Cadence = Annotated[int, Range(ge=0)]  # every N steps; 0: never
+Fraction = Annotated[float, Range(ge=0, lt=1)]
+NonNegative = Annotated[float, Range(ge=0)]
+Positive = Annotated[float, Range(gt=0)]
+Seed = Annotated[int, Range(ge=0, le=2**63 - 1)]  # what torch.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -28,7 +40,7 @@ class DataSettings:
 
     text_files: tuple[str, ...] = ()
     data_dir: Optional[str] = None
-    val_fraction: float = 0.1
+    val_fraction: Fraction = 0.1
 
 
 @dataclass(frozen=True)
@@ -44,8 +56,8 @@ class PrecisionSettings:
 class CheckpointSettings:
     """When checkpoints are written (in optimizer steps; 0: only at the end) and how many stay."""
 
-    save_every: int = 0
-    keep_last_n: Optional[int] = 2  # None: keep every checkpoint
+    save_every: Cadence = 0
+    keep_last_n: Optional[Cadence] = 2  # None or 0: keep every checkpoint
 
 
 @dataclass(frozen=True)
@@ -53,25 +65,25 @@ class LoggingSettings:
     """Cadences of the metrics line, of evaluation and of text samples, in optimizer steps
     (0: never); TensorBoard output; what a sample is."""
 
-    log_every: int = 10
-    eval_every: int = 0
-    eval_batches: int = 4
-    eval_batch_size: Optional[int] = None  # sequences per eval batch; None: the train batch
+    log_every: Cadence = 10
+    eval_every: Cadence = 0
+    eval_batches: Count = 4
+    eval_batch_size: Optional[Count] = None  # sequences per eval batch; None: the train batch
     # TensorBoard event files in OUTPUT_DIR/tensorboard/ (when the tensorboard package is installed)
     tensorboard: bool = True
     # a text sample every sample_every steps (0: never): sample_tokens tokens after sample_prompt,
     # greedy at temperature 0, else drawn with a generator seeded by the run's seed and the step
-    sample_every: int = 0
+    sample_every: Cadence = 0
     sample_prompt: str = "The"
-    sample_tokens: int = 64
-    sample_temperature: float = 0.0
+    sample_tokens: Count = 64
+    sample_temperature: NonNegative = 0.0
 
 
 @dataclass(frozen=True)
 class DataParallelSettings:
     """Data parallelism: ``nproc`` processes per node, each holding the whole model."""
 
-    nproc: int = 2
+    nproc: Count = 2
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,7 @@ class FSDPSettings(DataParallelSettings):
     query and key/value heads and its MLP intermediate size."""
 
     reshard_after_forward: bool = True
-    tensor_degree: int = 1
+    tensor_degree: Count = 1
 
 
 PipelineSchedule = Literal[
@@ -122,11 +134,11 @@ class PipelineSettings(DataParallelSettings):
     number of stages).
     """
 
-    pipeline_degree: int = 2
-    data_degree: int = 1
+    pipeline_degree: Count = 2
+    data_degree: Count = 1
     schedule: PipelineSchedule = "1f1b"
-    stages_per_rank: Optional[int] = None
-    microbatches: Optional[int] = None
+    stages_per_rank: Optional[Count] = None
+    microbatches: Optional[Count] = None
 
 
 @dataclass(frozen=True)
@@ -136,9 +148,9 @@ class DiLoCoSettings:
     (``outer_lr``, ``outer_momentum``) steps the global parameters, which every worker then
     copies."""
 
-    inner_steps: int = 20
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    inner_steps: Count = 20
+    outer_lr: Positive = 0.7
+    outer_momentum: Fraction = 0.9
 
 
 @dataclass(frozen=True)
@@ -170,10 +182,10 @@ class LossSettings:
     """
 
     impl: Literal["auto", "torch", "chunked", "triton"] = "auto"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: Optional[float] = None
-    chunk_size: int = 4096
+    label_smoothing: Fraction = 0.0
+    z_loss: NonNegative = 0.0
+    softcap: Optional[Positive] = None
+    chunk_size: Count = 4096
 
 
 @dataclass(frozen=True)
@@ -184,7 +196,7 @@ class ActivationCheckpointSettings:
     activations, rotary). ``every_n_layers``: checkpoint layers 0, n, 2n, ... (1: all of them)."""
 
     mode: Literal["none", "full", "selective"] = "none"
-    every_n_layers: int = 1
+    every_n_layers: Count = 1
 
 
 @dataclass(frozen=True)
@@ -202,11 +214,12 @@ class BasicTrainer:
 
     TYPE: ClassVar[str] = "basic"
 
-    max_steps: int = 100
-    batch_size: int = 8  # global batch, in sequences, per optimizer step
-    micro_batch_size: Optional[int] = None  # sequences per forward on each rank; None: all of it
-    seq_len: int = 128
-    grad_clip: Optional[float] = 1.0
+    max_steps: Count = 100
+    batch_size: Count = 8  # global batch, in sequences, per optimizer step
+    micro_batch_size: Optional[Count] = None  # sequences per forward on each rank; None: all of it
+    seq_len: Count = 128
+    # gradients are clipped to this total norm (None or inf: never clipped; the norm is logged)
+    grad_clip: Optional[Annotated[float, Range(gt=0, finite=False)]] = 1.0
     # step each parameter inside the backward as soon as its gradient is complete, and free the
     # gradient (one process, no accumulation, no clipping)
     optimizer_in_backward: bool = False
@@ -214,7 +227,7 @@ class BasicTrainer:
     # True: attention stays inside each document of a window, and positions restart at each one
     # (the model's forward takes document ids after input_ids, as the library's CausalLM does).
     document_masking: bool = False
-    seed: int = 42
+    seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "output"
     data: DataSettings = field(default_factory=DataSettings)

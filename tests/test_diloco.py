@@ -37,10 +37,10 @@ def test_outer_loop_rules_are_errors_at_their_lines(tmp_path):
     proc = run_fgc("check", path)
     assert proc.returncode == 2, proc.stderr
     # independent errors, all reported, each at the line of its value
-    assert f"cfg.yaml:{line_of(path, 'inner_steps: 0')}: error: diloco inner_steps must be at least 1, got 0" in proc.stderr
-    assert f"cfg.yaml:{line_of(path, 'outer_lr: 0.0')}: error: diloco outer_lr must be more than 0, got 0.0" in proc.stderr
+    assert f"cfg.yaml:{line_of(path, 'inner_steps: 0')}: error: inner_steps must be at least 1, got 0" in proc.stderr
+    assert f"cfg.yaml:{line_of(path, 'outer_lr: 0.0')}: error: outer_lr must be more than 0, got 0.0" in proc.stderr
     assert (
-        f"cfg.yaml:{line_of(path, 'outer_momentum: 1.0')}: error: diloco outer_momentum must be in [0, 1), got 1.0"
+        f"cfg.yaml:{line_of(path, 'outer_momentum: 1.0')}: error: outer_momentum must be 0 or more and less than 1, got 1.0"
         in proc.stderr
     )
     assert "Traceback" not in proc.stderr
@@ -51,7 +51,7 @@ def test_outer_loop_rules_are_errors_at_their_lines(tmp_path):
     [
         # a knob set in the child's [config_metadata] wins over the library default, and the hint names it
         ("-- set ns.diloco_inner_steps = diloco_inner_steps | default(-1)\n", "diloco_inner_steps",
-         "error: diloco inner_steps must be at least 1, got -1"),
+         "error: inner_steps must be at least 1, got -1"),
         ('-- set ns.precision = "fp16-mixed"\n', "fp16-mixed", "error: fp16-mixed is not supported with DiLoCo"),
         ("-- set ns.grad_clip = none\n-- set ns.optimizer_in_backward = true\n", "optimizer_in_backward",
          "error: optimizer_in_backward cannot be combined with the diloco trainer"),

@@ -77,7 +77,7 @@ def test_samples_and_tensorboard_are_constants_and_sampling_only_when_asked():
         ({"lr_scheduler": "infinite", "lr_constant_ratio": 0}, "    constant_ratio:", "constant_ratio must be in (0, 1], got 0"),
         ({"min_lr_ratio": 2}, "    min_lr_ratio:", "min_lr_ratio must be between 0 and 1, got 2"),
         ({"warmup_steps": -3}, "    warmup: {{ ns.warmup_steps }}", "warmup must be 0 or more, got -3"),
-        ({"sample_every": -1}, "    sample_every:", "sample_every must be 0 (never) or more, got -1"),
+        ({"sample_every": -1}, "    sample_every:", "sample_every must be 0 or more, got -1"),
     ],
 )
 def test_nonsense_values_are_errors_at_the_line_that_prints_them(variables, key, message):

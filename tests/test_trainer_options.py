@@ -84,7 +84,7 @@ LOSS_BLOCK = "[loss]\n.loss: &loss !singleton:fgc.settings:LossSettings@loss\n"
         ("", "    impl: triton\n", "impl: triton", "the loss has no Triton implementation in this version of fgc"),
         ('-- set ns.trainer_type = "fsdp2"\n', "    impl: chunked\n", "impl: chunked",
          "the chunked loss computes the head outside the model's forward, which the fsdp2 trainer cannot do"),
-        ("", "    label_smoothing: 1.5\n", "label_smoothing: 1.5", "loss label_smoothing 1.5 is out of range"),
+        ("", "    label_smoothing: 1.5\n", "label_smoothing: 1.5", "label_smoothing must be 0 or more and less than 1, got 1.5"),
     ],
 )
 def test_loss_kernel_rules(tmp_path, meta, loss, bad, message):

@@ -6,6 +6,10 @@ at the config line of the offending value.
   values (and, for ``budget_unit: tokens``, the plan's tokens per step), so the runtime's own
   argument checks (``ScheduleError``: a warmup longer than the total, a ratio outside [0, 1], a
   decay that leaves no room for the warmup, ...) become build errors. One set of rules serves both.
+- A ``torch.optim.Optimizer`` is built once on a dummy parameter with the config's values, so the
+  optimizer's own checks of its hyperparameters (a negative or NaN ``lr``, ``betas`` outside
+  [0, 1), a negative ``weight_decay``, ...) become build errors, at the line of the argument to
+  blame: the one whose value, left to its default, makes the optimizer build.
 - ``fgc_runtime.optim:MuonAdamW`` needs whole weight matrices: the basic and ddp trainers only.
 - ``fgc_runtime.optim:Adafactor`` (factored over whole rows and columns) and ``:AdamW`` (whose
   state dict carries its stochastic-rounding generators, which the fsdp2 and pipeline trainers'
@@ -21,11 +25,12 @@ from __future__ import annotations
 import torch
 
 from fgc.ir import IRGraph
-from fgc_runtime.optim import Adafactor, AdamW, MuonAdamW
+from fgc_runtime.optim import Adafactor, AdamW, MuonAdamW, param_groups
 from fgc_runtime.train import ScheduleError
 
 from ..context import LoweringContext
 from .base import Pass
+from .check_types import NOT_PLAIN, plain_value
 
 MUON_TRAINERS = ("basic", "ddp")
 # fgc_runtime's optimizers: what each needs of the trainer, and the trainers it works with
@@ -86,6 +91,7 @@ class CheckOptimization(Pass):
         node = ir.node(ir.targets["optimizer"])
         symbol = ctx.symbols.get(node.id)
         obj = getattr(symbol, "obj", None)
+        self._optimizer_values(ir, ctx, node, obj)
         rounding = node.kwargs.get("bf16_stochastic_round")
         for cls, (why, trainers) in RUNTIME_OPTIMIZER_TRAINERS.items():
             if isinstance(obj, type) and issubclass(obj, cls) and ctx.plan.trainer_type not in trainers:
@@ -106,6 +112,33 @@ class CheckOptimization(Pass):
                     hint="use precision bf16 (bf16 weights), or leave bf16_stochastic_round off",
                 )
 
+    @staticmethod
+    def _optimizer_values(ir: IRGraph, ctx: LoweringContext, node, obj) -> None:
+        """Build the optimizer on one dummy parameter: its own checks of its values, at build time."""
+        if node.kind != "call" or node.args or not (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)):
+            return
+        kwargs = {key: plain_value(ir, child) for key, child in node.kwargs.items()}
+        if any(v is NOT_PLAIN for v in kwargs.values()):
+            return  # a computed argument: nothing to check before run time
+
+        def build(values: dict) -> None:
+            params = param_groups(torch.nn.Linear(2, 2), (), with_names=getattr(obj, "needs_param_names", False))
+            obj(params, **values)
+
+        try:
+            build(kwargs)
+        except (ValueError, TypeError) as err:
+            # the argument to blame is the one whose default makes the optimizer build
+            blamed = node.loc
+            for key in kwargs:
+                try:
+                    build({k: v for k, v in kwargs.items() if k != key})
+                except (ValueError, TypeError):
+                    continue
+                blamed = ir.node(node.kwargs[key]).loc
+                break
+            ctx.sink.error(f"optimizer: {err}", blamed)
+
     def _samples(self, ir: IRGraph, ctx: LoweringContext) -> None:
         logging = ctx.settings.logging
         if not logging.sample_every:
@@ -119,15 +152,6 @@ class CheckOptimization(Pass):
                 return trainer.loc
             return ir.node(group.kwargs[key]).loc if key in group.kwargs else group.loc
 
-        if logging.sample_every < 0:
-            ctx.sink.error(f"sample_every must be 0 (never) or more, got {logging.sample_every}", loc("sample_every"))
-        if logging.sample_tokens < 1:
-            ctx.sink.error(f"sample_tokens must be at least 1, got {logging.sample_tokens}", loc("sample_tokens"))
-        if logging.sample_temperature < 0:
-            ctx.sink.error(
-                f"sample_temperature must be 0 (greedy) or more, got {logging.sample_temperature}",
-                loc("sample_temperature"),
-            )
         if ctx.plan.trainer_type == "pipeline":
             ctx.sink.error(
                 "text samples need the whole model on a rank: not available with the pipeline trainer",

@@ -1,28 +1,29 @@
-"""Check every scalar argument against the annotation of the parameter it binds to."""
+"""Check every scalar argument against the annotation of the parameter it binds to, its range
+(``Annotated[int, Range(ge=1)]``) included."""
 
 from __future__ import annotations
 
 from fgc.ir import IRGraph
 
 from ..context import LoweringContext
-from ..types import describe, signature_hints, value_ok
+from ..types import describe, range_violation, signature_hints, value_ok
 from .base import Pass, resolved_calls
 
 
-def _plain_value(ir: IRGraph, node_id: str):
+def plain_value(ir: IRGraph, node_id: str):
     """The Python value of a value node or a list/tuple of value nodes; a sentinel otherwise."""
     node = ir.node(node_id)
     if node.kind == "value":
         return node.value
     if node.kind in ("list", "tuple"):
-        items = [_plain_value(ir, c) for c in node.args]
-        if any(i is _NOT_PLAIN for i in items):
-            return _NOT_PLAIN
+        items = [plain_value(ir, c) for c in node.args]
+        if any(i is NOT_PLAIN for i in items):
+            return NOT_PLAIN
         return items if node.kind == "list" else tuple(items)
-    return _NOT_PLAIN
+    return NOT_PLAIN
 
 
-_NOT_PLAIN = object()
+NOT_PLAIN = object()  # what plain_value gives for a node that is not plain data
 
 
 class CheckTypes(Pass):
@@ -44,12 +45,14 @@ class CheckTypes(Pass):
                 if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or pname not in hints:
                     continue
                 for child in arg if param.kind is param.VAR_POSITIONAL else [arg]:
-                    value = _plain_value(ir, child)
-                    if value is _NOT_PLAIN or value_ok(value, hints[pname]):
+                    value = plain_value(ir, child)
+                    if value is NOT_PLAIN or value_ok(value, hints[pname]):
                         continue
-                    owner = getattr(symbol.obj, "__qualname__", node.spec)
-                    ctx.sink.error(
-                        f"{owner}.{pname} must be {describe(hints[pname])}, got {value!r}",
-                        ir.node(child).loc,
-                    )
+                    bounds = range_violation(value, hints[pname])
+                    if bounds is not None:  # the right type, out of range
+                        message = f"{pname} must be {bounds.describe()}, got {value!r}"
+                    else:
+                        owner = getattr(symbol.obj, "__qualname__", node.spec)
+                        message = f"{owner}.{pname} must be {describe(hints[pname])}, got {value!r}"
+                    ctx.sink.error(message, ir.node(child).loc)
         return ir

@@ -20,6 +20,7 @@ from ..construct import construct, meta_model
 from ..context import LoweringContext
 from ..plan import Plan
 from ..stages import balanced_split, stage_ranks
+from ..types import range_errors
 from .base import Pass
 
 REQUIRED_TARGETS = ("model", "optimizer", "trainer")
@@ -72,11 +73,9 @@ class PlanTraining(Pass):
         def err(field: str, message: str, *, hint: str | None = None) -> None:
             ctx.sink.error(message, where(*field.split(".")), hint=hint)
 
-        for field in ("max_steps", "batch_size", "seq_len"):
-            if getattr(s, field) < 1:
-                err(field, f"{field} must be at least 1, got {getattr(s, field)}")
-        if s.nproc < 1:
-            err("parallel.nproc", f"nproc must be at least 1, got {s.nproc}")
+        # check-types saw the values the config writes; these are the values it computes too
+        for path, message in range_errors(s):
+            err(".".join(path), message)
         if ctx.sink.errors:
             return None
         for group, cls in SETTING_GROUPS.items():
@@ -159,17 +158,13 @@ class PlanTraining(Pass):
                 )
                 return None
             eval_batch = s.logging.eval_batch_size
-            if eval_batch is not None and (eval_batch < 1 or eval_batch % dp):
+            if eval_batch is not None and eval_batch % dp:
                 err("logging.eval_batch_size", f"eval_batch_size {eval_batch} is not a positive multiple of {dp_what}")
                 return None
             mesh = () if s.TYPE == "basic" else ((("dp_shard" if s.TYPE == "fsdp2" else "dp"), dp),)
             if tensor_degree != 1:
                 mesh += (("tp", tensor_degree),)
         ac_settings = s.activation_checkpointing
-        if ac_settings.every_n_layers < 1:
-            err("activation_checkpointing.every_n_layers",
-                f"every_n_layers must be at least 1, got {ac_settings.every_n_layers}")
-            return None
         which = "decoder layer" if ac_settings.every_n_layers == 1 else f"{_ordinal(ac_settings.every_n_layers)} decoder layer"
         ac = {
             "none": "none",
@@ -222,21 +217,9 @@ class PlanTraining(Pass):
     def _diloco(s: DiLoCoTrainer, err) -> dict | None:
         """Check the DiLoCo settings; the plan's ``diloco`` entry."""
         d = s.diloco
-        ok = True
-        if d.inner_steps < 1:
-            err("diloco.inner_steps", f"diloco inner_steps must be at least 1, got {d.inner_steps}")
-            ok = False
-        if not d.outer_lr > 0:
-            err("diloco.outer_lr", f"diloco outer_lr must be more than 0, got {d.outer_lr}")
-            ok = False
-        if not 0 <= d.outer_momentum < 1:
-            err("diloco.outer_momentum", f"diloco outer_momentum must be in [0, 1), got {d.outer_momentum}")
-            ok = False
         if s.precision.mode == "fp16-mixed":
             err("precision.mode", "fp16-mixed is not supported with DiLoCo in this version: each worker "
                 "would need its own gradient scaler in the checkpoint", hint="use bf16-mixed")
-            ok = False
-        if not ok:
             return None
         return {
             "workers": s.nproc,
@@ -254,9 +237,6 @@ class PlanTraining(Pass):
         from fgc_runtime.parallel import COLWISE_PROJECTIONS, ROWWISE_PROJECTIONS
 
         degree = s.parallel.tensor_degree
-        if degree < 1:
-            err("parallel.tensor_degree", f"tensor_degree must be at least 1, got {degree}")
-            return False
         if s.nproc % degree:
             err(
                 "parallel.tensor_degree",
@@ -310,12 +290,6 @@ class PlanTraining(Pass):
         """Check the pipeline settings against each other and the model; the stage plan."""
         p = s.parallel
         ok = True
-        for field in ("pipeline_degree", "data_degree"):
-            if getattr(p, field) < 1:
-                err(f"parallel.{field}", f"{field} must be at least 1, got {getattr(p, field)}")
-                ok = False
-        if not ok:
-            return None
         if p.pipeline_degree * p.data_degree != p.nproc:
             err(
                 "parallel.nproc",

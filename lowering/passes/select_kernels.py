@@ -58,16 +58,6 @@ class SelectKernels(Pass):
             )
             if used
         ]
-        for name, value, ok in (
-            ("label_smoothing", loss.label_smoothing, 0.0 <= loss.label_smoothing < 1.0),
-            ("z_loss", loss.z_loss, loss.z_loss >= 0.0),
-            ("softcap", loss.softcap, loss.softcap is None or loss.softcap > 0),
-            ("chunk_size", loss.chunk_size, loss.chunk_size >= 1),
-        ):
-            if not ok:
-                ctx.sink.error(f"loss {name} {value} is out of range", where(name))
-        if ctx.sink.errors:
-            return ir
         logits_bytes = plan.micro_batch_size * s.seq_len * self._vocab(ir) * 4
         if loss.impl == "triton":
             ctx.sink.error(

@@ -2,6 +2,10 @@
 
 The rules are keyed on the parameter names the component library (and Hugging Face configs) use,
 so they apply to any component that takes them:
+- sizes and counts (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, heads, ``head_dim``,
+  ``intermediate_size``, ``max_position_embeddings``) are at least 1, and ``eps``, ``rms_norm_eps``,
+  ``rope_theta`` and ``initializer_range`` are finite and not negative (see :data:`RANGES`): a zero
+  width or a negative layer count builds a model that does nothing;
 - ``num_attention_heads`` divides the model's ``hidden_size`` (unless ``head_dim`` is given);
 - ``num_key_value_heads`` divides ``num_attention_heads``;
 - a rotary embedding's ``head_dim`` is even;
@@ -18,7 +22,25 @@ import re
 from fgc.ir import IRGraph
 
 from ..context import LoweringContext
+from ..types import Range
 from .base import Pass
+
+_SIZE = Range(ge=1)
+# the range of each numeric model argument, by the name the component library gives it
+RANGES = {
+    "vocab_size": _SIZE,
+    "hidden_size": _SIZE,
+    "num_hidden_layers": _SIZE,
+    "num_attention_heads": _SIZE,
+    "num_key_value_heads": _SIZE,
+    "head_dim": _SIZE,
+    "intermediate_size": _SIZE,
+    "max_position_embeddings": _SIZE,
+    "eps": Range(ge=0),
+    "rms_norm_eps": Range(ge=0),
+    "rope_theta": Range(gt=0),
+    "initializer_range": Range(ge=0),
+}
 
 
 def _number_arg(ir: IRGraph, node, key: str):
@@ -59,8 +81,7 @@ class ValidateModel(Pass):
             head_dim, head_dim_loc = _int_arg(ir, node, "head_dim")
             width, _ = _int_arg(ir, node, "hidden_size")
             width = width or hidden
-            if heads is not None and heads < 1:
-                ctx.sink.error(f"num_attention_heads must be at least 1, got {heads}", heads_loc)
+            if not self._ranges_ok(ir, node, ctx):
                 continue
             if heads and width and "head_dim" not in node.kwargs and width % heads:
                 ctx.sink.error(
@@ -87,6 +108,17 @@ class ValidateModel(Pass):
             if "init_rules" in node.kwargs:
                 self._check_init_rules(ir, ir.node(node.kwargs["init_rules"]), ctx)
         return ir
+
+    @staticmethod
+    def _ranges_ok(ir: IRGraph, node, ctx: LoweringContext) -> bool:
+        """Report every argument of NODE outside its range in :data:`RANGES`; whether there was none."""
+        ok = True
+        for key, bounds in RANGES.items():
+            value, loc = _number_arg(ir, node, key)
+            if value is not None and not bounds.contains(value):
+                ctx.sink.error(f"{key} must be {bounds.describe()}, got {value!r}", loc)
+                ok = False
+        return ok
 
     @staticmethod
     def _check_rope_scaling(ir: IRGraph, node, ctx: LoweringContext) -> None:
