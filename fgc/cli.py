@@ -26,8 +26,12 @@ def _print_diagnostics(diags: list[Diagnostic]) -> None:
 
 
 def _parse_defines(defines: tuple[str, ...]) -> dict:
-    """``-D NAME=VALUE`` pairs; VALUE is parsed as YAML (1.2 core scalars)."""
-    from .frontend.loader import plain_data
+    """``-D NAME=VALUE`` pairs. VALUE is parsed as YAML (1.2 core scalars) into plain data:
+    scalars, lists and mappings; text that is not YAML is taken as it is. A value is data, never
+    code: a YAML tag, anchor or alias in it is an error (the render then prints every string of it
+    as data, see fgc.frontend.environment.DataStr)."""
+    from .frontend.environment import INTERNAL_MARKS
+    from .frontend.loader import MAX_YAML_DEPTH, plain_data, too_deep
 
     out = {}
     for item in defines:
@@ -37,12 +41,43 @@ def _parse_defines(defines: tuple[str, ...]) -> dict:
                 f"-D {item!r}: expected NAME=VALUE with NAME a Python identifier",
                 Location("<command line>"),
             )
+
+        def refuse(message: str, hint: str | None = None):
+            return FgcError(f"-D {name}: {message}", Location("<command line>"), hint)
+
+        marks = sorted(set(value) & set(INTERNAL_MARKS))
+        if marks:
+            raise refuse(f"the value holds U+{ord(marks[0]):04X}, a noncharacter that fgc uses internally")
+
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         try:
-            node = yaml.compose(value)
+            events = list(yaml.parse(value, Loader=loader))
         except yaml.YAMLError:
             out[name] = value  # not YAML: take the text as it is
             continue
-        out[name] = None if node is None else plain_data(node)
+        for event in events:
+            what = (
+                f"the alias *{event.anchor}" if isinstance(event, yaml.AliasEvent)
+                else f"the anchor &{event.anchor}" if getattr(event, "anchor", None)
+                else f"the tag {event.tag}" if getattr(event, "tag", None)
+                else None
+            )
+            if what:
+                raise refuse(
+                    f"values are plain data (scalars, lists, mappings); {what} is not allowed",
+                    hint=f"to pass the text as a string, quote it: -D {name}='\"...\"'",
+                )
+        if too_deep(value) is not None:
+            raise refuse(f"the value nests deeper than {MAX_YAML_DEPTH} levels (fgc's limit)")
+        try:
+            node = yaml.compose(value, Loader=loader)
+        except yaml.YAMLError:  # e.g. two documents
+            out[name] = value
+            continue
+        try:
+            out[name] = None if node is None else plain_data(node)
+        except TypeError:  # a list or a mapping as a mapping key: unhashable
+            raise refuse("a mapping key must be a scalar") from None
     return out
 
 
@@ -104,7 +139,12 @@ def main(debug: bool) -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="output directory")
 @include_opt
 @define_opt
-@click.option("--force", is_flag=True, help="replace a non-empty directory that is not an fgc build")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="build into a non-empty directory that is not an fgc build (keeping its files), "
+    "or over generated files edited since",
+)
 @click.option("--no-smoke", is_flag=True, help="skip the build-time check that the model constructs")
 @click.option("--dump-after", metavar="PASS", help="print the IR after this lowering pass")
 @command

@@ -184,13 +184,14 @@ def test_define_values_are_yaml(tmp_path):
     defines = ["lr=1e-4", "name=yes", "flag=true", "sizes=[1, 2]", "quoted='0x10'"]
     result = fgc("pp", "c.yaml", *[a for d in defines for a in ("-D", d)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    # strings from -D are data: printed quoted where YAML would read them as something else
     assert result.stdout.split("\n") == [
         "lr: 0.0001",
         "lr_is_float: True",
-        "name: yes",
+        "name: 'yes'",
         "flag: True",
         "sizes: [1, 2]",
-        "quoted: 0x10",
+        "quoted: '0x10'",
         "",
     ]
 

@@ -355,7 +355,7 @@ TRAINER = """\
 .data: &data !singleton:fgc.settings:DataSettings@data
     data_dir: tokens
 [trainer]
-trainer: !singleton:fgc.settings:{{ t_class | default("DDPTrainer") }}@trainer
+trainer: !singleton:fgc.settings:{{ {"DDPTrainer": "DDPTrainer", "BasicTrainer": "BasicTrainer"}[t_class | default("DDPTrainer")] }}@trainer
     data: *data
     max_steps: {{ t_steps | default(10) | toyaml }}
     batch_size: {{ t_batch | default(8) }}
@@ -380,7 +380,7 @@ def test_trainer_field_type_error_at_value_line(tmp_path):
     cfg = write(tmp_path / "c.yaml", TRAINER)
     exc = compile_error(cfg, {"t_steps": "abc"})
     assert [(d.loc.file, d.loc.line, d.message) for d in exc.diagnostics] == [
-        (str(cfg.resolve()), 8, "DDPTrainer.max_steps must be int, got 'abc'")
+        (str(cfg.resolve()), 8, "DDPTrainer.max_steps must be int (at least 1), got 'abc'")
     ]
 
 
@@ -388,7 +388,7 @@ def test_trainer_several_field_errors_together(tmp_path):
     cfg = write(tmp_path / "c.yaml", TRAINER)
     exc = compile_error(cfg, {"t_steps": 1.5, "t_precision": "fp16"})
     assert [(d.loc.line, d.message) for d in exc.diagnostics] == [
-        (8, "DDPTrainer.max_steps must be int, got 1.5"),
+        (8, "DDPTrainer.max_steps must be int (at least 1), got 1.5"),
         (13, "PrecisionSettings.mode must be one of 'fp32', 'bf16-mixed', 'bf16', 'fp16-mixed', got 'fp16'"),
     ]
 
@@ -401,7 +401,7 @@ def test_data_settings_field_type_checked(tmp_path):
     )
     exc = compile_error(cfg, {})
     assert [(d.loc.file, d.loc.line, d.message) for d in exc.diagnostics] == [
-        (str(cfg.resolve()), 5, "DataSettings.val_fraction must be float, got 'lots'")
+        (str(cfg.resolve()), 5, "DataSettings.val_fraction must be float (0 or more and less than 1), got 'lots'")
     ]
 
 
@@ -592,7 +592,7 @@ def test_heads_must_divide_hidden_size_and_kv_heads_divide_heads():
     assert [x.loc.line for x in d] == [
         _example_line("num_attention_heads: {{"),
         _example_line("num_key_value_heads: {{"),
-        _example_line("head_dim: {{ ns.head_dim or"),
+        _example_line("head_dim: {{ (ns.head_dim or"),
     ]
     assert d[0].message == "num_attention_heads (5) does not divide hidden_size (96)"
     assert d[1].message == "num_key_value_heads (2) does not divide num_attention_heads (5)"

@@ -76,7 +76,7 @@ def test_samples_and_tensorboard_are_constants_and_sampling_only_when_asked():
         ({"lr_scheduler": "wsd", "lr_decay_fraction": 1.5}, "    decay_fraction:", "decay_fraction must be in (0, 1], got 1.5"),
         ({"lr_scheduler": "infinite", "lr_constant_ratio": 0}, "    constant_ratio:", "constant_ratio must be in (0, 1], got 0"),
         ({"min_lr_ratio": 2}, "    min_lr_ratio:", "min_lr_ratio must be between 0 and 1, got 2"),
-        ({"warmup_steps": -3}, "    warmup: {{ ns.warmup_steps }}", "warmup must be 0 or more, got -3"),
+        ({"warmup_steps": -3}, "    warmup: {{ ns.warmup_steps", "warmup must be 0 or more, got -3"),
         ({"sample_every": -1}, "    sample_every:", "sample_every must be 0 or more, got -1"),
     ],
 )

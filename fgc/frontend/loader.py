@@ -311,9 +311,68 @@ def _compose(text: str) -> yaml.Node | None:
     return yaml.compose(text, Loader=yaml.SafeLoader)
 
 
+# Limits of one config's YAML (docs/safety.md): deeper nesting would exhaust the composer's and
+# the passes' recursion; more expanded nodes (an alias bomb: anchors of lists of aliases) would
+# take the passes that walk values as trees minutes and gigabytes.
+MAX_YAML_DEPTH = 100
+MAX_EXPANDED_NODES = 10**6
+
+
+def too_deep(text: str) -> yaml.Mark | None:
+    """Where TEXT's collections first nest deeper than MAX_YAML_DEPTH, from its parse events
+    (iterative, so any depth is safe); None if they do not. A YAML error leaves the rest to the
+    composer."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_Composer):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    return event.start_mark
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        return None
+    return None
+
+
+def too_large(root: yaml.Node) -> yaml.Node | None:
+    """The first node (innermost, in document order) whose value, its aliases expanded, holds more
+    than MAX_EXPANDED_NODES nodes; None if there is none. A node's expanded size is 1 plus that
+    of its children (keys included), computed once per node: aliases share nodes."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            children = [c for pair in node.value for c in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            size[id(node)] = 1
+            continue
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in reversed(children) if id(c) not in size)
+            continue
+        total = 1 + sum(size.get(id(c), 0) for c in children)
+        if total > MAX_EXPANDED_NODES:
+            return node
+        size[id(node)] = total
+    return None
+
+
 def load(rendered: Rendered) -> IRGraph:
     """Build the IR graph of a rendered config. Every independent error is reported together."""
     sink = DiagnosticSink()
+    deep = too_deep(rendered.text)
+    if deep is not None:
+        raise FgcError(
+            f"YAML nests deeper than {MAX_YAML_DEPTH} levels here (fgc's limit)",
+            rendered.location(deep.line, None),
+        )
     try:
         root = _compose(rendered.text)
     except yaml.MarkedYAMLError as exc:
@@ -332,6 +391,15 @@ def load(rendered: Rendered) -> IRGraph:
     loader = _Loader(rendered, sink)
     if root is None:
         raise FgcError("the config is empty", Location(str(rendered.root.path)))
+    big = too_large(root)
+    if big is not None:
+        raise FgcError(
+            f"this value holds more than {MAX_EXPANDED_NODES} YAML nodes once its aliases are "
+            "expanded (fgc's limit)",
+            loader.loc(big),
+            hint="an alias repeats the whole anchored value wherever it is used; "
+            "anchors of lists of aliases multiply",
+        )
     if not isinstance(root, yaml.MappingNode):
         raise FgcError("the config must be a mapping of targets", loader.loc(root))
     entries, locs = loader.winning_items(root, what="target")

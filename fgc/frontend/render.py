@@ -7,16 +7,28 @@ line it came from, and every error Jinja2 raises is mapped back to the file and 
 
 from __future__ import annotations
 
+import bisect
 import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
+import jinja2.compiler
 import jinja2.meta
+import jinja2.parser
+import yaml
 
 from ..errors import Diagnostic, FgcError, Location, display_path
-from .environment import TemplateRaise, host_globals, make_environment, toyaml  # noqa: F401
+from .environment import (  # noqa: F401
+    DATA_CLOSE,
+    DATA_OPEN,
+    TemplateRaise,
+    host_globals,
+    make_environment,
+    mark_data,
+    toyaml,
+)
 from .preprocess import strip_markers
 from .project import ConfigSource, resolve_config
 from .templates import LIBRARY_DIR, FgcLoader, TemplateFile  # noqa: F401
@@ -144,6 +156,189 @@ def block_warnings(loader: FgcLoader) -> list[Diagnostic]:
     return warnings
 
 
+_DATA_MARK_RE = re.compile(f"[{DATA_OPEN}{DATA_CLOSE}]")
+_FLOW_TOKENS = (
+    yaml.FlowSequenceStartToken, yaml.FlowSequenceEndToken, yaml.FlowMappingStartToken,
+    yaml.FlowMappingEndToken, yaml.FlowEntryToken, yaml.KeyToken, yaml.ValueToken, yaml.ScalarToken,
+)
+_Scanner = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_DATA_HINT = (
+    "data (a -D value, an environment variable, a file's content) is printed as one YAML value: "
+    "write it alone after the key ({{ x }}), or build the whole string first ({{ x ~ '/suffix' }})"
+)
+
+
+def strip_data_marks(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """Remove the marks around printed data. Returns the clean text and the (start, end) offsets in
+    it of every outermost marked span."""
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    depth, start, pos, last = 0, 0, 0, 0
+    for m in _DATA_MARK_RE.finditer(text):
+        chunk = text[last : m.start()]
+        out.append(chunk)
+        pos += len(chunk)
+        last = m.end()
+        if m.group() == DATA_OPEN:
+            if depth == 0:
+                start = pos
+            depth += 1
+        elif depth:  # a close without an open (text cut by a filter) is dropped
+            depth -= 1
+            if depth == 0 and pos > start:
+                spans.append((start, pos))
+    out.append(text[last:])
+    return "".join(out), spans
+
+
+def _scan(text: str) -> tuple[list, int | None]:
+    """The YAML tokens of TEXT (up to a scanning error) and the offset of that error, if any."""
+    tokens = []
+    try:
+        for token in yaml.scan(text, Loader=_Scanner):
+            tokens.append(token)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        return tokens, mark.index if mark is not None else len(text)
+    except yaml.YAMLError:
+        return tokens, len(text)
+    return tokens, None
+
+
+def _tokens_by_span(tokens, spans):
+    """For each span, the tokens that overlap it (a token of no width: strictly inside it)."""
+    starts = [a for a, _ in spans]
+    found: list[list] = [[] for _ in spans]
+    for token in tokens:
+        s, e = token.start_mark.index, token.end_mark.index
+        i = bisect.bisect_right(starts, s if s == e else e - 1) - 1  # the last span starting at or before
+        while i >= 0 and spans[i][1] > s:
+            a, b = spans[i]
+            if (s < e and s < b and e > a) or (s == e and a < s < b):
+                found[i].append(token)
+            i -= 1
+    return found
+
+
+def _span_ok(span, tokens) -> bool:
+    """Whether printed data at SPAN is one YAML value: inside one scalar, a whole flow collection of
+    scalars, or in a comment."""
+    a, b = span
+    if not tokens:
+        return True
+    if len(tokens) == 1 and isinstance(tokens[0], yaml.ScalarToken):
+        start, end = tokens[0].start_mark.index, tokens[0].end_mark.index
+        if start == a and tokens[0].style:  # its own quoted scalar: it must close where it ends
+            return end == b
+        return start <= a and end >= b
+    first, last = tokens[0], tokens[-1]
+    return (
+        isinstance(first, (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken))
+        and first.start_mark.index == a
+        and last.end_mark.index == b
+        and all(isinstance(t, _FLOW_TOKENS) for t in tokens)
+        and all(a <= t.start_mark.index and t.end_mark.index <= b for t in tokens)
+    )
+
+
+def _quoted_for(style: str, value: str) -> str | None:
+    """VALUE written inside an author's quoted or block scalar of STYLE, exactly; None if it
+    cannot be (a line break inside '...' or a block scalar)."""
+    if style == '"':
+        text = yaml.safe_dump(value, default_style='"', width=1 << 30).strip().removesuffix("\n...")
+        return text[1:-1]
+    if not value.isprintable():
+        return None
+    return value.replace("'", "''") if style == "'" else value
+
+
+def _decode_scalar(text: str) -> str | None:
+    """The string a toyaml scalar stands for (plain, '...' or "..."); None if TEXT is not one."""
+    if text.startswith("'") and text.endswith("'") and len(text) >= 2:
+        return text[1:-1].replace("''", "'")
+    if text.startswith('"'):
+        try:
+            value = yaml.load(text, Loader=_Scanner)
+        except yaml.YAMLError:
+            return None
+        return value if isinstance(value, str) else None
+    if text and not text.startswith(("[", "{")):
+        return text
+    return None
+
+
+def _rendering(piece: str, tokens, span) -> tuple[str | None, str | None]:
+    """How the data PIECE (toyaml text) is written where a neutral placeholder at SPAN has
+    TOKENS around it: (text, None), or (None, the reason it cannot be)."""
+    a, b = span
+    if any(isinstance(t, (yaml.TagToken, yaml.AnchorToken, yaml.AliasToken, yaml.DirectiveToken)) for t in tokens):
+        return None, "data cannot be part of a YAML tag, anchor, alias or directive"
+    if len(tokens) != 1 or not isinstance(tokens[0], yaml.ScalarToken):
+        return piece, None  # a value of its own (or in a comment)
+    token = tokens[0]
+    if token.start_mark.index == a and token.end_mark.index == b:
+        return piece, None  # the whole scalar
+    if token.style:  # inside an author's quoted or block scalar: that scalar's own escaping
+        value = _decode_scalar(piece)
+        value = piece if value is None else value
+        text = _quoted_for(token.style, value)
+        if text is None:
+            return None, (
+                f"data printed inside {token.style} text holds a line break or a control character, "
+                'which that text cannot hold; print it inside "..." quotes, or alone after the key'
+            )
+        return text, None
+    if piece.startswith(("'", '"', "[", "{")):
+        return None, (
+            f"data printed here is not plain text ({piece[:40]}) and cannot be part of the plain "
+            "text around it"
+        )
+    return piece, None
+
+
+def check_data(marked: str, rendered_location) -> str:
+    """The rendered text without data marks, each printed piece of data written so that it is
+    one YAML value: alone, a value as toyaml wrote it; inside an author's quoted or block scalar
+    (``name: "run-{{ x }}"``), that scalar's own escaping, so it keeps its exact value. Where it
+    stands is found in the text with a neutral letter in its place; the result is checked again.
+    Data that cannot be written so is an error at its line."""
+    text, spans = strip_data_marks(marked)
+    if not spans:
+        return text
+    neutral_parts, neutral_spans, last, pos = [], [], 0, 0
+    for a, b in spans:
+        neutral_parts += [text[last:a], "x"]
+        pos += a - last
+        neutral_spans.append((pos, pos + 1))
+        pos, last = pos + 1, b
+    neutral_parts.append(text[last:])
+    tokens, _ = _scan("".join(neutral_parts))
+    parts, final_spans, last, pos = [], [], 0, 0
+    for (a, b), nspan, around in zip(spans, neutral_spans, _tokens_by_span(tokens, neutral_spans)):
+        rendering, problem = _rendering(text[a:b], around, nspan)
+        if rendering is None:
+            hint = None if "quotes" in problem else _DATA_HINT
+            raise FgcError(problem, rendered_location(text.count("\n", 0, a)), hint=hint)
+        parts += [text[last:a], rendering]
+        pos += a - last
+        final_spans.append((pos, pos + len(rendering)))
+        pos, last = pos + len(rendering), b
+    parts.append(text[last:])
+    final = "".join(parts)
+    tokens, error_at = _scan(final)
+    for span, around in zip(final_spans, _tokens_by_span(tokens, final_spans)):
+        a, b = span
+        if error_at is not None and a > error_at:
+            break  # not scanned: the text is not YAML there, which loading reports
+        if (error_at is not None and a <= error_at <= b) or not _span_ok(span, around):
+            raise FgcError(
+                "data printed here does not stay one YAML value in the text around it",
+                rendered_location(final.count("\n", 0, a)),
+                hint=_DATA_HINT,
+            )
+    return final
+
+
 def render_file(
     path: Path,
     search_path: list[Path],
@@ -158,9 +353,10 @@ def render_file(
     ns_history: dict[str, list[tuple[str, int]]] = {}
     env = make_environment(loader, nonrepro, ns_history)
     root = loader.load_file(path.name, path)
-    context = {**host_globals(nonrepro), **context}
+    # -D values, paths and every other value from outside the templates are data (see DataStr)
+    context = {**host_globals(nonrepro), **{name: mark_data(value) for name, value in context.items()}}
     try:
-        text = env.get_template(root.key).render(context)
+        text = "".join(env.get_template(root.key).generate(context))
     except FgcError:
         raise
     except jinja2.TemplateSyntaxError as exc:
@@ -177,13 +373,10 @@ def render_file(
             _error_location(exc, loader, root),
             hint="searched: " + ", ".join(str(p) for p in loader.search_path),
         ) from None
-    except RecursionError:
+    except RecursionError as exc:
         cycle = loader.find_cycle(root)
         if not cycle:
-            raise FgcError(
-                "extends/include cycle: the templates include or extend each other without end",
-                Location(str(path)),
-            ) from None
+            raise _too_deep(exc, loader, root) from None
         steps = ", ".join(
             f"{display_path(str(tf.path))}:{tf.file_line(ref.line)} "
             f"{_VERBS.get(ref.kind, ref.kind)} {ref.name!r}"
@@ -191,22 +384,31 @@ def render_file(
         )
         first, ref = cycle[0]
         raise FgcError(f"extends/include cycle: {steps}", loader.location(first.key, ref.line)) from None
+    except (SyntaxError, MemoryError) as exc:  # Python's own limits compiling a template's code
+        if isinstance(exc, SyntaxError) and exc.filename not in loader.by_key:
+            raise
+        key = exc.filename if isinstance(exc, SyntaxError) else loader.last_key
+        raise FgcError(
+            f"the template nests too deeply for Python to compile ({getattr(exc, 'msg', exc) or 'out of memory'})",
+            loader.location(key or root.key, None),
+        ) from None
     except (TemplateRaise, jinja2.TemplateError, jinja2.exceptions.SecurityError) as exc:
         message = str(exc) if isinstance(exc, TemplateRaise) else f"template: {exc}"
         if isinstance(exc, jinja2.UndefinedError):
             message = f"undefined: {exc.message}"
-        raise FgcError(message, _error_location(exc, loader, root)) from None
+        raise FgcError(_plain_message(message), _error_location(exc, loader, root)) from None
     except Exception as exc:  # e.g. a TypeError of an expression: the template's mistake
         frame = _template_frame(exc, loader)
         if frame is None:
             raise
         message = f"template: {type(exc).__name__}: {exc}"
-        raise FgcError(message, loader.location(*frame)) from None
+        raise FgcError(_plain_message(message), loader.location(*frame)) from None
     text, origins = strip_markers(text)
     rendered = Rendered(
         text, origins, loader, root, source, nonreproducible=nonrepro, ns_history=ns_history,
         variables=dict(variables or {}),
     )
+    rendered.text = check_data(text, rendered.location)
     for tf in loader.files.values():
         rendered.referenced |= jinja2.meta.find_undeclared_variables(env.parse(tf.source))
     rendered.warnings.extend(block_warnings(loader))
@@ -219,6 +421,40 @@ def render_file(
             )
         )
     return rendered
+
+
+def _plain_message(message: str) -> str:
+    """A template error's message as the user sees it: no data marks, data strings called str."""
+    return _DATA_MARK_RE.sub("", message).replace("'DataStr'", "'str'").replace("'_NotedStr'", "'str'")
+
+
+def _too_deep(exc: RecursionError, loader: FgcLoader, root: TemplateFile) -> FgcError:
+    """A RecursionError that is no extends/include cycle: a macro that calls itself without end
+    (at the line of its template frame), or a template nested too deeply for Jinja2 to parse or
+    compile (at the line Jinja2's parser or code generator was at)."""
+    frame = _template_frame(exc, loader)
+    if frame is not None:
+        return FgcError(
+            "the template recurses too deeply (a macro that calls itself without end?)",
+            loader.location(*frame),
+        )
+    key, line = loader.last_key or root.key, None
+    tb = exc.__traceback__
+    while tb is not None:  # the innermost parser or code generator frame knows the line
+        local = tb.tb_frame.f_locals
+        owner = local.get("self")
+        if isinstance(owner, jinja2.parser.Parser):
+            line = owner.stream.current.lineno
+            key = owner.filename or key
+        elif isinstance(owner, jinja2.compiler.CodeGenerator):
+            node = local.get("node")
+            line = getattr(node, "lineno", line)
+            key = owner.filename or key
+        tb = tb.tb_next
+    return FgcError(
+        "the template nests too deeply for Jinja2 (expressions or statements inside one another)",
+        loader.location(key, line),
+    )
 
 
 def search_path_for(config: Path, include_dirs=(), project_dir=None) -> list[Path]:

@@ -56,6 +56,34 @@ class TemplateFile:
         return f"{text}#{self.inline_name}" if self.inline_name else text
 
 
+# Python compiles at most 20 loops inside one another (and Jinja2's parser recurses on nesting):
+# statements nested deeper are refused at the line that crosses the limit.
+MAX_STATEMENT_DEPTH = 20
+_STATEMENT_RE = re.compile(r"\{%[-+]?\s*(\w+)([^%]*)")
+_OPENERS = {"if", "for", "block", "macro", "call", "filter", "with", "autoescape", "trans"}
+
+
+def too_deep_statements(source: str) -> int | None:
+    """The first line of a preprocessed template whose statements (if, for, block, ...) nest
+    deeper than MAX_STATEMENT_DEPTH; None if none does."""
+    depth = 0
+    raw = False
+    for lineno, line in enumerate(source.split("\n"), start=1):
+        for m in _STATEMENT_RE.finditer(line):
+            word, rest = m.group(1), m.group(2)
+            if raw:
+                raw = word != "endraw"
+            elif word == "raw":
+                raw = True
+            elif word in _OPENERS or (word == "set" and "=" not in rest):
+                depth += 1
+                if depth > MAX_STATEMENT_DEPTH:
+                    return lineno
+            elif word.startswith("end") and depth:
+                depth -= 1
+    return None
+
+
 def split_inline(text: str) -> list[tuple[str | None, int, str]]:
     """(inline name or None, line offset, text) for the file's own template and each inline one."""
     lines = text.split("\n")
@@ -79,6 +107,7 @@ class FgcLoader(jinja2.BaseLoader):
         self.inline: dict[str, TemplateFile] = {}
         self.origins: dict[str, tuple[str, int]] = {}  # template name -> (referrer key, line)
         self._chains: dict[str, tuple[tuple[str, int], ...]] = {}  # cleared when an origin is learnt
+        self.last_key: str | None = None  # the template Jinja2 asked for last (compiling it, maybe)
 
     def find(self, name: str) -> Path | None:
         """Resolve a template name on the search path (absolute paths are taken as they are)."""
@@ -99,6 +128,12 @@ class FgcLoader(jinja2.BaseLoader):
 
     def _add(self, tf: TemplateFile) -> TemplateFile:
         pre = preprocess(tf.text, tf.file_id)
+        deep = too_deep_statements(pre.source)
+        if deep is not None:
+            raise FgcError(
+                f"statements nest deeper than {MAX_STATEMENT_DEPTH} levels here (fgc's limit)",
+                Location(str(tf.path), tf.file_line(deep)),
+            )
         tf.blocks, tf.references, tf.source = pre.blocks, pre.references, pre.source
         for ref in pre.references:
             self.origins.setdefault(ref.name, (tf.key, tf.file_line(ref.line)))
@@ -144,6 +179,7 @@ class FgcLoader(jinja2.BaseLoader):
         if tf.origin is None and template in self.origins:
             tf.origin = self.origins[template]
             self._chains.clear()
+        self.last_key = tf.key
         return tf.source, tf.key, lambda: True
 
     def location(self, key: str, line: int | None, col: int | None = None) -> Location:
