@@ -13,6 +13,7 @@ from fgc_lowering.pipeline import CODE_PASSES, lower
 
 from .codegen.package import import_groups
 from .codegen.emit import ImportTable, TargetEmitter, _identifier, literal
+from .codegen.escape import python_docstring
 from .codegen.vendor import VendorError, vendor_symbols
 from .errors import FgcError, Location, display_path
 from .frontend.loader import load
@@ -69,7 +70,7 @@ def construction_module(ir: IRGraph, ctx: LoweringContext, targets: list[str], c
         body=cst.IndentedBlock(body),
     )
     what = f"target {targets[0]!r}" if len(targets) == 1 else "targets " + ", ".join(map(repr, targets))
-    doc = f'"""Construct {what} of {config_name}, as fgc reads the config."""\n\n'
+    doc = f'"""Construct {python_docstring(what)} of {python_docstring(config_name)}, as fgc reads the config."""\n\n'
     groups = import_groups(list(vendored.imports) + imports.statements())
     parts = [doc, "\n\n".join("\n".join(g) for g in groups), "\n\n"]
     for _, _, source in vendored.definitions:

@@ -7,9 +7,7 @@ under a factory (which may run more than once) becomes one variable, named after
 
 from __future__ import annotations
 
-import keyword
 import math
-import re
 from dataclasses import dataclass, field
 
 import libcst as cst
@@ -18,6 +16,7 @@ from fgc.errors import FgcError
 from fgc.ir import IRGraph, Node
 from fgc_lowering.specs import Symbol
 
+from .escape import is_python_name, python_identifier
 from .vendor import VendoredCode
 
 
@@ -64,10 +63,8 @@ def code(node: cst.CSTNode) -> str:
 
 
 def _identifier(text: str) -> str:
-    name = re.sub(r"\W+", "_", text).strip("_") or "value"
-    if name[0].isdigit():
-        name = "_" + name
-    return name + "_" if keyword.iskeyword(name) else name
+    """A Python name made from config text (see :func:`fgc.codegen.escape.python_identifier`)."""
+    return python_identifier(text)
 
 
 def variable_name(node: Node) -> str:
@@ -193,7 +190,7 @@ class TargetEmitter:
             func = self.imports.reference(symbol, self.vendored)
             args = [cst.Arg(sub(c)) for c in node.args]
             for key, c in node.kwargs.items():
-                if key.isidentifier() and not keyword.iskeyword(key):
+                if is_python_name(key):
                     args.append(cst.Arg(sub(c), keyword=cst.Name(key), equal=_TIGHT_EQUAL))
                 else:
                     args.append(cst.Arg(cst.Dict([cst.DictElement(literal(key), sub(c))]), star="**"))
