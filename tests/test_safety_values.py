@@ -127,3 +127,24 @@ def test_range_violation_tells_range_from_type():
     assert not value_ok(0, hint) and range_violation(0, hint) == Range(ge=1)
     assert not value_ok("3", hint) and range_violation("3", hint) is None  # a type error, not a range one
     assert not value_ok(True, hint) and range_violation(True, hint) is None
+
+
+def test_train_py_flags_keep_the_same_ranges(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "pkg"
+    run_fgc("build", small_config(tmp_path), "-o", out, "--no-smoke", check=True)
+    for flag, value, message in (
+        ("--log-every", "-1", "argument --log-every: expected a whole number at least 0, got -1"),
+        ("--max-steps", "0", "argument --max-steps: expected a whole number at least 1, got 0"),
+        ("--seed", "x", "argument --seed: expected a whole number, got 'x'"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(out / "train.py"), flag, value, "--output-dir", str(tmp_path / "run")],
+            capture_output=True, text=True,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[-1].endswith(message)
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

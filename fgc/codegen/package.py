@@ -27,6 +27,7 @@ from fgc.ir import IRGraph
 from fgc_lowering.context import LoweringContext
 
 from .emit import ImportTable, TargetEmitter, code, literal
+from .escape import FILTERS, python_comment
 from .vendor import VendorError, vendor_symbols
 
 RUNTIME_DIR = Path(fgc_runtime.__file__).resolve().parent
@@ -67,7 +68,9 @@ RESOLVED = {
 
 
 def _jinja() -> jinja2.Environment:
-    return jinja2.Environment(
+    """The environment of the codegen templates, with the escaping filters of
+    :mod:`fgc.codegen.escape` (every ``{{ }}`` that prints text uses one of them)."""
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -75,6 +78,8 @@ def _jinja() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    env.filters.update(FILTERS)
+    return env
 
 
 def format_python(source: str) -> str:
@@ -153,12 +158,6 @@ class PackageBuilder:
             run = "python train.py"
             description = "one process (basic trainer)"
         data = self.ctx.settings.data
-        if data.text_files:
-            data_description = "`data/`, the byte-tokenized text of " + ", ".join(
-                f"`{t}`" for t in data.text_files
-            )
-        else:
-            data_description = f"`{data.data_dir}` (pass `--data DIR` to change it)"
         return {
             "config_name": self.ctx.config.stem if self.ctx.config.stem != "train" else self.ctx.config.parent.name,
             "config_display": self.stable_path(self.ctx.config),
@@ -173,7 +172,9 @@ class PackageBuilder:
             "nproc": plan.nproc,
             "run_command": run,
             "train_command": "python train.py",
-            "data_description": data_description,
+            # README.md's data line (the template escapes each name)
+            "text_files": list(data.text_files or ()),
+            "data_dir": data.data_dir,
             "ships_data": bool(data.text_files),
             "output_dir": self.ctx.settings.output_dir,
             # the model is built on the meta device and each rank materialises its share
@@ -224,7 +225,7 @@ class PackageBuilder:
             body=body,
             model_var=var,
             model_where=self.where(self.ir.node(model_root).loc),
-            weights_dir=None if weights_dir is None else code(literal(weights_dir)),
+            weights_dir=weights_dir,
             weights_where=weights_where,
         )
         return format_python(source)
@@ -347,7 +348,7 @@ class PackageBuilder:
                 continue
             node = self.ir.node(self.ir.targets[target])
             statements, _ = emitter.emit(target, var)
-            lines = [f"# {target}: {self.where(node.loc)}"] + [code(s).strip() for s in statements]
+            lines = [f"# {target}: {python_comment(self.where(node.loc))}"] + [code(s).strip() for s in statements]
             blocks.append("\n".join(lines))
         settings_pretrained = self.ctx.settings.pretrained.model_dir is not None
         fixed = [
@@ -359,7 +360,7 @@ class PackageBuilder:
             "from fgc_runtime.optim import describe_groups, param_groups",
             "from fgc_runtime.log import RankLog",
             "from fgc_runtime.train import MFU, Throughput, count_targets, grad_norm, loss_sum_and_count,"
-            " peak_memory_bytes, set_seed",
+            " peak_memory_bytes, set_seed, whole_number",
             "from model import WEIGHTS_DIR, build_model" if settings_pretrained else "from model import build_model",
         ]
         if self.ctx.plan.trainer_type == "ddp":
@@ -501,6 +502,15 @@ class PackageBuilder:
         files["launch.sh"] = self.jinja.get_template("launch.sh.j2").render(common).encode()
         files["README.md"] = self.jinja.get_template("README.md.j2").render(common).encode()
         requirements = ["torch>=2.4"] + sorted({distribution_of(m) for m in self.third_party})
+        # What the runtime uses when it is installed, and which runs without it; one the config
+        # itself imports is a requirement above instead.
+        optional = [
+            ("tensorboard", "TensorBoard event files in OUTPUT_DIR/tensorboard/"),
+            ("tokenizers", "text samples during training, when the data has a Hugging Face tokenizer.json"),
+            ("torchao", "train.py --export-hf DIR --quantize RECIPE"),
+            ("triton", "the Triton kernels, on a CUDA GPU; the torch code runs without it"),
+        ]
+        requirements += [f"# optional: {name} ({why})" for name, why in optional if name not in requirements]
         files["requirements.txt"] = ("\n".join(requirements) + "\n").encode()
         files["manifest.json"] = self.manifest(files, config_hash).encode()
         return Package(files)

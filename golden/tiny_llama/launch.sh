@@ -6,8 +6,9 @@
 #   multi-node:        --nnodes N --node-rank R --rdzv-endpoint HOST:PORT [--rdzv-id ID] [--rdzv-backend B]
 #                      (the rendezvous backend is c10d unless given)
 # Other arguments before `--` go to torchrun as they are (e.g. --shutdown-timeout 120).
-# A SIGTERM to this script goes to the trainer processes: they save at the next step boundary
-# and exit 0 (a SIGTERM to torchrun itself makes torchrun exit 1 even after a clean stop).
+# A SIGTERM or a Ctrl-C (SIGINT) to this script goes to the trainer processes, once each: they
+# save at the next step boundary and exit 0. A second Ctrl-C stops them at once, saving nothing,
+# and this script exits 130. (A signal to torchrun itself makes it exit 1 even after a clean stop.)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -65,12 +66,25 @@ if $dry_run; then
     echo "${devices:+CUDA_VISIBLE_DEVICES=$devices }${line% }"
     exit 0
 fi
+# torchrun runs in a process group of its own (job control, `set -m`), so that a Ctrl-C at the
+# terminal reaches this script alone, which passes it on once: torchrun would pass on its own
+# copy too, and the trainers would take the two as a second Ctrl-C.
+set -m
 "${command[@]}" &
 torchrun_pid=$!
+set +m
+interrupts=0
 # torchrun's children are the trainer processes; without pkill, torchrun forwards the signal itself
-trap 'pkill -TERM -P "$torchrun_pid" 2>/dev/null || kill -TERM "$torchrun_pid" 2>/dev/null || true' TERM
-# a trap interrupts `wait`: wait again until torchrun has exited, then exit with its status
-until wait "$torchrun_pid"; do
-    status=$?
-    kill -0 "$torchrun_pid" 2>/dev/null || exit "$status"
+forward() { pkill "-$1" -P "$torchrun_pid" 2>/dev/null || kill "-$1" "$torchrun_pid" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'interrupts=$((interrupts + 1)) && forward INT' INT
+trap 'forward HUP' HUP
+trap 'forward QUIT' QUIT
+# a trap interrupts `wait`: wait again until torchrun has exited, then take its status
+while kill -0 "$torchrun_pid" 2>/dev/null; do
+    wait "$torchrun_pid" || true
 done
+wait "$torchrun_pid" && status=0 || status=$?
+# a second Ctrl-C stopped the trainers at once: exit as a command stopped by Ctrl-C does
+[ "$interrupts" -lt 2 ] || exit 130
+exit "$status"

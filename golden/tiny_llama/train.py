@@ -28,6 +28,7 @@ from fgc_runtime.train import (
     loss_sum_and_count,
     peak_memory_bytes,
     set_seed,
+    whole_number,
 )
 from model import build_model
 
@@ -125,7 +126,10 @@ def parse_args(argv=None):
     """The command line; every default comes from the config."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--max-steps", type=int, default=MAX_STEPS, help="stop after N optimizer steps"
+        "--max-steps",
+        type=whole_number(1),
+        default=MAX_STEPS,
+        help="stop after N optimizer steps",
     )
     parser.add_argument(
         "--output-dir", default=OUTPUT_DIR, help="checkpoints and metrics.jsonl go here"
@@ -134,13 +138,28 @@ def parse_args(argv=None):
     parser.add_argument(
         "--resume", default="auto", help="auto | never | PATH of a checkpoint"
     )
-    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output dir that holds a run, replacing its checkpoints and metrics (with --resume never)",
+    )
+    parser.add_argument(
+        "--nonfinite",
+        choices=["error", "skip"],
+        default="error",
+        help="a nan or infinite loss or gradient norm: stop before the optimizer step (error), or drop that step's update (skip)",
+    )
+    parser.add_argument("--seed", type=whole_number(0, 2**63 - 1), default=SEED)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=DEVICE)
-    parser.add_argument("--log-every", type=int, default=LOG_EVERY, help="0 = never")
-    parser.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="0 = never")
+    parser.add_argument(
+        "--log-every", type=whole_number(0), default=LOG_EVERY, help="0 = never"
+    )
+    parser.add_argument(
+        "--eval-every", type=whole_number(0), default=EVAL_EVERY, help="0 = never"
+    )
     parser.add_argument(
         "--save-every",
-        type=int,
+        type=whole_number(0),
         default=SAVE_EVERY,
         help="0 = no periodic saves; one is always written at the end",
     )
@@ -182,7 +201,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--max-shard-bytes",
-        type=int,
+        type=whole_number(1),
         default=hf.DEFAULT_MAX_SHARD_BYTES,
         help="Hugging Face exports (--export-hf, final/) are split into safetensors shards of at most this size",
     )
@@ -246,9 +265,14 @@ def main(argv=None):
             args,
         )
         return
-    # SIGTERM: save and stop at the next step boundary; SIGUSR1: save and go on (fgc_runtime/control.py).
+    # SIGTERM or a first Ctrl-C: save and stop at the next step boundary (a second Ctrl-C stops at
+    # once); SIGUSR1: save and go on (fgc_runtime/control.py).
     ctl = control.Control.install()
     dist = distributed.init_distributed(args.device, timeout_s=args.collective_timeout)
+    if not (args.dry_run or args.debug_optimizer_groups):
+        # One run per output dir: rank 0 locks it (OUTPUT_DIR/.fgc-lock) until it exits, before
+        # anything there is read or written; a second run is refused on every rank.
+        ctl.lock_output_dir(args.output_dir, dist)
     if GLOBAL_BATCH_SIZE % (dist.world_size * MICRO_BATCH_SIZE):
         raise RunError(
             f"the global batch {GLOBAL_BATCH_SIZE} does not split into {dist.world_size} ranks "
@@ -291,9 +315,24 @@ def main(argv=None):
         distributed.shutdown(dist)
         return
 
+    # The end of training exports the model to OUTPUT_DIR/final: a directory there that is not an
+    # earlier export is an error now, not after training (rank 0 checks; every rank stops with it).
+    checkpoint.agree(
+        dist,
+        hf.check_export_dir,
+        str(output_dir / "final"),
+        "the end of training exports the model there: move it away, or use another --output-dir",
+    )
     start_step, tokens_seen = 0, 0
+    # Rank 0 takes the checkpoint `latest` names, else the newest by step, that verifies against
+    # its manifest (a warning names any passed over), and refuses --resume never in an output dir
+    # that holds a run unless --overwrite; every rank gets its answer.
     resume_from = (
-        None if args.dry_run else checkpoint.resolve_resume(args.resume, output_dir)
+        None
+        if args.dry_run
+        else checkpoint.choose_resume(
+            args.resume, output_dir, dist, overwrite=args.overwrite
+        )
     )
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, rank=dist.rank)
@@ -343,7 +382,7 @@ def main(argv=None):
             rank=dist.rank,
             world_size=dist.world_size,
             keep_last_n=KEEP_LAST_N,
-            barrier=lambda: distributed.barrier(dist),
+            dist=dist,  # barriers between the phases; rank 0 refuses non-finite weights for all
         )
 
     if args.dry_run:
@@ -378,6 +417,7 @@ def main(argv=None):
     log.info(model_flops.describe())
     train_model.train()
     step = last_saved = start_step
+    skipped_steps = 0  # since the last metrics record: steps whose update was dropped (--nonfinite skip)
     ctl.attach(output_dir, dist, max_steps=args.max_steps, step=start_step)
     for step in range(start_step + 1, args.max_steps + 1):
         input_ids, labels = sampler.batch(step - 1)
@@ -400,14 +440,30 @@ def main(argv=None):
                     train_model, input_ids[rows], labels[rows], n_targets, dist
                 )
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP).item()
+        tokens_seen += int(n_targets.item())
+        # the step's global loss sum, on every rank
+        distributed.all_reduce_sum(step_loss_sum, dist)
+        # A nan or infinite loss or gradient norm, the same on every rank, stops the run
+        # before the optimizer step (--nonfinite skip: drops this step's update instead; the
+        # schedule still advances).
+        problem = checkpoint.nonfinite(loss=step_loss_sum, gradient_norm=norm)
+        if problem is not None:
+            if args.nonfinite == "error":
+                raise checkpoint.nonfinite_error(
+                    step, problem, output_dir, quiet=not dist.is_main
+                )
+            skipped_steps += 1
+            if dist.is_main:
+                log.warning(
+                    f"step {step}: {problem}; its update is dropped (--nonfinite skip)"
+                )
         lr = lr_scheduler.get_last_lr()[0]
-        optimizer.step()
+        if problem is None:
+            optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_seen += int(n_targets.item())
 
         if args.log_every and (step % args.log_every == 0 or step == args.max_steps):
-            distributed.all_reduce_sum(step_loss_sum, dist)
             rate = throughput.update(tokens_seen - logged_tokens)
             logged_tokens = tokens_seen
             peak_mem = torch.tensor(peak_memory_bytes(dist.device), device=dist.device)
@@ -426,8 +482,14 @@ def main(argv=None):
                     rate["elapsed_s"], step - start_step, args.max_steps - step
                 ),
             )
+            line = metrics.format_record(record)
+            if skipped_steps:
+                # steps since the last record whose update was dropped (--nonfinite skip)
+                record["skipped_steps"] = skipped_steps
+                line += f" | skipped {skipped_steps}"
+                skipped_steps = 0
             logger.log(record)
-            log.info(metrics.format_record(record))
+            log.info(line)
             log.status(metrics.format_progress(record))
         log.progress(step)
         if val_data is not None and step % args.eval_every == 0:

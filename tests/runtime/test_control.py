@@ -76,7 +76,7 @@ def write_record(path, **changes):
     }
     record.update(changes)
     record["ranks"] = record["ranks"] or [
-        {"rank": 0, "host": record["host"], "pid": record["pid"], "start": None}
+        {"rank": 0, "host": record["host"], "pid": record["pid"], "start": None, "cmdline": None}
     ]
     (path / "control.json").write_text(json.dumps(record))
 
@@ -104,10 +104,11 @@ def test_a_dead_pid_is_an_error_and_gets_no_signal(tmp_path, capsys):
 
 def test_a_reused_pid_is_not_the_job(tmp_path):
     # this process is alive, but its recorded start time is not this process's: a reused pid
+    start, cmdline = control._identity(os.getpid())
     write_record(tmp_path, pid=os.getpid(), ranks=[
-        {"rank": 0, "host": control.socket.gethostname(), "pid": os.getpid(), "start": -1}
+        {"rank": 0, "host": control.socket.gethostname(), "pid": os.getpid(), "start": start + 1, "cmdline": cmdline}
     ])
-    with pytest.raises(RunError, match="no running job"):
+    with pytest.raises(RunError, match=rf"rank 0 \(pid {os.getpid()}\) is not the job's process any more"):
         control.send("stop", tmp_path)
 
 

@@ -6,7 +6,11 @@ without them the trainer runs as one process and no process group is created.
 
 from __future__ import annotations
 
+import ctypes
+import io
+import json
 import os
+import pickle
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -91,6 +95,7 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
         backend = "nccl"
     else:
         backend = "gloo"
+    _object_transport_without_numpy()
     if not dist.is_initialized():
         timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
         dist.init_process_group(
@@ -105,6 +110,33 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     )
 
 
+def _object_transport_without_numpy() -> None:
+    """Let torch's own object collectives work where numpy is missing (a package needs torch only).
+
+    The runtime sends no Python object through them (see :func:`all_gather_json`), but torch
+    does: the pipeline stages exchange their tensor shapes with ``send_object_list`` and
+    ``recv_object_list``, and torch turns the received bytes back into objects with
+    ``tensor.numpy()``. Without numpy, that one step is replaced by a copy of the bytes.
+    """
+    try:
+        torch.zeros(1).numpy()
+        return  # numpy works: torch's code as it is
+    except RuntimeError:
+        pass
+    c10d = dist.distributed_c10d
+    original = getattr(c10d, "_tensor_to_object", None)
+    if original is None or getattr(original, "_fgc_without_numpy", False):
+        return
+    unpickler = getattr(c10d, "_unpickler", pickle.Unpickler)
+
+    def _tensor_to_object(tensor, tensor_size, *args, **kwargs):
+        # the objects torch sends between its own ranks, as torch itself would read them
+        return unpickler(io.BytesIO(_tensor_bytes(tensor.reshape(-1), int(tensor_size)))).load()
+
+    _tensor_to_object._fgc_without_numpy = True
+    c10d._tensor_to_object = _tensor_to_object
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum ``t`` over all ranks in place and return it; a no-op for a single process."""
     if info.distributed:
@@ -112,13 +144,84 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def all_gather_object(obj, info: DistInfo) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects); ``[obj]`` for a single process."""
+def all_gather_json(value, info: DistInfo) -> list:
+    """``[value of rank 0, value of rank 1, ...]`` for a JSON value (tuples come back as lists);
+    ``[value]`` for a single process.
+
+    torch's ``all_gather_object`` would do, but it turns the bytes back into objects through
+    numpy, which a package does not require (and it unpickles what the other ranks send).
+    """
     if not info.distributed:
+        return [value]
+    data = json.dumps(value, sort_keys=True).encode("utf-8")
+    return [json.loads(raw) for raw in _gather_bytes(data, info.device, dst=None)]
+
+
+def broadcast_json(value, info: DistInfo):
+    """Rank 0's VALUE (JSON data) on every rank: its length, then its bytes, as tensors on the
+    trainer's device (torch's ``broadcast_object_list`` would unpickle, and needs numpy). Every
+    rank calls it; the others' VALUE is ignored."""
+    if not info.distributed:
+        return value
+    data = json.dumps(value).encode("utf-8") if info.is_main else b""
+    length = torch.tensor([len(data)], dtype=torch.int64, device=info.device)
+    dist.broadcast(length, src=0)
+    buf = torch.zeros(int(length.item()), dtype=torch.uint8, device=info.device)
+    if info.is_main and data:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src=0)
+    return json.loads(_tensor_bytes(buf, len(buf)).decode("utf-8"))
+
+
+def gather_tensors(obj, device: torch.device, dst: int = 0):
+    """On rank DST, ``[obj of rank 0, obj of rank 1, ...]`` over the default process group;
+    None on the other ranks. OBJ is made of tensors, numbers, strings, None, lists, tuples and
+    dicts (a state dict); tensors arrive on the CPU. DEVICE holds the bytes in transit (the CPU
+    for gloo, this rank's GPU for nccl). Every rank must call it.
+
+    The objects travel as ``torch.save`` bytes and are read with ``torch.load(weights_only=True)``:
+    no numpy (which torch's ``gather_object`` needs) and no unpickling of code.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [obj]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    gathered = _gather_bytes(buffer.getvalue(), device, dst=dst)
+    if gathered is None:
+        return None
+    return [torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True) for raw in gathered]
+
+
+def _gather_bytes(data: bytes, device: torch.device, dst: int | None) -> list[bytes] | None:
+    """Every rank's DATA, on rank DST (None elsewhere), or on every rank when DST is None.
+
+    Two collectives: the lengths, then the bytes, each rank's padded to the longest.
+    """
+    world_size = dist.get_world_size()
+    length = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world_size)]
+    dist.all_gather(lengths, length)
+    lengths = [int(n.item()) for n in lengths]
+    # at least one byte: a collective of empty tensors is not supported by every backend
+    padded = torch.zeros(max(max(lengths), 1), dtype=torch.uint8, device=device)
+    if data:
+        padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    if dst is None:
+        out = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(out, padded)
+    else:
+        mine = dist.get_rank() == dst
+        out = [torch.empty_like(padded) for _ in range(world_size)] if mine else None
+        dist.gather(padded, out, dst=dst)
+        if not mine:
+            return None
+    return [_tensor_bytes(t, n) for t, n in zip(out, lengths)]
+
+
+def _tensor_bytes(t: torch.Tensor, n: int) -> bytes:
+    """The first N bytes of a uint8 tensor (copied to the CPU)."""
+    t = t[:n].cpu().contiguous()
+    return ctypes.string_at(t.data_ptr(), n) if n else b""
 
 
 def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

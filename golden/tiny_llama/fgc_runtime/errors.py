@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -9,11 +10,13 @@ class RunError(Exception):
     """A user error of the trainer (bad data dir, bad flag, bad checkpoint path).
 
     ``str(err)`` is ``"PATH: error: MESSAGE"`` when a path is given, else ``"error: MESSAGE"``.
+    A ``quiet`` error exits with status 2 without a line: another rank prints the reason.
     """
 
-    def __init__(self, message: str, path=None):
+    def __init__(self, message: str, path=None, quiet: bool = False):
         self.message = message
         self.path = None if path is None else str(path)
+        self.quiet = quiet
         super().__init__(message)
 
     def __str__(self) -> str:
@@ -25,16 +28,24 @@ class RunError(Exception):
 def run_main(main, argv=None) -> None:
     """Call ``main(argv)``; a :class:`RunError` is printed to stderr and exits with status 2.
 
-    Other exceptions propagate: they are bugs, and their traceback is wanted. Whatever happens,
-    the process group (if any) is torn down, so no rank leaves its peers waiting at exit.
+    A Ctrl-C that reaches Python as KeyboardInterrupt (before the trainer's own SIGINT handler is
+    installed, or in a command that has none, such as ``--export-hf``) is one line and exit
+    status 130. Other exceptions propagate: they are bugs, and their traceback is wanted.
+    Whatever happens, the process group (if any) is torn down, so no rank leaves its peers
+    waiting at exit.
     """
     failed = True
     try:
         main(argv)
         failed = False
     except RunError as err:
-        print(str(err), file=sys.stderr)
+        if not err.quiet:
+            print(str(err), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted: exiting", file=sys.stderr)
+        sys.exit(130)
     finally:
         _close_process_group(failed)
 

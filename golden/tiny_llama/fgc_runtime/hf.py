@@ -17,17 +17,20 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from . import quantize, safetensors
-from .checkpoint import find_checkpoint, resolve_resume
+from .checkpoint import checkpoint_path, load_file, newest_verified, nonfinite_tensor
 from .errors import RunError
 
 EXPORT_SPEC = "hf_config.json"  # in the package, beside train.py
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' own default shard size is of this order
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+EXPORT_MARKER = "fgc-export.json"  # written into every export: what it wrote
+EXPORT_FORMAT = "fgc-hf-export"
 REMOTE_PREFIX = "fgc_model."  # parameter names of a custom architecture inside its wrapper
 # Non-persistent buffers that older transformers checkpoints still carry: never weights.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -111,10 +114,11 @@ def read_export_spec(package_dir) -> dict:
 
 
 def export_checkpoint_dir(arg: str | None, output_dir) -> Path:
-    """The checkpoint ``--export-hf`` writes: ``--checkpoint PATH``, else the newest in OUTPUT_DIR."""
+    """The checkpoint ``--export-hf`` writes: ``--checkpoint PATH`` (an error unless it verifies),
+    else the one ``--resume auto`` would take: the newest in OUTPUT_DIR that verifies."""
     if arg is not None:
-        return resolve_resume(arg, output_dir)
-    found = find_checkpoint(output_dir)
+        return checkpoint_path(arg)
+    found = newest_verified(output_dir, doing="exporting", hint="pass --checkpoint PATH of a good one")
     if found is None:
         raise RunError(
             "no complete checkpoint to export (train first, or pass --checkpoint PATH)",
@@ -128,8 +132,64 @@ def export_checkpoint(checkpoint_dir, out_dir, package_dir, **kwargs) -> Path:
     path = Path(checkpoint_dir) / "model.pt"
     if not path.is_file():
         raise RunError("checkpoint file model.pt is missing", path=path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_file(path)
     return export(state, out_dir, package_dir, **kwargs)
+
+
+def read_export_marker(out_dir) -> list[str] | None:
+    """The files the earlier export in OUT_DIR wrote, from its ``fgc-export.json``; None when
+    there is no valid marker (no file, not JSON, another format, or a name with a directory part:
+    a marker never makes an export delete anything outside its own directory)."""
+    try:
+        marker = json.loads((Path(out_dir) / EXPORT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != EXPORT_FORMAT:
+        return None
+    files = marker.get("files")
+    if not isinstance(files, list):
+        return None
+    for name in files:
+        if not isinstance(name, str) or name in ("", ".", "..", EXPORT_MARKER) or "/" in name or "\\" in name:
+            return None
+    return files
+
+
+def check_export_dir(out_dir, hint: str | None = None) -> None:
+    """A RunError naming OUT_DIR unless an export may write there: a missing directory, an empty
+    one, or an earlier export (its ``fgc-export.json``). HINT ends the message (what to do).
+    Nothing is written."""
+    _export_target(Path(out_dir), hint)
+
+
+def _export_target(out_dir: Path, hint: str | None = None) -> tuple[list[str], list[str]] | None:
+    """None for a missing OUT_DIR; else the files of the earlier export there (possibly none)
+    and the other entries (the user's, kept). A RunError for anything an export may not replace."""
+    hint = hint or "choose an empty or new directory"
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise RunError(f"a symbolic link to nothing: an export cannot be written here; {hint}", path=out_dir)
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise RunError(f"not a directory: an export cannot be written here; {hint}", path=out_dir)
+    try:
+        entries = sorted(p.name for p in out_dir.iterdir())
+    except OSError as err:
+        raise RunError(f"cannot read the directory ({err.strerror})", path=out_dir) from None
+    if not entries:
+        return [], []
+    previous = read_export_marker(out_dir)
+    if previous is None:
+        what = "its fgc-export.json is not valid" if EXPORT_MARKER in entries else "it has no fgc-export.json"
+        raise RunError(
+            f"not replacing this directory: it is not empty and {what}, so it is not an earlier export "
+            f"(an export replaces only those); {hint}",
+            path=out_dir,
+        )
+    # only regular files the marker lists are the export's: anything else there is the user's
+    ours = [n for n in previous if (out_dir / n).is_file() and not (out_dir / n).is_symlink()]
+    user = [n for n in entries if n != EXPORT_MARKER and n not in ours]
+    return ours, user
 
 
 def export(
@@ -149,9 +209,19 @@ def export(
     MAX_SHARD_BYTES with an index), the tokenizer files found first in TOKENIZER_DIRS and, for a
     custom architecture, the modelling code ``config.json``'s ``auto_map`` names. A tied weight
     is written once, under its source name. With QUANTIZE_RECIPE, the projection weights are
-    quantized with torchao (:mod:`.quantize`; standard architectures only). The directory is
-    written beside OUT_DIR, then renamed into place (an earlier export there is replaced).
+    quantized with torchao (:mod:`.quantize`; standard architectures only).
+
+    ``fgc-export.json`` records the files written. OUT_DIR may be missing (the export is written
+    beside it, then renamed into place), empty, or an earlier export: then only the files its
+    marker lists are replaced or removed, and files the user added are kept (one whose name the
+    new export writes is an error). Anything else is a RunError, and nothing is touched. So are
+    weights with a nan or infinite value.
     """
+    out_dir = Path(out_dir)
+    problem = nonfinite_tensor(state)
+    if problem is not None:
+        raise RunError(f"not exporting weights that are not finite: {problem}", path=out_dir)
+    target = _export_target(out_dir)
     package_dir = Path(package_dir)
     spec = read_export_spec(package_dir)
     config = dict(spec["config"])
@@ -159,9 +229,9 @@ def export(
     if eos_token_id is not None and config.get("eos_token_id") is None:
         config["eos_token_id"] = generation["eos_token_id"] = eos_token_id
     tensors = {k: v for k, v in state.items() if k not in spec["tied"] and not _IGNORED.search(k)}
-    for target, source in spec["tied"].items():
-        if target in state and source in state and not torch.equal(state[target], state[source]):
-            raise RunError(f"{target} should be tied to {source} but differs from it", path=out_dir)
+    for target_name, source in spec["tied"].items():
+        if target_name in state and source in state and not torch.equal(state[target_name], state[source]):
+            raise RunError(f"{target_name} should be tied to {source} but differs from it", path=out_dir)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
@@ -174,32 +244,62 @@ def export(
         tensors, quantized_metadata, config["quantization_config"] = quantize.quantize(tensors, quantize_recipe)
         metadata.update(quantized_metadata)
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    safetensors.save_sharded(tensors, tmp, max_shard_bytes, metadata=metadata)
-    _write_json(tmp / "config.json", config)
-    _write_json(tmp / "generation_config.json", generation)
-    for directory in tokenizer_dirs:
-        found = [n for n in TOKENIZER_FILES if directory is not None and (Path(directory) / n).is_file()]
-        for name in found:
-            shutil.copyfile(Path(directory) / name, tmp / name)
-        if found:
-            break
-    if spec["remote_code"]:
-        _write_remote_code(tmp, package_dir)
-    if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
+    # Staged in a directory of our own (beside OUT_DIR when it is missing, else inside it, so the
+    # files move by rename); removed whatever happens.
+    if target is None:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.fgc-export-", dir=out_dir.parent))
     else:
-        os.replace(tmp, out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=".fgc-export-", dir=out_dir))
+    try:
+        safetensors.save_sharded(tensors, staging, max_shard_bytes, metadata=metadata)
+        _write_json(staging / "config.json", config)
+        _write_json(staging / "generation_config.json", generation)
+        for directory in tokenizer_dirs:
+            found = [n for n in TOKENIZER_FILES if directory is not None and (Path(directory) / n).is_file()]
+            for name in found:
+                shutil.copyfile(Path(directory) / name, staging / name)
+            if found:
+                break
+        if spec["remote_code"]:
+            _write_remote_code(staging, package_dir)
+        written = sorted(p.name for p in staging.iterdir())
+        if target is None:
+            _write_marker(staging, written, staging)
+            os.replace(staging, out_dir)
+        else:
+            _replace_export(out_dir, staging, written, *target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return out_dir
+
+
+def _write_marker(directory: Path, files: list[str], staging: Path) -> None:
+    """``fgc-export.json`` in DIRECTORY, replaced atomically (written in STAGING, the export's own
+    directory, then renamed): an export wrote FILES there."""
+    tmp = staging / f".{EXPORT_MARKER}.tmp"
+    _write_json(tmp, {"format": EXPORT_FORMAT, "version": 1, "files": sorted(files)})
+    os.replace(tmp, directory / EXPORT_MARKER)
+
+
+def _replace_export(out_dir: Path, staging: Path, written: list[str], old: list[str], user: list[str]) -> None:
+    """Move the export staged in STAGING (inside OUT_DIR) into OUT_DIR, in place of the earlier
+    export's files OLD; the user's entries USER stay. The marker first lists both exports' files,
+    so an interruption leaves a directory the next export still recognises and cleans."""
+    clash = sorted(set(user) & set(written))
+    if clash:
+        raise RunError(
+            f"{clash[0]} was added to this export by hand, and the new export writes a file of that name: "
+            "move it away first",
+            path=out_dir,
+        )
+    _write_marker(out_dir, sorted(set(old) | set(written)), staging)
+    for name in sorted(set(old) - set(written)):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in written:
+        os.replace(staging / name, out_dir / name)
+    _write_marker(out_dir, written, staging)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import RunError
 
 SCHEDULE_CLASSES = {
@@ -254,8 +255,8 @@ def full_state_dicts(part: nn.Module, optimizer: torch.optim.Optimizer, dp_rank:
     mine = None
     if dp_rank == 0:
         mine = (_to_cpu(part.state_dict()), _to_cpu(optimizer_state_by_name(optimizer, _names(part))))
-    gathered = [None] * torch.distributed.get_world_size() if rank == 0 else None
-    torch.distributed.gather_object(mine, gathered, dst=0)
+    # the bytes travel on this rank's device (the CPU with gloo, its GPU with nccl)
+    gathered = distributed.gather_tensors(mine, next(part.parameters()).device, dst=0)
     if rank != 0:
         return None, None
     parts = [g for g in gathered if g is not None]

@@ -10,6 +10,7 @@ pre-clip norm); :func:`grad_norm` is for measuring without clipping.
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import re
@@ -32,6 +33,24 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def whole_number(minimum: int, maximum: int | None = None):
+    """An argparse ``type``: a whole number from MINIMUM (to MAXIMUM), so that a flag cannot take
+    a value the config could not (the ranges of fgc's settings: ``--log-every -1`` is an error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"  # argparse names the type in its messages
+    return parse
 
 
 def loss_sum_and_count(
