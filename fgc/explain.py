@@ -52,42 +52,46 @@ def model_facts(compiled: Compiled) -> ModelFacts:
         raise FgcError(
             f"the model does not build: {type(exc).__name__}: {exc}", ir.node(ir.targets["model"]).loc
         ) from None
+    from fgc_runtime.parallel import has_method, layer_tp_plan
+
     params = list(model.parameters())  # shared (tied) parameters appear once
     total = sum(p.numel() for p in params)
+    # lookup tables (token and learned position embeddings): no matmul
     embedding_ids = {
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)
     }
     embedding = sum(p.numel() for p in params if id(p) in embedding_ids)
-    head = getattr(model, "lm_head", None)
-    tied = head is not None and id(head.weight) in embedding_ids
-    matmul = total - embedding + (head.weight.numel() if tied else 0)
-    layer = next(iter(getattr(getattr(model, "model", model), "layers", [])), None)
-    attn = getattr(layer, "self_attn", None)
-    mlp = getattr(layer, "mlp", None)
-    from fgc_runtime.parallel import COLWISE_PROJECTIONS, ROWWISE_PROJECTIONS
-
-    layers = getattr(getattr(model, "model", model), "layers", None) or []
-    split_names = set(COLWISE_PROJECTIONS) | set(ROWWISE_PROJECTIONS)
-    tp_split = sum(
-        p.numel()
-        for block in layers
-        for name, module in block.named_modules()
-        if name.split(".")[-1] in split_names
-        for p in module.parameters(recurse=False)
-    )
+    # a head tied to the embedding: a Linear whose weight is a lookup table too (used in a matmul)
+    tied = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) in embedding_ids]
+    matmul = total - embedding + sum(w.numel() for w in tied)
+    layers = list(model.decoder_layers()) if has_method(model, "decoder_layers") else []
+    # the projections tensor parallelism splits: those the layers' parts name in their tp_plan
+    tp_split = 0
+    for block in layers:
+        split = layer_tp_plan(block)
+        tp_split += sum(
+            p.numel() for name, module in block.named_modules() if name in split for p in module.parameters(recurse=False)
+        )
+    # the shape of the first layer's parts, by the sizes they declare tensor parallelism divides
+    sizes: dict[str, int] = {}
+    for module in layers[0].modules() if layers else ():
+        for attr in getattr(module, "tp_divisible", ()):
+            value = getattr(module, attr, None)
+            if isinstance(value, int):
+                sizes.setdefault(attr, value)
     return ModelFacts(
         tp_split=tp_split,
         layer_params=max((sum(p.numel() for p in block.parameters()) for block in layers), default=0),
         total=total,
         embedding=embedding,
         matmul=matmul,
-        layers=getattr(model, "num_hidden_layers", None),
+        layers=len(layers) if layers else getattr(model, "num_hidden_layers", None),
         hidden=getattr(model, "hidden_size", None),
-        heads=getattr(attn, "num_heads", getattr(attn, "num_attention_heads", None)),
-        kv_heads=getattr(attn, "num_key_value_heads", getattr(attn, "num_kv_heads", None)),
-        intermediate=getattr(getattr(mlp, "up_proj", None), "out_features", None),
+        heads=sizes.get("num_attention_heads"),
+        kv_heads=sizes.get("num_key_value_heads"),
+        intermediate=sizes.get("intermediate_size"),
         vocab=getattr(model, "vocab_size", None),
-        tied=tied,
+        tied=bool(tied),
         factored=sum(
             p.shape[:-1].numel() + (p.shape[:-2] + p.shape[-1:]).numel() if p.ndim > 1 else p.numel()
             for p in params
@@ -95,16 +99,15 @@ def model_facts(compiled: Compiled) -> ModelFacts:
     )
 
 
-def flops_per_token(facts: ModelFacts, seq_len: int) -> tuple[float | None, str]:
-    """Training FLOPs per token and the formula with its numbers."""
-    if facts.layers is None or facts.hidden is None:
-        return None, "unknown: the model does not say its layers and width"
-    value = 6 * facts.matmul + 12 * facts.layers * facts.hidden * seq_len
-    text = (
-        f"6*N + 12*L*H*T = 6*{facts.matmul:,} + 12*{facts.layers}*{facts.hidden}*{seq_len}"
-        f" = {value:,.0f}  (N: parameters in matmuls, L layers, H width, T sequence length)"
-    )
-    return value, text
+def flops_per_token(compiled: Compiled, seq_len: int) -> tuple[float | None, str]:
+    """Training FLOPs per token and the formula with its numbers: the model's own count
+    (``model.flops_per_token(seq_len)``, the number the trainer's MFU uses too)."""
+    from fgc_runtime.parallel import has_method
+
+    model = meta_model(compiled.ir, compiled.ctx)  # model_facts has built it (or reported why not)
+    if not has_method(model, "flops_per_token"):
+        return None, f"unknown: the model ({type(model).__name__}) has no flops_per_token(seq_len)"
+    return model.flops_per_token(seq_len)
 
 
 def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
@@ -219,13 +222,20 @@ def explain_summary(compiled: Compiled) -> str:
     lines.append(f"  total          {facts.total:>14,}" + ("  (tied embedding and head counted once)" if facts.tied else ""))
     lines.append(f"  embedding      {facts.embedding:>14,}")
     lines.append(f"  non-embedding  {facts.total - facts.embedding:>14,}")
-    value, formula = flops_per_token(facts, settings.seq_len)
+    value, formula = flops_per_token(compiled, settings.seq_len)
     lines += ["", "training FLOPs per token:", f"  {formula}"]
     lines += ["", "parallel plan:"]
     mesh = " x ".join(f"{name}={size}" for name, size in plan.mesh) or "none (one process)"
     lines.append(f"  trainer {plan.trainer_type}, launcher {plan.launcher}, {plan.nproc} rank(s), mesh: {mesh}")
     if plan.fsdp_units != "none":
         lines.append(f"  FSDP2 units: {plan.fsdp_units}")
+    if plan.tensor_parallel:
+        tp = plan.tensor_parallel
+        lines.append(
+            f"  tensor parallel over {tp['degree']} ranks, as the layers' parts declare: column-wise "
+            f"{', '.join(tp['colwise']) or 'none'}; row-wise {', '.join(tp['rowwise']) or 'none'}; "
+            f"whole on every rank: {tp['replicated']}"
+        )
     if plan.pipeline:
         pp = plan.pipeline
         lines.append(

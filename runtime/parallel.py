@@ -1,10 +1,10 @@
 """Applying the plan's parallelism to a model, per decoder layer, in the order the plan gives:
 tensor parallel, activation checkpointing, compile, FSDP2.
 
-A decoder layer is a child of an ``nn.ModuleList`` attribute named ``layers`` (as in the component
-library and transformers' models). Both functions change modules in place and keep every
-parameter name; with FSDP2, checkpoints hold the full (gathered) state dicts, so they are the same
-with or without any of them.
+The model says which modules are its decoder layers (``model.decoder_layers()``, as the component
+library's ``CausalLM`` does), and each part of a layer says how tensor parallelism splits it (its
+``tp_plan``). These functions change modules in place and keep every parameter name; with FSDP2,
+checkpoints hold the full (gathered) state dicts, so they are the same with or without any of them.
 """
 
 from __future__ import annotations
@@ -16,12 +16,21 @@ from torch.utils.checkpoint import checkpoint
 from .errors import RunError
 
 
+def has_method(obj, name: str) -> bool:
+    """Whether OBJ's class defines a method NAME (a submodule or attribute of that name does not
+    count: ``self.embed = nn.Embedding(...)`` is callable, but not the protocol's ``embed``)."""
+    return callable(getattr(type(obj), name, None))
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of MODEL, in order (a RunError when it has none)."""
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == "layers" and isinstance(module, nn.ModuleList):
-            return list(module)
-    raise RunError("the model has no `layers` ModuleList: cannot apply per-layer settings")
+    """The decoder layers of MODEL, in order, as its ``decoder_layers()`` gives them (a RunError
+    when it has no such method)."""
+    if not has_method(model, "decoder_layers"):
+        raise RunError(
+            f"the model ({type(model).__name__}) has no decoder_layers() method: cannot apply "
+            "per-layer settings (activation checkpointing, compile, FSDP2, tensor parallelism)"
+        )
+    return list(model.decoder_layers())
 
 
 # Under selective checkpointing these ops' outputs are kept (they are the expensive ones); every
@@ -80,13 +89,6 @@ def apply_compile(model: nn.Module, mode: str | None = None, fullgraph: bool = F
     return len(layers)
 
 
-# Tensor parallelism of a decoder layer: these projections are split by output features (each
-# rank computes some heads, or some of the MLP's hidden features), these by input features (each
-# rank's partial output is summed over the tensor-parallel ranks).
-COLWISE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROWWISE_PROJECTIONS = ("o_proj", "down_proj")
-
-
 def tensor_parallel_mesh(device: torch.device, tensor_degree: int):
     """The 2-D ("dp_shard", "tp") device mesh over every rank: groups of TENSOR_DEGREE neighbouring
     ranks split each layer's matrices; the groups shard the rest with FSDP2."""
@@ -101,25 +103,42 @@ def tensor_parallel_mesh(device: torch.device, tensor_degree: int):
     return init_device_mesh(device.type, (world // tensor_degree, tensor_degree), mesh_dim_names=("dp_shard", "tp"))
 
 
+def layer_tp_plan(layer: nn.Module) -> dict[str, str]:
+    """The tensor-parallel plan of a decoder layer: each Linear a part of LAYER names in its
+    ``tp_plan`` (child name -> ``"colwise"`` or ``"rowwise"``), by its dotted name in LAYER.
+    Parts that declare no plan stay whole on every rank."""
+    plan = {}
+    for name, module in layer.named_modules():
+        for child, style in getattr(module, "tp_plan", {}).items():
+            plan[f"{name}.{child}" if name else child] = style
+    return plan
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> int:
-    """Split each decoder layer's attention and MLP projections over TP_MESH: column-wise
-    (q, k, v, gate, up) and row-wise (o, down), so a layer needs one all-reduce in the forward
-    after attention and one after the MLP. The embedding, norms and head stay whole on every rank.
-    Parameter names do not change. Returns the number of projections split."""
+    """Split each decoder layer's projections over TP_MESH as its parts' ``tp_plan`` says:
+    column-wise (by output features: the attention's q, k, v and the MLP's gate and up in the
+    component library) and row-wise (by input features: o and down), so a layer needs one
+    all-reduce in the forward after attention and one after the MLP. The embedding, norms and head
+    stay whole on every rank. Parameter names do not change. Returns the number of projections
+    split."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     count = 0
     for layer in decoder_layers(model):
-        plan = {}
-        for name, module in layer.named_modules():
-            leaf = name.split(".")[-1]
-            if leaf in COLWISE_PROJECTIONS:
-                plan[name] = ColwiseParallel()
-            elif leaf in ROWWISE_PROJECTIONS:
-                plan[name] = RowwiseParallel()
+        plan = layer_tp_plan(layer)
         if not plan:
-            raise RunError("a decoder layer has none of the projections tensor parallelism splits")
-        parallelize_module(layer, tp_mesh, plan)
+            raise RunError(
+                f"the decoder layer {type(layer).__name__} has no part with a tp_plan: nothing says "
+                "which of its projections tensor parallelism splits"
+            )
+        unknown = sorted({style for style in plan.values() if style not in styles})
+        if unknown:
+            raise RunError(
+                f"unknown tensor-parallel style(s) {', '.join(map(repr, unknown))} in a tp_plan of "
+                f"{type(layer).__name__}: expected colwise or rowwise"
+            )
+        parallelize_module(layer, tp_mesh, {name: styles[style]() for name, style in plan.items()})
         count += len(plan)
     return count
 

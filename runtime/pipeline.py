@@ -1,11 +1,13 @@
 """Pipeline parallelism: the model cut into stages that run one of torch's pipeline schedules.
 
-A pipelined model has the component library's shape (transformers' too): ``model.model`` holds
-``embed_tokens``, a ``layers`` ModuleList, a final ``norm`` and a ``rotary_emb``; ``model.lm_head``
-is the output head. A stage is a contiguous run of decoder layers; the first stage also holds the
-embedding, the last the final norm and the head. :class:`StageModule` keeps every parameter's full
-name (``model.layers.3.mlp.up_proj.weight``), so the state dicts of the stages merge into the
-whole model's, and checkpoints are the same with or without pipelining.
+The model says how it is cut (the component library's ``CausalLM`` does): ``decoder_layers()``,
+the modules besides layers each stage holds (``stage_modules(first, last)``, by their full
+names), and the pieces of its own forward a stage runs: ``embed``, ``layer_context``,
+``run_layers`` over the stage's layers, ``final_hidden`` and ``head``. A stage is a contiguous
+run of decoder layers; the first stage also holds the embedding, the last the final norm and the
+head. :class:`StageModule` keeps every parameter's full name (``model.layers.3.mlp.up_proj.weight``),
+so the state dicts of the stages merge into the whole model's, and checkpoints are the same with
+or without pipelining.
 
 The plan (``PLAN["pipeline"]`` in train.py, computed by fgc) gives each stage's layers and rank:
 stage ``s`` of ``S`` runs on rank ``s % P`` in the loop layout (interleaved schedules) and on
@@ -26,6 +28,7 @@ from torch import nn
 
 from . import distributed
 from .errors import RunError
+from .parallel import has_method
 
 SCHEDULE_CLASSES = {
     "gpipe": "ScheduleGPipe",
@@ -39,58 +42,79 @@ SCHEDULE_CLASSES = {
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 
 
+# what a model must answer to be cut into stages (the component library's CausalLM does)
+PIPELINE_METHODS = ("decoder_layers", "stage_modules", "embed", "layer_context", "run_layers", "final_hidden", "head")
+
+
+def check_pipelinable(model: nn.Module) -> None:
+    """A RunError naming the methods MODEL lacks to be cut into pipeline stages, if any, or saying
+    that it adds an auxiliary loss (which no stage could compute alone)."""
+    missing = [name for name in PIPELINE_METHODS if not has_method(model, name)]
+    if missing:
+        raise RunError(
+            f"the model ({type(model).__name__}) cannot be pipelined: it has no "
+            + ", ".join(f"{name}()" for name in missing)
+            + " (see fgc_runtime.pipeline)"
+        )
+    if has_method(model, "aux_loss") and model.aux_loss() is not None:
+        # an MoE's load-balancing loss pools the routing of every layer: no stage has it all
+        raise RunError(
+            f"the model ({type(model).__name__}) adds an auxiliary loss (aux_loss()), which a pipeline "
+            "cannot add: it pools every layer's routing, and a stage holds only some layers"
+        )
+
+
+def _attach(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    """Register MODULE in ROOT under the dotted name DOTTED, making empty parents as needed."""
+    *parents, leaf = dotted.split(".")
+    owner = root
+    for name in parents:
+        if not hasattr(owner, name):
+            owner.add_module(name, nn.Module())
+        owner = getattr(owner, name)
+    owner.add_module(leaf, module)
+
+
 class StageModule(nn.Module):
-    """Decoder layers ``layers`` of MODEL, plus the embedding (``first``) or the final norm and
-    head (``last``). Its parameters are MODEL's own (no copies), under their full names.
+    """Decoder layers ``layers`` of MODEL, plus the modules MODEL's ``stage_modules(first, last)``
+    names (the embedding on the first stage, the final norm and head on the last). Its parameters
+    are MODEL's own (no copies), under their full names.
 
     ``forward`` takes token ids (first stage) or hidden states ``(B, T, D)`` and returns hidden
-    states, or logits ``(B, T, V)`` on the last stage.
+    states, or logits ``(B, T, V)`` on the last stage, through MODEL's own methods: ``embed``,
+    ``layer_context``, ``run_layers`` over this stage's layers, ``final_hidden`` and ``head``.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], first: bool, last: bool):
         super().__init__()
-        stack = _stack(model)
+        check_pipelinable(model)
         self.first, self.last = first, last
-        self.model = nn.Module()
-        if first:
-            self.model.embed_tokens = stack.embed_tokens
-        self.model.layers = nn.ModuleDict({str(i): stack.layers[i] for i in layers})
-        if last:
-            self.model.norm = stack.norm
-            self.lm_head = model.lm_head
-        self.model.rotary_emb = stack.rotary_emb
+        self.layer_indices = list(layers)
+        # the whole model, whose methods run the stage, kept out of this module's children (its
+        # parameters are not all this stage's)
+        self._whole = (model,)
+        all_layers = model.decoder_layers()
+        layers_name = next((name for name, m in model.named_modules() if m is all_layers), None)
+        if layers_name is None:
+            raise RunError("the model's decoder_layers() is not one of its submodules: cannot name a stage's layers")
+        before = model.stage_modules(first, False)
+        after = {k: m for k, m in model.stage_modules(first, last).items() if k not in before}
+        self.held = [*before, *after]
+        for name, module in before.items():
+            _attach(self, name, module)
+        _attach(self, layers_name, nn.ModuleDict({str(i): all_layers[i] for i in self.layer_indices}))
+        for name, module in after.items():
+            _attach(self, name, module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_BTD = self.model.embed_tokens(x) if self.first else x
-        B, T = x_BTD.shape[:2]
-        position_ids_BT = torch.arange(T, device=x_BTD.device).unsqueeze(0).expand(B, T)
-        cos_BTE, sin_BTE = self.model.rotary_emb(position_ids_BT)
-        for layer in self.model.layers.values():
-            x_BTD = layer(x_BTD, cos_BTE, sin_BTE)
+        (model,) = self._whole
+        B, T = x.shape[:2]
+        position_ids_BT = torch.arange(T, device=x.device).unsqueeze(0).expand(B, T)
+        x_BTD = model.embed(x, position_ids_BT) if self.first else x
+        x_BTD = model.run_layers(x_BTD, model.layer_context(position_ids_BT), self.layer_indices)
         if self.last:
-            return self.lm_head(self.model.norm(x_BTD))
+            return model.head(model.final_hidden(x_BTD))
         return x_BTD
-
-
-def _stack(model: nn.Module) -> nn.Module:
-    stack = getattr(model, "model", None)
-    missing = [
-        name
-        for name, owner in (
-            ("model.embed_tokens", stack),
-            ("model.layers", stack),
-            ("model.norm", stack),
-            ("model.rotary_emb", stack),
-            ("lm_head", model),
-        )
-        if owner is None or not hasattr(owner, name.split(".")[-1])
-    ]
-    if missing:
-        raise RunError(
-            "the model cannot be pipelined: it has no " + ", ".join(missing)
-            + " (see fgc_runtime.pipeline)"
-        )
-    return stack
 
 
 def local_stages(plan: dict, pp_rank: int) -> list[dict]:
@@ -134,6 +158,7 @@ def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torc
     """
     from torch.distributed.pipelining import PipelineStage
 
+    check_pipelinable(model)
     num_stages = len(plan["stages"])
     mine = local_stages(plan, pp_rank)
     layers = [i for s in mine for i in range(*s["layers"])]
@@ -145,20 +170,17 @@ def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torc
     )
     # What this rank does not run moves to the meta device: its memory is freed, its shapes stay
     # (parameter counts, e.g. for the FLOPs per token, still see the whole model).
-    stack = _stack(model)
     if any(t.is_meta for t in part.parameters()):
-        if not hasattr(model, "init_weights"):
+        if not has_method(model, "init_weights"):
             raise RunError("the model was built on the meta device but has no init_weights() to initialise its stages")
         part.to_empty(device=device)
         model.init_weights()  # skips what stays on the meta device
-    for i, layer in enumerate(stack.layers):
+    for i, layer in enumerate(model.decoder_layers()):
         if i not in layers:
             layer.to_empty(device="meta")
-    if not part.first:
-        stack.embed_tokens.to_empty(device="meta")
-    if not part.last:
-        stack.norm.to_empty(device="meta")
-        model.lm_head.to_empty(device="meta")
+    for name, module in model.stage_modules(True, True).items():
+        if name not in part.held:
+            module.to_empty(device="meta")
     stages = []
     for s in mine:
         index = s["stage"]

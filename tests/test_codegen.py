@@ -60,7 +60,7 @@ def test_build_layout(tmp_path):
     assert required == ["torch>=2.4"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["plan"]["trainer_type"] == "ddp"
-    assert manifest["templates"] == ["train.yaml", "<fgc>/lm/train.yaml"]
+    assert manifest["templates"] == ["train.yaml", "<fgc>/lm/llama.yaml", "<fgc>/lm/train.yaml"]
     for rel, digest in manifest["outputs"].items():
         import hashlib
 

@@ -18,6 +18,7 @@ from fgc.components.causal_lm import CausalLM, packed_document_positions_and_mas
 from fgc.components.layers import PostNormDecoderLayer, PreNormDecoderLayer
 from fgc.components.mlp import SwiGLUMLP
 from fgc.components.norm import RMSNorm
+from fgc.components.positions import LayerContext
 from fgc.components.rotary import (
     DynamicNTKRotaryEmbedding,
     Llama3RotaryEmbedding,
@@ -27,7 +28,7 @@ from fgc.components.rotary import (
 )
 
 COMPONENTS_DIR = Path(__file__).resolve().parents[1] / "fgc" / "components"
-COMPONENT_FILES = ["norm.py", "rotary.py", "attention.py", "mlp.py", "layers.py", "causal_lm.py"]
+COMPONENT_FILES = ["positions.py", "norm.py", "rotary.py", "attention.py", "mlp.py", "layers.py", "causal_lm.py"]
 
 # What a component module may import, because the copier inlines these files into model.py.
 ALLOWED_STDLIB = {"math", "functools", "re", "typing", "dataclasses", "zlib"}
@@ -80,7 +81,7 @@ def _build_ours(cfg: LlamaConfig) -> CausalLM:
         num_hidden_layers=cfg.num_hidden_layers,
         layer_factory=layer,
         norm_factory=norm,
-        rotary_embedding=rotary,
+        positions=rotary,
         tie_word_embeddings=cfg.tie_word_embeddings,
         initializer_range=cfg.initializer_range,
     )
@@ -169,7 +170,7 @@ def test_factories_make_fresh_layers_and_share_rotary():
     assert ids0.isdisjoint(ids1)
     # Fresh modules get fresh random weights, not copies.
     assert not torch.equal(layer0.mlp.up_proj.weight, layer1.mlp.up_proj.weight)
-    shared = ours.model.rotary_emb
+    shared = ours.model.positions
     assert isinstance(shared, RotaryEmbedding)
     assert sum(1 for m in ours.modules() if isinstance(m, RotaryEmbedding)) == 1
 
@@ -187,7 +188,7 @@ def test_init_weights_like_llama():
             norm_factory=RMSNorm,
         ),
         norm_factory=RMSNorm,
-        rotary_embedding=RotaryEmbedding(32),
+        positions=RotaryEmbedding(32),
         initializer_range=0.05,
     )
     assert (ours.vocab_size, ours.hidden_size, ours.num_hidden_layers) == (512, 128, 2)
@@ -233,7 +234,7 @@ def test_bf16_forward_keeps_model_dtype():
     with torch.no_grad():
         ref_BTV = ours(ids_BT)
         ours.to(torch.bfloat16)
-        ours.model.rotary_emb.reset_parameters()
+        ours.model.positions.reset_parameters()
         out_BTV = ours(ids_BT)
     assert out_BTV.dtype == torch.bfloat16
     torch.testing.assert_close(out_BTV.float(), ref_BTV, atol=0.05, rtol=0.05)
@@ -386,15 +387,15 @@ def test_packed_documents_give_the_logits_of_each_document_alone(window, qk_norm
 def test_sliding_window_of_one_attends_only_to_itself():
     attn = CausalSelfAttention(hidden_size=32, num_attention_heads=2, sliding_window=1)
     x_BTD = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(6))
-    cos_BTE, sin_BTE = RotaryEmbedding(16)(torch.arange(6).unsqueeze(0).expand(2, 6))
+    ctx = LayerContext(RotaryEmbedding(16).tables(torch.arange(6).unsqueeze(0).expand(2, 6)))
     with torch.no_grad():
-        out_BTD = attn(x_BTD, cos_BTE, sin_BTE)
+        out_BTD = attn(x_BTD, ctx)
         # softmax over one key is 1: the output is o_proj(v_proj(x)) token by token
         torch.testing.assert_close(out_BTD, attn.o_proj(attn.v_proj(x_BTD)), atol=1e-6, rtol=0)
         attn.sliding_window = 6  # a window as long as the input is plain causal attention
-        wide_BTD = attn(x_BTD, cos_BTE, sin_BTE)
+        wide_BTD = attn(x_BTD, ctx)
         attn.sliding_window = None
-        torch.testing.assert_close(wide_BTD, attn(x_BTD, cos_BTE, sin_BTE), atol=0, rtol=0)
+        torch.testing.assert_close(wide_BTD, attn(x_BTD, ctx), atol=0, rtol=0)
     with pytest.raises(ValueError, match="sliding_window"):
         CausalSelfAttention(hidden_size=32, num_attention_heads=2, sliding_window=0)
 

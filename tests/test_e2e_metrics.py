@@ -42,7 +42,7 @@ def test_metrics_samples_and_tensorboard(tmp_path):
     proc = train(out, tmp_path / "run", "--log-every", "2")
     lines = proc.stdout.splitlines()
     # the FLOPs formula once at start; on CPU MFU is null, never a guess
-    assert lines[0].startswith("FLOPs/token = 6N + 12*L*H*T = ")
+    assert lines[0].startswith("FLOPs/token = 6*N + 12*L*H*T = ")
     assert lines[0].endswith("MFU: unknown device cpu (fp32), reported as null")
     # plain lines (stdout is not a terminal): no bar, no carriage returns
     assert "\r" not in proc.stdout

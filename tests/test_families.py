@@ -27,7 +27,7 @@ from transformers import (
 from conftest import run_fgc
 from fgc.build import build_package, compile_config
 from fgc.errors import FgcError
-from fgc.frontend.render import LIBRARY_DIR
+from fgc.families import FAMILIES
 
 SMALL = dict(
     vocab_size=97,
@@ -64,7 +64,7 @@ def _hf_fields(config) -> dict:
 def _build(tmp_path: Path, config: str | Path, variables: dict | None = None) -> Path:
     """Build CONFIG (a family name or a config file) in this process, without the smoke check."""
     if isinstance(config, str):
-        config = LIBRARY_DIR / "lm" / f"{config}.yaml"
+        config = FAMILIES[config].template
     out = tmp_path / "pkg"
     build_package(compile_config(config, variables={"data_dir": "data", **(variables or {})}), out, smoke=False)
     return out
@@ -118,8 +118,8 @@ def test_llama_logits_match_transformers_for_each_rope_type(tmp_path, rope):
         "yarn": "YarnRotaryEmbedding",
         "llama3": "Llama3RotaryEmbedding",
     }[rope]
-    assert type(ours.model.rotary_emb).__name__ == expected_class
-    assert ours.model.rotary_emb.rope_theta == 500.0
+    assert type(ours.model.positions).__name__ == expected_class
+    assert ours.model.positions.rope_theta == 500.0
     assert out_BTV.shape == (2, SEQ, 97) and out_BTV.dtype == torch.float32
     assert ref_BTV.abs().max() > 0.1  # not a vacuous comparison of near-zero logits
     torch.testing.assert_close(out_BTV, ref_BTV, atol=1e-5, rtol=0)
@@ -195,7 +195,7 @@ def test_mistral_without_a_window_and_the_cli_build(tmp_path):
 )
 def test_family_knob_errors_name_the_template_line(family, variables, message):
     with pytest.raises(FgcError) as info:
-        compile_config(LIBRARY_DIR / "lm" / f"{family}.yaml", variables={"data_dir": "data", **variables})
+        compile_config(FAMILIES[family].template, variables={"data_dir": "data", **variables})
     [d] = info.value.diagnostics
     assert message in d.message
     assert d.loc.line is not None and d.loc.file.endswith(".yaml")
@@ -223,8 +223,8 @@ def test_postnorm_layer_is_a_one_block_override(tmp_path):
         ids_BT = _ids(257, seq=9)
         # The post-norm order by hand: norm(x + attn(x)), norm(x + mlp(x)), final norm, head.
         x = model.model.embed_tokens(ids_BT)
-        cos, sin = model.model.rotary_emb(torch.arange(9)[None].expand(2, 9))
-        x = layer.post_attention_layernorm(x + layer.self_attn(x, cos, sin))
+        ctx = model.layer_context(torch.arange(9)[None].expand(2, 9))
+        x = layer.post_attention_layernorm(x + layer.self_attn(x, ctx))
         x = layer.post_feedforward_layernorm(x + layer.mlp(x))
         expected_BTV = model.lm_head(model.model.norm(x))
         torch.testing.assert_close(model(ids_BT), expected_BTV, atol=1e-6, rtol=0)
@@ -237,14 +237,14 @@ import torch
 import torch.nn.functional as F
 
 from fgc.components.attention import CausalSelfAttention
+from fgc.components.positions import LayerContext
 
 
 class NoPEAttention(CausalSelfAttention):
     """Causal attention that ignores the rotary tables."""
 
-    def forward(self, x_BTD, cos_BTE, sin_BTE, attn_mask_B1TS=None):
-        ones, zeros = torch.ones_like(cos_BTE), torch.zeros_like(sin_BTE)
-        return super().forward(x_BTD, ones, zeros, attn_mask_B1TS)
+    def forward(self, x_BTD, ctx):
+        return super().forward(x_BTD, LayerContext(None, ctx.attn_mask_B1TS))
 '''
     )
     cfg = tmp_path / "nope.yaml"

@@ -257,8 +257,8 @@ class PostNormLayer(nn.Module):
         self.attn_norm = norm_factory(hidden_size)
         self.mlp_norm = norm_factory(hidden_size)
 
-    def forward(self, x, cos, sin, attn_mask=None):
-        x = self.attn_norm(x + self.self_attn(x, cos, sin, attn_mask))
+    def forward(self, x, ctx):
+        x = self.attn_norm(x + self.self_attn(x, ctx))
         return self.mlp_norm(x + self.mlp(x))
 '''
 

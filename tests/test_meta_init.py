@@ -56,7 +56,7 @@ def _worker(rank, port, package, mode, results, weights=None):
         "split": sum(
             p.numel() for n, p in whole.items() if n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
         ),
-        "rotary": torch.equal(model.model.rotary_emb.inv_freq, build_model().model.rotary_emb.inv_freq),
+        "rotary": torch.equal(model.model.positions.inv_freq, build_model().model.positions.inv_freq),
         "read": sorted(set(read)),
     }
     shutdown(info)
@@ -177,7 +177,7 @@ def test_a_pipeline_stage_reads_only_its_tensors_of_the_weights(tmp_path, monkey
     safetensors.save_file({n: t.detach() for n, t in source.state_dict().items()}, weights / "model.safetensors")
     model = build_model(device="meta")
     model.model.layers[1].to_empty(device="cpu")
-    model.model.rotary_emb.to_empty(device="cpu")
+    model.model.positions.to_empty(device="cpu")
     model.init_weights()
     read = []
     get = safetensors.SafetensorsFile.get

@@ -313,7 +313,7 @@ def _stage_worker(rank, port, package, results):
         "materialised": sorted(n for n, p in model.named_parameters() if not p.is_meta),
         "part": sorted(n for n, _ in part.named_parameters()),
         "equal": all(torch.equal(p, whole_params[n]) for n, p in model.named_parameters() if not p.is_meta),
-        "rotary": torch.equal(model.model.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq),
+        "rotary": torch.equal(model.model.positions.inv_freq, whole.model.positions.inv_freq),
     }
     shutdown(info)
 

@@ -52,7 +52,7 @@ def test_the_plan_has_a_2d_mesh_and_applies_tensor_parallel_first(tmp_path):
         "degree": 2,
         "colwise": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
         "rowwise": ["o_proj", "down_proj"],
-        "replicated": "embedding, norms, head",
+        "replicated": "embedding, final norm, head; in each layer: input_layernorm, post_attention_layernorm",
     }
     # 16 sequences a step over the 2 data-parallel groups
     assert plan["batch_per_rank"] == 8

@@ -229,7 +229,7 @@ def test_document_ids_and_the_masking_wrapper_keep_documents_apart():
             norm_factory=RMSNorm,
         ),
         norm_factory=RMSNorm,
-        rotary_embedding=RotaryEmbedding(head_dim=8, max_position_embeddings=16),
+        positions=RotaryEmbedding(head_dim=8, max_position_embeddings=16),
     ).eval()
     with torch.no_grad():
         packed = DocumentMasking(model, eos_id=9)(ids)

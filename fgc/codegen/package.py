@@ -22,7 +22,8 @@ import fgc
 import fgc_codegen_templates
 import fgc_runtime
 from fgc.errors import FgcError, Location
-from fgc.frontend.render import LIBRARY_DIR, Rendered
+from fgc.frontend.render import Rendered
+from fgc.frontend.templates import library_name
 from fgc.ir import IRGraph
 from fgc_lowering.context import LoweringContext
 
@@ -127,10 +128,10 @@ class PackageBuilder:
 
     def stable_path(self, path: str | Path) -> str:
         path = Path(path)
-        try:
-            return "<fgc>/" + path.relative_to(LIBRARY_DIR).as_posix()
-        except ValueError:
-            return Path(os.path.relpath(path, self.config_dir)).as_posix()
+        name = library_name(path)
+        if name is not None:
+            return f"<fgc>/{name}"
+        return Path(os.path.relpath(path, self.config_dir)).as_posix()
 
     # -- pieces ---------------------------------------------------------------------------------
     def common(self) -> dict:
@@ -186,20 +187,23 @@ class PackageBuilder:
     def meta_init(self) -> bool:
         """Whether train.py builds the model on the meta device, each rank materialising only its
         share (its stages, or its FSDP2 and tensor-parallel shards), and loads only that share of
-        pretrained weights: the pipeline and FSDP2 trainers with the component library's
-        CausalLM made of library parts only (whose init_weights gives any share the whole
+        pretrained weights: the pipeline and FSDP2 trainers with a model whose root has
+        ``init_weights()`` and whose every part comes from the component library or a family folder
+        (``fgc.components.*``, ``fgc.families.*``; whose init_weights gives any share the whole
         model's values)."""
         model_root = self.ir.targets["model"]
         symbol = self.ctx.symbols.get(model_root)
-        causal_lm = symbol is not None and (symbol.module, symbol.qualname) == ("fgc.components.causal_lm", "CausalLM")
+        # symbol.obj is the class the config calls: init_weights is its method
+        initialises = symbol is not None and callable(getattr(symbol.obj, "init_weights", None))
         # init_weights initialises the library's parts; a part of the user's own could hold a
         # parameter it does not know, which would stay uninitialised memory after to_empty()
         library_only = all(
-            self.ctx.symbols[n].module.startswith(("fgc.components.", "torch"))
+            not self.ctx.symbols[n].is_user_code
+            and self.ctx.symbols[n].module.startswith(("fgc.components.", "fgc.families.", "torch"))
             for n in self.ir.reachable(model_root)
             if n in self.ctx.symbols
         )
-        return self.ctx.plan.trainer_type in ("pipeline", "fsdp2") and causal_lm and library_only
+        return self.ctx.plan.trainer_type in ("pipeline", "fsdp2") and initialises and library_only
 
     def model_py(self, common: dict) -> str:
         model_root = self.ir.targets["model"]
@@ -227,6 +231,7 @@ class PackageBuilder:
             model_where=self.where(self.ir.node(model_root).loc),
             weights_dir=weights_dir,
             weights_where=weights_where,
+            tensor_rules=self.tensor_rules(),
         )
         return format_python(source)
 
@@ -241,6 +246,23 @@ class PackageBuilder:
         origins = self.rendered.origins_of(self.ir.node(node.kwargs["model_dir"]).loc)
         loc, dvar = origins[-2] if len(origins) > 1 else origins[-1]
         return model_dir, f"{dvar} ({self.where(loc)})" if dvar else self.where(loc)
+
+    def tensor_rules(self) -> list[dict]:
+        """The tensor name rules of the pretrained model's family (``fgc.families``), where its
+        checkpoint's names or layouts are not fgc's; [] without pretrained weights or rules."""
+        model_dir = self.ctx.settings.pretrained.model_dir
+        if model_dir is None:
+            return []
+        from fgc.families import BY_MODEL_TYPE
+
+        try:
+            config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+            model_type = config.get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return []  # hf_export() reports an unreadable config.json at its line
+        family = BY_MODEL_TYPE.get(model_type)
+        # a rule's groups are a field of the checkpoint's config.json (checked by hf_config())
+        return [rule.to_data(config) for rule in family.tensors] if family is not None else []
 
     def hf_export(self) -> str | None:
         """``hf_config.json``: what ``train.py --export-hf`` writes as the model's config (see
@@ -359,9 +381,14 @@ class PackageBuilder:
             "from fgc_runtime.errors import RunError, run_main",
             "from fgc_runtime.optim import describe_groups, param_groups",
             "from fgc_runtime.log import RankLog",
-            "from fgc_runtime.train import MFU, Throughput, count_targets, grad_norm, loss_sum_and_count,"
-            " peak_memory_bytes, set_seed, whole_number",
-            "from model import WEIGHTS_DIR, build_model" if settings_pretrained else "from model import build_model",
+            "from fgc_runtime.train import "
+            + ("AuxLoss, " if self.model_aux_loss() else "")
+            + "MFU, Throughput, count_targets, grad_norm, loss_sum_and_count, peak_memory_bytes, set_seed, whole_number",
+            "from model import " + ", ".join(
+                (["TENSOR_RULES"] if self.tensor_rules() else [])
+                + (["WEIGHTS_DIR"] if settings_pretrained else [])
+                + ["build_model"]
+            ),
         ]
         if self.ctx.plan.trainer_type == "ddp":
             fixed += ["import contextlib", "from torch.nn.parallel import DistributedDataParallel"]
@@ -415,10 +442,26 @@ class PackageBuilder:
             optimizer_in_backward=settings.optimizer_in_backward,
             **loss,
             pretrained=settings_pretrained,
+            tensor_rules=bool(self.tensor_rules()),
+            model_aux_loss=self.model_aux_loss(),
             sampling=sampling,
             **self.optimization_flags(),
         )
         return format_python(source)
+
+    def model_aux_loss(self) -> bool:
+        """Whether the model adds an auxiliary loss to the training loss (an ``aux_loss()`` method,
+        of the model protocol: an MoE's load-balancing term). The pipeline trainer has none: the
+        plan refuses a pipeline of a model whose aux loss is on."""
+        from fgc_lowering.construct import meta_model
+        from fgc_runtime.parallel import has_method
+
+        if self.ctx.plan.trainer_type == "pipeline":
+            return False
+        try:
+            return has_method(meta_model(self.ir, self.ctx), "aux_loss")
+        except Exception:  # a model that cannot be built was reported by the passes
+            return False
 
     def optimization_flags(self) -> dict[str, bool]:
         """How train.py calls the optimizer and schedule factories: ``optimizer_param_names`` when

@@ -1,6 +1,6 @@
 """Vendoring: copy the source of the component classes a config uses into the generated package.
 
-Component modules (``fgc.components.*``) are parsed with libcst; only the top-level definitions the
+Component modules (``fgc.components.*``, and the families' parts, ``fgc.families.NAME.parts``) are parsed with libcst; only the top-level definitions the
 package needs are kept (following names used inside them, across component modules), imports
 between component modules are dropped (everything lands in one ``model.py``), and the remaining
 imports are kept only when a kept definition uses the name they bind.
@@ -18,10 +18,12 @@ from typing import Callable
 import libcst as cst
 
 VENDORED_PREFIX = "fgc.components"
+# the model families' own parts (fgc/families/NAME/parts.py) are copied like the library's
+FAMILY_PREFIX = "fgc.families."
 
 
 def is_vendored_module(module: str) -> bool:
-    return module == VENDORED_PREFIX or module.startswith(VENDORED_PREFIX + ".")
+    return module == VENDORED_PREFIX or module.startswith((VENDORED_PREFIX + ".", FAMILY_PREFIX))
 
 
 class _Names(cst.CSTVisitor):
@@ -119,8 +121,8 @@ class Vendorer:
             path, shown = self._files[module]
         else:
             path = Path(importlib.import_module(module).__file__)
-            root = Path(importlib.import_module(VENDORED_PREFIX).__file__).parent
-            shown = f"fgc/components/{path.relative_to(root).as_posix()}"
+            root = Path(importlib.import_module("fgc").__file__).parent
+            shown = f"fgc/{path.relative_to(root).as_posix()}"
         tree = cst.parse_module(path.read_text(encoding="utf-8"))
         defs: dict[str, _Definition] = {}
         imports: dict[str, tuple[str, str]] = {}  # bound name -> (import line source, source module)

@@ -1,16 +1,17 @@
 """Transformer decoder layers, built from swappable attention, MLP and norm factories.
 
-A layer is called as `layer(x_BTD, cos_BTE, sin_BTE, attn_mask_B1TS)`: the rotary tables of
-the positions, and an optional boolean attention mask (None: causal) that it hands to its
-attention.
+A layer is called as `layer(x_BTD, ctx)`, with the forward's `LayerContext` (the rotary tables
+of the positions and the attention mask), which it hands to its attention as it is.
 
-Shape legend: B batch, T sequence, D hidden size, E head dim, S key positions (= T).
+Shape legend: B batch, T sequence, D hidden size.
 """
 
 from typing import Callable
 
 import torch
 from torch import nn
+
+from fgc.components.positions import LayerContext
 
 
 class PreNormDecoderLayer(nn.Module):
@@ -34,14 +35,8 @@ class PreNormDecoderLayer(nn.Module):
         self.input_layernorm = norm_factory(hidden_size)
         self.post_attention_layernorm = norm_factory(hidden_size)
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        cos_BTE: torch.Tensor,
-        sin_BTE: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTE, sin_BTE, attn_mask_B1TS)
+    def forward(self, x_BTD: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), ctx)
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD
 
@@ -67,13 +62,7 @@ class PostNormDecoderLayer(nn.Module):
         self.post_attention_layernorm = norm_factory(hidden_size)
         self.post_feedforward_layernorm = norm_factory(hidden_size)
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        cos_BTE: torch.Tensor,
-        sin_BTE: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x_BTD = self.post_attention_layernorm(x_BTD + self.self_attn(x_BTD, cos_BTE, sin_BTE, attn_mask_B1TS))
+    def forward(self, x_BTD: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        x_BTD = self.post_attention_layernorm(x_BTD + self.self_attn(x_BTD, ctx))
         x_BTD = self.post_feedforward_layernorm(x_BTD + self.mlp(x_BTD))
         return x_BTD

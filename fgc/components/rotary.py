@@ -1,8 +1,10 @@
 """Rotary position embedding (RoPE) tables, plain and with the scaling variants of transformers.
 
-Each variant is a class, so a config picks one by type (the `rope_type` of a Hugging Face
-config's `rope_scaling`/`rope_parameters`): `RotaryEmbedding` ("default"),
-`LinearScalingRotaryEmbedding` ("linear"), `DynamicNTKRotaryEmbedding` ("dynamic"),
+A rotary embedding is a positions part (see `fgc.components.positions`): `tables(position_ids)`
+gives the cos/sin tables the attention rotates queries and keys with, and `embed` leaves the
+token embeddings as they are. Each variant is a class, so a config picks one by type (the
+`rope_type` of a Hugging Face config's `rope_scaling`/`rope_parameters`): `RotaryEmbedding`
+("default"), `LinearScalingRotaryEmbedding` ("linear"), `DynamicNTKRotaryEmbedding` ("dynamic"),
 `YarnRotaryEmbedding` ("yarn") and `Llama3RotaryEmbedding` ("llama3"). Their numbers are those of
 transformers' `modeling_rope_utils` for the same fields.
 
@@ -35,7 +37,8 @@ class RotaryEmbedding(nn.Module):
     """Computes the cos/sin tables of default RoPE for given positions.
 
     Same numbers as transformers' LlamaRotaryEmbedding with the "default" rope type. One instance
-    is shared by every layer of a model; it has no parameters and nothing in the state dict.
+    is the positions part of a model, its tables computed once per forward for every layer; it
+    has no parameters and nothing in the state dict.
     Scaled variants subclass it and override `compute_inv_freq` (and `forward` where the tables
     themselves change).
     """
@@ -64,6 +67,14 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _rotary_tables(self.inv_freq, position_ids_BT)
+
+    def embed(self, x_BTD: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
+        """X as it is: rotary positions act in the attention, not on the embeddings."""
+        return x_BTD
+
+    def tables(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `(cos_BTD, sin_BTD)` tables of the positions, fp32 (this class's `forward`)."""
+        return self(position_ids_BT)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rope_theta={self.rope_theta}"

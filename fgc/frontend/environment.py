@@ -382,17 +382,22 @@ class TrackedNamespace(jinja2.utils.Namespace):
         object.__setattr__(self, "_fgc_history", history)
 
     def __setitem__(self, name, value):
-        frame = sys._getframe(1)
-        while frame is not None:
-            template = frame.f_globals.get("__jinja_template__")
-            if template is not None:
-                line = template.get_corresponding_lineno(frame.f_lineno)
-                object.__getattribute__(self, "_fgc_history").setdefault(name, []).append(
-                    (template.filename, line)
-                )
-                break
-            frame = frame.f_back
+        where = template_line()
+        if where is not None:
+            object.__getattribute__(self, "_fgc_history").setdefault(name, []).append(where)
         super().__setitem__(name, value)
+
+
+def template_line() -> tuple[str, int] | None:
+    """(template key, line) of the innermost template frame running now: where a global or a
+    namespace was called from."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        template = frame.f_globals.get("__jinja_template__")
+        if template is not None:
+            return template.filename, template.get_corresponding_lineno(frame.f_lineno)
+        frame = frame.f_back
+    return None
 
 
 class _CodeGenerator(jinja2.compiler.CodeGenerator):
@@ -583,10 +588,14 @@ def _finalize(eval_ctx, value):
 
 
 def make_environment(
-    loader: jinja2.BaseLoader, nonrepro: dict[str, str], ns_history: dict | None = None
+    loader: jinja2.BaseLoader,
+    nonrepro: dict[str, str],
+    ns_history: dict | None = None,
+    notes: list | None = None,
 ) -> jinja2.Environment:
     """A sandboxed, strict Jinja2 environment; non-reproducible globals note their values in NONREPRO;
-    namespace assignments are recorded in NS_HISTORY."""
+    namespace assignments are recorded in NS_HISTORY; NOTES gets ``(message, (template key, line))``
+    for what the user should know but is no error (config.json fields ``hf_config()`` ignores)."""
     env = FgcEnvironment(
         loader=loader,
         undefined=jinja2.StrictUndefined,
@@ -610,7 +619,11 @@ def make_environment(
     def hf_config(model_dir=None):
         from fgc.hf import read_config_json  # fgc.hf imports this module
 
-        return mark_data(read_config_json(model_dir, nonrepro))
+        ignored: list[str] = []
+        config = read_config_json(model_dir, nonrepro, ignored)
+        if notes is not None:
+            notes.extend((message, template_line()) for message in ignored)
+        return mark_data(config)
 
     env.globals.update(
         joinpath=lambda *parts: os.path.join(*parts),

@@ -351,7 +351,8 @@ def render_file(
     loader = FgcLoader(search_path)
     nonrepro: dict[str, str] = {}
     ns_history: dict[str, list[tuple[str, int]]] = {}
-    env = make_environment(loader, nonrepro, ns_history)
+    notes: list[tuple[str, tuple[str, int] | None]] = []
+    env = make_environment(loader, nonrepro, ns_history, notes)
     root = loader.load_file(path.name, path)
     # -D values, paths and every other value from outside the templates are data (see DataStr)
     context = {**host_globals(nonrepro), **{name: mark_data(value) for name, value in context.items()}}
@@ -368,11 +369,12 @@ def render_file(
             hint = f"the '{opened[0]}' opened at {display_path(where.file)}:{where.line} is never closed"
         raise FgcError(f"template syntax: {exc.message}", loader.location(key, exc.lineno), hint) from None
     except jinja2.TemplateNotFound as exc:
-        raise FgcError(
-            f"template not found: {exc.name!r}",
-            _error_location(exc, loader, root),
-            hint="searched: " + ", ".join(str(p) for p in loader.search_path),
-        ) from None
+        from ..families import FAMILIES
+
+        hint = "searched: " + ", ".join(str(p) for p in loader.search_path)
+        if re.fullmatch(r"lm/[^/]+\.yaml", str(exc.name)):
+            hint = "the model families are " + ", ".join(FAMILIES) + f" (lm/NAME.yaml); {hint}"
+        raise FgcError(f"template not found: {exc.name!r}", _error_location(exc, loader, root), hint=hint) from None
     except RecursionError as exc:
         cycle = loader.find_cycle(root)
         if not cycle:
@@ -412,6 +414,9 @@ def render_file(
     for tf in loader.files.values():
         rendered.referenced |= jinja2.meta.find_undeclared_variables(env.parse(tf.source))
     rendered.warnings.extend(block_warnings(loader))
+    for message, where in notes:
+        loc = loader.location(*where) if where is not None else Location(str(path))
+        rendered.warnings.append(Diagnostic(message, loc, severity="note"))
     for key in sorted(nonrepro):
         rendered.warnings.append(
             Diagnostic(

@@ -19,6 +19,27 @@ from .preprocess import Reference, preprocess
 
 LIBRARY_DIR = Path(__file__).resolve().parent.parent / "templates"
 
+
+def library_name(path: str | Path) -> str | None:
+    """The name a template of fgc's library is extended by (``lm/train.yaml``; a family's
+    template, which lives in its folder, ``lm/NAME.yaml``), or None for any other file."""
+    from ..families import family_of_template
+
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(LIBRARY_DIR).as_posix()
+    except ValueError:
+        family = family_of_template(path)
+        return family.library_name if family is not None else None
+
+
+def _family_template(name: str) -> Path | None:
+    """The template of the family NAME (``lm/NAME.yaml``) names, if it is a registered family."""
+    from ..families import FAMILIES
+
+    family = next((f for f in FAMILIES.values() if f.library_name == name), None)
+    return family.template.resolve() if family is not None else None
+
 _INLINE_RE = re.compile(r"^#[ \t]*-{3,}[ \t]*([\w./]+)[ \t]*-{3,}[ \t]*$")
 
 
@@ -49,10 +70,8 @@ class TemplateFile:
     @property
     def display(self) -> str:
         """A stable name for manifests: library templates as ``<fgc>/NAME``."""
-        try:
-            text = "<fgc>/" + self.path.relative_to(LIBRARY_DIR).as_posix()
-        except ValueError:
-            text = str(self.path)
+        name = library_name(self.path)
+        text = f"<fgc>/{name}" if name is not None else str(self.path)
         return f"{text}#{self.inline_name}" if self.inline_name else text
 
 
@@ -117,6 +136,10 @@ class FgcLoader(jinja2.BaseLoader):
             candidate = (base / name).resolve()
             if candidate.is_file():
                 return candidate
+            if base.resolve() == LIBRARY_DIR:  # the families' templates are the library's too
+                family = _family_template(name)
+                if family is not None:
+                    return family
         return None
 
     def lookup(self, name: str) -> TemplateFile | None:

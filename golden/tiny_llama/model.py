@@ -9,6 +9,7 @@ import functools
 import re
 from typing import Callable
 from typing import Literal
+from typing import Sequence
 import zlib
 
 import torch
@@ -34,6 +35,40 @@ def sliding_window_causal_mask(
     return (k_1S <= q_T1) & (k_1S > q_T1 - sliding_window)
 
 
+# ---- vendored from fgc/components/positions.py
+class LayerContext:
+    """What every decoder layer of one forward shares: the rotary tables of the positions
+    (`(cos_BTE, sin_BTE)`, fp32, or None without rotary positions) and the attention mask
+    (`attn_mask_B1TS`: None for plain causal attention, or a boolean mask, True where a query may
+    attend a key, e.g. the block-diagonal mask of packed documents)."""
+
+    def __init__(
+        self,
+        rotary_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask_B1TS: torch.Tensor | None = None,
+    ):
+        self.rotary_tables = rotary_tables
+        self.attn_mask_B1TS = attn_mask_B1TS
+
+    def rotate(
+        self, q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, impl: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys rotated by the rotary tables (`fgc_runtime.kernels.apply_rope` with
+        IMPL); unchanged without tables."""
+        if self.rotary_tables is None:
+            return q_BHTE, k_BKTE
+        cos_BTE, sin_BTE = self.rotary_tables
+        # The tables are fp32; cast them so a bf16 model keeps bf16 q/k, as transformers does.
+        return apply_rope(
+            q_BHTE,
+            k_BKTE,
+            cos_BTE.to(q_BHTE.dtype),
+            sin_BTE.to(q_BHTE.dtype),
+            impl=impl,
+        )
+
+
+# ---- vendored from fgc/components/attention.py
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention as in transformers' LlamaAttention, over SDPA.
 
@@ -44,12 +79,37 @@ class CausalSelfAttention(nn.Module):
       it (Mistral);
     - `qk_norm_factory`: a norm over each head's channels applied to queries and keys before the
       rotation, built as `qk_norm_factory(head_dim)` and named `q_norm`/`k_norm` (Qwen3);
+    - `use_rope`: False ignores the rotary tables (a layer without positions, as some of
+      SmolLM3's); `rotary_dim`: only the first `rotary_dim` channels of each head rotate (partial
+      rotary, GPT-NeoX's rotary_pct; the rotary tables are built for `rotary_dim`);
+    - `qkv_bias`: biases on q, k and v (None: as `attention_bias`, which sets the output
+      projection's; Qwen2 has them on q, k and v only);
+    - `scaling`: the softmax scale (None: `head_dim ** -0.5`; Granite's attention_multiplier,
+      Gemma 2's `query_pre_attn_scalar ** -0.5`);
+    - `attn_logit_softcapping`: the attention scores soft-capped at c (`c * tanh(s / c)`, Gemma 2),
+      computed in the open (SDPA cannot);
+    - `attention_dropout`: dropout on the attention weights while training (GPT-2's attn_pdrop,
+      GPT-NeoX's attention_dropout);
     - `kernel_impl`: the implementation of the rotary kernel (`fgc_runtime.kernels.apply_rope`):
       auto, torch or triton.
-    `forward` takes an optional boolean `attn_mask_B1TS` (True: may attend) that replaces the
+    `forward(x_BTD, ctx)` takes the forward's `LayerContext`: its rotary tables rotate the
+    queries and keys, and its optional boolean `attn_mask_B1TS` (True: may attend) replaces the
     causal mask, e.g. the block-diagonal mask of packed documents; without one, and without a
     window shorter than the input, SDPA runs its causal kernel with no mask in memory.
     """
+
+    # Tensor parallelism: the projections split by output features (each rank computes some
+    # heads) and the one split by input features (the ranks' partial outputs are summed).
+    tp_plan = {
+        "q_proj": "colwise",
+        "k_proj": "colwise",
+        "v_proj": "colwise",
+        "o_proj": "rowwise",
+    }
+    # the attributes a tensor-parallel degree must divide (each rank holds whole heads)
+    tp_divisible = ("num_attention_heads", "num_key_value_heads")
+    # the fgc_runtime.kernels it runs (through ctx.rotate), chosen by kernel_impl
+    kernels = ("apply_rope",)
 
     def __init__(
         self,
@@ -60,7 +120,13 @@ class CausalSelfAttention(nn.Module):
         attention_bias: bool = False,
         sliding_window: int | None = None,
         qk_norm_factory: Callable[..., nn.Module] | None = None,
+        use_rope: bool = True,
         kernel_impl: Literal["auto", "torch", "triton"] = "auto",
+        qkv_bias: bool | None = None,
+        scaling: float | None = None,
+        attn_logit_softcapping: float | None = None,
+        rotary_dim: int | None = None,
+        attention_dropout: float = 0.0,
     ):
         super().__init__()
         if num_key_value_heads is None:
@@ -86,15 +152,31 @@ class CausalSelfAttention(nn.Module):
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.sliding_window = sliding_window
+        if rotary_dim is not None and not (
+            0 < rotary_dim <= head_dim and rotary_dim % 2 == 0
+        ):
+            raise ValueError(
+                f"CausalSelfAttention: rotary_dim must be even and between 2 and head_dim ({head_dim}), got {rotary_dim}"
+            )
+        self.use_rope = use_rope
         self.kernel_impl = kernel_impl
+        self.scaling = scaling
+        self.attn_logit_softcapping = attn_logit_softcapping
+        if not 0.0 <= attention_dropout < 1.0:
+            raise ValueError(
+                f"CausalSelfAttention: attention_dropout must be in [0, 1), got {attention_dropout}"
+            )
+        self.attention_dropout = attention_dropout
+        self.rotary_dim = None if rotary_dim == head_dim else rotary_dim
+        qkv_bias = attention_bias if qkv_bias is None else qkv_bias
         self.q_proj = nn.Linear(
-            hidden_size, num_attention_heads * head_dim, bias=attention_bias
+            hidden_size, num_attention_heads * head_dim, bias=qkv_bias
         )
         self.k_proj = nn.Linear(
-            hidden_size, num_key_value_heads * head_dim, bias=attention_bias
+            hidden_size, num_key_value_heads * head_dim, bias=qkv_bias
         )
         self.v_proj = nn.Linear(
-            hidden_size, num_key_value_heads * head_dim, bias=attention_bias
+            hidden_size, num_key_value_heads * head_dim, bias=qkv_bias
         )
         self.o_proj = nn.Linear(
             num_attention_heads * head_dim, hidden_size, bias=attention_bias
@@ -102,13 +184,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = qk_norm_factory(head_dim) if qk_norm_factory is not None else None
         self.k_norm = qk_norm_factory(head_dim) if qk_norm_factory is not None else None
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        cos_BTE: torch.Tensor,
-        sin_BTE: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         # -1: under tensor parallelism a rank's projections give only its share of the heads
         q_BTHE = self.q_proj(x_BTD).view(B, T, -1, self.head_dim)
@@ -120,30 +196,66 @@ class CausalSelfAttention(nn.Module):
         q_BHTE = q_BTHE.transpose(1, 2)
         k_BKTE = k_BTKE.transpose(1, 2)
         v_BKTE = v_BTKE.transpose(1, 2)
-        # The rotary tables are fp32; cast them so a bf16 model keeps bf16 q/k, as transformers does.
-        q_BHTE, k_BKTE = apply_rope(
-            q_BHTE,
-            k_BKTE,
-            cos_BTE.to(q_BHTE.dtype),
-            sin_BTE.to(q_BHTE.dtype),
-            impl=self.kernel_impl,
-        )
+        if self.use_rope and self.rotary_dim is not None:
+            # partial rotary: the first rotary_dim channels of each head rotate, the rest pass
+            r = self.rotary_dim
+            q_rot, k_rot = ctx.rotate(
+                q_BHTE[..., :r], k_BKTE[..., :r], impl=self.kernel_impl
+            )
+            q_BHTE = torch.cat((q_rot, q_BHTE[..., r:]), dim=-1)
+            k_BKTE = torch.cat((k_rot, k_BKTE[..., r:]), dim=-1)
+        elif self.use_rope:
+            q_BHTE, k_BKTE = ctx.rotate(q_BHTE, k_BKTE, impl=self.kernel_impl)
+        attn_mask_B1TS = ctx.attn_mask_B1TS
         if self.sliding_window is not None and self.sliding_window < T:
             window_TS = sliding_window_causal_mask(T, self.sliding_window, x_BTD.device)
             attn_mask_B1TS = (
                 window_TS if attn_mask_B1TS is None else attn_mask_B1TS & window_TS
             )
-        # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv copy.
-        y_BHTE = F.scaled_dot_product_attention(
-            q_BHTE,
-            k_BKTE,
-            v_BKTE,
-            attn_mask=attn_mask_B1TS,
-            is_causal=attn_mask_B1TS is None,
-            enable_gqa=self.num_key_value_heads != self.num_attention_heads,
-        )
+        if self.attn_logit_softcapping is not None:
+            y_BHTE = self._softcapped_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask_B1TS)
+        else:
+            # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv copy.
+            y_BHTE = F.scaled_dot_product_attention(
+                q_BHTE,
+                k_BKTE,
+                v_BKTE,
+                attn_mask=attn_mask_B1TS,
+                is_causal=attn_mask_B1TS is None,
+                dropout_p=self.attention_dropout if self.training else 0.0,
+                scale=self.scaling,
+                enable_gqa=self.num_key_value_heads != self.num_attention_heads,
+            )
         y_BTD = y_BHTE.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y_BTD)
+
+    def _softcapped_attention(
+        self, q_BHTE, k_BKTE, v_BKTE, attn_mask_B1TS
+    ) -> torch.Tensor:
+        """Attention with soft-capped scores, written out as transformers' Gemma 2 does: scores
+        scaled, capped (`c * tanh(s / c)`), masked, softmax in fp32, then the weighted values.
+        """
+        H, K, T = q_BHTE.shape[1], k_BKTE.shape[1], q_BHTE.shape[2]
+        k_BHTE = k_BKTE.repeat_interleave(H // K, dim=1)
+        v_BHTE = v_BKTE.repeat_interleave(H // K, dim=1)
+        scale = self.scaling if self.scaling is not None else self.head_dim**-0.5
+        scores_BHTS = torch.matmul(q_BHTE, k_BHTE.transpose(2, 3)) * scale
+        c = self.attn_logit_softcapping
+        scores_BHTS = torch.tanh(scores_BHTS / c) * c
+        if attn_mask_B1TS is None:
+            attn_mask_B1TS = torch.ones(
+                T, T, dtype=torch.bool, device=q_BHTE.device
+            ).tril()
+        scores_BHTS = scores_BHTS.masked_fill(
+            ~attn_mask_B1TS, torch.finfo(scores_BHTS.dtype).min
+        )
+        weights_BHTS = torch.softmax(scores_BHTS, dim=-1, dtype=torch.float32).to(
+            q_BHTE.dtype
+        )
+        weights_BHTS = F.dropout(
+            weights_BHTS, p=self.attention_dropout, training=self.training
+        )
+        return torch.matmul(weights_BHTS, v_BHTE)
 
     def extra_repr(self) -> str:
         window = (
@@ -151,10 +263,11 @@ class CausalSelfAttention(nn.Module):
             if self.sliding_window is not None
             else ""
         )
+        rope = ", use_rope=False" if not self.use_rope else ""
         impl = f", kernel_impl={self.kernel_impl}" if self.kernel_impl != "auto" else ""
         return (
             f"heads={self.num_attention_heads}, kv_heads={self.num_key_value_heads}, "
-            f"head_dim={self.head_dim}{window}{impl}"
+            f"head_dim={self.head_dim}{window}{rope}{impl}"
         )
 
 
@@ -181,80 +294,32 @@ def packed_document_positions_and_mask(
     return position_ids_BT, mask_BTS[:, None]
 
 
-# ---- vendored from fgc/components/rotary.py
-def _default_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
-    """`1 / rope_theta ** (2i / head_dim)` for each channel pair i, in fp32 on the CPU, computed
-    the way transformers computes it (so the tables agree bit for bit)."""
-    exponents_F = (
-        torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-    )
-    return 1.0 / (rope_theta**exponents_F)
-
-
-def _rotary_tables(
-    inv_freq_F: torch.Tensor, position_ids_BT: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of `position * inv_freq`, each frequency used for both halves of the head dim."""
-    # Always fp32: a bf16 angle loses whole radians at large positions.
-    inv_freq_F = inv_freq_F.to(device=position_ids_BT.device, dtype=torch.float32)
-    freqs_BTF = position_ids_BT[..., None].float() * inv_freq_F
-    emb_BTD = torch.cat((freqs_BTF, freqs_BTF), dim=-1)
-    return emb_BTD.cos(), emb_BTD.sin()
-
-
-class RotaryEmbedding(nn.Module):
-    """Computes the cos/sin tables of default RoPE for given positions.
-
-    Same numbers as transformers' LlamaRotaryEmbedding with the "default" rope type. One instance
-    is shared by every layer of a model; it has no parameters and nothing in the state dict.
-    Scaled variants subclass it and override `compute_inv_freq` (and `forward` where the tables
-    themselves change).
-    """
-
-    def __init__(
-        self,
-        head_dim: int,
-        max_position_embeddings: int = 2048,
-        rope_theta: float = 10000.0,
-    ):
-        super().__init__()
-        if head_dim % 2 != 0:
-            raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
-        self.head_dim = head_dim
-        self.max_position_embeddings = max_position_embeddings
-        self.rope_theta = rope_theta
-        # Non-persistent: derived from the hyperparameters, so checkpoints stay equal to HF's.
-        # Built on the CPU, then moved to the device the model is being built on (cheap on meta).
-        inv_freq_F = _default_inv_freq(head_dim, rope_theta)
-        self.register_buffer(
-            "inv_freq", inv_freq_F.to(torch.get_default_device()), persistent=False
+def positions_and_mask(
+    input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The position of each token and the attention mask of a forward: `0..T-1` in every row and
+    None (plain causal attention) without document ids; with them, positions restarting at each
+    document and the block-diagonal mask (`packed_document_positions_and_mask`)."""
+    if document_ids_BT is None:
+        B, T = input_ids_BT.shape
+        return (
+            torch.arange(T, device=input_ids_BT.device).unsqueeze(0).expand(B, T),
+            None,
         )
-
-    def compute_inv_freq(self) -> torch.Tensor:
-        """The inverse frequencies, fp32, on the CPU."""
-        return _default_inv_freq(self.head_dim, self.rope_theta)
-
-    def reset_parameters(self) -> None:
-        """Recompute the buffer in fp32, e.g. after `to_empty()` from the meta device or a cast to bf16."""
-        # Assigning to a registered buffer name replaces the buffer and keeps it non-persistent.
-        self.inv_freq = self.compute_inv_freq().to(self.inv_freq.device)
-
-    @torch.no_grad()
-    def forward(
-        self, position_ids_BT: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _rotary_tables(self.inv_freq, position_ids_BT)
-
-    def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, rope_theta={self.rope_theta}"
+    return packed_document_positions_and_mask(document_ids_BT)
 
 
-# ---- vendored from fgc/components/causal_lm.py
 class DecoderStack(nn.Module):
-    """Token embedding, a stack of decoder layers and a final norm (transformers' LlamaModel).
+    """Token embedding, positions, a stack of decoder layers and a final norm (transformers'
+    LlamaModel).
 
-    `layer_factory(hidden_size=...)` is called once per layer, so layers never share weights;
-    the rotary embedding is one module, shared by all layers.
+    `layer_factory(hidden_size=...)` is called once per layer, so layers never share weights; a
+    list of factories, one per layer, gives layers of different kinds (sliding-window and full
+    attention, layers with and without rotary). `positions` is one part shared by all layers
+    (rotary, learned or none): what it adds to the embeddings (`positions.embed`) and the rotary
+    tables it hands the layers (`positions.tables`, in the `LayerContext` every layer is called
+    with). `embedding_multiplier` scales the token embeddings (Gemma's sqrt(hidden_size),
+    Granite's embedding_multiplier), in their dtype.
     """
 
     def __init__(
@@ -262,36 +327,67 @@ class DecoderStack(nn.Module):
         vocab_size: int,
         hidden_size: int,
         num_hidden_layers: int,
-        layer_factory: Callable[..., nn.Module],
+        layer_factory: Callable[..., nn.Module] | Sequence[Callable[..., nn.Module]],
         norm_factory: Callable[..., nn.Module],
-        rotary_embedding: RotaryEmbedding,
+        positions: nn.Module,
+        embedding_multiplier: float | None = None,
     ):
         super().__init__()
+        factories = (
+            list(layer_factory)
+            if isinstance(layer_factory, (list, tuple))
+            else [layer_factory] * num_hidden_layers
+        )
+        if len(factories) != num_hidden_layers:
+            raise ValueError(
+                f"DecoderStack: {len(factories)} layer factories for num_hidden_layers {num_hidden_layers}: "
+                "give one factory, or one per layer"
+            )
+        self.embedding_multiplier = embedding_multiplier
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        self.positions = positions
         self.layers = nn.ModuleList(
-            [layer_factory(hidden_size=hidden_size) for _ in range(num_hidden_layers)]
+            [factory(hidden_size=hidden_size) for factory in factories]
         )
         self.norm = norm_factory(hidden_size)
-        self.rotary_emb = rotary_embedding
+
+    def embed(
+        self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor
+    ) -> torch.Tensor:
+        """The token embeddings (scaled by `embedding_multiplier`) with what the positions add."""
+        x_BTD = self.embed_tokens(input_ids_BT)
+        if self.embedding_multiplier is not None:
+            # the multiplier in the embeddings' dtype first, as transformers' Gemma does
+            x_BTD = x_BTD * torch.tensor(self.embedding_multiplier, dtype=x_BTD.dtype)
+        return self.positions.embed(x_BTD, position_ids_BT)
+
+    def layer_context(
+        self, position_ids_BT: torch.Tensor, attn_mask_B1TS: torch.Tensor | None = None
+    ) -> LayerContext:
+        """The context every layer of one forward is called with: the positions' rotary tables
+        (computed once, as transformers does) and the attention mask (None: causal)."""
+        return LayerContext(self.positions.tables(position_ids_BT), attn_mask_B1TS)
+
+    def run_layers(
+        self, x_BTD: torch.Tensor, ctx: LayerContext, indices=None
+    ) -> torch.Tensor:
+        """X through the decoder layers in order: all of them, or those at INDICES (a pipeline
+        stage's)."""
+        layers = self.layers if indices is None else [self.layers[i] for i in indices]
+        for layer in layers:
+            x_BTD = layer(x_BTD, ctx)
+        return x_BTD
 
     def forward(
         self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None
     ) -> torch.Tensor:
-        B, T = input_ids_BT.shape
-        x_BTD = self.embed_tokens(input_ids_BT)
-        if document_ids_BT is None:
-            position_ids_BT = (
-                torch.arange(T, device=input_ids_BT.device).unsqueeze(0).expand(B, T)
-            )
-            attn_mask_B1TS = None  # plain causal attention
-        else:
-            position_ids_BT, attn_mask_B1TS = packed_document_positions_and_mask(
-                document_ids_BT
-            )
-        # Computed once per forward and passed to every layer, as transformers does.
-        cos_BTE, sin_BTE = self.rotary_emb(position_ids_BT)
-        for layer in self.layers:
-            x_BTD = layer(x_BTD, cos_BTE, sin_BTE, attn_mask_B1TS)
+        position_ids_BT, attn_mask_B1TS = positions_and_mask(
+            input_ids_BT, document_ids_BT
+        )
+        x_BTD = self.embed(input_ids_BT, position_ids_BT)
+        x_BTD = self.run_layers(
+            x_BTD, self.layer_context(position_ids_BT, attn_mask_B1TS)
+        )
         return self.norm(x_BTD)
 
 
@@ -309,6 +405,14 @@ class CausalLM(nn.Module):
     `forward(input_ids_BT)` gives the logits; with `document_ids_BT` (same shape, ints), each
     row is a sequence of documents (runs of equal ids): tokens attend only within their
     document, and positions restart at 0 at each document's first token.
+
+    The rest of fgc (the trainers' parallelism, the pipeline, the chunked loss, the FLOPs count,
+    kernel selection) asks the model through these methods instead of reading its attributes:
+    `decoder_layers`, `embed`, `layer_context`, `run_layers`, `final_hidden`, `head`,
+    `hidden_states`, `output_projection`, `stage_modules`, `flops_per_token`, `init_weights`.
+    `forward` is `head(hidden_states(...))`, and `hidden_states` is `embed`, `run_layers` over
+    a `layer_context` and `final_hidden`, so a pipeline stage that runs a slice of the layers
+    computes exactly what the whole model does.
     """
 
     def __init__(
@@ -318,10 +422,13 @@ class CausalLM(nn.Module):
         num_hidden_layers: int,
         layer_factory: Callable[..., nn.Module],
         norm_factory: Callable[..., nn.Module],
-        rotary_embedding: RotaryEmbedding,
+        positions: nn.Module,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
         init_rules: tuple[tuple[str, float | str], ...] = (),
+        embedding_multiplier: float | None = None,
+        logits_scaling: float = 1.0,
+        final_logit_softcapping: float | None = None,
     ):
         super().__init__()
         for pattern, rule in init_rules:
@@ -344,13 +451,16 @@ class CausalLM(nn.Module):
         self.tie_word_embeddings = tie_word_embeddings
         self.initializer_range = initializer_range
         self.init_rules = tuple((pattern, rule) for pattern, rule in init_rules)
+        self.logits_scaling = logits_scaling
+        self.final_logit_softcapping = final_logit_softcapping
         self.model = DecoderStack(
             vocab_size,
             hidden_size,
             num_hidden_layers,
             layer_factory,
             norm_factory,
-            rotary_embedding,
+            positions,
+            embedding_multiplier,
         )
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
         if tie_word_embeddings:
@@ -423,10 +533,107 @@ class CausalLM(nn.Module):
                     )
                 param.copy_(values)
 
+    # -- what the rest of fgc asks the model ---------------------------------------------------
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder layers, in order (the units of activation checkpointing, compile, FSDP2,
+        tensor parallelism and pipeline stages)."""
+        return self.model.layers
+
+    def embed(
+        self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor
+    ) -> torch.Tensor:
+        """`(B, T, D)`: the token embeddings with what the positions add to them."""
+        return self.model.embed(input_ids_BT, position_ids_BT)
+
+    def layer_context(
+        self, position_ids_BT: torch.Tensor, attn_mask_B1TS: torch.Tensor | None = None
+    ) -> LayerContext:
+        """The context every decoder layer of one forward is called with (`layer(x_BTD, ctx)`)."""
+        return self.model.layer_context(position_ids_BT, attn_mask_B1TS)
+
+    def run_layers(
+        self, x_BTD: torch.Tensor, ctx: LayerContext, indices=None
+    ) -> torch.Tensor:
+        """X through the decoder layers: all of them, or those at INDICES, in order."""
+        return self.model.run_layers(x_BTD, ctx, indices)
+
+    def final_hidden(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The final norm of the last layer's output."""
+        return self.model.norm(x_BTD)
+
+    def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """`(B, T, V)` logits of final-normed hidden states: the LM head, divided by
+        `logits_scaling` (Granite), then soft-capped at `final_logit_softcapping`
+        (`c * tanh(logits / c)`, Gemma 2)."""
+        logits_BTV = self.lm_head(x_BTD)
+        if self.logits_scaling != 1.0:
+            logits_BTV = logits_BTV / self.logits_scaling
+        if self.final_logit_softcapping is not None:
+            c = self.final_logit_softcapping
+            logits_BTV = torch.tanh(logits_BTV / c) * c
+        return logits_BTV
+
+    def output_projection(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """`(weight_VD, bias_V or None)` of the head when it is exactly `x @ weight.T + bias` (the
+        chunked loss computes the logits a chunk at a time from them); None when the head also
+        scales or soft-caps its logits."""
+        if self.logits_scaling != 1.0 or self.final_logit_softcapping is not None:
+            return None
+        return self.lm_head.weight, self.lm_head.bias
+
+    def hidden_states(
+        self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`(B, T, D)`: the final-normed hidden states the head turns into logits (document ids:
+        see the class docstring)."""
+        position_ids_BT, attn_mask_B1TS = positions_and_mask(
+            input_ids_BT, document_ids_BT
+        )
+        x_BTD = self.embed(input_ids_BT, position_ids_BT)
+        x_BTD = self.run_layers(
+            x_BTD, self.layer_context(position_ids_BT, attn_mask_B1TS)
+        )
+        return self.final_hidden(x_BTD)
+
+    def stage_modules(self, first: bool, last: bool) -> dict[str, nn.Module]:
+        """The modules besides decoder layers that a pipeline stage holds, by their full dotted
+        names: the embedding and the positions on the FIRST stage, the final norm and the head on
+        the LAST; positions without parameters (rotary tables, none) on every stage, which
+        computes its own tables."""
+        modules: dict[str, nn.Module] = {}
+        if first:
+            modules["model.embed_tokens"] = self.model.embed_tokens
+        if first or not any(True for _ in self.model.positions.parameters()):
+            modules["model.positions"] = self.model.positions
+        if last:
+            modules["model.norm"] = self.model.norm
+            modules["lm_head"] = self.lm_head
+        return modules
+
+    def flops_per_token(self, seq_len: int) -> tuple[float, str]:
+        """Training FLOPs per token at SEQ_LEN, and the formula with its numbers:
+        `6N + 12*L*H*T`. N counts the parameters used in matmuls (all but the lookup tables of
+        the token and position embeddings; a head tied to the embedding counts once): the
+        forward (2N) and backward (4N); 12*L*H*T is the attention scores and weighted sum (PaLM,
+        appendix B), for L layers, width H and sequence length T."""
+        lookups = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        head = self.lm_head.weight
+        n = sum(
+            p.numel() for p in self.parameters() if id(p) not in lookups or p is head
+        )
+        L, H = self.num_hidden_layers, self.hidden_size
+        value = 6 * n + 12 * L * H * seq_len
+        formula = (
+            f"6*N + 12*L*H*T = 6*{n:,} + 12*{L}*{H}*{seq_len} = {value:,.0f}"
+            "  (N: parameters in matmuls, L layers, H width, T sequence length)"
+        )
+        return float(value), formula
+
     def forward(
         self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids_BT, document_ids_BT))
+        return self.head(self.hidden_states(input_ids_BT, document_ids_BT))
 
 
 # ---- vendored from fgc/components/layers.py
@@ -451,16 +658,8 @@ class PreNormDecoderLayer(nn.Module):
         self.input_layernorm = norm_factory(hidden_size)
         self.post_attention_layernorm = norm_factory(hidden_size)
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        cos_BTE: torch.Tensor,
-        sin_BTE: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x_BTD = x_BTD + self.self_attn(
-            self.input_layernorm(x_BTD), cos_BTE, sin_BTE, attn_mask_B1TS
-        )
+    def forward(self, x_BTD: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), ctx)
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD
 
@@ -472,6 +671,12 @@ class SwiGLUMLP(nn.Module):
     `kernel_impl` chooses the implementation of `fgc_runtime.kernels.swiglu`: auto, torch or
     triton.
     """
+
+    # Tensor parallelism: gate and up split by output features (each rank computes some of the
+    # hidden features), down by input features (the ranks' partial outputs are summed).
+    tp_plan = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
+    tp_divisible = ("intermediate_size",)
+    kernels = ("swiglu",)
 
     def __init__(
         self,
@@ -499,37 +704,124 @@ class SwiGLUMLP(nn.Module):
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale, as in Llama (no bias, no mean subtraction).
 
-    `kernel_impl` chooses the implementation of `fgc_runtime.kernels.rms_norm`: auto, torch or
-    triton.
+    `offset`: the scale is `offset + weight` (Gemma stores it as `weight - 1`: offset 1.0, and
+    the weight starts at 0), computed in fp32 as transformers' GemmaRMSNorm does. `kernel_impl`
+    chooses the implementation of `fgc_runtime.kernels.rms_norm`: auto, torch or triton.
     """
+
+    kernels = ("rms_norm",)
 
     def __init__(
         self,
         hidden_size: int,
         eps: float = 1e-6,
         kernel_impl: Literal["auto", "torch", "triton"] = "auto",
+        offset: float = 0.0,
     ):
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
+        self.offset = offset
         self.kernel_impl = kernel_impl
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset))
 
     def reset_parameters(self) -> None:
-        """Set the scale back to ones."""
-        nn.init.ones_(self.weight)
+        """Set the scale back to ones (the weight to `1 - offset`)."""
+        nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         # The kernel normalises in fp32 and returns x's dtype, like transformers' LlamaRMSNorm.
-        return rms_norm(x_BTD, self.weight, self.eps, impl=self.kernel_impl)
+        return rms_norm(
+            x_BTD, self.weight, self.eps, self.offset, impl=self.kernel_impl
+        )
 
     def extra_repr(self) -> str:
+        offset = f", offset={self.offset}" if self.offset else ""
         impl = f", kernel_impl={self.kernel_impl}" if self.kernel_impl != "auto" else ""
-        return f"{self.hidden_size}, eps={self.eps}{impl}"
+        return f"{self.hidden_size}, eps={self.eps}{offset}{impl}"
+
+
+# ---- vendored from fgc/components/rotary.py
+def _default_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
+    """`1 / rope_theta ** (2i / head_dim)` for each channel pair i, in fp32 on the CPU, computed
+    the way transformers computes it (so the tables agree bit for bit)."""
+    exponents_F = (
+        torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    )
+    return 1.0 / (rope_theta**exponents_F)
+
+
+def _rotary_tables(
+    inv_freq_F: torch.Tensor, position_ids_BT: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of `position * inv_freq`, each frequency used for both halves of the head dim."""
+    # Always fp32: a bf16 angle loses whole radians at large positions.
+    inv_freq_F = inv_freq_F.to(device=position_ids_BT.device, dtype=torch.float32)
+    freqs_BTF = position_ids_BT[..., None].float() * inv_freq_F
+    emb_BTD = torch.cat((freqs_BTF, freqs_BTF), dim=-1)
+    return emb_BTD.cos(), emb_BTD.sin()
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes the cos/sin tables of default RoPE for given positions.
+
+    Same numbers as transformers' LlamaRotaryEmbedding with the "default" rope type. One instance
+    is the positions part of a model, its tables computed once per forward for every layer; it
+    has no parameters and nothing in the state dict.
+    Scaled variants subclass it and override `compute_inv_freq` (and `forward` where the tables
+    themselves change).
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_position_embeddings: int = 2048,
+        rope_theta: float = 10000.0,
+    ):
+        super().__init__()
+        if head_dim % 2 != 0:
+            raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
+        self.head_dim = head_dim
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        # Non-persistent: derived from the hyperparameters, so checkpoints stay equal to HF's.
+        # Built on the CPU, then moved to the device the model is being built on (cheap on meta).
+        inv_freq_F = _default_inv_freq(head_dim, rope_theta)
+        self.register_buffer(
+            "inv_freq", inv_freq_F.to(torch.get_default_device()), persistent=False
+        )
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        """The inverse frequencies, fp32, on the CPU."""
+        return _default_inv_freq(self.head_dim, self.rope_theta)
+
+    def reset_parameters(self) -> None:
+        """Recompute the buffer in fp32, e.g. after `to_empty()` from the meta device or a cast to bf16."""
+        # Assigning to a registered buffer name replaces the buffer and keeps it non-persistent.
+        self.inv_freq = self.compute_inv_freq().to(self.inv_freq.device)
+
+    @torch.no_grad()
+    def forward(
+        self, position_ids_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _rotary_tables(self.inv_freq, position_ids_BT)
+
+    def embed(self, x_BTD: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
+        """X as it is: rotary positions act in the attention, not on the embeddings."""
+        return x_BTD
+
+    def tables(
+        self, position_ids_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `(cos_BTD, sin_BTD)` tables of the positions, fp32 (this class's `forward`)."""
+        return self(position_ids_BT)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, rope_theta={self.rope_theta}"
 
 
 def build_model(device=None, dtype=None):
-    """Build the config's `model` target (<fgc>/lm/train.yaml:167) on DEVICE (default: the CPU), in DTYPE."""
+    """Build the config's `model` target (<fgc>/lm/train.yaml:168) on DEVICE (default: the CPU), in DTYPE."""
     with torch.device(device if device is not None else "cpu"):
         attention_factory = functools.partial(
             CausalSelfAttention, num_attention_heads=4, num_key_value_heads=2
@@ -542,7 +834,7 @@ def build_model(device=None, dtype=None):
             mlp_factory=mlp_factory,
             norm_factory=norm_factory,
         )
-        rotary_embedding = RotaryEmbedding(
+        positions = RotaryEmbedding(
             head_dim=24, max_position_embeddings=128, rope_theta=10000.0
         )
         model = CausalLM(
@@ -551,7 +843,7 @@ def build_model(device=None, dtype=None):
             num_hidden_layers=3,
             layer_factory=layer_factory,
             norm_factory=norm_factory,
-            rotary_embedding=rotary_embedding,
+            positions=positions,
             tie_word_embeddings=False,
             initializer_range=0.02,
         )

@@ -36,9 +36,9 @@ from model import build_model
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # ---- Settings: each value names the config line it came from ----
-MAX_STEPS = 300  # train.yaml:20
-GLOBAL_BATCH_SIZE = 16  # train.yaml:19
-SEQ_LEN = 128  # train.yaml:18
+MAX_STEPS = 300  # train.yaml:23
+GLOBAL_BATCH_SIZE = 16  # train.yaml:22
+SEQ_LEN = 128  # train.yaml:21
 GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:54
 OPTIMIZER_IN_BACKWARD = False  # <fgc>/lm/train.yaml:55
 DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:78
@@ -48,8 +48,8 @@ OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:65
 PRECISION = "fp32"  # <fgc>/lm/train.yaml:64
 SAVE_EVERY = 0  # <fgc>/lm/train.yaml:70
 KEEP_LAST_N = 2  # default of CheckpointSettings.keep_last_n
-LOG_EVERY = 10  # train.yaml:24
-EVAL_EVERY = 100  # train.yaml:25
+LOG_EVERY = 10  # train.yaml:27
+EVAL_EVERY = 100  # train.yaml:28
 EVAL_BATCHES = 4  # default of LoggingSettings.eval_batches
 EVAL_BATCH_SIZE = 16  # the train batch (eval_batch_size is null)
 TENSORBOARD = True  # default of LoggingSettings.tensorboard
@@ -62,7 +62,7 @@ EVERY_N_LAYERS = 1  # default of ActivationCheckpointSettings.every_n_layers
 COMPILE = False  # <fgc>/lm/train.yaml:73
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
-NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:272
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:273
 LOSS_IMPL = "torch"  # the select-kernels pass, auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference
 LABEL_SMOOTHING = 0.0  # default of LossSettings.label_smoothing
 Z_LOSS = 0.0  # default of LossSettings.z_loss
@@ -108,15 +108,15 @@ PLAN = {
         },
     },
 }
-CONFIG_HASH = "56fc3683a9fd3dece0ed7f1cbd1ddc54f61f4c72aa6f308349716506d3a83a4c"  # sha256 of the rendered config
+CONFIG_HASH = "b773edbc92885cef44655c5ce0146bbab3a90112f55ad79ae767b88c65f6c7b3"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:191
+# optimizer: <fgc>/lm/train.yaml:192
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:210
+# lr_scheduler: <fgc>/lm/train.yaml:211
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup=30, total=300
 )
@@ -245,7 +245,8 @@ def forward_backward(model, input_ids, labels, n_targets, dist):
     loss_sum, _ = loss_sum_and_count(logits, labels)
     # DDP averages gradients over ranks, so scaling by the world size turns the
     # average into the sum over ranks divided by the global target count.
-    (loss_sum * dist.world_size / n_targets).backward()
+    loss = loss_sum * dist.world_size / n_targets
+    loss.backward()
     return loss_sum.detach()
 
 

@@ -175,14 +175,7 @@ class PlanTraining(Pass):
         fsdp = s.TYPE == "fsdp2"
         tensor_parallel = None
         if dict(mesh).get("tp", 1) > 1:
-            from fgc_runtime.parallel import COLWISE_PROJECTIONS, ROWWISE_PROJECTIONS
-
-            tensor_parallel = {
-                "degree": dict(mesh)["tp"],
-                "colwise": list(COLWISE_PROJECTIONS),
-                "rowwise": list(ROWWISE_PROJECTIONS),
-                "replicated": "embedding, norms, head",
-            }
+            tensor_parallel = {"degree": dict(mesh)["tp"], **self._tp_styles(self._meta_model(ir, ctx))}
         order = tuple(
             step
             for step, used in (
@@ -230,11 +223,38 @@ class PlanTraining(Pass):
             "loss_normalisation": "per worker (no gradient sync between rounds)",
         }
 
+    @staticmethod
+    def _tp_styles(model) -> dict:
+        """The plan's account of tensor parallelism: the projections the decoder layers' parts
+        split column-wise and row-wise (as their ``tp_plan`` names them, each name once, in the
+        order of the first layer), and what stays whole."""
+        from fgc_runtime.parallel import layer_tp_plan
+
+        styles: dict[str, list[str]] = {"colwise": [], "rowwise": []}
+        whole: list[str] = []
+        for layer in model.decoder_layers():
+            plan = layer_tp_plan(layer)
+            for name, style in plan.items():
+                leaf = name.split(".")[-1]
+                if leaf not in styles.setdefault(style, []):
+                    styles[style].append(leaf)
+            # a layer's part with weights of its own and no projection in the plan (a norm, or
+            # a part that declares no tp_plan) stays whole
+            for child, module in layer.named_children():
+                split = any(name.startswith(child + ".") for name in plan)
+                if not split and any(True for _ in module.parameters()) and child not in whole:
+                    whole.append(child)
+        replicated = "embedding, final norm, head"
+        if whole:
+            replicated += "; in each layer: " + ", ".join(whole)
+        return {**styles, "replicated": replicated}
+
     def _tensor_parallel_ok(self, s, ir: IRGraph, ctx: LoweringContext, err, where) -> bool:
-        """Check the tensor degree against the world size and the model's heads and MLP width."""
+        """Check the tensor degree against the world size and the divisibility the decoder layers'
+        parts declare (``tp_divisible``: heads, MLP width)."""
         from torch import nn
 
-        from fgc_runtime.parallel import COLWISE_PROJECTIONS, ROWWISE_PROJECTIONS
+        from fgc_runtime.parallel import has_method, layer_tp_plan
 
         degree = s.parallel.tensor_degree
         if s.nproc % degree:
@@ -248,33 +268,47 @@ class PlanTraining(Pass):
         model = self._meta_model(ir, ctx)
         if model is None:
             return False
-        layers = next(
-            (m for n, m in model.named_modules() if n.split(".")[-1] == "layers" and isinstance(m, nn.ModuleList)),
-            None,
-        )
-        projections = [
-            (n.split(".")[-1], m) for n, m in (layers.named_modules() if layers is not None else ())
-            if n.split(".")[-1] in COLWISE_PROJECTIONS + ROWWISE_PROJECTIONS
-        ]
-        if not projections:
-            err("parallel.tensor_degree", "tensor parallelism needs decoder layers (a `layers` list) whose "
-                "projections are named " + ", ".join(COLWISE_PROJECTIONS + ROWWISE_PROJECTIONS))
+        if not has_method(model, "decoder_layers"):
+            ctx.sink.error(
+                f"tensor parallelism needs the model's decoder_layers(): {type(model).__name__} has no such method",
+                ir.node(ir.targets["model"]).loc,
+                hint="the component library's CausalLM has it",
+            )
             return False
+        layers = list(model.decoder_layers())
+        for layer in layers:
+            plan = layer_tp_plan(layer)
+            split = {n: m for n, m in layer.named_modules() if n in plan}
+            if not plan:
+                err("parallel.tensor_degree", f"tensor parallelism needs decoder layers whose parts declare a "
+                    f"tp_plan (which projections to split); no part of {type(layer).__name__} does")
+                return False
+            wrong = [n for n in plan if not isinstance(split.get(n), nn.Linear)]
+            bad_styles = sorted({style for style in plan.values() if style not in ("colwise", "rowwise")})
+            if wrong or bad_styles:
+                ctx.sink.error(
+                    f"a tp_plan of {type(layer).__name__} names "
+                    + (f"{', '.join(wrong)}, not Linear submodule(s)" if wrong else "")
+                    + ("; " if wrong and bad_styles else "")
+                    + (f"the style(s) {', '.join(bad_styles)}, not colwise or rowwise" if bad_styles else ""),
+                    ir.node(ir.targets["model"]).loc,
+                )
+                return False
         ok = True
         seen = set()
-        for _, module in layers.named_modules():
-            for attr in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-                value = getattr(module, attr, None)
-                if isinstance(value, int) and value % degree and attr not in seen:
-                    seen.add(attr)
-                    what = {"num_attention_heads": "attention heads", "num_key_value_heads": "key/value heads",
-                            "intermediate_size": "MLP intermediate size"}[attr]
-                    ctx.sink.error(
-                        f"{attr} {value} is not divisible by tensor_degree {degree}: each tensor-parallel "
-                        f"rank holds an equal share of the {what}",
-                        self._model_setting(ir, attr) or where("parallel", "tensor_degree"),
-                    )
-                    ok = False
+        for layer in layers:
+            for module in layer.modules():
+                for attr in getattr(module, "tp_divisible", ()):
+                    value = getattr(module, attr, None)
+                    if isinstance(value, int) and value % degree and attr not in seen:
+                        seen.add(attr)
+                        what = _TP_SHARES.get(attr, attr)
+                        ctx.sink.error(
+                            f"{attr} {value} is not divisible by tensor_degree {degree}: each tensor-parallel "
+                            f"rank holds an equal share of the {what}",
+                            self._model_setting(ir, attr) or where("parallel", "tensor_degree"),
+                        )
+                        ok = False
         return ok
 
     @staticmethod
@@ -318,19 +352,33 @@ class PlanTraining(Pass):
         if model is None:
             return None
         model_node = ir.node(ir.targets["model"])
-        stack = getattr(model, "model", None)
-        layers = getattr(stack, "layers", None)
-        missing = [n for n, o in (("embed_tokens", stack), ("layers", stack), ("norm", stack), ("rotary_emb", stack)) if not hasattr(o, n)]
-        if not hasattr(model, "lm_head"):
-            missing.append("lm_head")
+        from fgc_runtime.parallel import has_method
+        from fgc_runtime.pipeline import PIPELINE_METHODS
+
+        missing = [f"{name}()" for name in PIPELINE_METHODS if not has_method(model, name)]
         if missing:
             ctx.sink.error(
-                "the model cannot be pipelined: it has no " + ", ".join(missing),
+                f"the model ({type(model).__name__}) cannot be pipelined: it has no " + ", ".join(missing),
                 model_node.loc,
-                hint="pipelining needs model.embed_tokens, model.layers, model.norm, model.rotary_emb and lm_head",
+                hint="a pipeline stage runs the model's own decoder_layers(), stage_modules(), embed(), "
+                "layer_context(), run_layers(), final_hidden() and head(); the component library's CausalLM has them",
             )
             return None
-        if model.lm_head.weight is stack.embed_tokens.weight:
+        if has_method(model, "aux_loss") and model.aux_loss() is not None:
+            # an MoE's load-balancing loss pools the routing of every layer: no stage has it all
+            ctx.sink.error(
+                f"the model ({type(model).__name__}) adds an auxiliary loss (aux_loss(): the load-balancing "
+                "loss of its routed experts), which the pipeline trainer cannot add: it pools the routing "
+                "of every layer, and a pipeline stage holds only some layers",
+                model_node.loc,
+                hint="use trainer_type ddp or fsdp2, or set output_router_logits: false to train without it",
+            )
+            return None
+        layers = list(model.decoder_layers())
+        first_modules = list(model.stage_modules(True, False).values())
+        last_modules = list(model.stage_modules(False, True).values())
+        first_params = {id(t) for m in first_modules for t in m.parameters()}
+        if any(id(t) in first_params for m in last_modules for t in m.parameters()):
             tie = model_node.kwargs.get("tie_word_embeddings")
             ctx.sink.error(
                 "tied word embeddings are not supported with pipeline parallelism: the embedding "
@@ -393,7 +441,7 @@ class PlanTraining(Pass):
             return sum(t.numel() for m in modules for t in m.parameters())
 
         layer_params = [count(layer) for layer in layers]
-        runs = balanced_split(layer_params, stages, count(stack.embed_tokens), count(stack.norm, model.lm_head))
+        runs = balanced_split(layer_params, stages, count(*first_modules), count(*last_modules))
         ranks = stage_ranks(stages, p.pipeline_degree, layout)
         return {
             "schedule": p.schedule,
@@ -405,8 +453,8 @@ class PlanTraining(Pass):
                     "rank": ranks[i],
                     "layers": [start, end],
                     "params": sum(layer_params[start:end])
-                    + (count(stack.embed_tokens) if i == 0 else 0)
-                    + (count(stack.norm, model.lm_head) if i == stages - 1 else 0),
+                    + (count(*first_modules) if i == 0 else 0)
+                    + (count(*last_modules) if i == stages - 1 else 0),
                 }
                 for i, (start, end) in enumerate(runs)
             ],
@@ -421,6 +469,14 @@ class PlanTraining(Pass):
                 f"the model does not build: {type(exc).__name__}: {exc}", ir.node(ir.targets["model"]).loc
             )
             return None
+
+
+# what a tensor-parallel rank holds an equal share of, by the attribute a part declares divisible
+_TP_SHARES = {
+    "num_attention_heads": "attention heads",
+    "num_key_value_heads": "key/value heads",
+    "intermediate_size": "MLP intermediate size",
+}
 
 
 def _ordinal(n: int) -> str:

@@ -3,9 +3,9 @@ config asks for, and what each implementation declares it supports
 (``fgc_runtime.kernels.cross_entropy.CAPABILITIES``).
 
 A feature the chosen implementation lacks is an error at the setting's line, never silently
-dropped. Today one kernel is selectable: the loss (``trainer.loss.impl``). The model's own
-kernels (RMSNorm, SwiGLU, rotary) run the torch code of the component library: no Triton
-implementations exist in this version, so there is nothing to choose for them.
+dropped. The loss is chosen here (``trainer.loss.impl``). The model's own kernels are those its
+parts declare they run (a part class's ``kernels``, e.g. ``("rms_norm",)`` for the component
+library's RMSNorm), each in the implementation the part's ``kernel_impl`` argument asks for.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from .base import Pass
 
 # auto picks the chunked loss when one micro-batch's fp32 logits would take at least this much
 CHUNKED_LOSS_THRESHOLD_BYTES = 256 * 2**20
-# the components whose `kernel_impl` chooses a kernel of fgc_runtime.kernels, by spec suffix
-MODEL_KERNELS = {":RMSNorm": "rms_norm", ":SwiGLUMLP": "swiglu", ":CausalSelfAttention": "apply_rope"}
 # trainers whose loss can run outside the model's forward (through fgc_runtime's LMHeadLoss)
 CHUNKED_LOSS_TRAINERS = ("basic", "ddp", "diloco")
 DTYPES = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16": "bfloat16", "fp16-mixed": "float16"}
@@ -85,6 +83,11 @@ class SelectKernels(Pass):
                     + (", ".join(f for f in features if f not in CAPABILITIES["chunked"]["features"]) or f"the {plan.trainer_type} trainer")
                     + ")"
                 )
+            head = self._missing_loss_methods(ir, ctx) if impl == "chunked" else []
+            if head:
+                # a head that scales or soft-caps its logits (Granite, Gemma 2): auto keeps the reference
+                impl = "torch"
+                reason = f"auto: the reference (the chunked kernel cannot compute this model's head: it has no {' and no '.join(head)})"
         else:
             impl, reason = loss.impl, "chosen in the config"
         caps = CAPABILITIES[impl]
@@ -106,10 +109,13 @@ class SelectKernels(Pass):
                 where("impl"),
                 hint="use impl: torch, or the basic or ddp trainer",
             )
-        if impl == "chunked" and not self._has_head(ir, ctx):
+        missing = self._missing_loss_methods(ir, ctx) if impl == "chunked" else []
+        if missing:
             ctx.sink.error(
-                "the chunked loss needs a model with `model` (the decoder stack) and `lm_head` (a linear head)",
+                "the chunked loss needs a model with hidden_states() and output_projection() (the "
+                f"component library's CausalLM has them); this model has no {' and no '.join(missing)}",
                 where("impl"),
+                hint="use impl: torch",
             )
         if ctx.sink.errors:
             return ir
@@ -122,7 +128,8 @@ class SelectKernels(Pass):
 
     @staticmethod
     def _model_kernels(ir: IRGraph, ctx: LoweringContext) -> dict:
-        """The model's kernels, by name: what the components' ``kernel_impl`` arguments ask for.
+        """The model's kernels, by name: those the parts' classes declare (``kernels``), each in
+        the implementation the parts' ``kernel_impl`` arguments ask for.
 
         A kernel some components run in Triton and others in torch is ``mixed``. Triton with
         ``torch.compile``, or on a CPU-only run, is an error at the ``kernel_impl`` line.
@@ -132,12 +139,14 @@ class SelectKernels(Pass):
         triton_locs: list[Location] = []
         for node_id in ir.reachable(ir.targets["model"]):
             node = ir.node(node_id)
-            kernel = next((k for suffix, k in MODEL_KERNELS.items() if (node.spec or "").endswith(suffix)), None)
-            if node.kind != "call" or kernel is None:
+            symbol = ctx.symbols.get(node_id)
+            declared = getattr(symbol.obj, "kernels", ()) if symbol is not None and isinstance(symbol.obj, type) else ()
+            if node.kind != "call" or not declared:
                 continue
             child = node.kwargs.get("kernel_impl")
             value = ir.node(child).value if child is not None else "auto"
-            chosen.setdefault(kernel, set()).add(value)
+            for kernel in declared:
+                chosen.setdefault(kernel, set()).add(value)
             if value == "triton":
                 triton_locs.append(ir.node(child).loc)
         for loc in triton_locs[:1]:  # one error for the knob, not one per component
@@ -170,14 +179,17 @@ class SelectKernels(Pass):
         return value if isinstance(value, int) else 0
 
     @staticmethod
-    def _has_head(ir: IRGraph, ctx: LoweringContext) -> bool:
-        import torch
+    def _missing_loss_methods(ir: IRGraph, ctx: LoweringContext) -> list[str]:
+        """The methods the chunked loss calls (fgc_runtime's LMHeadLoss) that the model lacks."""
+        from fgc_runtime.parallel import has_method
 
         from ..construct import meta_model
 
         try:
             model = meta_model(ir, ctx)
         except Exception:
-            return True  # the smoke check reports a model that does not build
-        head = getattr(model, "lm_head", None)
-        return hasattr(model, "model") and isinstance(head, torch.nn.Linear)
+            return []  # the smoke check reports a model that does not build
+        missing = [f"{m}()" for m in ("hidden_states", "output_projection") if not has_method(model, m)]
+        if not missing and model.output_projection() is None:
+            missing.append("output_projection() of a plain linear head (its head scales or soft-caps the logits)")
+        return missing

@@ -36,16 +36,123 @@ REMOTE_PREFIX = "fgc_model."  # parameter names of a custom architecture inside 
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
+# ---- tensor names ----------------------------------------------------------------------------
+
+
+class TensorMap:
+    """fgc's tensor names against a Hugging Face checkpoint's, from a family's rules (fgc's
+    ``fgc.families.TensorRule``, as JSON data: ``{"hf", "fgc", "dim", "transpose", "groups"}``).
+
+    A rule's names may hold ``{i}``, a layer index. With one fgc name, a rule renames; with
+    several, the checkpoint's tensor is their concatenation along ``dim`` (GPT-2's ``c_attn``:
+    q, k and v); ``transpose``: the checkpoint stores the transpose of fgc's 2-D tensor.
+    ``groups`` G (1 when absent): the checkpoint's tensor is G groups one after another along
+    ``dim``, each the concatenation of every fgc tensor's next 1/G part (GPT-NeoX's
+    ``query_key_value``: q, k and v head by head). A rule without fgc names names a tensor of the
+    checkpoint that is not a weight (a buffer older checkpoints saved): loading ignores it. Several
+    rules may cover the same fgc name: loading takes the first whose tensor the files hold,
+    exporting the first. A name no rule matches is the same on both sides.
+
+    An experts rule (``fgc.families.ExpertsRule``: ``{"experts": [hf names], "fgc": [name]}``)
+    says fgc's 3-D tensor stacks one slice per expert along dim 0, and the checkpoint holds each
+    expert's slice as the concatenation, along its first dim, of the tensors the hf names give
+    for that expert (``{e}`` in them: its index).
+    """
+
+    def __init__(self, rules=()):
+        self.rules = []
+        self.ignored = []
+        self.experts = []  # (experts rule, its fgc name's pattern)
+        for rule in rules:
+            if "experts" in rule:
+                self.experts.append((rule, re.compile(_name_pattern(rule["fgc"][0]))))
+                continue
+            if not rule["fgc"]:
+                self.ignored.append(re.compile(_name_pattern(rule["hf"])))
+                continue
+            patterns = [re.compile(_name_pattern(p)) for p in rule["fgc"]]
+            self.rules.append((rule, patterns))
+
+    def ignores(self, hf_name: str) -> bool:
+        """Whether HF_NAME is a tensor of the checkpoint that a rule says is not a weight."""
+        return any(pattern.match(hf_name) for pattern in self.ignored)
+
+    def match(self, name: str, available=None):
+        """``(hf name, fgc names of the group, index of NAME in it, dim, transpose, groups)`` of
+        the rule that covers fgc's NAME: the first such rule, or with AVAILABLE (the checkpoint's
+        tensor names) the first whose tensor is there; None when no rule does (the name is the
+        same)."""
+        first = None
+        for rule, patterns in self.rules:
+            for k, pattern in enumerate(patterns):
+                found = pattern.match(name)
+                if found:
+                    fill = found.groupdict()
+                    group = [p.format(**fill) for p in rule["fgc"]]
+                    hf_name = rule["hf"].format(**fill)
+                    result = (hf_name, group, k, rule["dim"], rule["transpose"], rule.get("groups", 1))
+                    if available is None or hf_name in available:
+                        return result
+                    first = first or result
+        return first
+
+    def experts_of(self, name: str, num_experts: int) -> list[list[str]] | None:
+        """For fgc's 3-D tensor NAME of NUM_EXPERTS experts that an experts rule covers, the
+        checkpoint's tensor names of each expert, in order; None when no experts rule does."""
+        for rule, pattern in self.experts:
+            found = pattern.match(name)
+            if found:
+                fill = found.groupdict()
+                return [[h.format(e=e, **fill) for h in rule["experts"]] for e in range(num_experts)]
+        return None
+
+    def to_hf(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """TENSORS (fgc's names) under the checkpoint's names: a group of a rule concatenated (and
+        transposed) into its one tensor once all of it is there; a 3-D tensor of experts cut into
+        its experts' tensors."""
+        out = {}
+        for name, value in tensors.items():
+            per_expert = self.experts_of(name, value.shape[0]) if value.dim() == 3 else None
+            if per_expert is not None:
+                for e, hf_names in enumerate(per_expert):
+                    for hf_name, part in zip(hf_names, value[e].chunk(len(hf_names), dim=0)):
+                        out[hf_name] = part.clone()  # a tensor of its own, not a view of the stack
+                continue
+            found = self.match(name)
+            if found is None:
+                out[name] = value
+                continue
+            hf_name, group, _, dim, transpose, groups = found
+            if hf_name in out or not all(g in tensors for g in group):
+                continue
+            if len(group) == 1:
+                joined = value
+            elif groups == 1:
+                joined = torch.cat([tensors[g] for g in group], dim=dim)
+            else:
+                # each tensor as (G, its share) along dim, the shares joined group by group
+                joined = torch.cat([tensors[g].unflatten(dim, (groups, -1)) for g in group], dim=dim + 1)
+                joined = joined.flatten(dim, dim + 1)
+            out[hf_name] = joined.t().contiguous() if transpose else joined
+        return out
+
+
+def _name_pattern(name: str) -> str:
+    """A regex matching NAME, its ``{i}`` any layer index (the group ``i``)."""
+    return re.escape(name).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$"
+
+
 # ---- import ---------------------------------------------------------------------------------
 
 
-def load_weights(model: torch.nn.Module, model_dir) -> None:
+def load_weights(model: torch.nn.Module, model_dir, tensor_rules=()) -> None:
     """Copy the safetensors weights of the Hugging Face model directory MODEL_DIR into MODEL.
 
     Every parameter and persistent buffer of the model must be there with its shape, and every
     tensor there must belong to the model (a RunError naming the file otherwise; checked from
     the files' headers). A head tied to the embedding may be absent from the files, as
-    transformers writes it. Values are cast to the model's dtype.
+    transformers writes it. Values are cast to the model's dtype. TENSOR_RULES (the family's,
+    see :class:`TensorMap`) say where a tensor's name or layout differs from fgc's.
 
     Only what this process holds is read: a tensor still on the meta device (another pipeline
     stage's) is skipped, and a DTensor (an FSDP2 or tensor-parallel parameter) gets its shard.
@@ -56,26 +163,67 @@ def load_weights(model: torch.nn.Module, model_dir) -> None:
     where = model_dir / (
         safetensors.INDEX_FILE if (model_dir / safetensors.INDEX_FILE).is_file() else safetensors.SINGLE_FILE
     )
-    files = {k: v for k, v in safetensors.index_dir(model_dir).items() if not _IGNORED.search(k)}
+    names = TensorMap(tensor_rules)
+    files = {
+        k: v for k, v in safetensors.index_dir(model_dir).items() if not _IGNORED.search(k) and not names.ignores(k)
+    }
     state = model.state_dict(keep_vars=True)
     aliases = _aliases(model)  # name -> the first name of the same parameter
-    sources = {}  # the model's name -> the name in the files
+    sources = {}  # the model's name -> (the name in the files, its part: transpose, dim, start, size, groups)
     for name, target in state.items():
-        source = name if name in files else aliases.get(name)
+        per_expert = names.experts_of(name, target.shape[0]) if target.dim() == 3 and name not in files else None
+        if per_expert is not None:  # a 3-D tensor of experts the files hold expert by expert
+            _check_experts(name, target, per_expert, files, where)
+            sources[name] = (per_expert, "experts")
+            continue
+        found = names.match(name, files)
+        if found is None:
+            source = name if name in files else aliases.get(name)
+            part = None
+        else:
+            source, group, k, dim, transpose, groups = found
+            sizes = [state[g].shape[dim] if g in state else None for g in group]
+            part = (transpose, dim, sum(sizes[:k]), sizes[k], groups) if None not in sizes else None
+        if source not in files and aliases.get(name) in sources:
+            # a tied weight (the head) that the files hold under its first name only
+            sources[name] = sources[aliases[name]]
+            continue
         if source not in files:
             raise RunError(f"tensor {name!r} of the model is missing", path=where)
         shape = list(files[source].entries[source]["shape"])
-        if shape != list(target.shape):
-            raise RunError(f"tensor {name!r} has shape {shape}, the model's is {list(target.shape)}", path=where)
-        sources[name] = source
-    extra = sorted(set(files) - set(state))
+        want = list(target.shape)
+        if part is not None:
+            transpose, dim, _, _, groups = part
+            shape = shape[::-1] if transpose else shape
+            want[dim] = sum(state[g].shape[dim] for g in group)
+            uneven = next((g for g in group if state[g].shape[dim] % groups), None)
+            if uneven is not None:
+                raise RunError(f"tensor {uneven!r} of the model does not split into {groups} groups", path=where)
+        if shape != want:
+            raise RunError(f"tensor {source!r} has shape {shape}, the model's is {want}", path=where)
+        sources[name] = (source, part)
+    used = {n for source, part in sources.values() for n in (sum(source, []) if part == "experts" else [source])}
+    extra = sorted(set(files) - used)
     if extra:
         raise RunError(f"tensor {extra[0]!r} is not a parameter of the model", path=where)
     with torch.no_grad():
         for name, target in state.items():
             if target.is_meta:
                 continue
-            values = files[sources[name]].get(sources[name])
+            source, part = sources[name]
+            if part == "experts":  # each expert's tensors concatenated, the experts stacked
+                values = torch.stack([torch.cat([files[n].get(n) for n in hf_names]) for hf_names in source])
+                part = None
+            else:
+                values = files[source].get(source)
+            if part is not None:
+                transpose, dim, start, size, groups = part
+                values = values.t() if transpose else values
+                if groups == 1:
+                    values = values.narrow(dim, start, size)
+                else:  # this tensor's share of each of the G groups
+                    values = values.unflatten(dim, (groups, -1))
+                    values = values.narrow(dim + 1, start // groups, size // groups).flatten(dim, dim + 1)
             if hasattr(target, "device_mesh"):  # a DTensor: this rank's shard
                 from torch.distributed.tensor import distribute_tensor
 
@@ -86,6 +234,22 @@ def load_weights(model: torch.nn.Module, model_dir) -> None:
                     src_data_rank=None,
                 )
             target.copy_(values)
+
+
+def _check_experts(name: str, target: torch.Tensor, per_expert: list[list[str]], files: dict, where) -> None:
+    """A RunError unless the files hold every expert's tensors of fgc's 3-D tensor NAME, each
+    with its share of the expert's slice."""
+    parts = len(per_expert[0])
+    if target.shape[1] % parts:
+        raise RunError(f"tensor {name!r} of the model does not split into {parts} tensors per expert", path=where)
+    want = [target.shape[1] // parts, *target.shape[2:]]
+    for hf_names in per_expert:
+        for hf_name in hf_names:
+            if hf_name not in files:
+                raise RunError(f"tensor {hf_name!r} of the model (of {name!r}) is missing", path=where)
+            shape = list(files[hf_name].entries[hf_name]["shape"])
+            if shape != want:
+                raise RunError(f"tensor {hf_name!r} has shape {shape}, the model's is {want}", path=where)
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, str]:
@@ -232,6 +396,8 @@ def export(
     for target_name, source in spec["tied"].items():
         if target_name in state and source in state and not torch.equal(state[target_name], state[source]):
             raise RunError(f"{target_name} should be tied to {source} but differs from it", path=out_dir)
+    # the family's own names and layouts (fused tensors, transposed weights), where they differ
+    tensors = TensorMap(spec.get("tensors", ())).to_hf(tensors)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         config["dtype"] = str(dtypes.pop()).removeprefix("torch.")

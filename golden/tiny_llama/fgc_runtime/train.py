@@ -4,6 +4,16 @@ The loss of a step is ``(sum over micro-batches and ranks of token loss sums) / 
 non-ignored targets in the step)``: every target token weighs the same, however the batch is split
 into micro-batches and ranks. :func:`loss_sum_and_count` gives the two parts.
 
+A model with an auxiliary loss (the model protocol's ``aux_loss()``: a routed mixture of experts'
+load-balancing term, ``router_aux_loss_coef`` times it) adds it to that loss: the step minimises
+``token loss + mean over the step's forwards of aux_loss()``, a forward being one micro-batch of
+one data-parallel rank (of one tensor-parallel group: its ranks compute the same forward). Each
+forward's ``aux_loss()`` is the model's value for that micro-batch alone, as transformers computes
+it for one batch: the term is a product of two means over the batch's tokens, so a batch split into
+micro-batches and ranks gives the mean of their values, not the value of the whole batch at once
+(which would need every micro-batch's routing before the first backward). :class:`AuxLoss` adds
+each forward's share and gives the step's term for the metrics (``aux_loss``).
+
 Gradient clipping: the trainer calls ``torch.nn.utils.clip_grad_norm_`` itself (it returns the
 pre-clip norm); :func:`grad_norm` is for measuring without clipping.
 """
@@ -20,6 +30,8 @@ from typing import Iterable, Literal
 
 import torch
 import torch.nn.functional as F
+
+from .parallel import has_method
 
 try:
     import resource
@@ -291,6 +303,42 @@ def infinite_lr(
     return _schedule(optimizer, factor, unit)
 
 
+class AuxLoss:
+    """The model's auxiliary loss over a training step, when the model has one (an ``aux_loss()``
+    method, of the model protocol, that gives a tensor for its last forward; None: nothing to add).
+
+    ``aux_loss()`` right after a micro-batch's forward gives that forward's term divided by
+    FORWARDS (the micro-batches a rank runs in a step), to add to the micro-batch's loss before
+    its backward: the trainers average gradients over the data-parallel ranks, so the step's
+    gradient is that of the mean of the aux terms of every forward of every rank (see the module
+    docstring). ``pop()`` gives this rank's sum of those shares since the last ``pop()`` (the mean
+    of its forwards' terms; the trainer averages it over the ranks for the metrics), or None when
+    nothing was added.
+    """
+
+    def __init__(self, model: torch.nn.Module, forwards: int):
+        # by the protocol: a method of the model's class (a submodule named aux_loss is not one)
+        self.model = model if has_method(model, "aux_loss") else None
+        self.forwards = forwards
+        self.total: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor | None:
+        """The last forward's aux term over FORWARDS (fp32, with its graph), or None."""
+        if self.model is None:
+            return None
+        aux = self.model.aux_loss()
+        if aux is None:
+            return None
+        share = aux.float() / self.forwards
+        self.total = share.detach() if self.total is None else self.total + share.detach()
+        return share
+
+    def pop(self) -> torch.Tensor | None:
+        """The shares added since the last call, summed (no graph); None when there were none."""
+        total, self.total = self.total, None
+        return total
+
+
 def grad_norm(parameters: Iterable[torch.Tensor]) -> float:
     """Total L2 norm of the gradients of ``parameters`` (those without a grad are skipped)."""
     norms = [p.grad.detach().float().norm(2) for p in parameters if p.grad is not None]
@@ -418,19 +466,31 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> floa
 
 
 class MFU:
-    """Model FLOPs utilisation of a run: the FLOPs of one token (:func:`model_flops_per_token`,
-    when the model says ``num_hidden_layers`` and ``hidden_size``) over the peak of the device for
-    the run's matmul dtype (:data:`PEAK_FLOPS`); None, never a guess, when either is unknown."""
+    """Model FLOPs utilisation of a run: the FLOPs of one token over the peak of the device for
+    the run's matmul dtype (:data:`PEAK_FLOPS`); None, never a guess, when either is unknown.
+
+    The FLOPs of one token are the model's own count, ``model.flops_per_token(seq_len)`` (the
+    component library's ``CausalLM``: ``6N + 12*L*H*T`` over the parameters in matmuls, as
+    ``fgc explain`` prints it); for a model without that method, :func:`model_flops_per_token`
+    over all its parameters when it says ``num_hidden_layers`` and ``hidden_size``."""
 
     def __init__(self, model: torch.nn.Module, seq_len: int, precision: str, device: torch.device):
         layers = getattr(model, "num_hidden_layers", None)
         hidden = getattr(model, "hidden_size", None)
         self.facts = None
         self.flops_per_token = None
-        if layers is not None and hidden is not None:
+        self.formula = None
+        if callable(getattr(type(model), "flops_per_token", None)):  # a method, not an attribute
+            self.flops_per_token, self.formula = model.flops_per_token(seq_len)
+        elif layers is not None and hidden is not None:
             n = sum(p.numel() for p in model.parameters())
             self.facts = {"N": n, "L": layers, "H": hidden, "T": seq_len}
             self.flops_per_token = model_flops_per_token(n, layers, hidden, seq_len)
+            f = self.facts
+            self.formula = (
+                f"6N + 12*L*H*T = 6*{f['N']:,} + 12*{f['L']}*{f['H']}*{f['T']}"
+                f" = {self.flops_per_token:,.0f}"
+            )
         self.device_name = device_name(device)
         self.dtype = matmul_dtype(precision, device)
         self.peak = peak_flops(self.device_name, self.dtype)
@@ -443,12 +503,11 @@ class MFU:
         """The line a trainer prints once at start: the formula with its numbers, and the peak used
         (or why MFU is null)."""
         if self.flops_per_token is None:
-            return "MFU: the model does not say num_hidden_layers and hidden_size, reported as null"
-        f = self.facts
-        formula = (
-            f"FLOPs/token = 6N + 12*L*H*T = 6*{f['N']:,} + 12*{f['L']}*{f['H']}*{f['T']}"
-            f" = {self.flops_per_token:,.0f}"
-        )
+            return (
+                "MFU: the model has no flops_per_token(seq_len) and does not say num_hidden_layers "
+                "and hidden_size, reported as null"
+            )
+        formula = f"FLOPs/token = {self.formula}"
         if self.peak is None:
             return f"{formula}; MFU: unknown device {self.device_name} ({self.dtype}), reported as null"
         return (

@@ -204,21 +204,31 @@ class LMHeadLoss(torch.nn.Module):
     """A causal LM whose forward returns ``(loss_sum, count)`` from the last hidden states and the
     head's weight through :func:`fused_linear_cross_entropy`, never holding every logit at once.
 
-    MODEL has the component library's shape: ``model.model(input_ids)`` gives the final hidden
-    states and ``model.lm_head`` is a linear head. Wrap this module (not MODEL) in DDP, so that
-    the loss is part of the forward DDP sees; parameter names keep a ``model.`` prefix here only.
+    MODEL says both (the component library's ``CausalLM`` does): ``model.hidden_states(input_ids)``
+    gives the final-normed hidden states and ``model.output_projection()`` the ``(weight, bias)``
+    of a head that is exactly ``hidden @ weight.T + bias``. Wrap this module (not MODEL) in DDP, so
+    that the loss is part of the forward DDP sees; parameter names keep a ``model.`` prefix here
+    only.
     """
 
     def __init__(self, model: torch.nn.Module, impl: str = "chunked", chunk_size: int = 4096, **features):
         super().__init__()
+        # methods of the model's class (a submodule of that name is not one)
+        missing = [m for m in ("hidden_states", "output_projection") if not callable(getattr(type(model), m, None))]
+        if missing:
+            # fgc's select-kernels pass refuses such a model at build time
+            raise TypeError(f"LMHeadLoss: the model has no {' and no '.join(m + '()' for m in missing)}")
         self.model = model
         self.impl, self.chunk_size, self.features = impl, chunk_size, features
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.model(input_ids)
-        head = self.model.lm_head
+        hidden = self.model.hidden_states(input_ids)
+        projection = self.model.output_projection()
+        if projection is None:  # fgc's select-kernels pass refuses such a model at build time
+            raise TypeError("LMHeadLoss: the model's head scales or soft-caps its logits")
+        weight, bias = projection
         loss_sum = fused_linear_cross_entropy(
-            hidden, head.weight, labels, bias=head.bias, reduction="sum",
+            hidden, weight, labels, bias=bias, reduction="sum",
             impl=self.impl, chunk_size=self.chunk_size, **self.features,
         )
         return loss_sum, (labels != -100).sum(dtype=torch.int64)
