@@ -184,3 +184,50 @@ def test_a_fused_tensor_of_the_wrong_size_is_a_one_line_error(tmp_path):
     assert str(info.value) == (
         f"{tmp_path / 'model.safetensors'}: error: tensor 'h.0.attn.c_attn.weight' has shape [9, 4], the model's is [8, 4]"
     )
+
+
+def _library_llama(attention=None, norm_offset=0.0, **model_options):
+    """A Llama of the component library's parts (2 layers, hidden 32), ATTENTION options on every
+    layer's attention."""
+    import functools
+
+    from fgc.components.attention import CausalSelfAttention
+    from fgc.components.causal_lm import CausalLM
+    from fgc.components.layers import PreNormDecoderLayer
+    from fgc.components.mlp import SwiGLUMLP
+    from fgc.components.norm import RMSNorm
+    from fgc.components.rotary import RotaryEmbedding
+
+    norm = functools.partial(RMSNorm, offset=norm_offset)
+    layer = functools.partial(
+        PreNormDecoderLayer,
+        attention_factory=functools.partial(CausalSelfAttention, num_attention_heads=4, **(attention or {})),
+        mlp_factory=functools.partial(SwiGLUMLP, intermediate_size=40),
+        norm_factory=norm,
+    )
+    with torch.device("meta"):
+        return CausalLM(vocab_size=50, hidden_size=32, num_hidden_layers=2, norm_factory=norm,
+                        positions=RotaryEmbedding(8), layer_factory=layer, **model_options)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"attention": {"scaling": 0.3}},
+        {"attention": {"attn_logit_softcapping": 50.0}},
+        {"attention": {"rotary_dim": 4}},
+        {"attention": {"attention_dropout": 0.1}},
+        {"norm_offset": 1.0},
+        {"embedding_multiplier": 2.0},
+        {"logits_scaling": 4.0},
+        {"final_logit_softcapping": 30.0},
+    ],
+    ids=lambda o: next(iter(o.get("attention", o))),
+)
+def test_a_library_llama_with_an_option_no_family_has_with_its_parts_is_not_exported_as_a_family(options):
+    """Such a model exports as a custom architecture, never as a family whose class would compute
+    something else (the Llama-style families once ignored these options)."""
+    assert FAMILIES["llama"].export_fields(_library_llama(), None) is not None
+    model = _library_llama(**options)
+    for name, spec in FAMILIES.items():
+        assert spec.export_fields(model, None) is None, name

@@ -276,6 +276,17 @@ def llama_style(model, source: dict | None) -> LlamaStyle | None:
     if not (
         same((x.num_attention_heads, x.num_key_value_heads, x.head_dim, x.sliding_window, x.q_norm is None) for x in attns)
         and all(x.use_rope for x in attns)
+        # the options none of Llama, Mistral and Qwen3 has: a model with one is not of these
+        # families (another family may claim it, else it exports as a custom architecture)
+        and all(
+            x.scaling is None and x.attn_logit_softcapping is None and x.rotary_dim is None
+            and x.attention_dropout == 0.0
+            for x in attns
+        )
+        and all(n.offset == 0.0 for n in norms)
+        and model.model.embedding_multiplier in (None, 1.0)
+        and model.logits_scaling == 1.0
+        and model.final_logit_softcapping is None
         and same(m.intermediate_size for m in mlps)
         and same(n.eps for n in norms)
         and all(len(bias(x.q_proj, x.k_proj, x.v_proj, x.o_proj)) == 1 for x in attns)

@@ -144,7 +144,7 @@ def gemma_model(model, source: dict | None) -> GemmaModel | None:
     if not (
         same((x.num_attention_heads, x.num_key_value_heads, x.head_dim, x.scaling, x.attn_logit_softcapping) for x in attns)
         and same(x.q_norm is None for x in attns)
-        and all(x.use_rope and x.rotary_dim is None for x in attns)
+        and all(x.use_rope and x.rotary_dim is None and x.attention_dropout == 0.0 for x in attns)
         and same((m.intermediate_size, m.activation) for m in mlps)
         and all(lin.bias is None for m in mlps for lin in (m.gate_proj, m.up_proj, m.down_proj))
         and same(n.eps for n in norms)

@@ -53,7 +53,7 @@ def export_fields(model, source):
     if not (
         len({(x.num_attention_heads, x.num_key_value_heads, x.head_dim) for x in attns}) == 1
         and all(x.sliding_window is None and x.use_rope and x.rotary_dim is None for x in attns)
-        and all(x.scaling is None and x.attn_logit_softcapping is None for x in attns)
+        and all(x.scaling is None and x.attn_logit_softcapping is None and x.attention_dropout == 0.0 for x in attns)
         and len({lin.bias is not None for lin in projections}) == 1
         and len({m.intermediate_size for m in mlps}) == 1
         and all(lin.bias is None for m in mlps for lin in (m.gate_proj, m.up_proj, m.down_proj))

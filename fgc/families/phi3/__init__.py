@@ -108,7 +108,11 @@ def export_fields(model, source):
     if not (
         len({(x.num_attention_heads, x.num_key_value_heads, x.head_dim, x.sliding_window, x.rotary_dim) for x in attns})
         == 1
-        and all(x.use_rope and x.q_norm is None and x.scaling is None and x.attn_logit_softcapping is None for x in attns)
+        and all(
+            x.use_rope and x.q_norm is None and x.scaling is None and x.attn_logit_softcapping is None
+            and x.attention_dropout == 0.0
+            for x in attns
+        )
         and all(lin.bias is None for lin in linears)
         and len({m.intermediate_size for m in mlps}) == 1
         and len({n.eps for n in norms}) == 1
