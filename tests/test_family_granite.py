@@ -41,6 +41,8 @@ CASES = {
         num_hidden_layers=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}, **MULTIPLIERS,
     ),
+    # Granite 3's config.json files train with attention dropout (none in eval, as here)
+    "multipliers, attention dropout": dict(num_hidden_layers=2, attention_dropout=0.1, **MULTIPLIERS),
 }
 
 
@@ -58,6 +60,7 @@ def test_granite_logits_match_transformers(tmp_path, case):
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == config.tie_word_embeddings
     assert (layers[0].self_attn.o_proj.bias is not None) == config.attention_bias
     assert (layers[0].mlp.down_proj.bias is not None) == config.mlp_bias
+    assert [layer.self_attn.attention_dropout for layer in layers] == [config.attention_dropout] * 2
     # each multiplier matters: at 1 (attention_multiplier: Llama's head_dim ** -0.5), the logits differ
     off = {
         "embedding_multiplier": [(ours.model, "embedding_multiplier", None)],
@@ -101,7 +104,7 @@ def _fields(**options) -> dict:
     "changes, message",
     [
         ({"hidden_act": "gelu"}, "hidden_act is 'gelu', but fgc's granite template supports only 'silu'"),
-        ({"attention_dropout": 0.1}, "attention_dropout is 0.1, but fgc's granite template supports only 0.0"),
+        ({"attention_dropout": 1.0}, "attention_dropout must be a number in [0, 1), got 1.0"),
         ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1.0}}, "rope_parameters has rope_type 'longrope'"),
         ({"embedding_multiplier": "12"}, "embedding_multiplier must be a number, got '12'"),
         ({"residual_multiplier": None}, "residual_multiplier must be a number, got None"),
@@ -131,6 +134,7 @@ def test_granite_config_json_errors_name_the_field_at_the_hf_config_line(tmp_pat
     [
         ({"residual_multiplier": "x"}, "residual_multiplier must be a number, got x"),
         ({"logits_scaling": 0}, "logits_scaling must not be 0: the logits are divided by it"),
+        ({"attention_dropout": 1.5}, "attention_dropout must be a number in [0, 1), got 1.5"),
     ],
 )
 def test_granite_knob_errors_name_the_template_line(variables, message):
@@ -161,6 +165,10 @@ def test_granite_built_from_scratch_exports_as_granite(tmp_path):
     # the default attention scale, written out: transformers' Granite reads it from the field
     config = exports_as_its_family(tmp_path / "default", "granite", {"hidden_size": 32, "num_hidden_layers": 2})
     assert config["attention_multiplier"] == 8**-0.5 and config["residual_multiplier"] == 1.0
+    assert config["attention_dropout"] == 0.0
+    config = exports_as_its_family(tmp_path / "dropout", "granite", {"hidden_size": 32, "num_hidden_layers": 2,
+                                                                     "attention_dropout": 0.1})
+    assert config["attention_dropout"] == 0.1
 
 
 # ---- what the model does besides the logits ----------------------------------------------------

@@ -15,7 +15,8 @@ LAYER = ("GraniteDecoderLayer", f"{__name__}.parts")
 
 
 def check(config: dict) -> str | None:
-    """Granite's rules: the rope type and integer sizes (as Llama's), and numeric multipliers."""
+    """Granite's rules: the rope type and integer sizes (as Llama's), numeric multipliers, and an
+    attention dropout in [0, 1)."""
     problem = check_rope(config)
     if problem is not None:
         return problem
@@ -23,6 +24,9 @@ def check(config: dict) -> str | None:
         value = config.get(name, 1.0)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return f"{name} must be a number, got {value!r}"
+    dropout = config.get("attention_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        return f"attention_dropout must be a number in [0, 1), got {dropout!r}"
     if config.get("logits_scaling", 1.0) == 0:
         return "logits_scaling must not be 0: the logits are divided by it"
     return None
@@ -54,8 +58,9 @@ SPEC = FamilySpec(
     model_type="granite",
     architecture="GraniteForCausalLM",
     folder=Path(__file__).parent,
-    knobs=LLAMA_KNOBS | set(MULTIPLIERS),
-    fixed=LLAMA_FIXED,
+    # Granite 3's config.json files train with attention dropout (0.1): a knob here, not fixed
+    knobs=LLAMA_KNOBS | set(MULTIPLIERS) | {"attention_dropout"},
+    fixed={k: v for k, v in LLAMA_FIXED.items() if k != "attention_dropout"},
     check=check,
     export_fields=export_fields,
 )

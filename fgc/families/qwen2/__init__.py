@@ -91,7 +91,8 @@ def layered_llama_style(model, source: dict | None, layer_class: tuple[str, str]
     biased = [(x.q_proj.bias is not None, x.k_proj.bias is not None, x.v_proj.bias is not None) for x in attns]
     if not (
         one((x.num_attention_heads, x.num_key_value_heads, x.head_dim, x.q_norm is None, x.scaling) for x in attns)
-        and all(x.attn_logit_softcapping is None and x.rotary_dim is None and x.attention_dropout == 0.0 for x in attns)
+        and all(x.attn_logit_softcapping is None and x.rotary_dim is None for x in attns)
+        and one(x.attention_dropout for x in attns)
         and one(biased) and len(set(biased[0])) == 1
         and one(x.o_proj.bias is not None for x in attns)
         and one(m.intermediate_size for m in mlps)
@@ -116,7 +117,8 @@ def layered_llama_style(model, source: dict | None, layer_class: tuple[str, str]
         "rms_norm_eps": norms[0].eps,
         "rope_parameters": {"rope_theta": float(rotary.rope_theta), "rope_type": "default"},
         "tie_word_embeddings": bool(model.tie_word_embeddings),
-        "attention_dropout": 0.0,
+        # dropout on the attention weights while training, as transformers' attention applies it
+        "attention_dropout": float(a.attention_dropout),
         "initializer_range": model.initializer_range,
     }
     embedding_multiplier = model.model.embedding_multiplier
