@@ -103,7 +103,7 @@ def train(pkg: Path, *args, torchrun: bool = False) -> subprocess.CompletedProce
     )
 
 
-def _losses(run: Path) -> list[float]:
+def logged_losses(run: Path) -> list[float]:
     """The training losses a run logged, in order."""
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
@@ -132,7 +132,7 @@ def round_trip(tmp_path: Path, model_class, config, architecture: str, sharded: 
     proc = train(pkg, "--output-dir", tmp_path / "run", "--export-hf", tmp_path / "exp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     outs = [tmp_path / "run" / "final", tmp_path / "exp"]
-    reference = _losses(tmp_path / "run")
+    reference = logged_losses(tmp_path / "run")
     for i, flags in enumerate(sharded):
         pkg = finetune(f"pkg{i}", *flags, "-D", "nproc=2")
         assert 'model = build_model(device="meta")' in (pkg / "train.py").read_text()
@@ -141,7 +141,7 @@ def round_trip(tmp_path: Path, model_class, config, architecture: str, sharded: 
             assert {"q_proj", "k_proj", "v_proj"} <= set(plan["colwise"]), plan
         proc = train(pkg, "--max-steps", 1, "--output-dir", tmp_path / f"run{i}", torchrun=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert _losses(tmp_path / f"run{i}") == pytest.approx(reference, rel=2e-5), flags
+        assert logged_losses(tmp_path / f"run{i}") == pytest.approx(reference, rel=2e-5), flags
         outs.append(tmp_path / f"run{i}" / "final")
     ids_BT = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -168,7 +168,7 @@ def train_example(tmp_path: Path, family: str, flags: list[str], torchrun: bool 
         assert 'model = build_model(device="meta")' in train_py
     proc = train(pkg, "--output-dir", tmp_path / "run", torchrun=torchrun)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = _losses(tmp_path / "run")
+    losses = logged_losses(tmp_path / "run")
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert losses[0] == pytest.approx(math.log(257), abs=0.5)  # a fresh model: near-uniform predictions
     assert losses[-1] < losses[0]

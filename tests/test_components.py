@@ -28,7 +28,7 @@ from fgc.components.rotary import (
 )
 
 COMPONENTS_DIR = Path(__file__).resolve().parents[1] / "fgc" / "components"
-COMPONENT_FILES = ["positions.py", "norm.py", "rotary.py", "attention.py", "mlp.py", "layers.py", "causal_lm.py"]
+COMPONENT_FILES = ["positions.py", "norm.py", "rotary.py", "attention.py", "mlp.py", "layers.py", "causal_lm.py", "moe.py"]
 
 # What a component module may import, because the copier inlines these files into model.py.
 ALLOWED_STDLIB = {"math", "functools", "re", "typing", "dataclasses", "zlib"}
@@ -452,11 +452,16 @@ def test_backward_reaches_every_parameter_of_postnorm_qknorm_window_models():
 
 
 def _component_trees() -> dict[str, ast.Module]:
-    return {name: ast.parse((COMPONENTS_DIR / name).read_text(), filename=name) for name in COMPONENT_FILES}
+    """Every module fgc vendors into model.py: the component library's and each family's parts."""
+    paths = {name: COMPONENTS_DIR / name for name in COMPONENT_FILES}
+    for path in sorted((COMPONENTS_DIR.parent / "families").glob("*/parts.py")):
+        paths[f"families/{path.parent.name}/parts.py"] = path
+    return {name: ast.parse(path.read_text(), filename=name) for name, path in paths.items()}
 
 
 def test_component_imports_are_in_the_allowed_set():
     component_modules = {f"fgc.components.{Path(n).stem}" for n in COMPONENT_FILES}
+    component_modules |= {f"fgc.families.{p.parent.name}.parts" for p in (COMPONENTS_DIR.parent / "families").glob("*/parts.py")}
     for name, tree in _component_trees().items():
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):

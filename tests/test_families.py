@@ -10,7 +10,6 @@ Shape legend: B batch, T sequence, V vocabulary size.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from transformers import (
 )
 
 from conftest import run_fgc
+from family_checks import hf_fields as _hf_fields, ids as _ids
 from fgc.build import build_package, compile_config
 from fgc.errors import FgcError
 from fgc.families import FAMILIES
@@ -56,11 +56,6 @@ def _hf_model(model_class, config):
     return model
 
 
-def _hf_fields(config) -> dict:
-    """What a config.json holds: the config's fields as JSON values."""
-    return json.loads(config.to_json_string())
-
-
 def _build(tmp_path: Path, config: str | Path, variables: dict | None = None) -> Path:
     """Build CONFIG (a family name or a config file) in this process, without the smoke check."""
     if isinstance(config, str):
@@ -75,10 +70,6 @@ def _import_model(package: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _ids(vocab: int, batch: int = 2, seq: int = SEQ) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(2))
 
 
 def _logits_pair(tmp_path, family, model_class, config, variables=None):

@@ -11,12 +11,8 @@ Shape legend: B batch, T sequence, V vocabulary size.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +28,8 @@ from transformers import (
 )
 
 from conftest import EXAMPLE, REPO, run_fgc
-from fgc.build import build_package, compile_config
+from family_checks import build as _build, hf_fields as _hf_fields, ids as _ids, import_model as _import_model, train as _train
+from fgc.build import compile_config
 from fgc.errors import FgcError
 from fgc.families import FAMILIES
 from fgc.hf import export_spec
@@ -66,30 +63,6 @@ def _hf_model(model_class, config):
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return model
-
-
-def _hf_fields(config) -> dict:
-    """What a config.json holds: the config's fields as JSON values."""
-    return json.loads(config.to_json_string())
-
-
-def _build(tmp_path: Path, family: str, variables: dict | None = None, name: str = "pkg") -> Path:
-    out = tmp_path / name
-    build_package(
-        compile_config(FAMILIES[family].template, variables={"data_dir": "data", **(variables or {})}), out, smoke=False
-    )
-    return out
-
-
-def _import_model(package: Path):
-    spec = importlib.util.spec_from_file_location(f"model_{package.parent.name}_{package.name}", package / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _ids(vocab: int, batch: int = 2, seq: int = SEQ) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(2))
 
 
 def _logits_pair(tmp_path, family, model_class, config, fields=None):
@@ -339,7 +312,7 @@ def test_fgc_explain_counts_the_parameters_and_flops(tmp_path):
     total = sum(p.numel() for p in model.parameters())
     assert f"{total:,}" in proc.stdout
     flops, _ = model.flops_per_token(128)
-    assert f"6*N + 12*L*H*T" in proc.stdout and f"{flops:,.0f}" in proc.stdout
+    assert "6*N + 12*L*H*T" in proc.stdout and f"{flops:,.0f}" in proc.stdout
 
 
 # ---- the chunked loss --------------------------------------------------------------------------
@@ -537,14 +510,6 @@ def _hf_logits(model_dir, ids):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     with torch.no_grad():
         return model, model(ids).logits
-
-
-def _train(pkg: Path, *args, torchrun: bool = False) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun else [sys.executable]
-    return subprocess.run(
-        [*launcher, str(pkg / "train.py"), *map(str, args)], capture_output=True, text=True, cwd=pkg.parent,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
 
 
 @pytest.mark.slow

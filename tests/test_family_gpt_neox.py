@@ -25,6 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from conftest import EXAMPLE, REPO, line_of, run_fgc
+from family_checks import logged_losses as _losses
 from fgc.build import compile_config
 from fgc.errors import FgcError
 from fgc.families import FAMILIES
@@ -400,10 +401,6 @@ def _logits(model_dir: Path, ids=IDS):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     with torch.no_grad():
         return model, model(ids).logits
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 @pytest.mark.slow

@@ -25,12 +25,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
 from conftest import EXAMPLE, REPO, run_fgc
+from family_checks import logged_losses as _losses
 from fgc.build import compile_config
 from fgc.errors import FgcError
 from fgc.families import FAMILIES
 from fgc_runtime.kernels.cross_entropy import LMHeadLoss, cross_entropy_sum_and_count
 from fgc_runtime.parallel import apply_activation_checkpointing
-from test_families import SEQ, SMALL, _build, _hf_fields, _hf_model, _ids, _import_model
+from test_families import SMALL, _build, _hf_fields, _hf_model, _ids, _import_model
 
 SPEC = FAMILIES["olmo2"]
 FINETUNE = REPO / "examples" / "hf_finetune" / "finetune.yaml"
@@ -384,10 +385,6 @@ def _logits(model_dir: Path, ids=IDS):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     with torch.no_grad():
         return model, model(ids).logits
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 @pytest.mark.slow

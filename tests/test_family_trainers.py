@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from conftest import EXAMPLE, run_fgc
+from family_checks import logged_losses as _losses
 from family_checks import import_model, train
 from fgc.build import compile_config
 from fgc.families import FAMILIES, NAMES
@@ -42,10 +43,6 @@ def _draws_dropout(model: torch.nn.Module) -> bool:
         (isinstance(m, torch.nn.Dropout) and m.p > 0) or getattr(m, "attention_dropout", 0.0) > 0
         for m in model.modules()
     )
-
-
-def _losses(run) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 @pytest.mark.slow
