@@ -16,19 +16,21 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Mapping
-
-from fgc_lowering.context import LoweringContext
-from fgc_lowering.pipeline import lower
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .errors import Diagnostic, FgcError, Location, display_path
-from .frontend.loader import load
 from .frontend.render import Rendered, render
-from .ir import IRGraph
+
+if TYPE_CHECKING:  # lowering imports torch: only a config that renders and loads gets that far
+    from fgc_lowering.context import LoweringContext
+
+    from .ir import IRGraph
 
 
 @dataclass
 class Compiled:
+    """A lowered config: its render, its IR and the lowering context (settings, plan, symbols)."""
+
     rendered: Rendered
     ir: IRGraph
     ctx: LoweringContext
@@ -47,13 +49,21 @@ def compile_config(
     project_dir: str | Path | None = None,
 ) -> Compiled:
     """Render, load and lower CONFIG; raises FgcError with every diagnostic found."""
+    from .frontend.loader import load
+
     variables = dict(variables or {})
     rendered = render(config, include_dirs, variables, project_dir)
     ir = load(rendered)
+    from fgc_lowering.construct import without_dynamo
+    from fgc_lowering.context import LoweringContext
+    from fgc_lowering.pipeline import lower
+
     ctx = LoweringContext(rendered.source.path, rendered.source.search_path, variables)
     ctx.template_names = rendered.referenced
+    ctx.origins = rendered.origins_of  # where a knob printed at a template line was set
     try:
-        ir = lower(ir, ctx, dump_after=dump_after, dump=dump)
+        with without_dynamo():  # the passes build the optimizer and schedule on dummy values
+            ir = lower(ir, ctx, dump_after=dump_after, dump=dump)
     except FgcError as exc:
         raise FgcError(diagnostics=[with_origin(d, rendered) for d in exc.diagnostics]) from None
     return Compiled(rendered, ir, ctx)

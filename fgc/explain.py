@@ -163,7 +163,7 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         # unit (a decoder layer, or the root) during its forward and backward. With tensor
         # parallelism FSDP shards over the n / tp data-parallel ranks, and a rank's parameters are
         # 1/tp of the split projections plus the rest (embedding, norms, head) whole.
-        n = plan.nproc // tp
+        n = dict(plan.mesh)["dp_shard"]  # HSDP: the copies each hold a whole shard set
         layer_split = facts.tp_split // L if L else 0
         layer = facts.layer_params - layer_split + layer_split // tp
         root = facts.total - L * facts.layer_params
@@ -171,6 +171,10 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         params = local * p_bytes // n + max(layer, root) * p_bytes
         grads = local * p_bytes // n
         optimizer = int(optimizer * local / facts.total) // n if facts.total else 0
+    if plan.trainer_type == "ddp" and tp > 1:
+        # DDP x tensor parallel: each rank holds 1/tp of the split projections and the rest whole
+        local = (facts.total - facts.tp_split + facts.tp_split // tp) / facts.total if facts.total else 1
+        params, grads, optimizer = (int(x * local) for x in (params, grads, optimizer))
     if plan.pipeline:
         # the busiest pipeline rank: its stages' parameters, gradients and optimizer state, and the
         # activations of the micro-batches in flight on its layers (all of them for GPipe and
@@ -195,6 +199,11 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
             if best is None or sum(est) > sum(best):
                 best = est
         params, grads, optimizer, activations = best
+        # a stage's split projections are 1/tp on each tensor-parallel rank; FSDP2 shards the rest
+        # of a stage over the pipeline's replicas (plus one gathered unit, not counted here)
+        local = (facts.total - facts.tp_split + facts.tp_split // tp) / facts.total if facts.total else 1
+        shards = dict(plan.mesh).get("dp_shard", 1)
+        params, grads, optimizer = (int(x * local) // shards for x in (params, grads, optimizer))
     out = {
         "parameters": params,
         "gradients": grads,
@@ -213,6 +222,43 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+# what each dimension of a mesh does, for the table
+DIMENSIONS = {
+    "dp_replicate": "copies of the sharded model; gradients averaged over them (HSDP)",
+    "dp_shard": "FSDP2 shards parameters, gradients and optimizer state",
+    "dp": "data-parallel replicas; gradients averaged (summed, for a pipeline) over them",
+    "pp": "pipeline stages",
+    "tp": "each layer's projections split (tensor parallel); same batch",
+}
+
+
+def mesh_table(mesh: tuple[tuple[str, int], ...]) -> list[str]:
+    """The mesh as a table: each dimension, its degree, what it does and the ranks of rank 0's
+    group along it; then each rank's coordinates (ranks are numbered row-major, the last
+    dimension fastest: its ranks are neighbours)."""
+    if not mesh:
+        return []
+    names = [name for name, _ in mesh]
+    sizes = [size for _, size in mesh]
+    strides = [1] * len(sizes)
+    for k in range(len(sizes) - 2, -1, -1):
+        strides[k] = strides[k + 1] * sizes[k + 1]
+    rows = [("dimension", "degree", "ranks with rank 0", "what it does")]
+    for k, name in enumerate(names):
+        group = ", ".join(str(i * strides[k]) for i in range(sizes[k]))
+        rows.append((name, str(sizes[k]), group, DIMENSIONS.get(name, "")))
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    out = ["  mesh:"]
+    out += [f"    {r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
+    world = strides[0] * sizes[0]
+    coords = [
+        f"{rank}=(" + ", ".join(str(rank // strides[k] % sizes[k]) for k in range(len(sizes))) + ")"
+        for rank in range(world)
+    ]
+    out.append(f"    rank=({', '.join(names)}): " + " ".join(coords))
+    return out
+
+
 def explain_summary(compiled: Compiled) -> str:
     """The text `fgc explain CONFIG` prints."""
     facts = model_facts(compiled)
@@ -227,6 +273,7 @@ def explain_summary(compiled: Compiled) -> str:
     lines += ["", "parallel plan:"]
     mesh = " x ".join(f"{name}={size}" for name, size in plan.mesh) or "none (one process)"
     lines.append(f"  trainer {plan.trainer_type}, launcher {plan.launcher}, {plan.nproc} rank(s), mesh: {mesh}")
+    lines += mesh_table(plan.mesh)
     if plan.fsdp_units != "none":
         lines.append(f"  FSDP2 units: {plan.fsdp_units}")
     if plan.tensor_parallel:

@@ -81,9 +81,16 @@ class LoggingSettings:
 
 @dataclass(frozen=True)
 class DataParallelSettings:
-    """Data parallelism: ``nproc`` processes per node, each holding the whole model."""
+    """Data parallelism: ``nproc`` processes per node, each holding the whole model.
+
+    ``tensor_degree``: with T > 1, groups of T neighbouring ranks split each decoder layer's
+    attention and MLP projections (tensor parallelism, applied first), and the ``nproc / T``
+    groups are the data-parallel replicas. ``nproc`` must be divisible by T, and T must divide the
+    model's query and key/value heads and its MLP intermediate size. The DDP and FSDP2 trainers
+    take it."""
 
     nproc: Count = 2
+    tensor_degree: Count = 1
 
 
 @dataclass(frozen=True)
@@ -91,13 +98,13 @@ class FSDPSettings(DataParallelSettings):
     """Fully sharded data parallelism (FSDP2): ``nproc`` processes per node, each holding a shard
     of every parameter, gradient and optimizer state; one unit per decoder layer plus the root.
 
-    ``tensor_degree``: with T > 1, groups of T neighbouring ranks split each decoder layer's
-    attention and MLP projections (tensor parallelism, applied before FSDP2), and FSDP2 shards over
-    the ``nproc / T`` groups. ``nproc`` must be divisible by T, and T must divide the model's
-    query and key/value heads and its MLP intermediate size."""
+    ``tensor_degree`` (see :class:`DataParallelSettings`): FSDP2 shards over the ``nproc / T``
+    tensor-parallel groups. ``replicate_degree``: with R > 1, hybrid sharding (HSDP): the
+    data-parallel ranks form R copies of the model, each sharded over ``nproc / (R * T)`` ranks;
+    gradients are reduced inside a copy, then averaged over the copies."""
 
     reshard_after_forward: bool = True
-    tensor_degree: Count = 1
+    replicate_degree: Count = 1
 
 
 PipelineSchedule = Literal[
@@ -131,11 +138,16 @@ class PipelineSettings(DataParallelSettings):
     (stage s on rank s mod pipeline_degree: the loop layout), exactly 2 for ``zbv-zero-bubble`` and
     ``dualpipev`` (rank r holds stages r and 2*pipeline_degree-1-r: the V layout); None picks these.
     ``microbatches``: how many pieces each data-parallel replica's batch is cut into (None: the
-    number of stages).
+    number of stages). ``tensor_degree`` (see :class:`DataParallelSettings`): each stage's layers
+    are split over T neighbouring ranks, and ``nproc = pipeline_degree * data_degree * T``.
+    ``fsdp``: the ``data_degree`` replicas shard each stage's parameters, gradients and optimizer
+    state with FSDP2 (one unit per decoder layer, one per stage for the rest) instead of each
+    holding a copy and summing gradients.
     """
 
     pipeline_degree: Count = 2
     data_degree: Count = 1
+    fsdp: bool = False
     schedule: PipelineSchedule = "1f1b"
     stages_per_rank: Optional[Count] = None
     microbatches: Optional[Count] = None

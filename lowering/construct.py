@@ -6,8 +6,9 @@ becomes ``functools.partial``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 from fgc.ir import IRGraph
 
@@ -62,3 +63,44 @@ def meta_model(ir: IRGraph, ctx: LoweringContext):
     if isinstance(ctx.meta_model, Exception):
         raise ctx.meta_model
     return ctx.meta_model
+
+
+@contextlib.contextmanager
+def without_dynamo() -> Iterator[None]:
+    """Build-time construction that does not import ``torch._dynamo``.
+
+    torch marks some methods ``torch._disable_dynamo`` (``Optimizer.add_param_group``, which every
+    optimizer's constructor calls); the first call of one imports torch._dynamo (over a second on
+    this machine) only to exclude the method from tracing. Nothing is traced at build time, so
+    while this is active such a method runs as it is; on exit the methods are as before.
+    """
+    import torch
+    import torch._compile
+
+    marker = torch._compile._disable_dynamo(lambda: None).__code__
+    owners = [torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+    patched = []
+    for owner in owners:
+        for attr in vars(owner).values():
+            fn = getattr(attr, "__wrapped__", None)
+            # the wrapper caches the disabled function under this name and imports nothing once set
+            if getattr(attr, "__code__", None) is marker and fn is not None and not hasattr(fn, "__dynamo_disable"):
+                setattr(fn, "__dynamo_disable", fn)
+                patched.append(fn)
+    try:
+        yield
+    finally:
+        for fn in patched:
+            with contextlib.suppress(AttributeError):
+                delattr(fn, "__dynamo_disable")
+
+
+def checked_meta_model(ir: IRGraph, ctx: LoweringContext):
+    """The model target built on the meta device; None (and an error) when it does not build."""
+    try:
+        return meta_model(ir, ctx)
+    except Exception as exc:
+        ctx.sink.error(
+            f"the model does not build: {type(exc).__name__}: {exc}", ir.node(ir.targets["model"]).loc
+        )
+        return None

@@ -24,3 +24,15 @@ class LoweringContext:
     settings: Any = None  # the trainer settings object (fgc.settings), built by the plan pass
     plan: Any = None  # fgc_lowering.plan.Plan
     meta_model: Any = None  # the model built on the meta device (construct.meta_model), or its error
+    provenance: dict = field(default_factory=dict)  # settings path -> the config line that set it
+    # Location -> [(Location, "-D NAME=VALUE" or None)]: where a value printed at a template line
+    # was set, oldest first (fgc.frontend.render.Rendered.origins_of); None: the line itself
+    origins: Any = None
+
+    def program(self):
+        """The training program lowering has decided so far (None before the plan exists)."""
+        from .program import Program
+
+        if self.settings is None or self.plan is None:
+            return None
+        return Program(self.settings, self.plan, self.provenance)

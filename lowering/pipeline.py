@@ -48,6 +48,12 @@ def lower(
         ir = p.run(ir, ctx)
         if dump_after == p.name:
             dump(f"# IR after {p.name}: {p.purpose}\n{ir.dump()}")
+            program = ctx.program()
+            dump(
+                f"# training program after {p.name}\n{program.dump()}"
+                if program is not None
+                else f"# training program after {p.name}: not planned yet (the plan-training pass makes it)"
+            )
     if ctx.sink.errors:
         ctx.sink.raise_if_errors()
     return ir

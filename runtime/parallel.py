@@ -89,20 +89,6 @@ def apply_compile(model: nn.Module, mode: str | None = None, fullgraph: bool = F
     return len(layers)
 
 
-def tensor_parallel_mesh(device: torch.device, tensor_degree: int):
-    """The 2-D ("dp_shard", "tp") device mesh over every rank: groups of TENSOR_DEGREE neighbouring
-    ranks split each layer's matrices; the groups shard the rest with FSDP2."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    import logging
-
-    # DTensor warns that gathering a shard of both dimensions (checkpoints gather full state
-    # dicts) takes two all-gathers, one per dimension: expected here, and not the user's concern
-    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
-    world = torch.distributed.get_world_size()
-    return init_device_mesh(device.type, (world // tensor_degree, tensor_degree), mesh_dim_names=("dp_shard", "tp"))
-
-
 def layer_tp_plan(layer: nn.Module) -> dict[str, str]:
     """The tensor-parallel plan of a decoder layer: each Linear a part of LAYER names in its
     ``tp_plan`` (child name -> ``"colwise"`` or ``"rowwise"``), by its dotted name in LAYER.
@@ -149,30 +135,41 @@ def clip_sharded_grad_norm_(model: nn.Module, max_norm: float) -> float:
 
     A gradient's squared local norm is summed over the mesh dimensions it is sharded on (not over
     those it is replicated on), so every element counts once and every rank gets the same norm."""
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total = sharded_squared_norm(grads).sqrt()
     by_mesh: dict = {}  # mesh (None: plain tensors) -> its gradients
+    for grad in grads:
+        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
+    for mesh_grads in by_mesh.values():  # a foreach op takes the tensors of one mesh only
+        torch.nn.utils.clip_grads_with_norm_(mesh_grads, max_norm, total)
+    return total.item()
+
+
+def sharded_squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The squared L2 norm of GRADS, some of which may be DTensors sharded over device meshes: a
+    shard's squared norm is summed over the mesh dimensions it is sharded on (not over those it is
+    replicated on), so every element counts once and every rank of those meshes gets the same
+    value. Plain tensors count as they are (every rank holds them whole)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
     sums: dict = {}  # (mesh, sharded mesh dims) -> squared norm of the local shards
     for grad in grads:
-        mesh = grad.device_mesh if isinstance(grad, DTensor) else None
-        by_mesh.setdefault(mesh, []).append(grad)
-        if mesh is None:
-            key, local = (None, ()), grad
-        else:
-            key = (mesh, tuple(d for d, p in enumerate(grad.placements) if not isinstance(p, Replicate)))
+        if isinstance(grad, DTensor):
+            key = (grad.device_mesh, tuple(d for d, p in enumerate(grad.placements) if not isinstance(p, Replicate)))
             local = grad.to_local()
+        else:
+            key, local = (None, ()), grad
         sums[key] = sums.get(key, 0.0) + torch.linalg.vector_norm(local, dtype=torch.float32) ** 2
-    total_sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
+    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device if grads else None
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
     for (mesh, dims), value in sums.items():
         value = torch.as_tensor(value, dtype=torch.float32, device=total_sq.device).clone()
         for d in dims:
             torch.distributed.all_reduce(value, group=mesh.get_group(d))
         total_sq += value
-    total = total_sq.sqrt()
-    for mesh_grads in by_mesh.values():  # a foreach op takes the tensors of one mesh only
-        torch.nn.utils.clip_grads_with_norm_(mesh_grads, max_norm, total)
-    return total.item()
+    return total_sq
 
 
 def split_groups_by_mesh(groups: list[dict]) -> list[dict]:
@@ -189,10 +186,11 @@ def split_groups_by_mesh(groups: list[dict]) -> list[dict]:
     for group in groups:
         rest = [e for e in group["params"] if not on_tp(e)]
         tp = [e for e in group["params"] if on_tp(e)]
-        if rest:
-            out.append({**group, "params": rest})
-        if tp:
-            out.append({**group, "name": f"{group.get('name', len(out))} (tensor parallel)", "params": tp})
+        # both groups, even when one is empty: every rank gets the same groups (a pipeline rank's
+        # stages may hold no parameter of one kind), so the lr schedule's state fits every rank
+        name = group.get("name", len(out))
+        out.append({**group, "params": rest})
+        out.append({**group, "name": f"{name} (tensor parallel)", "params": tp})
     return out
 
 

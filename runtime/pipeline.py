@@ -103,6 +103,7 @@ class StageModule(nn.Module):
         for name, module in before.items():
             _attach(self, name, module)
         _attach(self, layers_name, nn.ModuleDict({str(i): all_layers[i] for i in self.layer_indices}))
+        self.stage_layers = [all_layers[i] for i in self.layer_indices]  # a list: not registered twice
         for name, module in after.items():
             _attach(self, name, module)
 
@@ -120,27 +121,6 @@ class StageModule(nn.Module):
 def local_stages(plan: dict, pp_rank: int) -> list[dict]:
     """The plan's stages that run on pipeline rank PP_RANK, in stage order."""
     return [s for s in plan["stages"] if s["rank"] == pp_rank]
-
-
-def mesh_groups(device: torch.device, pipeline_degree: int):
-    """The 2-D mesh ``(dp, pp)`` over every rank (pipeline neighbours are adjacent ranks).
-    Returns ``(pp_group, pp_rank, dp_group, dp_rank, dp_size)``."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    world = torch.distributed.get_world_size()
-    if world % pipeline_degree:
-        raise RunError(
-            f"{world} ranks do not split into pipelines of {pipeline_degree}: "
-            "launch a multiple of the pipeline degree"
-        )
-    mesh = init_device_mesh(device.type, (world // pipeline_degree, pipeline_degree), mesh_dim_names=("dp", "pp"))
-    return (
-        mesh.get_group("pp"),
-        mesh.get_local_rank("pp"),
-        mesh.get_group("dp"),
-        mesh.get_local_rank("dp"),
-        world // pipeline_degree,
-    )
 
 
 def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torch.device):
@@ -187,6 +167,22 @@ def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torc
         module = StageModule(model, range(*s["layers"]), first=index == 0, last=index == num_stages - 1)
         stages.append(PipelineStage(module, index, num_stages, device, group=group))
     return part, stages
+
+
+def shard_stages(stages: list, mesh, reshard_after_forward: bool = True) -> int:
+    """Shard each of this rank's pipeline STAGES with FSDP2 over MESH (the data-parallel replicas
+    of the pipeline): each decoder layer is one unit, the stage's other modules (the embedding on
+    the first, the final norm and head on the last) another. Torch's schedules drive FSDP2's
+    gradient sync (reduced after a step's last micro-batch). Returns the number of units."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = 0
+    for stage in stages:
+        for layer in stage.submod.stage_layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(stage.submod, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        units += len(stage.submod.stage_layers) + 1
+    return units
 
 
 def build_schedule(name: str, stages: list, microbatches: int, loss_fn: Callable):
@@ -257,7 +253,20 @@ class StepLoss:
         return loss_sum / self.n_targets
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a plain tensor as it is)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _to_cpu(obj):
+    """OBJ with every tensor whole (a DTensor gathered over its mesh: every rank of the mesh must
+    call this in the same order) and on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return obj.full_tensor().detach().cpu()
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
@@ -271,12 +280,13 @@ def _names(part: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in part.named_parameters()}
 
 
-def full_state_dicts(part: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int, rank: int) -> tuple:
+def full_state_dicts(part: nn.Module, optimizer: torch.optim.Optimizer, first_copy: bool, rank: int) -> tuple:
     """The whole model's state dict and the name-keyed optimizer state, gathered from the
-    pipeline ranks of the first replica onto rank 0 (None elsewhere). Every rank must call it."""
-    mine = None
-    if dp_rank == 0:
-        mine = (_to_cpu(part.state_dict()), _to_cpu(optimizer_state_by_name(optimizer, _names(part))))
+    pipeline ranks of the first replica (FIRST_COPY: the first rank of its tensor-parallel group
+    in the first data-parallel copy) onto rank 0 (None elsewhere). Every rank must call it: the
+    shards of tensor-parallel and FSDP2 parameters are gathered first."""
+    whole = (_to_cpu(part.state_dict()), _to_cpu(optimizer_state_by_name(optimizer, _names(part))))
+    mine = whole if first_copy else None
     # the bytes travel on this rank's device (the CPU with gloo, its GPU with nccl)
     gathered = distributed.gather_tensors(mine, next(part.parameters()).device, dst=0)
     if rank != 0:
@@ -291,38 +301,57 @@ def full_state_dicts(part: nn.Module, optimizer: torch.optim.Optimizer, dp_rank:
 def load_full_state_dicts(part: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
     """Load whole-model state dicts (as :func:`full_state_dicts` or a non-pipelined trainer with
     name-keyed optimizer state wrote them) into this rank's part and optimizer."""
-    wanted = part.state_dict().keys()
-    missing = [k for k in wanted if k not in model_state]
+    current = part.state_dict()
+    missing = [k for k in current if k not in model_state]
     if missing:
         raise KeyError(f"missing key(s) in state_dict: {', '.join(missing[:5])}")
-    part.load_state_dict({k: model_state[k] for k in wanted})
+    part.load_state_dict({k: _like(model_state[k], current[k]) for k in current})
     load_optimizer_state_by_name(optimizer, optimizer_state, _names(part))
+    # a sharded parameter's optimizer state is sharded as the parameter is
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape == param.shape:
+                state[key] = _like(value, param)
+
+
+def _like(full: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """FULL (a whole tensor) laid out as CURRENT: this rank's shard of it, as a DTensor of
+    CURRENT's mesh and placements, when CURRENT is one (each rank cuts its own shard: no
+    communication); FULL on CURRENT's device otherwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(full, DTensor) or not isinstance(current, DTensor):
+        return full
+    full = full.to(device=current.device, dtype=current.dtype)
+    return distribute_tensor(full, current.device_mesh, current.placements, src_data_rank=None)
 
 
 def clip_grad_norm_(part: nn.Module, max_norm: float | None, group) -> float:
     """Clip the gradients of the whole pipeline to a total L2 norm of MAX_NORM (None: do not
     clip), as ``torch.nn.utils.clip_grad_norm_`` does for one model; returns the total norm
     before clipping. Every pipeline rank calls it with its part."""
-    params = [p for p in part.parameters() if p.grad is not None]
-    device = params[0].grad.device if params else torch.device("cpu")
-    sq = torch.zeros((), dtype=torch.float32, device=device)
-    for p in params:
-        sq += p.grad.detach().float().pow(2).sum()
+    from .parallel import sharded_squared_norm
+
+    # the squared norm of this rank's stages (tensor-parallel and FSDP2 shards summed over their
+    # ranks), then over the pipeline's ranks
+    sq = sharded_squared_norm([p.grad for p in part.parameters() if p.grad is not None])
     torch.distributed.all_reduce(sq, group=group)
     total = sq.sqrt()
     if max_norm is not None:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p in params:
-            p.grad.detach().mul_(coef.to(p.grad.dtype))
+        for p in part.parameters():
+            if p.grad is not None:
+                _local(p.grad).detach().mul_(coef.to(p.grad.dtype))
     return float(total)
 
 
 def all_reduce_grads(part: nn.Module, group) -> None:
     """Sum the gradients of this rank's part over the data-parallel replicas (each replica's
-    loss is already divided by the global target count, so the sum is the step's gradient)."""
+    loss is already divided by the global target count, so the sum is the step's gradient);
+    a tensor-parallel gradient shard by shard."""
     for p in part.parameters():
         if p.grad is not None:
-            torch.distributed.all_reduce(p.grad, group=group)
+            torch.distributed.all_reduce(_local(p.grad), group=group)
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -81,13 +82,24 @@ def test_golden_tiny_llama_is_current(tmp_path):
     """golden/tiny_llama is what the main example builds today.
 
     Refresh on purpose with: python scripts/refresh_golden.py
+
+    golden/ holds no copy of the runtime: the built fgc_runtime/ files are checked against the
+    hashes golden's manifest.json lists (so a changed runtime module shows there).
     """
     out = build(tmp_path, "tiny_llama")
     golden = tree_bytes(GOLDEN / "tiny_llama")
     fresh = tree_bytes(out)
+    runtime = {rel: data for rel, data in fresh.items() if rel.startswith("fgc_runtime/")}
+    fresh = {rel: data for rel, data in fresh.items() if rel not in runtime}
+    assert not any(rel.startswith("fgc_runtime/") for rel in golden), "golden/ holds a copy of the runtime"
     assert sorted(golden) == sorted(fresh)
     changed = [rel for rel in fresh if fresh[rel] != golden[rel]]
     assert changed == [], f"generated files differ from golden/: {changed}; run scripts/refresh_golden.py if intended"
+    listed = json.loads(golden["manifest.json"])["outputs"]
+    built = {rel: hashlib.sha256(data).hexdigest() for rel, data in runtime.items()}
+    assert built == {rel: h for rel, h in listed.items() if rel.startswith("fgc_runtime/")}, (
+        "the vendored runtime differs from golden's manifest; run scripts/refresh_golden.py if intended"
+    )
 
 
 def test_one_value_changes_only_its_lines(tmp_path):
@@ -351,7 +363,8 @@ def test_relative_import_in_user_module_is_an_error(tmp_path):
 
 
 def test_fgc_diff_configs_and_build_dirs(tmp_path):
-    same = run_fgc("diff", EXAMPLE, GOLDEN / "tiny_llama")
+    # a build directory, not golden/: golden/ holds no copy of the runtime
+    same = run_fgc("diff", EXAMPLE, build(tmp_path, "pkg_a"))
     assert same.returncode == 0 and same.stdout == ""
     (tmp_path / "tiny_llama").mkdir()  # the package is named after the directory of a train.yaml
     other = tmp_path / "tiny_llama" / "train.yaml"

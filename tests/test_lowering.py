@@ -342,9 +342,11 @@ def test_dump_after_a_pass(tmp_path):
     dumps: list[str] = []
     with pytest.raises(FgcError):  # no trainer targets: plan-training fails at the end
         lower(ir, ctx, dump_after="resolve-variables", dump=dumps.append)
-    assert len(dumps) == 1
+    assert len(dumps) == 2
     assert dumps[0].startswith("# IR after resolve-variables: ")
     assert '"value": 3' in dumps[0]
+    # the training program is made later, by plan-training
+    assert dumps[1] == "# training program after resolve-variables: not planned yet (the plan-training pass makes it)"
 
 
 # --- plan-training -----------------------------------------------------------------------------

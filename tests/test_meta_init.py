@@ -22,7 +22,8 @@ def _worker(rank, port, package, mode, results, weights=None):
     from model import build_model
 
     from fgc_runtime.distributed import init_distributed, shutdown
-    from fgc_runtime.parallel import apply_fsdp, apply_tensor_parallel, tensor_parallel_mesh
+    from fgc_runtime.mesh import Mesh
+    from fgc_runtime.parallel import apply_fsdp, apply_tensor_parallel
 
     info = init_distributed("cpu")
     torch.manual_seed(3)
@@ -30,9 +31,9 @@ def _worker(rank, port, package, mode, results, weights=None):
     torch.manual_seed(3)
     model = build_model(device="meta")
     if mode == "fsdp2+tp":
-        mesh = tensor_parallel_mesh(info.device, 2)
-        apply_tensor_parallel(model, mesh["tp"])
-        apply_fsdp(model, info.device, mesh=mesh["dp_shard"])
+        mesh = Mesh(info.device, {"dp_shard": 1, "tp": 2})
+        apply_tensor_parallel(model, mesh.tp)
+        apply_fsdp(model, info.device, mesh=mesh.fsdp)
     else:
         apply_fsdp(model, info.device)
     model.to_empty(device=info.device)

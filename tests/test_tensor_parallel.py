@@ -57,7 +57,7 @@ def test_the_plan_has_a_2d_mesh_and_applies_tensor_parallel_first(tmp_path):
     # 16 sequences a step over the 2 data-parallel groups
     assert plan["batch_per_rank"] == 8
     source = (out / "train.py").read_text()
-    assert source.index("apply_tensor_parallel(model, mesh[\"tp\"])") < source.index("apply_activation_checkpointing(")
+    assert source.index("apply_tensor_parallel(model, mesh.tp)") < source.index("apply_activation_checkpointing(")
     assert "TENSOR_DEGREE = 2  # -D tensor_degree=2" in source
     # without a tensor degree the FSDP2 trainer has no trace of tensor parallelism
     plain = tmp_path / "plain"
@@ -65,7 +65,7 @@ def test_the_plan_has_a_2d_mesh_and_applies_tensor_parallel_first(tmp_path):
     plain_plan = json.loads((plain / "manifest.json").read_text())["plan"]
     assert plain_plan["mesh"] == {"dp_shard": 2} and plain_plan["tensor_parallel"] is None
     plain_source = (plain / "train.py").read_text()
-    assert "apply_tensor_parallel" not in plain_source and "mesh[" not in plain_source
+    assert "apply_tensor_parallel" not in plain_source and "Mesh(" not in plain_source
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ def test_tensor_parallel_matches_one_process_and_resumes_exactly(tmp_path):
     proc = subprocess.run([sys.executable, str(tp / "train.py"), "--output-dir", str(tmp_path / "one")],
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: this package splits each layer over 2 tensor-parallel ranks")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: this package runs on a mesh of 2 ranks")
 
 
 @pytest.mark.slow
@@ -187,8 +187,15 @@ def test_two_data_parallel_groups_of_two_tensor_parallel_ranks_match_one_process
     assert _losses(tmp_path / "tp_run") == pytest.approx(_losses(tmp_path / "basic_run"), rel=2e-5)
 
 
-def test_tensor_degree_with_another_trainer_is_an_error():
-    proc = run_fgc("check", EXAMPLE, "-D", "tensor_degree=2")  # the example's trainer is ddp
+@pytest.mark.parametrize(
+    "trainer,message",
+    [
+        ("basic", "tensor_degree has no effect with trainer_type basic (one process)"),
+        ("diloco", "tensor parallelism is not supported with the diloco trainer in this version"),
+    ],
+)
+def test_tensor_degree_with_a_trainer_that_cannot_take_it_is_an_error(trainer, message):
+    proc = run_fgc("check", EXAMPLE, "-D", f"trainer_type={trainer}", "-D", "tensor_degree=2")
     assert proc.returncode == 2
-    assert "error: tensor_degree applies to the fsdp2 trainer only in this version of fgc, not to ddp" in proc.stderr
+    assert message in proc.stderr
     assert "Traceback" not in proc.stderr

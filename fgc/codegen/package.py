@@ -7,6 +7,7 @@ formatted with black. Nothing here depends on the time, the machine or the outpu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from fgc_lowering.context import LoweringContext
 
 from .emit import ImportTable, TargetEmitter, code, literal
 from .escape import FILTERS, python_comment
+from .imports import skeleton_imports
 from .vendor import VendorError, vendor_symbols
 
 RUNTIME_DIR = Path(fgc_runtime.__file__).resolve().parent
@@ -83,8 +85,10 @@ def _jinja() -> jinja2.Environment:
     return env
 
 
+@functools.lru_cache(maxsize=16)
 def format_python(source: str) -> str:
-    """black, with its default style."""
+    """black, with its default style; a source met before in this process is not formatted
+    again (`fgc ls` and `fgc check` of configs that share a model generate the same model.py)."""
     return black.format_str(source, mode=black.Mode())
 
 
@@ -146,14 +150,20 @@ class PackageBuilder:
             description = f"{kind} over {plan.nproc} processes per node (torchrun)"
             if plan.diloco:
                 description += f", syncing every {plan.diloco['inner_steps']} steps"
-            if plan.tensor_parallel:
-                mesh = dict(plan.mesh)
-                description += f": {mesh['dp_shard']} data-parallel groups x {mesh['tp']} tensor-parallel ranks"
+            mesh = dict(plan.mesh)
+            if "dp_replicate" in mesh:
+                description += f": {mesh['dp_replicate']} copies (HSDP), each sharded over {mesh['dp_shard']} ranks"
+            if plan.tensor_parallel and plan.pipeline:
+                description += f": the layers of each stage split over {mesh['tp']} tensor-parallel ranks"
+            elif plan.tensor_parallel:
+                groups = plan.nproc // mesh["tp"]
+                description += f"{',' if 'dp_replicate' in mesh else ':'} {groups} data-parallel groups x {mesh['tp']} tensor-parallel ranks"
             if plan.pipeline:
-                pp, dp = dict(plan.mesh)["pp"], dict(plan.mesh)["dp"]
+                pp, dp = mesh["pp"], mesh.get("dp", mesh.get("dp_shard"))
                 description += (
-                    f": {len(plan.pipeline['stages'])} stages on {pp} ranks ({plan.pipeline['schedule']}"
-                    f", {plan.pipeline['microbatches']} micro-batches)" + (f" x {dp} data-parallel" if dp > 1 else "")
+                    f"{',' if plan.tensor_parallel else ':'} {len(plan.pipeline['stages'])} stages on {pp} ranks ({plan.pipeline['schedule']}"
+                    f", {plan.pipeline['microbatches']} micro-batches)"
+                    + (f" x {dp} {'FSDP2-sharded replicas' if 'dp_shard' in mesh else 'data-parallel'}" if dp > 1 else "")
                 )
         else:
             run = "python train.py"
@@ -165,6 +175,10 @@ class PackageBuilder:
             "fgc_version": fgc.__version__,
             "plan": plan,
             "trainer_type": plan.trainer_type,
+            # the ranks form a mesh of several dimensions (fgc_runtime.mesh.Mesh): tensor parallel, HSDP
+            "runtime_mesh": plan.trainer_type != "pipeline" and len(plan.mesh) > 1,
+            # checkpoints gather and scatter sharded parameters (FSDP2's, tensor parallel's)
+            "sharded_state": plan.trainer_type == "fsdp2" or (plan.trainer_type != "pipeline" and plan.tensor_parallel is not None),
             "trainer_description": description,
             "precision": plan.precision,
             "forward_only_eval": bool(plan.pipeline) and plan.pipeline["schedule"] in ("zbv-zero-bubble", "dualpipev"),
@@ -268,12 +282,8 @@ class PackageBuilder:
         """``hf_config.json``: what ``train.py --export-hf`` writes as the model's config (see
         :mod:`fgc.hf`), decided from the model built on the meta device (None when it does not
         build: the smoke check then reports why, at the config line to blame)."""
-        import torch
-
         from fgc.hf import export_spec
-        from fgc_lowering.construct import construct
-
-        from .smoke import skip_init
+        from fgc_lowering.construct import meta_model
 
         source = None
         model_dir = self.ctx.settings.pretrained.model_dir
@@ -286,11 +296,10 @@ class PackageBuilder:
                 node = self.ir.node(self.ir.node(trainer.kwargs["pretrained"]).kwargs["model_dir"])
                 raise FgcError(f"cannot read {config_json}: {exc}", node.loc) from None
             self.data_inputs.append(config_json)
-        with torch.device("meta"), skip_init():
-            try:
-                model = construct(self.ir, self.ctx, self.ir.targets["model"])
-            except Exception:
-                return None
+        try:
+            model = meta_model(self.ir, self.ctx)  # the one lowering built, not a second
+        except Exception:
+            return None
         return json.dumps(export_spec(model, source), indent=2) + "\n"
 
     def constants(self) -> list[tuple[str, str, str]]:
@@ -373,81 +382,35 @@ class PackageBuilder:
             lines = [f"# {target}: {python_comment(self.where(node.loc))}"] + [code(s).strip() for s in statements]
             blocks.append("\n".join(lines))
         settings_pretrained = self.ctx.settings.pretrained.model_dir is not None
-        fixed = [
-            "import argparse",
-            "import tempfile",
-            "from pathlib import Path",
-            "from fgc_runtime import checkpoint, control, data, distributed, hf, metrics, quantize",
-            "from fgc_runtime.errors import RunError, run_main",
-            "from fgc_runtime.optim import describe_groups, param_groups",
-            "from fgc_runtime.log import RankLog",
-            "from fgc_runtime.train import "
-            + ("AuxLoss, " if self.model_aux_loss() else "")
-            + "MFU, Throughput, count_targets, grad_norm, loss_sum_and_count, peak_memory_bytes, set_seed, whole_number",
-            "from model import " + ", ".join(
-                (["TENSOR_RULES"] if self.tensor_rules() else [])
-                + (["WEIGHTS_DIR"] if settings_pretrained else [])
-                + ["build_model"]
-            ),
-        ]
-        if self.ctx.plan.trainer_type == "ddp":
-            fixed += ["import contextlib", "from torch.nn.parallel import DistributedDataParallel"]
-        if self.ctx.plan.trainer_type == "pipeline":
-            fixed.append("from fgc_runtime import pipeline")
-        if self.ctx.plan.trainer_type == "diloco":
-            fixed.append("from fgc_runtime.diloco import DiLoCo, check_resume")
         loss = self._loss_code()
-        if loss["chunked_loss"]:
-            fixed.append("from fgc_runtime.kernels.cross_entropy import LMHeadLoss")
-        if loss["loss_fn"] == "lm_loss":
-            fixed.append("from fgc_runtime.kernels.cross_entropy import cross_entropy_sum_and_count")
-        if any(c["impl"] in ("triton", "mixed") for c in self.ctx.plan.kernels.values()):
-            fixed.append("from fgc_runtime.kernels._impl import check_impl_devices")
-        if self.ctx.settings.optimizer_in_backward:
-            fixed.append("from fgc_runtime.optim_in_backward import OptimizerInBackward")
         sampling = self.ctx.settings.logging.sample_every > 0
-        if sampling:
-            fixed.append("from fgc_runtime.sample import TextSampler, load_tokenizer")
-        fsdp = self.ctx.plan.trainer_type == "fsdp2"
-        tp = self.ctx.plan.tensor_parallel is not None
-        applied = [
-            fn
-            for fn, used in (
-                ("tensor_parallel_mesh", tp),
-                ("apply_tensor_parallel", tp),
-                ("clip_sharded_grad_norm_", tp),
-                ("split_groups_by_mesh", tp),
-                ("apply_activation_checkpointing", self.ctx.plan.activation_checkpointing != "none"),
-                ("apply_compile", self.ctx.plan.compile != "none"),
-                ("apply_fsdp", fsdp),
-                ("full_state_dicts", fsdp),
-                ("load_full_state_dicts", fsdp),
-            )
-            if used
-        ]
-        if applied:
-            fixed.append("from fgc_runtime.parallel import " + ", ".join(applied))
-        import_lines = sorted(set(imports.statements()) | set(fixed) | set(vendored.imports), key=_import_key)
-        self._note_third_party(import_lines)
         settings = self.ctx.settings
-        source = self.jinja.get_template("train.py.j2").render(
-            common,
-            imports=import_groups(import_lines),
-            constants=self.constants(),
-            plan_literal=code(literal(self.ctx.plan.to_data())),
-            definitions=vendored.definitions,
-            config_hash=code(literal(config_hash)),
-            factories="\n\n".join(blocks),
-            grad_clip=settings.grad_clip,
-            optimizer_in_backward=settings.optimizer_in_backward,
-            **loss,
-            pretrained=settings_pretrained,
-            tensor_rules=bool(self.tensor_rules()),
-            model_aux_loss=self.model_aux_loss(),
-            sampling=sampling,
-            **self.optimization_flags(),
-        )
-        return format_python(source)
+
+        def render(import_lines: list[str]) -> str:
+            return self.jinja.get_template("train.py.j2").render(
+                common,
+                imports=import_groups(import_lines),
+                constants=constants,
+                plan_literal=code(literal(self.ctx.plan.to_data())),
+                definitions=vendored.definitions,
+                config_hash=code(literal(config_hash)),
+                factories="\n\n".join(blocks),
+                grad_clip=settings.grad_clip,
+                optimizer_in_backward=settings.optimizer_in_backward,
+                **loss,
+                pretrained=settings_pretrained,
+                tensor_rules=bool(self.tensor_rules()),
+                model_aux_loss=self.model_aux_loss(),
+                sampling=sampling,
+                **self.optimization_flags(),
+            )
+
+        constants = self.constants()
+        # the skeleton's imports are those of the names its rendered text uses
+        used = skeleton_imports(render([]))
+        import_lines = sorted(set(imports.statements()) | set(used) | set(vendored.imports), key=_import_key)
+        self._note_third_party(import_lines)
+        return format_python(render(import_lines))
 
     def model_aux_loss(self) -> bool:
         """Whether the model adds an auxiliary loss to the training loss (an ``aux_loss()`` method,
@@ -499,13 +462,16 @@ class PackageBuilder:
             if module not in NOT_THIRD_PARTY and module not in sys.stdlib_module_names:
                 self.third_party.add(module)
 
-    def runtime_files(self) -> dict[str, bytes]:
-        """The runtime, copied verbatim (it imports only the standard library, torch and itself)."""
-        files = {}
-        for path in sorted(RUNTIME_DIR.rglob("*.py")):
-            rel = path.relative_to(RUNTIME_DIR).as_posix()
-            files[f"fgc_runtime/{rel}"] = path.read_bytes()
-        return files
+    def runtime_files(self, generated: dict[str, bytes]) -> dict[str, bytes]:
+        """The runtime modules the GENERATED files (train.py, model.py) reach, copied verbatim
+        (they import only the standard library, torch and each other): their import closure,
+        with the Triton kernels only when the plan runs some kernel in Triton (see
+        :mod:`fgc.codegen.closure`)."""
+        from .closure import closure, picks_triton
+
+        sources = {rel: data.decode("utf-8") for rel, data in generated.items() if rel.endswith(".py")}
+        reached = closure(sources, RUNTIME_DIR, triton=picks_triton(self.ctx.plan.kernels))
+        return {f"fgc_runtime/{rel}": (RUNTIME_DIR / rel).read_bytes() for rel in reached}
 
     def data_files(self) -> dict[str, bytes]:
         """Default token shards from the config's text files (byte tokenizer), if it names any."""
@@ -540,7 +506,7 @@ class PackageBuilder:
         hf_export = self.hf_export()
         if hf_export is not None:
             files["hf_config.json"] = hf_export.encode()
-        files.update(self.runtime_files())
+        files.update(self.runtime_files(files))
         files.update(self.data_files())
         files["launch.sh"] = self.jinja.get_template("launch.sh.j2").render(common).encode()
         files["README.md"] = self.jinja.get_template("README.md.j2").render(common).encode()

@@ -450,6 +450,15 @@ class FgcEnvironment(jinja2.sandbox.SandboxedEnvironment):
         super().__init__(optimized=False, finalize=_finalize, **kwargs)
         self.fgc_output = 0  # characters printed so far
         self.fgc_steps = 0  # loop iterations and calls so far
+        self._trees: dict[str, jinja2.nodes.Template] = {}  # template source → its syntax tree
+
+    def _parse(self, source, name, filename):
+        """Parse each template source once: the render compiles it, and the names it reads are
+        then collected from the same tree (neither changes it: no constant folding here)."""
+        tree = self._trees.get(source)
+        if tree is None:
+            tree = self._trees[source] = super()._parse(source, name, filename)
+        return tree
 
     def fgc_count(self, size: int) -> None:
         """Count SIZE characters of output against MAX_OUTPUT_CHARS."""

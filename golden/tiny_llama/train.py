@@ -24,7 +24,6 @@ from fgc_runtime.train import (
     MFU,
     Throughput,
     count_targets,
-    grad_norm,
     loss_sum_and_count,
     peak_memory_bytes,
     set_seed,
@@ -62,13 +61,14 @@ EVERY_N_LAYERS = 1  # default of ActivationCheckpointSettings.every_n_layers
 COMPILE = False  # <fgc>/lm/train.yaml:73
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
-NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:273
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:304
 LOSS_IMPL = "torch"  # the select-kernels pass, auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference
 LABEL_SMOOTHING = 0.0  # default of LossSettings.label_smoothing
 Z_LOSS = 0.0  # default of LossSettings.z_loss
 SOFTCAP = None  # default of LossSettings.softcap
 LOSS_CHUNK_SIZE = 4096  # default of LossSettings.chunk_size
 NPROC = 2  # <fgc>/lm/train.yaml:57
+TENSOR_DEGREE = 1  # default of DataParallelSettings.tensor_degree
 MICRO_BATCH_SIZE = 8  # the plan: the whole per-rank batch (micro_batch_size is null)
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
 # The parallel plan fgc computed for this config.
@@ -111,12 +111,12 @@ PLAN = {
 CONFIG_HASH = "b773edbc92885cef44655c5ce0146bbab3a90112f55ad79ae767b88c65f6c7b3"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:192
+# optimizer: <fgc>/lm/train.yaml:205
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:211
+# lr_scheduler: <fgc>/lm/train.yaml:224
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup=30, total=300
 )
