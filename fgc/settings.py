@@ -86,8 +86,8 @@ class DataParallelSettings:
     ``tensor_degree``: with T > 1, groups of T neighbouring ranks split each decoder layer's
     attention and MLP projections (tensor parallelism, applied first), and the ``nproc / T``
     groups are the data-parallel replicas. ``nproc`` must be divisible by T, and T must divide the
-    model's query and key/value heads and its MLP intermediate size. The DDP and FSDP2 trainers
-    take it."""
+    model's query and key/value heads and its MLP intermediate size. The DDP, FSDP2 and
+    pipeline trainers take it (the DiLoCo trainer refuses it)."""
 
     nproc: Count = 2
     tensor_degree: Count = 1
