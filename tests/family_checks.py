@@ -94,9 +94,9 @@ def differs(model, ref_BTV) -> bool:
     return bool((logits(model) - ref_BTV).abs().max() > 1e-3)
 
 
-def train(pkg: Path, *args, torchrun: bool = False) -> subprocess.CompletedProcess:
-    """Run the package's train.py (on 2 ranks with TORCHRUN)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun else [sys.executable]
+def train(pkg: Path, *args, torchrun: bool = False, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run the package's train.py (on NPROC ranks with TORCHRUN)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if torchrun else [sys.executable]
     return subprocess.run(
         [*launcher, str(pkg / "train.py"), *map(str, args)], capture_output=True, text=True, cwd=pkg.parent,
         env=dict(os.environ, OMP_NUM_THREADS="1"),

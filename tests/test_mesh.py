@@ -5,31 +5,18 @@ against the one-process trainer."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import EXAMPLE, run_fgc
+from family_checks import logged_losses, train
 
 KNOBS = ["-D", "max_steps=3", "-D", "eval_every=0", "-D", "batch_size=8", "-D", "micro_batch_size=1"]
 
 
 def _plan(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())["plan"]
-
-
-def _torchrun(nproc: int, *args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-
-
-def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize(
@@ -132,12 +119,9 @@ def reference(tmp_path_factory):
     """The one-process losses of the example, 3 steps of 8 sequences."""
     tmp = tmp_path_factory.mktemp("basic")
     run_fgc("build", EXAMPLE, "-o", tmp / "basic", "-D", "trainer_type=basic", *KNOBS, check=True)
-    proc = subprocess.run(
-        [sys.executable, str(tmp / "basic" / "train.py"), "--output-dir", str(tmp / "run"), "--log-every", "1"],
-        cwd=tmp, capture_output=True, text=True,
-    )
+    proc = train(tmp / "basic", "--output-dir", tmp / "run", "--log-every", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return _losses(tmp / "run")
+    return logged_losses(tmp / "run")
 
 
 @pytest.mark.slow
@@ -155,15 +139,15 @@ def test_a_4_rank_mesh_matches_one_process_resumes_bitwise_and_exports(tmp_path,
     out = tmp_path / "build"
     knobs = KNOBS if "pipeline_degree=2" not in flags and "trainer_type=pipeline" not in flags else KNOBS[:-2]
     run_fgc("build", EXAMPLE, "-o", out, "-D", "nproc=4", *flags, *knobs, check=True)
-    proc = _torchrun(4, out / "train.py", "--output-dir", tmp_path / "full", "--log-every", "1", cwd=tmp_path)
+    proc = train(out, "--output-dir", tmp_path / "full", "--log-every", "1", torchrun=True, nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    full = _losses(tmp_path / "full")
+    full = logged_losses(tmp_path / "full")
     assert full == pytest.approx(reference, rel=2e-5)
     for more in (["--max-steps", "2"], []):  # the second run resumes from step 2
-        proc = _torchrun(4, out / "train.py", "--output-dir", tmp_path / "part", "--log-every", "1", *more, cwd=tmp_path)
+        proc = train(out, "--output-dir", tmp_path / "part", "--log-every", "1", *more, torchrun=True, nproc=4)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stdout
-    assert _losses(tmp_path / "part") == full
+    assert logged_losses(tmp_path / "part") == full
     # the end of training exported the whole model: the same tensors as the one-process shapes
     from safetensors.torch import load_file
 
@@ -171,7 +155,7 @@ def test_a_4_rank_mesh_matches_one_process_resumes_bitwise_and_exports(tmp_path,
     assert exported["model.layers.0.self_attn.q_proj.weight"].shape == (96, 96)
     assert exported["lm_head.weight"].shape[1] == 96
     # launched on the wrong number of ranks: one line naming the mesh
-    proc = _torchrun(2, out / "train.py", "--output-dir", tmp_path / "two", cwd=tmp_path)
+    proc = train(out, "--output-dir", tmp_path / "two", torchrun=True, nproc=2)
     assert proc.returncode != 0
     # each rank's one-line error (torchrun adds its own report of the failed ranks)
     assert "\nerror: this package runs on a mesh of 4 ranks (" in "\n" + proc.stderr
@@ -245,6 +229,6 @@ def test_a_3d_mesh_on_8_ranks_matches_one_process(tmp_path, reference, flags):
     out = tmp_path / "build"
     run_fgc("build", EXAMPLE, "-o", out, "-D", "nproc=8", *flags, *KNOBS[:-2], check=True)
     assert len(_plan(out)["mesh"]) == 3
-    proc = _torchrun(8, out / "train.py", "--output-dir", tmp_path / "run", "--log-every", "1", cwd=tmp_path)
+    proc = train(out, "--output-dir", tmp_path / "run", "--log-every", "1", torchrun=True, nproc=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(tmp_path / "run") == pytest.approx(reference, rel=2e-5)
+    assert logged_losses(tmp_path / "run") == pytest.approx(reference, rel=2e-5)
