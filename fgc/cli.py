@@ -1,4 +1,4 @@
-"""The ``fgc`` command line (CONTRACT §2).
+"""The ``fgc`` command line (docs/status.md, the command table).
 
 Exit status: 0 success, 1 an internal error (a bug), 2 a user error (printed as
 ``FILE:LINE: error: MESSAGE``, no traceback unless ``--debug``).
@@ -122,8 +122,19 @@ def config_arg(fn):
 include_opt = click.option(
     "-I", "include_dirs", multiple=True, metavar="DIR", help="add DIR to the template search path"
 )
+def _complete_define(ctx, param, incomplete):
+    from .complete import complete_define
+
+    return complete_define(ctx, param, incomplete)
+
+
 define_opt = click.option(
-    "-D", "defines", multiple=True, metavar="NAME=VALUE", help="set a config variable (YAML value)"
+    "-D",
+    "defines",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="set a config variable (YAML value)",
+    shell_complete=_complete_define,
 )
 
 
@@ -337,9 +348,9 @@ def ls_(directory, include_dirs):
     from .inspect import list_configs
 
     failures = 0
-    for shown, error in list_configs(directory, include_dirs):
-        click.echo(f"{shown}: {'OK' if error is None else error}")
-        failures += error is not None
+    for shown, said, ok in list_configs(directory, include_dirs):
+        click.echo(f"{shown}: {'OK' if said is None else said}")
+        failures += not ok
     sys.exit(2 if failures else 0)
 
 
@@ -352,18 +363,63 @@ def ls_(directory, include_dirs):
     show_default=True,
     help="byte (built in), a tokenizer.json file or a local Hugging Face tokenizer directory",
 )
+@click.option(
+    "--format",
+    "fmt",
+    default="text",
+    show_default=True,
+    help="text (text files, or the text field of records) or chat (messages/conversations records)",
+)
+@click.option(
+    "--chat-template",
+    default=None,
+    help="chatml (bundled) or a Jinja file: install this template (and its tokens) on the tokenizer",
+)
 @click.option("--val-fraction", default=0.0, type=float, show_default=True, help="share of documents held out")
 @command
-def data(inputs, out, tokenizer, val_fraction):
-    """Tokenize local text files (or directories of them) into token shards in OUT."""
+def data(inputs, out, tokenizer, fmt, chat_template, val_fraction):
+    """Tokenize local text files, JSONL/JSON/Parquet files or save_to_disk datasets into token shards in OUT."""
     from .data import tokenize_to_shards
 
-    info = tokenize_to_shards(list(inputs), out, tokenizer=tokenizer, val_fraction=val_fraction)
+    info = tokenize_to_shards(
+        list(inputs), out, tokenizer=tokenizer, val_fraction=val_fraction, format=fmt, chat_template=chat_template
+    )
+    targets = f", {info['target_tokens']} target tokens" if "target_tokens" in info else ""
     click.echo(
-        f"fgc: wrote {out}: {info['train_tokens']} train and {info['val_tokens']} val tokens "
+        f"fgc: wrote {out}: {info['train_tokens']} train and {info['val_tokens']} val tokens{targets} "
         f"({info['tokenizer']} tokenizer, vocab {info['vocab_size']})",
         err=True,
     )
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="the figure: FILE.png")
+@click.option(
+    "--metric",
+    default="loss",
+    show_default=True,
+    help="a field of the training records: loss (with eval_loss), tokens_per_s, lr, grad_norm, peak_mem_bytes, ...",
+)
+@click.option("--label", "labels", multiple=True, help="a run's label, once per run in order (default: its directory)")
+@command
+def plot(runs, out, metric, labels):
+    """Draw the curves of several runs (their output directories) on one figure."""
+    from .plot import plot_runs
+
+    plot_runs(list(runs), out, metric=metric, labels=list(labels) or None)
+    click.echo(f"fgc: wrote {out}", err=True)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@command
+def new(path):
+    """Make a new project in PATH: meta.yaml, a config over fgc's library, a little data."""
+    from .new import new_project
+
+    new_project(path)
+    click.echo(f"fgc: made {path}; next: cd {path} && fgc build configs/train.yaml -o build/ && python build/train.py", err=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from pathlib import Path
 
 from .build import compile_config, is_fgc_build
@@ -41,8 +43,10 @@ def resolved_values(ir: IRGraph) -> list[str]:
 
 def package_files(
     path: Path, include_dirs=(), variables=None, project_dir=None
-) -> tuple[dict[str, bytes], list[str] | None]:
-    """The files of a build directory, or of the package a config builds (built in memory).
+) -> tuple[dict[str, bytes], list[str] | None, dict[str, str]]:
+    """The files of a build directory, or of the package a config builds (built in memory), the
+    resolved values (configs only), and the sha256 of each file a build directory's manifest lists
+    but does not hold (the golden packages keep only the hash of their vendored runtime).
     With PROJECT_DIR, a path that is not a directory is a config name in that project."""
     from .codegen.package import PackageBuilder
 
@@ -54,17 +58,22 @@ def package_files(
             for p in sorted(path.rglob("*"))
             if p.is_file() and "__pycache__" not in p.parts
         }
-        return files, None
+        try:
+            outputs = json.loads(files["manifest.json"]).get("outputs", {})
+        except (ValueError, AttributeError):
+            outputs = {}
+        hashed = {rel: digest for rel, digest in outputs.items() if rel not in files and isinstance(digest, str)}
+        return files, None, hashed
     compiled = compile_config(path, include_dirs, variables, project_dir=project_dir)
     package = PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build()
-    return package.files, resolved_values(compiled.ir)
+    return package.files, resolved_values(compiled.ir), {}
 
 
 def diff_text(a: Path, b: Path, include_dirs=(), variables=None, project_dir=None) -> str:
     """A unified diff of the resolved values (configs only) and of the generated files
     (all but manifest.json, which only hashes the others)."""
-    files_a, values_a = package_files(a, include_dirs, variables, project_dir)
-    files_b, values_b = package_files(b, include_dirs, variables, project_dir)
+    files_a, values_a, hashed_a = package_files(a, include_dirs, variables, project_dir)
+    files_b, values_b, hashed_b = package_files(b, include_dirs, variables, project_dir)
     out: list[str] = []
     if values_a is not None and values_b is not None:
         out += difflib.unified_diff(
@@ -74,6 +83,14 @@ def diff_text(a: Path, b: Path, include_dirs=(), variables=None, project_dir=Non
     for rel in sorted(set(files_a) | set(files_b)):
         if rel == "manifest.json":
             continue  # hashes of the other files: derivable, and noise in a diff
+        if rel not in files_b and rel in hashed_b:  # b keeps only the file's hash
+            if hashlib.sha256(files_a[rel]).hexdigest() != hashed_b[rel]:
+                out.append(f"Files a/{rel} and b/{rel} differ ({b} keeps only its hash)\n")
+            continue
+        if rel not in files_a and rel in hashed_a:
+            if hashlib.sha256(files_b[rel]).hexdigest() != hashed_a[rel]:
+                out.append(f"Files a/{rel} and b/{rel} differ ({a} keeps only its hash)\n")
+            continue
         if rel not in files_b:
             out.append(f"Only in {a}: {rel}\n")
             continue

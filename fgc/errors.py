@@ -53,7 +53,7 @@ class Diagnostic:
         if self.hint:
             lines.append(f"  hint: {self.hint}")
         if self.loc is not None:
-            # CONTRACT §2: one line per template in the chain, naming where it was reached from
+            # one line per template in the chain, naming where it was reached from
             here = str(Location(self.loc.file, self.loc.line))
             for file, line in self.loc.chain:
                 there = f"{display_path(file)}:{line}"

@@ -137,7 +137,6 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
     a = facts.heads or 1
     kv = (facts.kv_heads or a) * (h // a if a else 0)
     inter = facts.intermediate or 4 * h
-    v = facts.vocab or 0
     act = ACT_BYTES[precision]
     # tensors autograd keeps per decoder layer (elements): the two norms' inputs and outputs, the
     # rotated q and k, v, the attention output (SDPA's fused kernels keep no (s, s) matrix), and
@@ -146,8 +145,8 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
     # the norms' inputs and outputs stay whole (no sequence parallelism).
     tp = plan.tensor_parallel["degree"] if plan.tensor_parallel else 1
     per_layer = b * s * (4 * h + (2 * h + 2 * kv + 4 * inter) // tp)
-    # the logits in fp32, their log-softmax and its gradient
-    logits = 3 * b * s * v * 4
+    # the loss head under the implementation the select-kernels pass chose
+    logits = loss_head_memory(compiled, facts)[plan.kernels.get("cross_entropy", {}).get("impl", "torch")]["bytes"]
     ac = compiled.ctx.settings.activation_checkpointing
     if ac.mode != "none":
         # a checkpointed layer keeps its input (full), or also its matmul and attention outputs
@@ -218,6 +217,72 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
     return out
 
 
+def loss_head_memory(compiled: Compiled, facts: ModelFacts) -> dict[str, dict]:
+    """The loss head's peak bytes for one micro-batch under each implementation, by name:
+    ``{"bytes", "what", "available"}`` (``available``: None, or why the config cannot use it).
+
+    ``torch`` materialises the micro-batch's fp32 logits, their log-softmax and its gradient.
+    ``chunked`` holds one chunk's fp32 logits and their gradient at a time, and from the forward
+    to the backward the gradients it computed there: the head's weight (fp32) and the hidden
+    states (``fgc_runtime.kernels.cross_entropy``)."""
+    from fgc_lowering.passes.select_kernels import CHUNKED_LOSS_TRAINERS, SelectKernels
+    from fgc_runtime.kernels.cross_entropy import CHUNK_BYTES_PER_LOGIT, chunk_rows
+
+    plan, settings = compiled.ctx.plan, compiled.ctx.settings
+    loss = settings.loss
+    tokens = plan.micro_batch_size * settings.seq_len
+    v, h = facts.vocab or 0, facts.hidden or 0
+    out = {
+        "torch": {
+            "bytes": 3 * tokens * v * 4,
+            "what": "every fp32 logit, their log-softmax and its gradient",
+            "available": None,
+        }
+    }
+    chosen = plan.kernels.get("cross_entropy", {})
+    rows = chosen.get("chunk_rows") if chosen.get("impl") == "chunked" else None
+    if rows is None and v:
+        budget = int(loss.chunk_budget_mib * 2**20)
+        rows = loss.chunk_size or chunk_rows(v, budget)
+    rows = rows or tokens
+    chunk = min(rows, tokens)
+    chunks = -(-tokens // rows)
+    source = "chunk_size" if loss.chunk_size else f"{loss.chunk_budget_mib:g} MiB budget"
+    features = {
+        "label_smoothing": bool(loss.label_smoothing),
+        "z_loss": bool(loss.z_loss),
+        "softcap": loss.softcap is not None,
+        "document_masking": settings.document_masking,
+    }
+    lacks = [f for f, used in features.items() if used and f not in SelectKernels._chunked_features()]
+    if plan.trainer_type not in CHUNKED_LOSS_TRAINERS:
+        why = f"not with the {plan.trainer_type} trainer"
+    elif lacks:
+        why = "not with " + ", ".join(lacks)
+    else:
+        missing = SelectKernels._missing_loss_methods(compiled.ir, compiled.ctx)
+        why = f"not for this model: it has no {' and no '.join(missing)}" if missing else None
+    out["chunked"] = {
+        "bytes": chunk * v * CHUNK_BYTES_PER_LOGIT + v * h * 4 + tokens * h * ACT_BYTES[plan.precision],
+        "what": (
+            (f"1 chunk of {tokens:,} tokens (the {source} allows {rows:,})" if chunks == 1 else f"{chunks:,} chunks of {rows:,} tokens ({source})")
+            + ": one chunk's fp32 logits and gradient, and the head's weight and hidden-state gradients from the forward"
+        ),
+        "available": why,
+    }
+    return out
+
+
+def vocab_growth_line(growth: dict, tied: bool) -> str:
+    """What the plan's ``vocab_growth`` does, in one line: which tensors grow, from how many rows
+    to how many, how the new rows start, and whose vocabulary it is."""
+    what = "the embedding (tied to the head, so once)" if tied else "the embedding and the untied head"
+    return (
+        f"vocabulary grows from {growth['from']:,} to {growth['to']:,} rows at load ({growth['source']}): "
+        f"{what} get {growth['to'] - growth['from']:,} new rows, set to {growth['new_rows']}"
+    )
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -268,6 +333,8 @@ def explain_summary(compiled: Compiled) -> str:
     lines.append(f"  total          {facts.total:>14,}" + ("  (tied embedding and head counted once)" if facts.tied else ""))
     lines.append(f"  embedding      {facts.embedding:>14,}")
     lines.append(f"  non-embedding  {facts.total - facts.embedding:>14,}")
+    if plan.vocab_growth:
+        lines.append("  " + vocab_growth_line(plan.vocab_growth, facts.tied))
     value, formula = flops_per_token(compiled, settings.seq_len)
     lines += ["", "training FLOPs per token:", f"  {formula}"]
     lines += ["", "parallel plan:"]
@@ -318,6 +385,13 @@ def explain_summary(compiled: Compiled) -> str:
         )
     for kernel, choice in plan.kernels.items():
         lines.append(f"  kernel {kernel}: {choice['impl']} ({choice['reason']})")
+    if "cross_entropy" in plan.kernels:
+        chosen = plan.kernels["cross_entropy"]["impl"]
+        tokens = plan.micro_batch_size * settings.seq_len
+        lines += ["", f"loss head memory per micro-batch ({tokens:,} tokens x {facts.vocab or 0:,} vocabulary):"]
+        for impl, head in loss_head_memory(compiled, facts).items():
+            mark = "  (chosen)" if impl == chosen else f"  ({head['available']})" if head["available"] else ""
+            lines.append(f"  {impl:<8} {_mib(head['bytes']):>12}  {head['what']}{mark}")
     memory = memory_estimate(compiled, facts)
     lines += ["", f"estimated peak memory per rank ({plan.precision}):"]
     for kind, size in memory.items():
@@ -377,4 +451,8 @@ def explain_key(compiled: Compiled, key_path: str) -> str:
         if dvar:
             text += f"  ({dvar})"
         lines.append(text)
+    growth = getattr(compiled.ctx.plan, "vocab_growth", None)
+    model = ir.node(ir.targets["model"]) if "model" in ir.targets else None
+    if growth and model is not None and model.kwargs.get("vocab_size") == node_id:
+        lines.append(f"  grown      from the pretrained {growth['from']:,} to {growth['to']:,} ({growth['source']})")
     return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from fgc_runtime.hf import _aliases
 
 from .families import BY_MODEL_TYPE, FAMILIES, FamilySpec
 from .families.base import STRUCTURE
-from .frontend.environment import TemplateRaise
+from .frontend.environment import KnobRequired, TemplateRaise
 
 
 def read_config_json(model_dir: str, nonrepro: dict[str, str] | None = None, notes: list | None = None) -> dict:
@@ -37,7 +37,9 @@ def read_config_json(model_dir: str, nonrepro: dict[str, str] | None = None, not
     every other problem raises TemplateRaise naming the field.
     """
     if model_dir is None or model_dir == "":
-        raise TemplateRaise("model_dir is not set: pass -D model_dir=PATH, a local Hugging Face model directory")
+        raise KnobRequired(
+            "model_dir is not set: pass -D model_dir=PATH, a local Hugging Face model directory", "model_dir", "PATH"
+        )
     given = str(model_dir)
     path = Path(os.path.abspath(os.path.expanduser(given)))
     if not os.path.isabs(os.path.expanduser(given)) and nonrepro is not None:
@@ -81,6 +83,18 @@ def check_config(config: dict, where: str, notes: list | None = None) -> FamilyS
             for name in ignored
         )
     return family
+
+
+def pretrained_vocab_size(model_dir: str) -> int | None:
+    """The ``vocab_size`` of MODEL_DIR's config.json: the rows of the checkpoint's embedding.
+    None when the file is missing, unreadable or has no positive integer ``vocab_size``
+    (``hf_config`` reports a bad file at its own line)."""
+    try:
+        config = json.loads((Path(os.path.expanduser(str(model_dir))) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("vocab_size") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _rope_theta(config: dict) -> float:

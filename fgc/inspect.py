@@ -167,25 +167,40 @@ def template_tree(rendered: Rendered, fmt: str = "text") -> str:
 
 
 def list_configs(directory, include_dirs=()) -> list[tuple[str, str | None]]:
-    """(config, None or its first error) for every config under DIRECTORY (default: the project)."""
-    from .build import check_config
+    """(config, what to say about it, whether it is fine) for every config under DIRECTORY
+    (default: the project around the working directory, else that directory): said is None for a
+    config that checks, ``OK (needs -D NAME=...)`` for one that only lacks a required knob (a
+    fine-tune's model_dir), else its first error."""
+    from .build import check_config, is_fgc_build
     from .frontend.project import META, find_project_dir, load_project
 
     if directory is None:
-        root = find_project_dir(Path.cwd())
-        if root is None:
-            raise FgcError("not inside a project (no meta.yaml here or above): name a directory", Location("."))
-        directory = root
+        # the project around the working directory; outside any project, the working directory
+        directory = find_project_dir(Path.cwd()) or Path(".")
     directory = Path(directory)
     if not directory.is_dir():
         raise FgcError("no such directory", Location(str(directory)))
     if (directory / META).is_file():
         configs = load_project(directory).configs()
     else:
+        builds: dict[Path, bool] = {}
+
+        def in_build(path: Path) -> bool:
+            # a package fgc built (its config.yaml is generated, not a config to list)
+            for parent in path.relative_to(directory).parents:
+                folder = directory / parent
+                if folder not in builds:
+                    builds[folder] = is_fgc_build(folder)
+                if builds[folder]:
+                    return True
+            return False
+
         configs = sorted(
             p
             for p in directory.rglob("*.yaml")
-            if p.name != META and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+            if p.name != META
+            and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+            and not in_build(p)
         )
     results = []
     for path in configs:
@@ -194,7 +209,11 @@ def list_configs(directory, include_dirs=()) -> list[tuple[str, str | None]]:
             if {"model", "optimizer", "trainer"} <= set(ir.targets):
                 check_config(path, include_dirs)  # a training config: everything build checks
             error = None
+            ok = True
         except FgcError as exc:
-            error = exc.diagnostics[0].format().splitlines()[0]
-        results.append((display_path(str(path.resolve())), error))
+            needs = getattr(exc, "required_knob", None)
+            # a fine-tune without its model directory: fine, it only needs the -D
+            error = f"OK (needs -D {needs})" if needs else exc.diagnostics[0].format().splitlines()[0]
+            ok = needs is not None
+        results.append((display_path(str(path.resolve())), error, ok))
     return results

@@ -35,7 +35,7 @@ class DataSettings:
     ``text_files``: plain-text files (paths relative to the config file that names them) that
     ``fgc build`` tokenizes with the built-in byte tokenizer into the package's ``data/``
     directory, which then is the trainer's default ``--data``. ``data_dir``: a token-shard
-    directory (CONTRACT §5) to use as the default ``--data`` instead.
+    directory (docs/package.md, token shards) to use as the default ``--data`` instead.
     """
 
     text_files: tuple[str, ...] = ()
@@ -107,6 +107,17 @@ class FSDPSettings(DataParallelSettings):
     replicate_degree: Count = 1
 
 
+# fgc's schedule names, and torch's class for each (torch.distributed.pipelining), which a config
+# may write instead, as Forgather configs do: the settings keep fgc's name
+SCHEDULE_ALIASES = {
+    "ScheduleGPipe": "gpipe",
+    "Schedule1F1B": "1f1b",
+    "ScheduleInterleaved1F1B": "interleaved-1f1b",
+    "ScheduleLoopedBFS": "looped-bfs",
+    "ScheduleInterleavedZeroBubble": "interleaved-zero-bubble",
+    "ScheduleZBVZeroBubble": "zbv-zero-bubble",
+    "ScheduleDualPipeV": "dualpipev",
+}
 PipelineSchedule = Literal[
     "gpipe",
     "1f1b",
@@ -115,6 +126,13 @@ PipelineSchedule = Literal[
     "interleaved-zero-bubble",
     "zbv-zero-bubble",
     "dualpipev",
+    "ScheduleGPipe",
+    "Schedule1F1B",
+    "ScheduleInterleaved1F1B",
+    "ScheduleLoopedBFS",
+    "ScheduleInterleavedZeroBubble",
+    "ScheduleZBVZeroBubble",
+    "ScheduleDualPipeV",
 ]
 # schedules that run several stages per rank, and how those stages are laid out over ranks
 MULTI_STAGE_SCHEDULES = {
@@ -142,7 +160,8 @@ class PipelineSettings(DataParallelSettings):
     are split over T neighbouring ranks, and ``nproc = pipeline_degree * data_degree * T``.
     ``fsdp``: the ``data_degree`` replicas shard each stage's parameters, gradients and optimizer
     state with FSDP2 (one unit per decoder layer, one per stage for the rest) instead of each
-    holding a copy and summing gradients.
+    holding a copy and summing gradients. ``schedule`` also takes torch's class names
+    (``Schedule1F1B``, ``ScheduleZBVZeroBubble``, ...), kept as fgc's names.
     """
 
     pipeline_degree: Count = 2
@@ -151,6 +170,10 @@ class PipelineSettings(DataParallelSettings):
     schedule: PipelineSchedule = "1f1b"
     stages_per_rank: Optional[Count] = None
     microbatches: Optional[Count] = None
+
+    def __post_init__(self):
+        # torch's class name (Schedule1F1B) reads as fgc's schedule name (1f1b)
+        object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))
 
 
 @dataclass(frozen=True)
@@ -187,17 +210,22 @@ class LossSettings:
     (``softcap * tanh(logits / softcap)``, Gemma 2).
 
     ``impl`` picks the kernel (``fgc_runtime.kernels.fused_linear_cross_entropy``): ``torch`` (the
-    reference: every logit materialised), ``chunked`` (the head and the loss a chunk of
-    ``chunk_size`` tokens at a time: one chunk's logits in memory), or ``auto``: fgc's
-    select-kernels pass chooses from the trainer, the features and the size of the logits.
-    ``triton`` is not available in this version. A feature the chosen kernel lacks is an error.
+    reference: every logit materialised), ``chunked`` (the head and the loss a chunk of tokens at
+    a time: one chunk's logits in memory), or ``auto``: fgc's select-kernels pass chooses from the
+    trainer, the features and the size of the logits. ``triton`` is not available in this
+    version. A feature the chosen kernel lacks is an error.
+
+    A chunk holds as many tokens as keep its fp32 logits and their gradient (8 bytes a logit)
+    within ``chunk_budget_mib`` MiB: ``budget // (vocab_size * 8)`` rows, at least 1, which the
+    plan states. ``chunk_size`` (tokens) fixes the rows instead (None: from the budget).
     """
 
     impl: Literal["auto", "torch", "chunked", "triton"] = "auto"
     label_smoothing: Fraction = 0.0
     z_loss: NonNegative = 0.0
     softcap: Optional[Positive] = None
-    chunk_size: Count = 4096
+    chunk_size: Optional[Count] = None
+    chunk_budget_mib: Positive = 64.0
 
 
 @dataclass(frozen=True)

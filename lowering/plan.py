@@ -37,6 +37,9 @@ class Plan:
     # DiLoCo: None, or {"workers", "inner_steps", "outer_optimizer", "outer_lr", "outer_momentum",
     # "loss_normalisation"}
     diloco: dict | None = None
+    # a pretrained model's vocabulary grown to the data's: None, or {"from": its rows, "to": the
+    # model's, "source": the data's meta.json (or the config line), "new_rows": how they start}
+    vocab_growth: dict | None = None
 
     def to_data(self) -> dict:
         data = asdict(self)
@@ -44,4 +47,6 @@ class Plan:
         data["mesh"] = dict(self.mesh)
         if self.diloco is None:  # only a DiLoCo plan has the key
             del data["diloco"]
+        if self.vocab_growth is None:  # only a plan whose vocabulary grows has the key
+            del data["vocab_growth"]
         return data

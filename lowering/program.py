@@ -5,7 +5,9 @@
 
 - ``settings``: the trainer's typed settings (``fgc.settings``), as plain data;
 - ``plan``: how the package runs (:class:`fgc_lowering.plan.Plan`): ranks, batches, the mesh of
-  parallel dimensions, the tensor-parallel and pipeline plans, the kernel choices;
+  parallel dimensions, the tensor-parallel and pipeline plans, the kernel choices, and
+  ``vocab_growth`` when a pretrained model's vocabulary grows to its data's
+  (``lowering/plan_vocab.py``);
 - ``provenance``: for every setting, the config line that set it (``default`` when none did).
 """
 

@@ -1,6 +1,6 @@
 """The one resolver of callable specs, serving build time and generated code alike.
 
-Spec forms (LANGUAGE.md §4):
+Spec forms (docs/language.md):
 - ``module.path:Symbol`` or ``module.path:Symbol.attr`` (exactly one ``:``);
 - ``path/to/file.py:Symbol``: a file relative to the file that wrote the spec, or absolute;
 - ``.module:Symbol``: a module file next to the config or on its search path;

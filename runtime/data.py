@@ -1,4 +1,4 @@
-"""Token shards (CONTRACT §5): writing them, memory-mapping them, and sampling batches.
+"""Token shards (docs/package.md, token shards): writing them, memory-mapping them, and sampling batches.
 
 A shard directory holds::
 
@@ -6,6 +6,7 @@ A shard directory holds::
                  "tokenizer": str, "version": 1, "vocab_size": int}
     train.bin   the training tokens
     val.bin     the validation tokens (possibly none)
+    train.mask.bin, val.mask.bin  (only when meta.json says "loss_mask": true) the loss masks
     tokenizer.json  (only when "tokenizer" is "tokenizer.json") the Hugging Face tokenizer the
                     tokens come from, readable with the ``tokenizers`` package; fgc data also
                     copies a tokenizer directory's tokenizer_config.json,
@@ -27,6 +28,14 @@ Each ``.bin`` file is a fixed 64-byte little-endian header followed by the token
 
 Every document is followed by ``eos_id``. The dtype is uint16 when ``vocab_size <= 65536``, else
 uint32. Readers memory-map the file, so opening a shard costs nothing whatever its size.
+
+Chat shards (``fgc data --format chat``) also have a loss mask per split, ``train.mask.bin`` and
+``val.mask.bin``: the same 64-byte header with itemsize 1 and the same token count, then one byte
+per token, 1 where the token is a training target (an assistant's content and the token that ends
+its turn) and 0 elsewhere (the document separators included). ``meta.json`` then says
+``"loss_mask": true`` and names ``"chat_template"``, ``"eos_ids"`` and ``"added_tokens"``. The
+batches of such a shard have label ``-100`` (ignored by the losses) wherever the mask of the
+target token is 0; without a mask every label is a target.
 
 Sampling is defined by the global sample index, so a run sees the same global batches whatever
 its world size, and resuming at step ``s`` needs nothing but ``s`` (see :class:`BatchSampler`).
@@ -73,48 +82,101 @@ def encode_header(count: int, itemsize: int) -> bytes:
     return _HEADER.pack(MAGIC, VERSION, itemsize, count)
 
 
-def _write_bin(
-    path: Path,
-    documents: Sequence[Sequence[int]],
-    dtype: str,
-    eos_id: int,
-    vocab_size: int,
-) -> int:
-    """Write one split atomically (temp file + rename); return its token count."""
-    code = _ARRAY_CODE[dtype]
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    try:
-        with open(tmp, "wb") as f:
-            f.write(encode_header(0, _ITEMSIZE[dtype]))  # the count is patched in below
-            for doc in documents:
-                try:
-                    buf = array(code, doc)
-                except OverflowError:
-                    buf = None
-                if buf is None or (len(buf) and max(buf) >= vocab_size):
-                    bad = (
-                        max(doc)
-                        if buf is not None
-                        else next(i for i in doc if not 0 <= i < vocab_size)
-                    )
-                    raise ValueError(
-                        f"token id {bad} is out of range for vocab_size {vocab_size}"
-                    )
-                buf.append(eos_id)
-                if sys.byteorder != "little":
-                    buf.byteswap()
-                f.write(buf.tobytes())
-                count += len(buf)
+IGNORE_INDEX = -100  # the label the losses skip (torch's cross_entropy default)
+MASK_SUFFIX = ".mask.bin"
+
+
+class _SplitWriter:
+    """Writes one split (and its mask, when MASKED) to temporary files, renamed into place by
+    :meth:`commit`; :meth:`abort` removes them. Each document is followed by ``eos_id`` (mask 0).
+    """
+
+    def __init__(
+        self, path: Path, dtype: str, eos_id: int, vocab_size: int, masked: bool
+    ):
+        self.path = path
+        self.dtype = dtype
+        self.eos_id = eos_id
+        self.vocab_size = vocab_size
+        self.count = 0
+        self.documents = 0
+        self.mask_path = path.with_name(path.stem + MASK_SUFFIX) if masked else None
+        self._tmp = path.with_name(path.name + ".tmp")
+        self._mask_tmp = (
+            self.mask_path.with_name(self.mask_path.name + ".tmp") if masked else None
+        )
+        self._file = self._mask_file = None
+        try:
+            # the counts in the headers are patched in by finish()
+            self._file = open(self._tmp, "wb")
+            self._file.write(encode_header(0, _ITEMSIZE[dtype]))
+            if masked:
+                self._mask_file = open(self._mask_tmp, "wb")
+                self._mask_file.write(encode_header(0, 1))
+        except BaseException:
+            self.abort()
+            raise
+
+    def add(self, doc: Sequence[int], mask: Sequence[int] | None = None) -> None:
+        """Append one document (and its mask: one 0/1 per token) followed by ``eos_id``."""
+        vocab_size = self.vocab_size
+        try:
+            buf = array(_ARRAY_CODE[self.dtype], doc)
+        except OverflowError:
+            buf = None
+        if buf is None or (len(buf) and max(buf) >= vocab_size):
+            bad = (
+                max(doc)
+                if buf is not None
+                else next(i for i in doc if not 0 <= i < vocab_size)
+            )
+            raise ValueError(
+                f"token id {bad} is out of range for vocab_size {vocab_size}"
+            )
+        if self._mask_file is not None:
+            if mask is None or len(mask) != len(buf):
+                raise ValueError(
+                    f"a document of {len(buf)} tokens needs a mask of as many values, "
+                    f"got {None if mask is None else len(mask)}"
+                )
+            try:
+                mbuf = bytes(mask)
+            except (ValueError, TypeError):
+                mbuf = b"\x02"
+            if mbuf.translate(None, b"\x00\x01"):
+                raise ValueError("mask values must be 0 or 1")
+            self._mask_file.write(mbuf + b"\x00")  # the separator is never a target
+        buf.append(self.eos_id)
+        if sys.byteorder != "little":
+            buf.byteswap()
+        self._file.write(buf.tobytes())
+        self.count += len(buf)
+        self.documents += 1
+
+    def finish(self) -> None:
+        """Patch the token counts into the headers and flush the temporary files to disk."""
+        for f, itemsize in ((self._file, _ITEMSIZE[self.dtype]), (self._mask_file, 1)):
+            if f is None:
+                continue
             f.seek(0)
-            f.write(encode_header(count, _ITEMSIZE[dtype]))
+            f.write(encode_header(self.count, itemsize))
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    return count
+            f.close()
+
+    def commit(self) -> None:
+        """Rename the finished temporary files into place."""
+        os.replace(self._tmp, self.path)
+        if self._mask_tmp is not None:
+            os.replace(self._mask_tmp, self.mask_path)
+
+    def abort(self) -> None:
+        """Close and remove the temporary files."""
+        for f, tmp in ((self._file, self._tmp), (self._mask_file, self._mask_tmp)):
+            if f is not None:
+                f.close()
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
 
 def _split_count(num_docs: int, val_fraction: float) -> int:
@@ -128,18 +190,30 @@ def _split_count(num_docs: int, val_fraction: float) -> int:
 
 def write_token_shards(
     out_dir,
-    documents: Iterable[Sequence[int]],
+    documents: Iterable,
     *,
     vocab_size: int,
     eos_id: int,
     tokenizer: str,
     val_fraction: float = 0.0,
+    num_documents: int | None = None,
+    loss_mask: bool = False,
+    extra_meta: dict | None = None,
+    before_commit=None,
 ) -> dict:
     """Write ``train.bin``, ``val.bin`` and ``meta.json`` into ``out_dir``.
 
-    ``documents`` yields one sequence of token ids per document; each is followed by ``eos_id``.
-    The last ``val_fraction`` of the documents (by count; at least one when ``val_fraction > 0``
-    and there are two or more documents) go to ``val.bin``, which may hold no tokens. The bytes
+    ``documents`` yields one sequence of token ids per document, or with ``loss_mask`` one
+    ``(ids, mask)`` pair (a 0/1 per token; ``SPLIT.mask.bin`` are written too and meta.json says
+    ``"loss_mask": true``); each document is followed by ``eos_id`` (mask 0). The last
+    ``val_fraction`` of the documents (by count; at least one when ``val_fraction > 0`` and there
+    are two or more documents) go to ``val.bin``, which may hold no tokens. With
+    ``num_documents`` (the count ``documents`` yields) the documents are streamed to disk, never
+    held in memory. Everything is written to temporary files first: an exception from
+    ``documents`` leaves ``out_dir`` as it was (a directory this call created is removed). Then
+    ``before_commit(out_dir)``, when given, runs (e.g. to move tokenizer files in), the files are
+    renamed into place, and meta.json is written last, with ``extra_meta`` merged in (a dict, or
+    a function called once the documents are written that returns one). The bytes
     written depend only on the arguments. Returns the meta dict plus ``train_tokens``,
     ``val_tokens``, ``train_documents`` and ``val_documents``.
     """
@@ -147,15 +221,48 @@ def write_token_shards(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not 0 <= eos_id < vocab_size:
         raise ValueError(f"eos_id {eos_id} is out of range for vocab_size {vocab_size}")
-    docs = [list(d) for d in documents]
-    n_val = _split_count(len(docs), val_fraction)
-    train_docs, val_docs = docs[: len(docs) - n_val], docs[len(docs) - n_val :]
+    if num_documents is None:
+        documents = list(documents)
+        num_documents = len(documents)
+    n_train = num_documents - _split_count(num_documents, val_fraction)
 
     dtype = dtype_for_vocab(vocab_size)
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    train_tokens = _write_bin(out / "train.bin", train_docs, dtype, eos_id, vocab_size)
-    val_tokens = _write_bin(out / "val.bin", val_docs, dtype, eos_id, vocab_size)
+    writers = []
+    try:
+        for split in SPLITS:
+            writers.append(
+                _SplitWriter(out / f"{split}.bin", dtype, eos_id, vocab_size, loss_mask)
+            )
+        train, val = writers
+        index = 0
+        for item in documents:
+            writer = train if index < n_train else val
+            if loss_mask:
+                writer.add(*item)
+            else:
+                writer.add(item)
+            index += 1
+        if index != num_documents:
+            raise ValueError(f"expected {num_documents} documents, got {index}")
+        for writer in writers:
+            writer.finish()
+        if before_commit is not None:
+            before_commit(out)
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    for writer in writers:
+        writer.commit()
+    if not loss_mask:
+        # masks of an earlier chat run in this directory would no longer match the tokens
+        for split in SPLITS:
+            (out / f"{split}{MASK_SUFFIX}").unlink(missing_ok=True)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -164,16 +271,19 @@ def write_token_shards(
         "eos_id": int(eos_id),
         "tokenizer": str(tokenizer),
     }
-    # meta.json last: a directory with meta.json has both .bin files
+    if loss_mask:
+        meta["loss_mask"] = True
+    meta.update((extra_meta() if callable(extra_meta) else extra_meta) or {})
+    # meta.json last: a directory with meta.json has all its other files
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / "meta.json")
     return {
         **meta,
-        "train_tokens": train_tokens,
-        "val_tokens": val_tokens,
-        "train_documents": len(train_docs),
-        "val_documents": len(val_docs),
+        "train_tokens": train.count,
+        "val_tokens": val.count,
+        "train_documents": train.documents,
+        "val_documents": val.documents,
     }
 
 
@@ -220,23 +330,96 @@ def read_meta(data_dir) -> dict:
             raise RunError(
                 f"{key} must be a non-negative integer, got {value!r}", path=meta_path
             )
+    if not isinstance(meta.get("loss_mask", False), bool):
+        raise RunError(
+            f"loss_mask must be true or false, got {meta['loss_mask']!r}",
+            path=meta_path,
+        )
     return meta
+
+
+def _map_bin(
+    path: Path, dtype: str | None, missing: str
+) -> tuple[torch.Tensor, mmap.mmap | None]:
+    """Memory-map a ``.bin`` file of ``dtype`` tokens (None: a mask, one uint8 per token) after
+    checking its header and size; every problem is a RunError naming the path (MISSING when absent).
+    """
+    if not path.is_file():
+        raise RunError(missing, path=path)
+    size = path.stat().st_size
+    if size < HEADER_SIZE:
+        raise RunError(
+            f"truncated: {size} bytes, shorter than the {HEADER_SIZE}-byte header",
+            path=path,
+        )
+    torch_dtype = torch.uint8 if dtype is None else _TORCH_DTYPE[dtype]
+    with open(path, "rb") as f:
+        magic, version, itemsize, count = _HEADER.unpack(f.read(HEADER_SIZE))
+        if magic != MAGIC:
+            raise RunError(
+                f"not an fgc token file: magic is {magic!r}, expected {MAGIC!r}",
+                path=path,
+            )
+        if version != VERSION:
+            raise RunError(
+                f"unsupported token-file version {version}, expected {VERSION}",
+                path=path,
+            )
+        if dtype is None and itemsize != 1:
+            raise RunError(
+                f"itemsize is {itemsize} bytes but a mask has 1 byte per token",
+                path=path,
+            )
+        if dtype is not None and itemsize != _ITEMSIZE[dtype]:
+            raise RunError(
+                f"itemsize is {itemsize} bytes but meta.json says dtype {dtype} ({_ITEMSIZE[dtype]} bytes)",
+                path=path,
+            )
+        expected = HEADER_SIZE + count * itemsize
+        if size != expected:
+            raise RunError(
+                f"size mismatch: the header says {count} tokens ({expected} bytes with header) "
+                f"but the file has {size} bytes",
+                path=path,
+            )
+        if count == 0:
+            return torch.empty(0, dtype=torch_dtype), None
+        # ACCESS_COPY gives a writable (copy-on-write) buffer, which torch.frombuffer wants,
+        # without ever writing to the file.
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    tokens = torch.frombuffer(mm, dtype=torch_dtype, offset=HEADER_SIZE, count=count)
+    if dtype is not None and sys.byteorder != "little":
+        # the file is little-endian; copy once on big-endian hosts
+        buf = array(_ARRAY_CODE[dtype], mm[HEADER_SIZE:])
+        buf.byteswap()
+        tokens = torch.tensor(buf.tolist(), dtype=torch.int64).to(torch_dtype)
+    return tokens, mm
 
 
 class TokenShard:
     """One split of a token-shard directory, memory-mapped.
 
     ``tokens`` is a zero-copy 1-D uint16/uint32 tensor over the file (convert slices with
-    ``.long()`` before use: few torch ops support unsigned 16/32-bit ints).
+    ``.long()`` before use: few torch ops support unsigned 16/32-bit ints). ``mask`` is the
+    split's loss mask (a uint8 tensor as long as ``tokens``) when meta.json says
+    ``"loss_mask": true``, else None.
     """
 
     def __init__(
-        self, path: Path, meta: dict, tokens: torch.Tensor, mm: mmap.mmap | None
+        self,
+        path: Path,
+        meta: dict,
+        tokens: torch.Tensor,
+        mm: mmap.mmap | None,
+        mask: torch.Tensor | None = None,
+        mask_mm: mmap.mmap | None = None,
     ):
         self.path = path
         self.meta = meta
         self.tokens = tokens
+        self.mask = mask
         self._mmap = mm  # keeps the mapping alive as long as the tensor
+        self._mask_mmap = mask_mm
 
     @classmethod
     def open(cls, data_dir, split: str = "train") -> "TokenShard":
@@ -253,58 +436,23 @@ class TokenShard:
             )
         meta = read_meta(data_dir)
         path = Path(data_dir) / f"{split}.bin"
-        if not path.is_file():
-            raise RunError(
-                f"missing {split}.bin in the token-shard directory", path=path
-            )
-        size = path.stat().st_size
-        if size < HEADER_SIZE:
-            raise RunError(
-                f"truncated: {size} bytes, shorter than the {HEADER_SIZE}-byte header",
-                path=path,
-            )
-        with open(path, "rb") as f:
-            magic, version, itemsize, count = _HEADER.unpack(f.read(HEADER_SIZE))
-            if magic != MAGIC:
-                raise RunError(
-                    f"not an fgc token file: magic is {magic!r}, expected {MAGIC!r}",
-                    path=path,
-                )
-            if version != VERSION:
-                raise RunError(
-                    f"unsupported token-file version {version}, expected {VERSION}",
-                    path=path,
-                )
-            dtype = meta["dtype"]
-            if itemsize != _ITEMSIZE[dtype]:
-                raise RunError(
-                    f"itemsize is {itemsize} bytes but meta.json says dtype {dtype} ({_ITEMSIZE[dtype]} bytes)",
-                    path=path,
-                )
-            expected = HEADER_SIZE + count * itemsize
-            if size != expected:
-                raise RunError(
-                    f"size mismatch: the header says {count} tokens ({expected} bytes with header) "
-                    f"but the file has {size} bytes",
-                    path=path,
-                )
-            if count == 0:
-                return cls(path, meta, torch.empty(0, dtype=_TORCH_DTYPE[dtype]), None)
-            # ACCESS_COPY gives a writable (copy-on-write) buffer, which torch.frombuffer wants,
-            # without ever writing to the file.
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        tokens = torch.frombuffer(
-            mm, dtype=_TORCH_DTYPE[dtype], offset=HEADER_SIZE, count=count
+        tokens, mm = _map_bin(
+            path, meta["dtype"], f"missing {split}.bin in the token-shard directory"
         )
-        if (
-            sys.byteorder != "little"
-        ):  # the file is little-endian; copy once on big-endian hosts
-            buf = array(_ARRAY_CODE[dtype], mm[HEADER_SIZE:])
-            buf.byteswap()
-            tokens = torch.tensor(buf.tolist(), dtype=torch.int64).to(
-                _TORCH_DTYPE[dtype]
+        mask = mask_mm = None
+        if meta.get("loss_mask"):
+            mask_path = Path(data_dir) / f"{split}{MASK_SUFFIX}"
+            mask, mask_mm = _map_bin(
+                mask_path,
+                None,
+                f"missing {split}{MASK_SUFFIX}: meta.json says the shards have loss masks",
             )
-        return cls(path, meta, tokens, mm)
+            if mask.numel() != tokens.numel():
+                raise RunError(
+                    f"the mask has {mask.numel()} values but {path.name} has {tokens.numel()} tokens",
+                    path=mask_path,
+                )
+        return cls(path, meta, tokens, mm, mask, mask_mm)
 
     def __len__(self) -> int:
         return self.tokens.numel()
@@ -416,15 +564,27 @@ class BatchSampler:
         return starts
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``(input_ids, labels)`` at ``step``: int64, shape ``(G/W, seq_len)``."""
-        return _gather(self.shard.tokens, self.window_starts(step), self.seq_len)
+        """This rank's ``(input_ids, labels)`` at ``step``: int64, shape ``(G/W, seq_len)``;
+        labels are -100 where the shard's loss mask (if any) says the target is not one.
+        """
+        return _gather(
+            self.shard.tokens, self.window_starts(step), self.seq_len, self.shard.mask
+        )
 
 
 def _gather(
-    tokens: torch.Tensor, starts: list[int], seq_len: int
+    tokens: torch.Tensor,
+    starts: list[int],
+    seq_len: int,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     windows = torch.stack([tokens[s : s + seq_len + 1].long() for s in starts])
-    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    inputs, labels = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    if mask is not None:
+        # the mask of a label is the mask of the token it targets: positions 1..seq_len
+        targets = torch.stack([mask[s + 1 : s + seq_len + 1] for s in starts]).bool()
+        labels = labels.masked_fill(~targets, IGNORE_INDEX)
+    return inputs, labels
 
 
 def num_eval_batches(
@@ -440,7 +600,9 @@ def num_eval_batches(
         return 0
     if n < batch_size:
         raise RunError(
-            f"{n} windows of seq_len + 1 = {seq_len + 1} tokens, fewer than one eval batch of {batch_size}",
+            f"{n} windows of seq_len + 1 = {seq_len + 1} tokens, fewer than one eval batch of {batch_size} "
+            f"(it needs {batch_size * (seq_len + 1):,} tokens): hold out more with `fgc data --val-fraction`, "
+            "or train without evaluation (--eval-every 0)",
             path=shard.path,
         )
     full = n // batch_size
@@ -456,7 +618,8 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield this rank's ``(input_ids, labels)`` of in-order, unshuffled windows of ``shard``.
+    """Yield this rank's ``(input_ids, labels)`` of in-order, unshuffled windows of ``shard``
+    (labels -100 where its loss mask, if any, is 0).
 
     Batch ``b`` is windows ``[b*B, (b+1)*B)`` (``B = batch_size``, global); rank ``r`` takes the
     slice ``[r*B/W, (r+1)*B/W)``. Only full batches are yielded, so every rank yields the same
@@ -466,14 +629,14 @@ def eval_batches(
     count = num_eval_batches(
         shard, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches
     )
-    return _eval_iter(shard.tokens, seq_len, batch_size, count, start, stop)
+    return _eval_iter(shard.tokens, seq_len, batch_size, count, start, stop, shard.mask)
 
 
-def _eval_iter(tokens, seq_len, batch_size, count, start, stop):
+def _eval_iter(tokens, seq_len, batch_size, count, start, stop, mask=None):
     for b in range(count):
         first = b * batch_size
         yield _gather(
-            tokens, [(first + i) * seq_len for i in range(start, stop)], seq_len
+            tokens, [(first + i) * seq_len for i in range(start, stop)], seq_len, mask
         )
 
 

@@ -28,7 +28,14 @@ from .errors import RunError
 
 EXPORT_SPEC = "hf_config.json"  # in the package, beside train.py
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' own default shard size is of this order
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+# chat_template.jinja: where recent transformers versions save a tokenizer's chat template
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 EXPORT_MARKER = "fgc-export.json"  # written into every export: what it wrote
 EXPORT_FORMAT = "fgc-hf-export"
 REMOTE_PREFIX = "fgc_model."  # parameter names of a custom architecture inside its wrapper
@@ -156,6 +163,11 @@ def load_weights(model: torch.nn.Module, model_dir, tensor_rules=()) -> None:
 
     Only what this process holds is read: a tensor still on the meta device (another pipeline
     stage's) is skipped, and a DTensor (an FSDP2 or tensor-parallel parameter) gets its shard.
+
+    A model whose vocabulary is larger than the checkpoint's (built with the vocabulary of its
+    data: see :func:`vocab_tensors`) grows: the embedding (and an untied head) takes the file's
+    rows first, and each new row is the mean of them; one line says so. Any other shape that
+    differs is a RunError.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -169,6 +181,8 @@ def load_weights(model: torch.nn.Module, model_dir, tensor_rules=()) -> None:
     }
     state = model.state_dict(keep_vars=True)
     aliases = _aliases(model)  # name -> the first name of the same parameter
+    vocab = vocab_tensors(model)
+    grown = {}  # the model's name -> the rows the files hold of it (fewer than the model's)
     sources = {}  # the model's name -> (the name in the files, its part: transpose, dim, start, size, groups)
     for name, target in state.items():
         per_expert = names.experts_of(name, target.shape[0]) if target.dim() == 3 and name not in files else None
@@ -187,6 +201,8 @@ def load_weights(model: torch.nn.Module, model_dir, tensor_rules=()) -> None:
         if source not in files and aliases.get(name) in sources:
             # a tied weight (the head) that the files hold under its first name only
             sources[name] = sources[aliases[name]]
+            if aliases[name] in grown:
+                grown[name] = grown[aliases[name]]
             continue
         if source not in files:
             raise RunError(f"tensor {name!r} of the model is missing", path=where)
@@ -199,7 +215,11 @@ def load_weights(model: torch.nn.Module, model_dir, tensor_rules=()) -> None:
             uneven = next((g for g in group if state[g].shape[dim] % groups), None)
             if uneven is not None:
                 raise RunError(f"tensor {uneven!r} of the model does not split into {groups} groups", path=where)
-        if shape != want:
+        if shape != want and name in vocab and _fewer_rows(shape, want, part):
+            grown[name] = shape[0]
+            if part is not None:  # a renamed tensor (one fgc name): the file's whole tensor
+                part = (part[0], part[1], 0, shape[part[1]], part[4])
+        elif shape != want:
             raise RunError(f"tensor {source!r} has shape {shape}, the model's is {want}", path=where)
         sources[name] = (source, part)
     used = {n for source, part in sources.values() for n in (sum(source, []) if part == "experts" else [source])}
@@ -224,6 +244,8 @@ def load_weights(model: torch.nn.Module, model_dir, tensor_rules=()) -> None:
                 else:  # this tensor's share of each of the G groups
                     values = values.unflatten(dim, (groups, -1))
                     values = values.narrow(dim + 1, start // groups, size // groups).flatten(dim, dim + 1)
+            if name in grown:
+                values = grow_rows(values, target.shape[0])
             if hasattr(target, "device_mesh"):  # a DTensor: this rank's shard
                 from torch.distributed.tensor import distribute_tensor
 
@@ -234,6 +256,66 @@ def load_weights(model: torch.nn.Module, model_dir, tensor_rules=()) -> None:
                     src_data_rank=None,
                 )
             target.copy_(values)
+    if grown:
+        _say_grown(where, grown, state, aliases)
+
+
+def vocab_tensors(model: torch.nn.Module) -> set[str]:
+    """The state-dict names of MODEL's tensors whose rows are its vocabulary (``vocab_size``):
+    the parameters of each ``nn.Embedding`` with that many rows and each ``nn.Linear`` with that
+    many outputs outside the decoder layers (the token embedding and the LM head of every family;
+    a position embedding has ``max_position_embeddings`` rows). Empty for a model without an int
+    ``vocab_size``."""
+    vocab = getattr(model, "vocab_size", None)
+    if not isinstance(vocab, int) or isinstance(vocab, bool):
+        return set()
+    layers = getattr(model, "decoder_layers", None)
+    inside = {id(m) for m in layers().modules()} if callable(layers) else set()
+    names = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if id(module) in inside:
+            continue
+        if isinstance(module, torch.nn.Embedding):
+            rows = module.num_embeddings
+        elif isinstance(module, torch.nn.Linear):
+            rows = module.out_features
+        else:
+            continue
+        if rows == vocab:
+            names.update(f"{prefix}.{p}" if prefix else p for p, _ in module.named_parameters(recurse=False))
+    return names
+
+
+def _fewer_rows(shape: list, want: list, part) -> bool:
+    """Whether a file's tensor of SHAPE is the model's of shape WANT with fewer rows: the same
+    other sizes, not cut from a concatenation (PART: a rule that renames only, or none)."""
+    if part is not None and (part[1] != 0 or part[4] != 1 or part[2] != 0 or part[3] != want[0]):
+        return False
+    return len(shape) == len(want) and 0 < shape[0] < want[0] and shape[1:] == want[1:]
+
+
+def grow_rows(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """VALUES with rows added up to ROWS, each the mean of VALUES' rows (computed in fp32), so a
+    new token starts where the old ones are on average and changes no old token's logits much."""
+    mean = values.float().mean(dim=0, keepdim=True).to(values.dtype)
+    return torch.cat([values, mean.expand(rows - values.shape[0], *values.shape[1:])])
+
+
+def _say_grown(where: Path, grown: dict, state: dict, aliases: dict) -> None:
+    """The line that says the vocabulary grew (rank 0 only): from how many rows to how many, and
+    which tensors (a tied head once, as its embedding)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    names = [n for n in grown if n not in aliases]
+    old = min(grown.values())
+    new = state[names[0]].shape[0]
+    print(
+        f"{where}: the vocabulary grew from {old} to {new} tokens: {', '.join(names)} "
+        f"got {new - old} new rows, each the mean of the old rows",
+        flush=True,
+    )
 
 
 def _check_experts(name: str, target: torch.Tensor, per_expert: list[list[str]], files: dict, where) -> None:
@@ -363,15 +445,18 @@ def export(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer_dirs=(),
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     quantize_recipe: str | None = None,
 ) -> Path:
     """Write the model state dict STATE as a Hugging Face model directory OUT_DIR.
 
     Writes ``config.json`` (the package's recorded config, with ``dtype`` that of the weights),
     ``generation_config.json``, the weights (``model.safetensors``, or shards of at most
-    MAX_SHARD_BYTES with an index), the tokenizer files found first in TOKENIZER_DIRS and, for a
-    custom architecture, the modelling code ``config.json``'s ``auto_map`` names. A tied weight
+    MAX_SHARD_BYTES with an index), the tokenizer files found first in TOKENIZER_DIRS (its chat
+    template included) and, for a custom architecture, the modelling code ``config.json``'s
+    ``auto_map`` names. EOS_TOKEN_ID (:func:`data_eos_id`): an id is the ``eos_token_id`` of both
+    configs when the model's config has none; a list (the data's ``eos_ids``: every id that ends a
+    turn or a text) is theirs whatever the model had, so ``generate`` stops at the end of a turn. A tied weight
     is written once, under its source name. With QUANTIZE_RECIPE, the projection weights are
     quantized with torchao (:mod:`.quantize`; standard architectures only).
 
@@ -390,7 +475,9 @@ def export(
     spec = read_export_spec(package_dir)
     config = dict(spec["config"])
     generation = dict(spec["generation_config"])
-    if eos_token_id is not None and config.get("eos_token_id") is None:
+    if isinstance(eos_token_id, list):
+        config["eos_token_id"] = generation["eos_token_id"] = list(eos_token_id)
+    elif eos_token_id is not None and config.get("eos_token_id") is None:
         config["eos_token_id"] = generation["eos_token_id"] = eos_token_id
     tensors = {k: v for k, v in state.items() if k not in spec["tied"] and not _IGNORED.search(k)}
     for target_name, source in spec["tied"].items():
@@ -549,9 +636,15 @@ def _write_remote_code(out: Path, package_dir: Path) -> None:
     (out / "fgc_kernels.py").write_text("".join(parts), encoding="utf-8")
 
 
-def data_eos_id(data_dir) -> int | None:
-    """The ``eos_id`` of a token-shard directory's ``meta.json``, or None without a readable one."""
+def data_eos_id(data_dir) -> int | list[int] | None:
+    """What ends a text of a token-shard directory, for an export's ``eos_token_id``: the list of
+    its ``meta.json``'s ``eos_ids`` when it has them (chat shards: every id that ends a turn or a
+    text), else its ``eos_id``; None without a readable one."""
     try:
-        return int(json.loads((Path(data_dir) / "meta.json").read_text(encoding="utf-8"))["eos_id"])
-    except (OSError, ValueError, KeyError, TypeError):
+        meta = json.loads((Path(data_dir) / "meta.json").read_text(encoding="utf-8"))
+        ids = meta.get("eos_ids")
+        if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            return list(dict.fromkeys(ids))  # in order, each once
+        return int(meta["eos_id"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

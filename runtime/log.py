@@ -125,3 +125,31 @@ class RankLog:
         """End the bar's line."""
         if self.bar is not None:
             self.bar.close()
+
+
+def _plan_rows(value, key: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, dict) and value and key != "mesh":
+        if set(value) == {"impl", "reason"}:  # a kernel choice: the implementation and why
+            return [(key, f"{value['impl']} ({value['reason']})")]
+        rows = []
+        for name, item in value.items():
+            rows += _plan_rows(item, f"{key}.{name}" if key else str(name))
+        return rows
+    if key == "mesh" and isinstance(value, dict) and value:
+        return [(key, " x ".join(f"{name} {size}" for name, size in value.items()))]
+    if value is None or value == [] or value == {}:
+        return [(key, "none")]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, dict) for v in value):
+        # e.g. the pipeline's stages: one row each
+        return [(f"{key}[{i}]", ", ".join(f"{k} {v}" for k, v in item.items())) for i, item in enumerate(value)]
+    if isinstance(value, (list, tuple)):
+        return [(key, ", ".join(str(v) for v in value))]
+    return [(key, str(value))]
+
+
+def format_plan(plan: dict) -> str:
+    """The plan a package was built with, one setting a line (nested ones by dotted name):
+    ``  mesh                dp 2 x tp 2``."""
+    rows = _plan_rows(plan)
+    width = max(len(name) for name, _ in rows)
+    return "plan:\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows)

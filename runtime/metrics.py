@@ -1,4 +1,4 @@
-"""``metrics.jsonl``: one JSON object a line, appended, flushed line by line (CONTRACT §3).
+"""``metrics.jsonl``: one JSON object a line, appended, flushed line by line (docs/package.md, metrics.jsonl).
 
 Training lines carry, in order: step, loss, lr, grad_norm, tokens, tokens_per_s, mfu,
 peak_mem_bytes, elapsed_s, and eta_s (seconds left, at this run's pace). Eval lines are
@@ -123,7 +123,7 @@ class MetricsLogger:
 def train_record(
     step, loss, lr, grad_norm, tokens, tokens_per_s, mfu, peak_mem_bytes, elapsed_s, eta_s=None
 ) -> dict:
-    """A training record: the CONTRACT §3 fields in order, then ``eta_s`` (None: unknown)."""
+    """A training record: the documented fields (docs/package.md, metrics.jsonl) in order, then ``eta_s`` (None: unknown)."""
     return {
         "step": int(step),
         "loss": float(loss),

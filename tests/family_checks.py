@@ -129,6 +129,8 @@ def round_trip(tmp_path: Path, model_class, config, architecture: str, sharded: 
     pkg = finetune("pkg")
     proc = train(pkg, "--max-steps", 1, "--output-dir", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a line says where the weights came from
+    assert f"loaded the pretrained weights of {src.resolve()}\n" in proc.stdout
     proc = train(pkg, "--output-dir", tmp_path / "run", "--export-hf", tmp_path / "exp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     outs = [tmp_path / "run" / "final", tmp_path / "exp"]
@@ -284,7 +286,7 @@ def features_besides_logits(tmp_path: Path, family: str, flags: list[str]) -> Pa
     """The example built as FAMILY with FLAGS: document masking, activation checkpointing, the
     meta-device build and `fgc explain` work with the family's model. Returns the package."""
     package = tmp_path / "example"
-    run_fgc("build", EXAMPLE, "-o", package, "-D", f"family={family}", "-D", "data_dir=data", *flags, check=True)
+    run_fgc("build", EXAMPLE, "-o", package, "-D", f"family={family}", *flags, check=True)
     packed_documents_keep_apart(package)
     checkpointing_keeps_the_gradients(package)
     meta_build_gets_the_whole_models_values(package)

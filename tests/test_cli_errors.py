@@ -1,4 +1,4 @@
-"""The ``fgc`` command's user-facing behaviour (CONTRACT §2): ``FILE:LINE: error: MESSAGE`` on stderr,
+"""The ``fgc`` command's user-facing behaviour (docs/status.md, the command table): ``FILE:LINE: error: MESSAGE`` on stderr,
 exit status 2, no traceback; ``pp``, ``targets`` and ``-D``."""
 
 from __future__ import annotations

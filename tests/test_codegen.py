@@ -160,11 +160,12 @@ def test_generated_package_runs_without_build_time_packages(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if "loss" in r]
-    assert [r["step"] for r in train] == [2, 4]
+    assert [r["step"] for r in train] == [1, 2, 4]  # step 1: the starting loss
     assert [r["step"] for r in lines if "eval_loss" in r] == [2, 4]
     # every import of the package is standard library, torch, or the package itself; the optional
-    # extras (tokenizers for sampling, torchao for --quantize) only inside functions, and triton
-    # only in fgc_runtime/kernels/triton/, which the kernels import inside functions
+    # extras (tokenizers for sampling, jinja2 for chat templates, torchao for --quantize) only
+    # inside functions, and triton only in fgc_runtime/kernels/triton/, which the kernels import
+    # inside functions
     own = {"fgc_runtime", "model"}
     for path in copy.rglob("*.py"):
         triton_module = path.parent.name == "triton" and path.parent.parent.name == "kernels"
@@ -179,7 +180,7 @@ def test_generated_package_runs_without_build_time_packages(tmp_path):
                 continue
             for name in names:
                 top = name.split(".")[0]
-                optional = (top in ("tokenizers", "torchao") and node.col_offset > 0) or (top == "triton" and triton_module)
+                optional = (top in ("jinja2", "tokenizers", "torchao") and node.col_offset > 0) or (top == "triton" and triton_module)
                 assert top in sys.stdlib_module_names or top == "torch" or top in own or optional, (path, name)
 
 
@@ -386,6 +387,19 @@ def test_fgc_diff_configs_and_build_dirs(tmp_path):
     built = build(tmp_path, "pkg_b", config=other)
     assert run_fgc("diff", GOLDEN / "tiny_llama", built).returncode == 1
     assert run_fgc("diff", EXAMPLE, tmp_path / "nope").returncode == 2
+
+
+def test_fgc_diff_against_golden_compares_the_runtime_by_its_hash(tmp_path):
+    # golden/ lists its vendored runtime by hash only: the example's package matches it entirely
+    same = run_fgc("diff", EXAMPLE, GOLDEN / "tiny_llama")
+    assert (same.returncode, same.stdout) == (0, ""), same.stdout[:2000]
+    pkg = build(tmp_path, "pkg")
+    (pkg / "fgc_runtime" / "log.py").write_text((pkg / "fgc_runtime" / "log.py").read_text() + "# edited\n")
+    proc = run_fgc("diff", GOLDEN / "tiny_llama", pkg)
+    assert proc.returncode == 1
+    assert proc.stdout == (
+        f"Files a/fgc_runtime/log.py and b/fgc_runtime/log.py differ ({GOLDEN / 'tiny_llama'} keeps only its hash)\n"
+    )
 
 
 def test_user_module_importing_a_sibling_module_is_an_error(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ def test_build_then_torchrun_two_ranks_trains(tmp_path):
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in train] == list(range(5, 61, 5))
+    assert [r["step"] for r in train] == [1] + list(range(5, 61, 5))  # step 1: the starting loss
     assert [r["step"] for r in evals] == [30, 60]
     for r in train:
         assert list(r) == [
@@ -147,7 +148,9 @@ def test_dry_run(tmp_path):
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "plan: {'trainer_type': 'basic'" in proc.stdout
+    # the plan as a table, one setting a line
+    assert "plan:\n  trainer_type              basic\n" in proc.stdout
+    assert re.search(r"^  mesh +none$", proc.stdout, re.M) and "{'" not in proc.stdout
     assert "is writable" in proc.stdout
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 

@@ -46,10 +46,11 @@ def test_metrics_samples_and_tensorboard(tmp_path):
     assert lines[0].endswith("MFU: unknown device cpu (fp32), reported as null")
     # plain lines (stdout is not a terminal): no bar, no carriage returns
     assert "\r" not in proc.stdout
-    assert [line.split(" | ")[0] for line in lines if line.startswith("step ")] == ["step 2", "step 4", "step 6"]
+    # step 1 (the starting loss), then every LOG_EVERY steps
+    assert [line.split(" | ")[0] for line in lines if line.startswith("step ")] == ["step 1", "step 2", "step 4", "step 6"]
 
     records = jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in records] == [2, 4, 6]
+    assert [r["step"] for r in records] == [1, 2, 4, 6]
     assert all(r["mfu"] is None and r["peak_mem_bytes"] > 0 for r in records)
     assert records[-1]["eta_s"] == 0.0 and records[0]["eta_s"] > 0
 

@@ -135,7 +135,8 @@ def test_one_build_generates_the_package_once_and_builds_the_model_once(tmp_path
     monkeypatch.setattr(construct, "construct", counting_construct)
     result = CliRunner().invoke(main, ["build", str(EXAMPLE), "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert sorted(calls) == ["build", "format_python", "format_python", "model_py", "train_py"]
+    # black formats model.py, train.py and generate.py once each
+    assert sorted(calls) == ["build", "format_python", "format_python", "format_python", "model_py", "train_py"]
     # the meta model lowering built serves hf_config.json too (the smoke check builds model.py's)
     assert len(built) == 1
     assert (tmp_path / "out" / "hf_config.json").is_file()

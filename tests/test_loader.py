@@ -1,5 +1,5 @@
 """Unit tests of fgc.frontend.loader: YAML tags and argument forms → IR, sharing, names, YAML 1.2
-scalars, duplicate keys and the file:line of every node (LANGUAGE.md §4)."""
+scalars, duplicate keys and the file:line of every node (docs/language.md)."""
 
 from __future__ import annotations
 

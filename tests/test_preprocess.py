@@ -1,5 +1,5 @@
 """Unit tests of fgc.frontend.preprocess: line statements, ``##`` comments, ``[block]`` headers,
-origin markers (LANGUAGE.md §1-2)."""
+origin markers (docs/language.md)."""
 
 from __future__ import annotations
 

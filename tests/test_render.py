@@ -1,5 +1,5 @@
 """Unit tests of fgc.frontend.render: inheritance, include, search path, globals, ``toyaml`` and
-the mapping of every template error to the file and line the user wrote (LANGUAGE.md §2-3)."""
+the mapping of every template error to the file and line the user wrote (docs/language.md)."""
 
 from __future__ import annotations
 

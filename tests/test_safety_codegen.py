@@ -207,6 +207,7 @@ CODE_VALUED = {
     },
     "launch.sh.j2": set(),
     "README.md.j2": set(),
+    "generate.py.j2": {"name", "value"},
 }
 
 

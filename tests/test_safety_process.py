@@ -106,7 +106,8 @@ def test_requirements_name_torch_and_each_optional_package_with_what_needs_it(tm
     assert (pkg / "requirements.txt").read_text() == (
         "torch>=2.4\n"
         "# optional: tensorboard (TensorBoard event files in OUTPUT_DIR/tensorboard/)\n"
-        "# optional: tokenizers (text samples during training, when the data has a Hugging Face tokenizer.json)\n"
+        "# optional: jinja2 (generate.py --chat: rendering the tokenizer's chat template)\n"
+        "# optional: tokenizers (generate.py and text samples during training, when the data has a Hugging Face tokenizer.json)\n"
         "# optional: torchao (train.py --export-hf DIR --quantize RECIPE)\n"
         "# optional: triton (the Triton kernels, on a CUDA GPU; the torch code runs without it)\n"
     )

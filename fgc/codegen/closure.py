@@ -1,8 +1,8 @@
 """The runtime modules a package needs: the import closure of its generated code.
 
-A package vendors only the ``fgc_runtime`` modules its ``train.py`` and ``model.py`` reach, so a
-DDP package carries no pipeline, DiLoCo or Triton code. The closure is computed from the source
-text with :mod:`ast`, starting from the generated files:
+A package vendors only the ``fgc_runtime`` modules its ``train.py``, ``generate.py`` and
+``model.py`` reach, so a DDP package carries no pipeline, DiLoCo or Triton code. The closure is
+computed from the source text with :mod:`ast`, starting from the generated files:
 
 - ``import fgc_runtime.x``, ``from fgc_runtime.x import y`` and, inside runtime modules, the
   relative ``from .x import y``, ``from . import x`` and ``from ..x import y`` are edges; in

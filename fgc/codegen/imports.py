@@ -28,6 +28,7 @@ SKELETON_NAMES: dict[str, tuple[str, str | None]] = {
     "describe_groups": ("fgc_runtime.optim", "describe_groups"),
     "param_groups": ("fgc_runtime.optim", "param_groups"),
     "RankLog": ("fgc_runtime.log", "RankLog"),
+    "format_plan": ("fgc_runtime.log", "format_plan"),
     **{n: ("fgc_runtime.train", n) for n in (
         "AuxLoss", "MFU", "Throughput", "count_targets", "grad_norm", "loss_sum_and_count",
         "peak_memory_bytes", "set_seed", "whole_number",

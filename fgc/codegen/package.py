@@ -46,6 +46,7 @@ CONSTANT_NAMES = {
     ("parallel", "schedule"): "PIPELINE_SCHEDULE",
     ("loss", "impl"): "LOSS_IMPL",
     ("loss", "chunk_size"): "LOSS_CHUNK_SIZE",
+    ("loss", "chunk_budget_mib"): "LOSS_CHUNK_BUDGET_MIB",
     ("diloco", "inner_steps"): "DILOCO_INNER_STEPS",
     ("diloco", "outer_lr"): "DILOCO_OUTER_LR",
     ("diloco", "outer_momentum"): "DILOCO_OUTER_MOMENTUM",
@@ -412,6 +413,18 @@ class PackageBuilder:
         self._note_third_party(import_lines)
         return format_python(render(import_lines))
 
+    def generate_py(self, common: dict) -> str:
+        """generate.py: sampling from a checkpoint, with train.py's settings of the output dir, data
+        dir, context length, seed and device (the same constants, escaped the same way)."""
+        wanted = ("SEQ_LEN", "SEED", "DEVICE", "OUTPUT_DIR", "DATA_DIR")
+        by_name = {name: (name, value, where) for name, value, where in self.constants()}
+        source = self.jinja.get_template("generate.py.j2").render(
+            common,
+            constants=[by_name[name] for name in wanted],
+            pretrained=self.ctx.settings.pretrained.model_dir is not None,
+        )
+        return format_python(source)
+
     def model_aux_loss(self) -> bool:
         """Whether the model adds an auxiliary loss to the training loss (an ``aux_loss()`` method,
         of the model protocol: an MoE's load-balancing term). The pipeline trainer has none: the
@@ -463,7 +476,7 @@ class PackageBuilder:
                 self.third_party.add(module)
 
     def runtime_files(self, generated: dict[str, bytes]) -> dict[str, bytes]:
-        """The runtime modules the GENERATED files (train.py, model.py) reach, copied verbatim
+        """The runtime modules the GENERATED files (train.py, generate.py, model.py) reach, copied verbatim
         (they import only the standard library, torch and each other): their import closure,
         with the Triton kernels only when the plan runs some kernel in Triton (see
         :mod:`fgc.codegen.closure`)."""
@@ -501,6 +514,7 @@ class PackageBuilder:
         files: dict[str, bytes] = {
             "model.py": self.model_py(common).encode(),
             "train.py": self.train_py(common, config_hash).encode(),
+            "generate.py": self.generate_py(common).encode(),
             "config.yaml": config_yaml,
         }
         hf_export = self.hf_export()
@@ -515,7 +529,8 @@ class PackageBuilder:
         # itself imports is a requirement above instead.
         optional = [
             ("tensorboard", "TensorBoard event files in OUTPUT_DIR/tensorboard/"),
-            ("tokenizers", "text samples during training, when the data has a Hugging Face tokenizer.json"),
+            ("jinja2", "generate.py --chat: rendering the tokenizer's chat template"),
+            ("tokenizers", "generate.py and text samples during training, when the data has a Hugging Face tokenizer.json"),
             ("torchao", "train.py --export-hf DIR --quantize RECIPE"),
             ("triton", "the Triton kernels, on a CUDA GPU; the torch code runs without it"),
         ]

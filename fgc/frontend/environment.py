@@ -31,6 +31,15 @@ class TemplateRaise(Exception):
     """``raise(msg)`` or a failed ``assert(cond, msg)`` in a template."""
 
 
+class KnobRequired(TemplateRaise):
+    """A knob the config cannot build without (``model_dir`` of a fine-tune): ``fgc ls`` lists
+    such a config as fine, needing ``-D NAME=...``."""
+
+    def __init__(self, message: str, name: str, metavar: str = "VALUE"):
+        super().__init__(message)
+        self.name, self.metavar = name, metavar
+
+
 class TemplateLimit(TemplateRaise):
     """A template went past one of fgc's resource limits (reported at its line, like ``raise``)."""
 
@@ -380,12 +389,57 @@ class TrackedNamespace(jinja2.utils.Namespace):
         self, history, *rest = args
         super(TrackedNamespace, self).__init__(*rest, **kwargs)
         object.__setattr__(self, "_fgc_history", history)
+        object.__setattr__(self, "_fgc_usage", None)
+
+    def __getattribute__(self, name):
+        if name not in ("_Namespace__attrs", "__class__") and not name.startswith("_fgc_"):
+            usage = object.__getattribute__(self, "_fgc_usage")
+            if usage is not None:
+                usage.read(name)
+        return super().__getattribute__(name)
 
     def __setitem__(self, name, value):
         where = template_line()
         if where is not None:
             object.__getattribute__(self, "_fgc_history").setdefault(name, []).append(where)
+        usage = object.__getattribute__(self, "_fgc_usage")
+        if usage is not None:
+            usage.wrote(name)
         super().__setitem__(name, value)
+
+
+class KnobUsage:
+    """When each ``ns.NAME`` was last set and last read, in the order the render ran: a knob
+    whose last set is never read again reaches nothing (docs/language.md, "No silent knobs")."""
+
+    def __init__(self) -> None:
+        # for each name, one count per set (in the order of its NS_HISTORY entries): the reads
+        # of the value that set gave, before the next set
+        self.reads: dict[str, list[int]] = {}
+
+    def read(self, name: str) -> None:
+        """Note a read of ``ns.NAME``."""
+        counts = self.reads.get(name)
+        if counts:
+            counts[-1] += 1
+
+    def wrote(self, name: str) -> None:
+        """Note a set of ``ns.NAME`` (after its right-hand side, which may read it, ran)."""
+        self.reads.setdefault(name, []).append(0)
+
+    def unread(self) -> list[str]:
+        """The names whose last value no template line read."""
+        return sorted(n for n, counts in self.reads.items() if counts and counts[-1] == 0)
+
+
+class KnobNoEffect(TemplateRaise):
+    """``no_effect(NAME, WHY)`` in a template: a knob set to a value another setting makes
+    irrelevant. Reported at the set (the ``-D``, or the config line), not at the template line."""
+
+    def __init__(self, message: str, where: tuple[str, int] | None, define: str | None):
+        super().__init__(message)
+        self.where = where  # (template key, line) of the last set of the knob
+        self.define = define  # the -D NAME that gave the value, if one did
 
 
 def template_line() -> tuple[str, int] | None:
@@ -601,10 +655,13 @@ def make_environment(
     nonrepro: dict[str, str],
     ns_history: dict | None = None,
     notes: list | None = None,
+    knob_usage: KnobUsage | None = None,
+    defines=(),
 ) -> jinja2.Environment:
     """A sandboxed, strict Jinja2 environment; non-reproducible globals note their values in NONREPRO;
-    namespace assignments are recorded in NS_HISTORY; NOTES gets ``(message, (template key, line))``
-    for what the user should know but is no error (config.json fields ``hf_config()`` ignores)."""
+    namespace assignments are recorded in NS_HISTORY, and their sets and reads in KNOB_USAGE; NOTES
+    gets ``(message, (template key, line))`` for what the user should know but is no error
+    (config.json fields ``hf_config()`` ignores). DEFINES: the ``-D`` names, for ``no_effect``."""
     env = FgcEnvironment(
         loader=loader,
         undefined=jinja2.StrictUndefined,
@@ -662,7 +719,22 @@ def make_environment(
         ),
     )
     history = ns_history if ns_history is not None else {}
-    env.globals["namespace"] = lambda *args, **kwargs: TrackedNamespace(history, *args, **kwargs)
+    usage = knob_usage if knob_usage is not None else KnobUsage()
+    defines = set(defines or ())
+
+    def namespace(*args, **kwargs):
+        ns = TrackedNamespace(history, *args, **kwargs)
+        object.__setattr__(ns, "_fgc_usage", usage)
+        return ns
+
+    def no_effect(name, why):
+        """Refuse knob NAME, set to a value that WHY (``with trainer_type ddp: ...``) ignores."""
+        sets = history.get(str(name), [])
+        define = str(name) if str(name) in defines else None
+        raise KnobNoEffect(f"{name} has no effect {why}", sets[-1] if sets else None, define)
+
+    env.globals["namespace"] = namespace
+    env.globals["no_effect"] = no_effect
     env.globals["raise"] = _raise
     env.globals["assert"] = _assert
     env.globals["hf_config"] = hf_config

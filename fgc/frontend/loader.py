@@ -2,7 +2,7 @@
 
 PyYAML composes the node tree (anchors and aliases become shared nodes); this module turns it into
 IR nodes itself, so that tags, argument forms, scalar types (YAML 1.2 core schema) and duplicate
-keys follow LANGUAGE.md rather than PyYAML's YAML 1.1 defaults.
+keys follow docs/language.md rather than PyYAML's YAML 1.1 defaults.
 """
 
 from __future__ import annotations

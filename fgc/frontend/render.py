@@ -23,6 +23,9 @@ from ..errors import Diagnostic, FgcError, Location, display_path
 from .environment import (  # noqa: F401
     DATA_CLOSE,
     DATA_OPEN,
+    KnobNoEffect,
+    KnobRequired,
+    KnobUsage,
     TemplateRaise,
     host_globals,
     make_environment,
@@ -31,7 +34,7 @@ from .environment import (  # noqa: F401
 )
 from .preprocess import strip_markers
 from .project import ConfigSource, resolve_config
-from .templates import LIBRARY_DIR, FgcLoader, TemplateFile  # noqa: F401
+from .templates import LIBRARY_DIR, FgcLoader, TemplateFile, library_name  # noqa: F401
 
 _NS_REF_RE = re.compile(r"\{\{[^}]*?\bns\.(\w+)")
 _VERBS = {"extends": "extends", "include": "includes", "import": "imports", "from": "imports from"}
@@ -352,7 +355,8 @@ def render_file(
     nonrepro: dict[str, str] = {}
     ns_history: dict[str, list[tuple[str, int]]] = {}
     notes: list[tuple[str, tuple[str, int] | None]] = []
-    env = make_environment(loader, nonrepro, ns_history, notes)
+    usage = KnobUsage()
+    env = make_environment(loader, nonrepro, ns_history, notes, usage, variables or ())
     root = loader.load_file(path.name, path)
     # -D values, paths and every other value from outside the templates are data (see DataStr)
     context = {**host_globals(nonrepro), **{name: mark_data(value) for name, value in context.items()}}
@@ -394,11 +398,19 @@ def render_file(
             f"the template nests too deeply for Python to compile ({getattr(exc, 'msg', exc) or 'out of memory'})",
             loader.location(key or root.key, None),
         ) from None
+    except KnobNoEffect as exc:
+        if exc.define is not None:
+            raise FgcError(f"-D {exc.define}: {_plain_message(str(exc))}", Location("<command line>")) from None
+        where = loader.location(*exc.where) if exc.where else _error_location(exc, loader, root)
+        raise FgcError(_plain_message(str(exc)), where) from None
     except (TemplateRaise, jinja2.TemplateError, jinja2.exceptions.SecurityError) as exc:
         message = str(exc) if isinstance(exc, TemplateRaise) else f"template: {exc}"
         if isinstance(exc, jinja2.UndefinedError):
             message = f"undefined: {exc.message}"
-        raise FgcError(_plain_message(message), _error_location(exc, loader, root)) from None
+        error = FgcError(_plain_message(message), _error_location(exc, loader, root))
+        if isinstance(exc, KnobRequired):
+            error.required_knob = f"{exc.name}={exc.metavar}"  # fgc ls: the config needs it, not a mistake
+        raise error from None
     except Exception as exc:  # e.g. a TypeError of an expression: the template's mistake
         frame = _template_frame(exc, loader)
         if frame is None:
@@ -411,6 +423,7 @@ def render_file(
         variables=dict(variables or {}),
     )
     rendered.text = check_data(text, rendered.location)
+    unread_knobs(loader, ns_history, usage, variables or {}, rendered.warnings)
     for tf in loader.files.values():
         rendered.referenced |= jinja2.meta.find_undeclared_variables(env.parse(tf.source))
     rendered.warnings.extend(block_warnings(loader))
@@ -426,6 +439,96 @@ def render_file(
             )
         )
     return rendered
+
+
+def _block_at(tf: TemplateFile, line: int) -> tuple[str, int] | None:
+    """The top-level block of TF that holds its line LINE: (name, line of its start)."""
+    found = None
+    for name, start, depth in tf.blocks:
+        if depth == 0 and start <= line:
+            found = (name, start)
+    return found
+
+
+def _replaced_reader(loader: FgcLoader, name: str) -> tuple[str, Location, Location] | None:
+    """Why no line that ran read ``ns.NAME``: a template's line reads it inside a block that a
+    template loaded before it (a child) replaces. (block, the replacing block's location, the
+    reading line's location), or None when no such block is found."""
+    read_re = re.compile(rf"\bns\.{re.escape(name)}\b(?!\s*=[^=])")
+    files = sorted(loader.files.values(), key=lambda f: f.file_id)  # a child loads before its parent
+    for tf in files:
+        for i, text in enumerate(tf.text.split("\n"), start=1):
+            if not read_re.search(text):
+                continue
+            block = _block_at(tf, i)
+            if block is None:
+                continue
+            winner = next(
+                (f for f in files for b, start, depth in f.blocks if depth == 0 and b == block[0]), None
+            )
+            if winner is not None and winner is not tf:
+                start = next(s for b, s, d in winner.blocks if d == 0 and b == block[0])
+                return block[0], loader.location(winner.key, start), loader.location(tf.key, i)
+    return None
+
+
+def _reads_define(loader: FgcLoader, key: str, line: int, name: str) -> bool:
+    """Whether the ``-- set ns.NAME = ...`` at template KEY's LINE reads the variable NAME."""
+    tf = loader.by_key.get(key)
+    setter = tf.text.split("\n")[line - 1] if tf is not None else ""
+    return re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", setter.split("=", 1)[-1]) is not None
+
+
+def unread_knobs(
+    loader: FgcLoader,
+    ns_history: dict[str, list[tuple[str, int]]],
+    usage: KnobUsage,
+    variables: dict,
+    warnings: list[Diagnostic],
+) -> None:
+    """A knob whose last value no template line read never reaches the program: an error for a
+    ``-D`` that gave that value, a warning (naming the set and the block that dropped it) for a
+    set in a config of the user's. Knobs fgc's library itself sets are its own business."""
+    errors = []
+    for name in sorted(set(variables) & set(usage.reads)):
+        # a -D read by a set whose value a later set replaces before any line reads it
+        sets, counts = ns_history.get(name, []), usage.reads[name]
+        if len(sets) != len(counts):
+            continue
+        reading = [i for i, (key, line) in enumerate(sets) if _reads_define(loader, key, line, name)]
+        if reading and reading[-1] < len(sets) - 1 and counts[reading[-1]] == 0:
+            later = loader.location(*sets[reading[-1] + 1])
+            errors.append(
+                Diagnostic(
+                    f"-D {name}: {name} has no effect: {later} sets ns.{name} again before any line reads it",
+                    Location("<command line>"),
+                )
+            )
+    for name in usage.unread():
+        sets = ns_history.get(name)
+        if not sets:
+            continue
+        key, line = sets[-1]
+        tf = loader.by_key.get(key)
+        from_define = name in variables and _reads_define(loader, key, line, name)
+        if not from_define and (tf is None or library_name(tf.path) is not None):
+            continue
+        replaced = _replaced_reader(loader, name)
+        why = (
+            f"the [{replaced[0]}] block at {replaced[1]} replaces the one that reads it ({replaced[2]})"
+            if replaced
+            else "no template line that runs reads it"
+        )
+        if from_define:
+            errors.append(Diagnostic(f"-D {name}: {name} has no effect: {why}", Location("<command line>")))
+        else:
+            warnings.append(
+                Diagnostic(
+                    f"ns.{name} set here has no effect: {why}", loader.location(key, line), severity="warning"
+                )
+            )
+    if errors:
+        raise FgcError(diagnostics=errors)
 
 
 def _plain_message(message: str) -> str:

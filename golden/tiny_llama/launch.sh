@@ -17,6 +17,20 @@ die() {
     exit 2
 }
 
+usage() {
+    cat <<'USAGE'
+Usage: launch.sh [--devices 0,1,3] [--dry-run] [TORCHRUN ARGS] [-- TRAIN.PY ARGS]
+  --devices LIST     the GPUs to use (CUDA_VISIBLE_DEVICES), one process each
+  --nproc-per-node N processes on this node (default: the plan's, below)
+  --dry-run          print the torchrun command and exit
+  multi-node:        --nnodes N --node-rank R --rdzv-endpoint HOST:PORT [--rdzv-id ID] [--rdzv-backend B]
+                     (the rendezvous backend is c10d unless given)
+Other arguments before `--` go to torchrun as they are; those after it go to train.py
+(`launch.sh -- --help` lists them).
+USAGE
+    echo "This package's plan:" 2 "processes."
+}
+
 nproc=2
 
 nnodes=1
@@ -36,6 +50,7 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do
             ;;
     esac
     case "$1" in
+        -h | --help) usage && exit 0 ;;
         --devices) devices="$2" && shift ;;
         --nproc-per-node | --nproc_per_node) nproc="$2" && shift ;;
         --dry-run) dry_run=true ;;

@@ -17,7 +17,7 @@ import torch.optim
 
 from fgc_runtime import checkpoint, control, data, distributed, hf, metrics, quantize
 from fgc_runtime.errors import RunError, run_main
-from fgc_runtime.log import RankLog
+from fgc_runtime.log import RankLog, format_plan
 from fgc_runtime.optim import describe_groups, param_groups
 import fgc_runtime.train
 from fgc_runtime.train import (
@@ -40,7 +40,7 @@ GLOBAL_BATCH_SIZE = 16  # train.yaml:22
 SEQ_LEN = 128  # train.yaml:21
 GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:54
 OPTIMIZER_IN_BACKWARD = False  # <fgc>/lm/train.yaml:55
-DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:78
+DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:80
 SEED = 42  # <fgc>/lm/train.yaml:63
 DEVICE = "auto"  # default of DDPTrainer.device
 OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:65
@@ -61,12 +61,13 @@ EVERY_N_LAYERS = 1  # default of ActivationCheckpointSettings.every_n_layers
 COMPILE = False  # <fgc>/lm/train.yaml:73
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
-NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:304
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:336
 LOSS_IMPL = "torch"  # the select-kernels pass, auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference
 LABEL_SMOOTHING = 0.0  # default of LossSettings.label_smoothing
 Z_LOSS = 0.0  # default of LossSettings.z_loss
 SOFTCAP = None  # default of LossSettings.softcap
-LOSS_CHUNK_SIZE = 4096  # default of LossSettings.chunk_size
+LOSS_CHUNK_SIZE = None  # default of LossSettings.chunk_size
+LOSS_CHUNK_BUDGET_MIB = 64.0  # default of LossSettings.chunk_budget_mib
 NPROC = 2  # <fgc>/lm/train.yaml:57
 TENSOR_DEGREE = 1  # default of DataParallelSettings.tensor_degree
 MICRO_BATCH_SIZE = 8  # the plan: the whole per-rank batch (micro_batch_size is null)
@@ -111,12 +112,12 @@ PLAN = {
 CONFIG_HASH = "b773edbc92885cef44655c5ce0146bbab3a90112f55ad79ae767b88c65f6c7b3"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:205
+# optimizer: <fgc>/lm/train.yaml:209
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:224
+# lr_scheduler: <fgc>/lm/train.yaml:249
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup=30, total=300
 )
@@ -394,11 +395,14 @@ def main(argv=None):
         loss_sum, count = loss_sum_and_count(
             logits, labels[:MICRO_BATCH_SIZE].to(dist.device)
         )
-        (loss_sum / count).backward()
+        loss = loss_sum / count.clamp(
+            min=1
+        )  # no targets (all masked out): zero, not 0 / 0
+        loss.backward()
         if dist.is_main:
-            print(f"plan: {PLAN}")
+            print(format_plan(PLAN))
             print(
-                f"dry run: loss {(loss_sum / count).item():.4f} on one micro-batch; output dir {output_dir} is writable"
+                f"dry run: loss {loss.item():.4f} on one micro-batch; output dir {output_dir} is writable"
             )
         distributed.shutdown(dist)
         return
@@ -427,6 +431,8 @@ def main(argv=None):
         # across micro-batches and ranks; that count is known before the first backward.
         n_targets = torch.tensor(float(count_targets(labels)), device=dist.device)
         distributed.all_reduce_sum(n_targets, dist)
+        # a step whose every target is masked out (loss masks) has a zero loss, not 0 / 0
+        n_targets.clamp_(min=1)
         step_loss_sum = torch.zeros((), device=dist.device)
         for micro in range(grad_accum_steps):
             rows = slice(micro * MICRO_BATCH_SIZE, (micro + 1) * MICRO_BATCH_SIZE)
@@ -464,7 +470,10 @@ def main(argv=None):
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if args.log_every and (step % args.log_every == 0 or step == args.max_steps):
+        # the first step too: the starting loss
+        if args.log_every and (
+            step % args.log_every == 0 or step in (1, args.max_steps)
+        ):
             rate = throughput.update(tokens_seen - logged_tokens)
             logged_tokens = tokens_seen
             peak_mem = torch.tensor(peak_memory_bytes(dist.device), device=dist.device)
@@ -506,13 +515,13 @@ def main(argv=None):
             last_saved = step
         if request.stop:
             break
+    log.close()  # the progress bar's last line ends before what follows
     if step > last_saved:
         save(step)
     if step > start_step and step == args.max_steps and dist.is_main:
         # Training is done: the model of the checkpoint just saved, as a Hugging Face model directory.
         export_hf(checkpoint.find_checkpoint(output_dir), output_dir / "final", args)
     ctl.finish(step)
-    log.close()
     logger.close()
     distributed.shutdown(dist)
 

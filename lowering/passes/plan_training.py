@@ -1,12 +1,13 @@
 """Build the trainer settings, check them, and plan how the package runs: ranks, batches, the mesh
 of parallel dimensions and the order things are applied in. Its decisions about tensor
 parallelism and the pipeline are in ``lowering/plan_tensor_parallel.py`` and
-``lowering/plan_pipeline.py``."""
+``lowering/plan_pipeline.py``, a pretrained vocabulary grown to the data's in
+``lowering/plan_vocab.py``."""
 
 from __future__ import annotations
 
 import inspect
-
+from dataclasses import replace
 
 from fgc.errors import Location
 from fgc.ir import IRGraph
@@ -17,6 +18,7 @@ from ..context import LoweringContext
 from ..plan import Plan
 from ..plan_pipeline import pipeline_plan
 from ..plan_tensor_parallel import tensor_parallel_ok, tp_styles
+from ..plan_vocab import grow_vocabulary
 from ..program import provenance
 from ..types import range_errors
 from .base import Pass
@@ -51,7 +53,11 @@ class PlanTraining(Pass):
             return ir
         settings = construct(ir, ctx, node.id)
         ctx.settings = settings
+        # first, so that every model built on the meta device below has the grown vocabulary
+        ir, growth = grow_vocabulary(settings, ir, ctx)
         ctx.plan = self._plan(settings, ir, ctx)
+        if ctx.plan is not None and growth is not None:
+            ctx.plan = replace(ctx.plan, vocab_growth=growth)
         return ir
 
     def _plan(self, s: BasicTrainer, ir: IRGraph, ctx: LoweringContext) -> Plan | None:

@@ -3,7 +3,10 @@ config asks for, and what each implementation declares it supports
 (``fgc_runtime.kernels.cross_entropy.CAPABILITIES``).
 
 A feature the chosen implementation lacks is an error at the setting's line, never silently
-dropped. The loss is chosen here (``trainer.loss.impl``). The model's own kernels are those its
+dropped. The loss is chosen here (``trainer.loss.impl``), and for the chunked loss the rows of a
+chunk: as many as keep one chunk's fp32 logits and their gradient within ``loss.chunk_budget_mib``
+(``fgc_runtime.kernels.cross_entropy.chunk_rows``, the function the trainer calls), unless
+``loss.chunk_size`` fixes them. The model's own kernels are those its
 parts declare they run (a part class's ``kernels``, e.g. ``("rms_norm",)`` for the component
 library's RMSNorm), each in the implementation the part's ``kernel_impl`` argument asks for.
 """
@@ -14,7 +17,7 @@ import dataclasses
 
 from fgc.errors import Location
 from fgc.ir import IRGraph
-from fgc_runtime.kernels.cross_entropy import CAPABILITIES
+from fgc_runtime.kernels.cross_entropy import CAPABILITIES, CHUNK_BYTES_PER_LOGIT, chunk_rows
 
 from ..context import LoweringContext
 from .base import Pass
@@ -23,6 +26,9 @@ from .base import Pass
 CHUNKED_LOSS_THRESHOLD_BYTES = 256 * 2**20
 # trainers whose loss can run outside the model's forward (through fgc_runtime's LMHeadLoss)
 CHUNKED_LOSS_TRAINERS = ("basic", "ddp", "diloco")
+# features the generated trainer passes to LMHeadLoss (train.py.j2): the chunked kernel supports
+# soft-capping, but a chunked trainer that does not pass it would drop it
+CHUNKED_LOSS_PASSED = ("bias", "ignore_index", "label_smoothing", "z_loss")
 DTYPES = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16": "bfloat16", "fp16-mixed": "float16"}
 
 
@@ -56,7 +62,8 @@ class SelectKernels(Pass):
             )
             if used
         ]
-        logits_bytes = plan.micro_batch_size * s.seq_len * self._vocab(ir) * 4
+        vocab = plan.vocab_growth["to"] if plan.vocab_growth else self._vocab(ir)
+        logits_bytes = plan.micro_batch_size * s.seq_len * vocab * 4
         if loss.impl == "triton":
             ctx.sink.error(
                 "the loss has no Triton implementation in this version of fgc",
@@ -65,7 +72,7 @@ class SelectKernels(Pass):
             )
             return ir
         if loss.impl == "auto":
-            fits = all(f in CAPABILITIES["chunked"]["features"] for f in features)
+            fits = all(f in self._chunked_features() for f in features)
             big = logits_bytes >= CHUNKED_LOSS_THRESHOLD_BYTES
             if big and fits and plan.trainer_type in CHUNKED_LOSS_TRAINERS:
                 impl = "chunked"
@@ -80,7 +87,7 @@ class SelectKernels(Pass):
                     f"{CHUNKED_LOSS_THRESHOLD_BYTES // 2**20} MiB): the reference"
                     if not big
                     else "the reference (the chunked kernel does not support "
-                    + (", ".join(f for f in features if f not in CAPABILITIES["chunked"]["features"]) or f"the {plan.trainer_type} trainer")
+                    + (", ".join(f for f in features if f not in self._chunked_features()) or f"the {plan.trainer_type} trainer")
                     + ")"
                 )
             head = self._missing_loss_methods(ir, ctx) if impl == "chunked" else []
@@ -91,12 +98,13 @@ class SelectKernels(Pass):
         else:
             impl, reason = loss.impl, "chosen in the config"
         caps = CAPABILITIES[impl]
-        missing = [f for f in features if f not in caps["features"]]
+        supported = self._chunked_features() if impl == "chunked" else caps["features"]
+        missing = [f for f in features if f not in supported]
         for f in missing:
             ctx.sink.error(
                 f"the {impl} loss kernel does not support {f}: it would be dropped",
                 where(f),
-                hint=f"{impl} supports " + ", ".join(caps["features"]) + "; use impl: torch",
+                hint=f"{impl} supports " + ", ".join(supported) + "; use impl: torch",
             )
         if DTYPES[plan.precision] not in caps["dtypes"]:
             ctx.sink.error(f"the {impl} loss kernel does not support {DTYPES[plan.precision]}", where("impl"))
@@ -117,9 +125,22 @@ class SelectKernels(Pass):
                 where("impl"),
                 hint="use impl: torch",
             )
+        if impl != "chunked" and loss_node is not None:
+            # the chunk's settings size the chunked kernel only: set for another, they would be silent
+            for knob in ("chunk_size", "chunk_budget_mib"):
+                if knob in loss_node.kwargs:
+                    ctx.sink.error(
+                        f"{knob} has no effect with the {impl} loss ({reason}): it sizes the chunked loss's chunks",
+                        where(knob),
+                        hint="remove it, or use impl: chunked",
+                    )
+        choice = {"impl": impl, "reason": reason}
+        if impl == "chunked":
+            chunking = self._chunking(loss, vocab, ctx, where)
+            choice |= chunking | {"reason": reason + chunking.get("reason", "")}
         if ctx.sink.errors:
             return ir
-        kernels = {"cross_entropy": {"impl": impl, "reason": reason}}
+        kernels = {"cross_entropy": choice}
         model_kernels = self._model_kernels(ir, ctx)
         if ctx.sink.errors:
             return ir
@@ -169,6 +190,48 @@ class SelectKernels(Pass):
                 out[kernel] = {"impl": "mixed", "reason": "triton in some components, torch in others"}
             else:  # auto and torch: the same code
                 out[kernel] = {"impl": "torch", "reason": "chosen in the config, kernel_impl"}
+        return out
+
+    @staticmethod
+    def _chunked_features() -> tuple[str, ...]:
+        """The features a config may ask of the chunked loss: what the kernel supports and the
+        generated trainer passes to it."""
+        return tuple(f for f in CAPABILITIES["chunked"]["features"] if f in CHUNKED_LOSS_PASSED)
+
+    @staticmethod
+    def _chunking(loss, vocab: int, ctx: LoweringContext, where) -> dict:
+        """The chunked loss's chunk, for the plan: ``chunk_budget_mib`` and ``chunk_rows`` (the
+        rows the trainer's ``chunk_rows(vocab, budget)`` gives, or the config's ``chunk_size``),
+        with the reason's addition saying which. An error when the budget cannot hold one row."""
+        budget = int(loss.chunk_budget_mib * 2**20)
+        row_bytes = vocab * CHUNK_BYTES_PER_LOGIT
+        out = {"chunk_budget_mib": loss.chunk_budget_mib}
+        if loss.chunk_size is not None:
+            out["chunk_rows"] = loss.chunk_size
+            size = f"; chunks of {loss.chunk_size:,} tokens (chunk_size)"
+            if vocab:
+                size += f": {loss.chunk_size * row_bytes / 2**20:,.1f} MiB of fp32 logits and gradient each"
+            out["reason"] = size
+        elif not vocab:
+            out["chunk_rows"] = None
+            out["reason"] = (
+                f"; chunks within {loss.chunk_budget_mib:g} MiB of fp32 logits and gradient, their rows "
+                "from the vocabulary at run time (unknown at build time)"
+            )
+        elif budget < row_bytes:
+            ctx.sink.error(
+                f"chunk_budget_mib {loss.chunk_budget_mib:g} cannot hold one token's fp32 logits and their "
+                f"gradient ({vocab:,} x {CHUNK_BYTES_PER_LOGIT} bytes = {row_bytes / 2**20:g} MiB)",
+                where("chunk_budget_mib"),
+                hint=f"use at least {row_bytes / 2**20:g}",
+            )
+        else:
+            rows = chunk_rows(vocab, budget)
+            out["chunk_rows"] = rows
+            out["reason"] = (
+                f"; chunks of {rows:,} tokens: {loss.chunk_budget_mib:g} MiB (chunk_budget_mib) // "
+                f"({vocab:,} logits x {CHUNK_BYTES_PER_LOGIT} bytes, fp32 and gradient)"
+            )
         return out
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Kernels with exact torch twins (CONTRACT §4).
+"""Kernels with exact torch twins (docs/package.md, kernels).
 
 Every kernel takes ``impl="auto"|"triton"|"torch"`` (``_impl.check_impl``). ``rms_norm``,
 ``swiglu`` and ``apply_rope`` have Triton kernels (``fgc_runtime.kernels.triton``, imported only

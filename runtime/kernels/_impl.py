@@ -1,4 +1,4 @@
-"""Choosing a kernel implementation: ``impl="auto"|"triton"|"torch"`` (CONTRACT §4).
+"""Choosing a kernel implementation: ``impl="auto"|"triton"|"torch"`` (docs/package.md, kernels).
 
 - ``torch``: the torch twin, on any device (the reference every other implementation is tested
   against).

@@ -1,4 +1,4 @@
-"""The LM head and its cross-entropy in one call (CONTRACT §4).
+"""The LM head and its cross-entropy in one call (docs/package.md, kernels).
 
 ``fused_linear_cross_entropy(hidden, weight, labels, ...)`` equals
 ``cross_entropy(softcap(hidden @ weight.T + bias), labels)`` (+ ``z_loss * logsumexp²`` over the
@@ -6,13 +6,15 @@ same rows). Two implementations:
 
 - ``torch``: the reference. It materialises every logit (N x V in fp32) and lets autograd do the
   rest.
-- ``chunked``: rows in chunks of ``chunk_size``; each chunk's logits exist only while that chunk's
-  loss and gradients (with respect to the hidden states, the weight and the bias) are computed, in
-  the forward. Peak memory holds one chunk's logits instead of all of them; the backward only
-  scales the stored gradients. Supports bias, ``ignore_index``, label smoothing and z-loss, with
-  ``reduction`` ``sum`` or ``mean``; not ``softcap`` or ``reduction="none"`` (see
-  :data:`CAPABILITIES`: fgc's kernel-selection pass reads it and rejects a config that asks a
-  kernel for a feature it lacks, rather than dropping the feature).
+- ``chunked``: rows in chunks; each chunk's logits exist only while that chunk's loss and gradients
+  (with respect to the hidden states, the weight and the bias) are computed, in the forward. A
+  chunk has ``chunk_size`` rows, or (``chunk_size=None``) as many as keep its fp32 logits and their
+  gradient under ``chunk_budget`` bytes (:func:`chunk_rows`: 8 bytes a logit), so peak memory
+  holds one budget's worth of logits however large the vocabulary. The backward only scales the
+  stored gradients. Supports bias, ``ignore_index``, label smoothing, z-loss and soft-capping, with
+  ``reduction`` ``sum`` or ``mean``; not ``reduction="none"`` (see :data:`CAPABILITIES`: fgc's
+  kernel-selection pass reads it and rejects a config that asks a kernel for a feature it lacks,
+  rather than dropping the feature).
 
 Shape legend: N rows (tokens), D hidden size, V vocabulary size.
 """
@@ -23,6 +25,10 @@ import torch
 import torch.nn.functional as F
 
 IMPLS = ("auto", "torch", "chunked", "triton")
+# the chunked loss's default budget for one chunk's fp32 logits and their gradient
+DEFAULT_CHUNK_BUDGET = 64 * 2**20
+# bytes a chunk holds per logit: the fp32 logit and its fp32 gradient
+CHUNK_BYTES_PER_LOGIT = 8
 
 # What each implementation supports (fgc's select-kernels pass reads this at build time).
 CAPABILITIES = {
@@ -36,7 +42,7 @@ CAPABILITIES = {
     "chunked": {
         "devices": ("cpu", "cuda"),
         "dtypes": ("float32", "bfloat16", "float16"),
-        "features": ("bias", "ignore_index", "label_smoothing", "z_loss"),
+        "features": ("bias", "ignore_index", "label_smoothing", "z_loss", "softcap"),
         "reductions": ("mean", "sum"),
     },
 }
@@ -71,67 +77,106 @@ def _reference(hidden_ND, weight_VD, labels_N, bias_V, ignore_index, reduction, 
     return total / valid_N.sum().clamp(min=1)
 
 
+def chunk_rows(vocab_size: int, budget: int = DEFAULT_CHUNK_BUDGET) -> int:
+    """Rows of one chunk of the chunked loss: the most whose fp32 logits and their fp32 gradient
+    (``rows * vocab_size * 8`` bytes) fit in ``budget`` bytes, and at least 1."""
+    if vocab_size < 1 or budget < 1:
+        raise ValueError(f"chunk_rows needs a vocabulary and a budget of at least 1, got {vocab_size} and {budget}")
+    return max(1, budget // (CHUNK_BYTES_PER_LOGIT * vocab_size))
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_ND, weight_VD, bias_V, labels_N, ignore_index, label_smoothing, z_loss, chunk_size, mean):
+    def forward(
+        ctx, hidden_ND, weight_VD, bias_V, labels_N, ignore_index, label_smoothing, z_loss, softcap, chunk_size, mean
+    ):
         N, V = hidden_ND.shape[0], weight_VD.shape[0]
         needs = ctx.needs_input_grad
-        grad_hidden_ND = torch.zeros_like(hidden_ND) if needs[0] else None
+        fp32 = hidden_ND.dtype == weight_VD.dtype == torch.float32 and (bias_V is None or bias_V.dtype == torch.float32)
+        grad_hidden_ND = torch.empty_like(hidden_ND) if needs[0] else None
         grad_weight_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if needs[1] else None
         grad_bias_V = (
             torch.zeros(V, dtype=torch.float32, device=weight_VD.device) if bias_V is not None and needs[2] else None
         )
+        valid_N = labels_N != ignore_index
+        count = valid_N.sum()
+        scale = 1.0 / count.clamp(min=1).float() if mean else torch.ones((), device=hidden_ND.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
-        count = (labels_N != ignore_index).sum()
-        scale = 1.0 / count.clamp(min=1).float() if mean else None
-        for start in range(0, N, chunk_size):
-            h_CD = hidden_ND[start : start + chunk_size]
-            y_C = labels_N[start : start + chunk_size]
-            logits_CV = h_CD @ weight_VD.T
-            if bias_V is not None:
-                logits_CV = logits_CV + bias_V
-            logits_CV = logits_CV.float()
-            valid_C = y_C != ignore_index
-            safe_y_C = torch.where(valid_C, y_C, torch.zeros_like(y_C))
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
-            target_C = logits_CV.gather(1, safe_y_C.unsqueeze(1)).squeeze(1)
+        C = min(chunk_size, N)
+        # One fp32 buffer for a chunk's logits, reused by every chunk and turned into their
+        # gradient in place; soft-capping needs a second (the gradient goes through tanh).
+        buf_CV = hidden_ND.new_empty((C, V), dtype=torch.float32)
+        capped_CV = hidden_ND.new_empty((C, V), dtype=torch.float32) if softcap is not None else None
+        for start in range(0, N, C):
+            h_CD = hidden_ND[start : start + C]
+            c = h_CD.shape[0]
+            y_C = labels_N[start : start + C]
+            valid_C = valid_N[start : start + C]
+            logits_CV = buf_CV[:c]
+            if fp32:  # straight into the buffer: no temporary
+                if bias_V is None:
+                    torch.mm(h_CD, weight_VD.T, out=logits_CV)
+                else:
+                    torch.addmm(bias_V, h_CD, weight_VD.T, out=logits_CV)
+            else:  # the reference's rounding: the matmul (and bias) in the inputs' dtype, then fp32
+                low_CV = h_CD @ weight_VD.T
+                logits_CV.copy_(low_CV + bias_V if bias_V is not None else low_CV)
+                del low_CV
+            if softcap is not None:
+                # t = tanh(x / cap) kept in buf; z = cap * t is what the loss sees
+                tanh_CV = logits_CV.div_(softcap).tanh_()
+                logits_CV = torch.mul(tanh_CV, softcap, out=capped_CV[:c])
+            safe_y_C1 = torch.where(valid_C, y_C, torch.zeros_like(y_C)).unsqueeze(1)
+            target_C = logits_CV.gather(1, safe_y_C1).squeeze(1)
+            mean_C = logits_CV.mean(dim=1) if label_smoothing else None
+            max_C1 = logits_CV.amax(dim=1, keepdim=True)
+            # exp(z - max) in place: from here on the buffer holds the softmax's numerator
+            exp_CV = logits_CV.sub_(max_C1).exp_()
+            sum_C1 = exp_CV.sum(dim=1, keepdim=True)
+            lse_C = (sum_C1.log() + max_C1).squeeze(1)
             loss_C = (1.0 - label_smoothing) * (lse_C - target_C)
             if label_smoothing:
-                loss_C = loss_C + label_smoothing * (lse_C - logits_CV.mean(dim=-1))
+                loss_C = loss_C + label_smoothing * (lse_C - mean_C)
             if z_loss:
                 loss_C = loss_C + z_loss * lse_C.square()
+            # where(), not a product: an ignored row adds exactly 0 whatever its logits
             total += torch.where(valid_C, loss_C, torch.zeros_like(loss_C)).sum()
-            # d loss / d logits: p (1 + 2 z lse) - (1 - eps) onehot(y) - eps / V, zero on ignored rows
-            grad_CV = torch.softmax(logits_CV, dim=-1)
+            # d loss / d z = w (p (1 + 2 z_loss lse) - (1 - eps) onehot(y) - eps / V), with the row
+            # weight w = scale on valid rows and 0 on ignored ones
+            w_C = torch.where(valid_C, scale, torch.zeros_like(scale)).float()
+            row_C1 = (w_C / sum_C1.squeeze(1)).unsqueeze(1)
             if z_loss:
-                grad_CV.mul_((1.0 + 2.0 * z_loss * lse_C).unsqueeze(1))
-            grad_CV.scatter_add_(
-                1, safe_y_C.unsqueeze(1), torch.full_like(target_C, -(1.0 - label_smoothing)).unsqueeze(1)
-            )
+                row_C1 = row_C1 * (1.0 + 2.0 * z_loss * lse_C).unsqueeze(1)
+            grad_CV = exp_CV.mul_(row_C1)
             if label_smoothing:
-                grad_CV.sub_(label_smoothing / V)
-            grad_CV.mul_(valid_C.unsqueeze(1).float())
-            if scale is not None:
-                grad_CV.mul_(scale)
+                grad_CV.sub_((w_C * (label_smoothing / V)).unsqueeze(1))
+            grad_CV.scatter_add_(1, safe_y_C1, (-(1.0 - label_smoothing) * w_C).unsqueeze(1))
+            if softcap is not None:
+                # through z = cap * tanh(x / cap): dz/dx = 1 - t²
+                grad_CV.mul_(tanh_CV.square_().neg_().add_(1.0))
             if grad_hidden_ND is not None:
-                grad_hidden_ND[start : start + chunk_size] = (grad_CV.to(weight_VD.dtype) @ weight_VD).to(hidden_ND.dtype)
+                if fp32:
+                    torch.mm(grad_CV, weight_VD, out=grad_hidden_ND[start : start + c])
+                else:
+                    grad_hidden_ND[start : start + c] = (grad_CV.to(weight_VD.dtype) @ weight_VD).to(hidden_ND.dtype)
             if grad_weight_VD is not None:
-                grad_weight_VD += grad_CV.T @ h_CD.float()
+                grad_weight_VD.addmm_(grad_CV.T, h_CD if fp32 else h_CD.float())
             if grad_bias_V is not None:
                 grad_bias_V += grad_CV.sum(dim=0)
+        del buf_CV, capped_CV
         ctx.save_for_backward(
             grad_hidden_ND if grad_hidden_ND is not None else torch.empty(0),
             grad_weight_VD.to(weight_VD.dtype) if grad_weight_VD is not None else torch.empty(0),
             grad_bias_V.to(bias_V.dtype) if grad_bias_V is not None else torch.empty(0),
         )
         ctx.has = (grad_hidden_ND is not None, grad_weight_VD is not None, grad_bias_V is not None)
-        return total * scale if scale is not None else total
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scaled = [g * grad_out.to(g.dtype) if has else None for g, has in zip((grad_hidden, grad_weight, grad_bias), ctx.has)]
-        return scaled[0], scaled[1], scaled[2], None, None, None, None, None, None
+        return scaled[0], scaled[1], scaled[2], None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -145,15 +190,18 @@ def fused_linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     impl: str = "auto",
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
+    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
 ) -> torch.Tensor:
-    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (CONTRACT §4).
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (docs/package.md, kernels).
 
     ``hidden`` is ``(..., D)`` and ``labels`` the matching ``(...)``. ``reduction``: ``mean`` over
     non-ignored labels, ``sum``, or ``none`` (one value a row, 0 where ignored). ``impl``:
     ``torch`` (the reference), ``chunked``, or ``auto`` (the reference: no Triton kernel exists in
     this version); ``triton`` raises ValueError. A feature the chosen implementation lacks raises
-    ValueError: it is never dropped.
+    ValueError: it is never dropped. ``chunked`` runs ``chunk_size`` rows at a time, or with
+    ``chunk_size=None`` the rows :func:`chunk_rows` gives for the vocabulary and ``chunk_budget``
+    (bytes of one chunk's fp32 logits and their gradient).
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}: expected one of {', '.join(map(repr, IMPLS))}")
@@ -177,9 +225,14 @@ def fused_linear_cross_entropy(
     if chosen == "torch":
         loss = _reference(hidden_ND, weight, labels_N, bias, ignore_index, reduction, label_smoothing, z_loss, softcap)
         return loss.reshape(labels.shape) if reduction == "none" else loss
+    rows = chunk_rows(weight.shape[0], int(chunk_budget)) if chunk_size is None else int(chunk_size)
+    if rows < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    if hidden_ND.shape[0] == 0:  # no rows: the reference's empty sum (or mean over nothing)
+        return _reference(hidden_ND, weight, labels_N, bias, ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _ChunkedLinearCrossEntropy.apply(
-        hidden_ND, weight, bias, labels_N, ignore_index, float(label_smoothing), float(z_loss), int(chunk_size),
-        reduction == "mean",
+        hidden_ND, weight, bias, labels_N, ignore_index, float(label_smoothing), float(z_loss),
+        None if softcap is None else float(softcap), rows, reduction == "mean",
     )
 
 
@@ -211,7 +264,14 @@ class LMHeadLoss(torch.nn.Module):
     only.
     """
 
-    def __init__(self, model: torch.nn.Module, impl: str = "chunked", chunk_size: int = 4096, **features):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        impl: str = "chunked",
+        chunk_size: int | None = None,
+        chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+        **features,
+    ):
         super().__init__()
         # methods of the model's class (a submodule of that name is not one)
         missing = [m for m in ("hidden_states", "output_projection") if not callable(getattr(type(model), m, None))]
@@ -219,7 +279,7 @@ class LMHeadLoss(torch.nn.Module):
             # fgc's select-kernels pass refuses such a model at build time
             raise TypeError(f"LMHeadLoss: the model has no {' and no '.join(m + '()' for m in missing)}")
         self.model = model
-        self.impl, self.chunk_size, self.features = impl, chunk_size, features
+        self.impl, self.chunk_size, self.chunk_budget, self.features = impl, chunk_size, chunk_budget, features
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model.hidden_states(input_ids)
@@ -229,6 +289,6 @@ class LMHeadLoss(torch.nn.Module):
         weight, bias = projection
         loss_sum = fused_linear_cross_entropy(
             hidden, weight, labels, bias=bias, reduction="sum",
-            impl=self.impl, chunk_size=self.chunk_size, **self.features,
+            impl=self.impl, chunk_size=self.chunk_size, chunk_budget=self.chunk_budget, **self.features,
         )
         return loss_sum, (labels != -100).sum(dtype=torch.int64)

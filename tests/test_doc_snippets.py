@@ -1,0 +1,254 @@
+"""The commands that docs/getting-started.md quotes print what it says they print (issue #19).
+
+The convention, which the page states in a comment at its top:
+
+- A *session* is an indented code block (after a blank line) whose first line starts with `$ `.
+  Each `$ ` line is a command, run with bash in one working directory shared by the whole page;
+  the lines after it, up to the next `$ ` line, are what it prints (stdout and stderr together,
+  as a terminal shows them). A line `...` stands for any number of lines, none included.
+- `<!-- file: NAME -->` right before a fenced code block: the block is written to NAME in the
+  working directory when the page reaches it (the configs and modules the page shows).
+- `<!-- run: COMMAND -->`: a set-up command the page states in words (e.g. "a directory that
+  also holds corpus.txt"); it is run there, and must succeed.
+- `<!-- unchecked: REASON -->` right before a session: it is not run, for the reason given.
+- `<!-- slow: REASON -->` right before a session: it needs a training run before it (it reads
+  its output), so it runs in the slow test only, as sessions that train do.
+
+The working directory starts with a copy of the repository's `examples/`, so that commands
+are written as from the repository root (`fgc build examples/tiny_llama/train.yaml -o build/`),
+and `fgc`, `python` and `torchrun` are those of the interpreter running the tests. Before they
+are compared, the quoted and the actual output are normalised, for what legitimately varies from
+run to run and machine to machine, and for nothing else:
+
+- the repository's and the working directory's absolute paths are written relative to them (as
+  printed from the repository root);
+- throughput (`N tok/s`), peak memory (`peak N GiB`) and time left (`eta N`) in progress lines,
+  and `tokens_per_s`, `peak_mem_bytes`, `elapsed_s` and `eta_s` in `metrics.jsonl` records, are
+  replaced by a placeholder;
+- the output of `ls` is compared as its list of names (a terminal shows them in columns).
+
+Line numbers, error text, losses (the runs are seeded and deterministic on one machine), file
+lists and everything else are compared as quoted; the exit status is not (an error's text shows
+that it failed). Sessions that train (a command that runs `train.py` with `python` or
+`torchrun`) or are marked `slow` run in the slow test only, which runs the whole page from the
+top (about 4 minutes on 2 cores); the fast test runs every other session, in order (about 1
+minute).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PAGE = REPO / "docs" / "getting-started.md"
+
+# a command that runs a trainer: `torchrun ... train.py`, `python DIR/train.py ...`
+_TRAINS = re.compile(r"(torchrun|python)\b.*\btrain\.py\b")
+_COMMENT = re.compile(r"^\s*<!--\s*(file|run|unchecked|slow):\s*(.*?)\s*-->\s*$")
+
+
+@dataclass
+class Step:
+    """One thing the page does, in its order: write a file, run a set-up command, or a session."""
+
+    kind: str  # "file", "run" or "session"
+    line: int  # 1-based line of the page where it starts
+    text: str = ""  # the file's name, or the set-up command
+    body: str = ""  # the file's content
+    commands: list[tuple[str, list[str]]] = field(default_factory=list)  # (command, quoted output)
+    unchecked: str = ""  # the reason a session is not run
+    slow: str = ""  # the reason a session needs a training run before it
+
+    @property
+    def trains(self) -> bool:
+        """Whether this session runs a trainer, or reads what one wrote (the slow part)."""
+        return bool(self.slow) or any(_TRAINS.match(cmd) for cmd, _ in self.commands)
+
+
+def parse_page(text: str) -> list[Step]:
+    """The page's steps, in order (see the module docstring for the convention)."""
+    lines = text.splitlines()
+    steps: list[Step] = []
+    pending_file = pending_unchecked = pending_slow = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        m = _COMMENT.match(line)
+        if m:
+            kind, arg = m.groups()
+            if kind == "file":
+                pending_file = (arg, i + 1)
+            elif kind in ("unchecked", "slow"):
+                assert arg, f"{PAGE.name}:{i + 1}: `{kind}` needs a reason"
+                if kind == "slow":
+                    pending_slow = arg
+                else:
+                    pending_unchecked = arg
+            else:
+                steps.append(Step("run", i + 1, text=arg))
+            i += 1
+            continue
+        if line.lstrip().startswith("```"):
+            fence_indent = len(line) - len(line.lstrip())
+            j = i + 1
+            while not lines[j].lstrip().startswith("```"):
+                j += 1
+            if pending_file:
+                body = "\n".join(l[fence_indent:] for l in lines[i + 1 : j]) + "\n"
+                steps.append(Step("file", pending_file[1], text=pending_file[0], body=body))
+                pending_file = None
+            i = j + 1
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        if (
+            indent >= 4
+            and line.lstrip().startswith("$ ")
+            and (i == 0 or not lines[i - 1].strip() or _COMMENT.match(lines[i - 1]))
+        ):
+            j = i
+            block = []
+            while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip(" ")) >= indent):
+                block.append(lines[j][indent:].rstrip())
+                j += 1
+            while block and not block[-1]:
+                block.pop()
+            step = Step("session", i + 1, unchecked=pending_unchecked or "", slow=pending_slow or "")
+            for b in block:
+                if b.startswith("$ "):
+                    step.commands.append((b[2:], []))
+                else:
+                    step.commands[-1][1].append(b)
+            steps.append(step)
+            pending_unchecked = pending_slow = None
+            i = j
+            continue
+        if line.strip():
+            # a marker applies to the very next block only
+            assert pending_file is None, f"{PAGE.name}:{pending_file[1]}: `file:` is not followed by a fenced block"
+            assert (
+                pending_unchecked is None and pending_slow is None
+            ), f"{PAGE.name}:{i}: a marker is not followed by a session"
+        i += 1
+    return steps
+
+
+def normalise(lines: list[str], command: str, roots: list[Path]) -> list[str]:
+    """LINES as compared (see the module docstring): paths, timings and `ls` layout made uniform."""
+    text = "\n".join(lines)
+    for root in roots:
+        text = text.replace(str(root) + "/", "")
+    text = re.sub(r"[\d,.]+ tok/s", "N tok/s", text)
+    text = re.sub(r"\| peak [\d.]+ [KMGT]?i?B", "| peak N GiB", text)
+    text = re.sub(r"\| eta \w+", "| eta N", text)
+    text = re.sub(r'("(?:tokens_per_s|peak_mem_bytes|elapsed_s|eta_s)": )[-\d.e+]+', r"\1N", text)
+    if command.split()[0] == "ls":
+        return text.split()
+    return [l.rstrip() for l in text.split("\n")]
+
+
+def matches(expected: list[str], actual: list[str]) -> bool:
+    """Whether ACTUAL is EXPECTED with each `...` line standing for any number of lines."""
+    # reachable[j]: expected[:i] can match actual[:j]
+    reachable = [True] + [False] * len(actual)
+    for e in expected:
+        if e == "...":
+            for j in range(1, len(actual) + 1):
+                reachable[j] = reachable[j] or reachable[j - 1]
+        else:
+            reachable = [False] + [reachable[j] and actual[j] == e for j in range(len(actual))]
+    return reachable[-1]
+
+
+def prepare(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The working directory (with a copy of the examples) and the environment for the commands."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(REPO / "examples", work / "examples", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"  # stdout and stderr interleaved as a terminal shows them
+    env["COLUMNS"] = "80"  # click's help text wraps at the terminal's width
+    env.pop("OMP_NUM_THREADS", None)
+    return work, env
+
+
+def run_page(tmp_path: Path, with_training: bool) -> int:
+    """Run the page's steps in order; assert that each session prints what is quoted."""
+    work, env = prepare(tmp_path)
+    roots = [REPO.resolve(), work.resolve(), work]
+    checked, failures = 0, []
+    for step in parse_page(PAGE.read_text()):
+        if step.kind == "file":
+            path = work / step.text
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(step.body)
+            continue
+        if step.kind == "run":
+            proc = subprocess.run(["bash", "-c", step.text], cwd=work, env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, f"{PAGE.name}:{step.line}: {step.text}\n{proc.stdout}{proc.stderr}"
+            continue
+        if step.unchecked or (step.trains and not with_training):
+            continue
+        for command, quoted in step.commands:
+            proc = subprocess.run(
+                ["bash", "-c", command], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            actual = normalise(proc.stdout.rstrip("\n").split("\n") if proc.stdout.strip() else [], command, roots)
+            expected = normalise(quoted, command, [])
+            if not matches(expected, actual):
+                diff = "\n".join(difflib.unified_diff(expected, actual, "quoted", "printed", lineterm=""))
+                failures.append(
+                    f"{PAGE.name}:{step.line}: `{command}` (exit status {proc.returncode}) does not print what "
+                    f"the page quotes:\n{diff}\n--- printed, in full:\n{proc.stdout}"
+                )
+            checked += 1
+    # every mismatch at once, so that one pass fixes the page
+    assert not failures, "\n\n".join(failures)
+    return checked
+
+
+def test_the_convention_finds_the_pages_sessions_and_files():
+    """The parser sees what the page holds: the main job's build, the error snippets, the configs."""
+    steps = parse_page(PAGE.read_text())
+    commands = [cmd for s in steps if s.kind == "session" and not s.unchecked for cmd, _ in s.commands]
+    assert "fgc build examples/tiny_llama/train.yaml -o build/" in commands
+    assert "torchrun --nproc-per-node 2 build/train.py" in commands
+    assert any("-D num_attention_heads=5" in c for c in commands)
+    files = {s.text for s in steps if s.kind == "file"}
+    assert {"my_llama.yaml", "my_layers.py", "gelu_exp.yaml", "small.yaml"} <= files
+    assert matches(["a", "...", "d"], ["a", "b", "c", "d"]) and matches(["a", "..."], ["a"])
+    assert not matches(["a", "...", "d"], ["a", "b"]) and not matches(["a"], ["a", "b"])
+
+
+def test_quoted_commands_print_what_the_page_says(tmp_path):
+    """Every session that does not train, run in the page's order, prints its quoted output."""
+    assert run_page(tmp_path, with_training=False) >= 15
+
+
+@pytest.mark.slow
+def test_quoted_training_runs_print_what_the_page_says(tmp_path):
+    """The whole page, training included (the main example's 300 steps on 2 processes, and the
+    short basic runs), prints its quoted output, losses included."""
+    assert run_page(tmp_path, with_training=True) >= 20
+
+
+def test_the_readmes_main_job_is_the_pages():
+    """README.md quotes the main job without output; each of its `fgc` and `torchrun` commands is
+    one that the page runs and checks, so the two cannot drift apart."""
+    readme = (REPO / "README.md").read_text().splitlines()
+    quoted = {l.strip() for l in readme if l.startswith("    ") and l.split()[:1] in (["fgc"], ["torchrun"])}
+    assert "torchrun --nproc-per-node 2 build/train.py" in quoted
+    page = {
+        cmd for s in parse_page(PAGE.read_text()) if s.kind == "session" and not s.unchecked for cmd, _ in s.commands
+    }
+    assert quoted <= page, f"README.md quotes commands that {PAGE.name} does not check: {sorted(quoted - page)}"
