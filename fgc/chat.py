@@ -56,26 +56,19 @@ def bundled_template(name: str) -> str:
 
 
 def tokenizer_template(directory: Path | None) -> str | None:
-    """The chat template a tokenizer directory carries (``chat_template.jinja``, else
-    tokenizer_config.json's ``chat_template``, its ``default`` one when it names several).
+    """The chat template a tokenizer directory carries, read as the generated packages read it
+    (``fgc_runtime.sample.chat_template``: ``chat_template.jinja``, else tokenizer_config.json's
+    ``chat_template``); None without one.
     """
     if directory is None:
         return None
-    jinja = directory / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = read_config(directory)
-    template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-        named = {
-            t.get("name"): t.get("template") for t in template if isinstance(t, dict)
-        }
-        template = named.get("default")
-    if template is not None and not isinstance(template, str):
-        raise FgcError(
-            f"chat_template must be a string, got {type(template).__name__}",
-            loc=Location(file=str(directory / "tokenizer_config.json")),
-        )
+    from fgc_runtime.errors import RunError
+    from fgc_runtime.sample import chat_template
+
+    try:
+        template, _ = chat_template(directory)
+    except RunError as err:
+        raise FgcError(err.message, loc=Location(file=err.path or str(directory))) from None
     return template
 
 

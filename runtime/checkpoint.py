@@ -583,6 +583,21 @@ def newest_verified(output_dir, *, doing: str, hint: str) -> Path | None:
     return _newest_verified(Path(output_dir) / CHECKPOINTS, doing=doing, hint=hint)
 
 
+def chosen_checkpoint(arg: str | None, output_dir, *, purpose: str, doing: str) -> Path:
+    """The checkpoint a command reads (``--export-hf``, ``generate.py``): ``--checkpoint PATH``
+    (an error unless it verifies), else the newest complete one in OUTPUT_DIR that verifies, as
+    ``--resume auto`` would take. PURPOSE (``export``) and DOING (``exporting``) word the errors."""
+    if arg is not None:
+        return checkpoint_path(arg)
+    found = newest_verified(output_dir, doing=doing, hint="pass --checkpoint PATH of a good one")
+    if found is None:
+        raise RunError(
+            f"no complete checkpoint to {purpose} (train first, or pass --checkpoint PATH)",
+            path=Path(output_dir) / CHECKPOINTS,
+        )
+    return found
+
+
 def describe_run(output_dir) -> str | None:
     """What of a run OUTPUT_DIR holds (its complete checkpoints, a non-empty metrics.jsonl), in
     words; None when it holds neither."""

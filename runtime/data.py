@@ -188,6 +188,15 @@ def _split_count(num_docs: int, val_fraction: float) -> int:
     return min(max(n_val, 1), num_docs - 1)
 
 
+def _has_masks(directory: Path) -> bool:
+    """Whether DIRECTORY holds chat shards: a token-shard meta.json with ``"loss_mask": true``."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("loss_mask") is True
+
+
 def write_token_shards(
     out_dir,
     documents: Iterable,
@@ -229,6 +238,9 @@ def write_token_shards(
     dtype = dtype_for_vocab(vocab_size)
     out = Path(out_dir)
     created = not out.exists()
+    # masks this function wrote before (the directory's meta.json says so): only those are removed
+    # when text shards replace chat shards
+    stale_masks = _has_masks(out)
     out.mkdir(parents=True, exist_ok=True)
     writers = []
     try:
@@ -259,7 +271,7 @@ def write_token_shards(
         raise
     for writer in writers:
         writer.commit()
-    if not loss_mask:
+    if not loss_mask and stale_masks:
         # masks of an earlier chat run in this directory would no longer match the tokens
         for split in SPLITS:
             (out / f"{split}{MASK_SUFFIX}").unlink(missing_ok=True)

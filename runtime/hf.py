@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import quantize, safetensors
-from .checkpoint import checkpoint_path, load_file, newest_verified, nonfinite_tensor
+from .checkpoint import chosen_checkpoint, load_file, nonfinite_tensor
 from .errors import RunError
 
 EXPORT_SPEC = "hf_config.json"  # in the package, beside train.py
@@ -362,15 +362,7 @@ def read_export_spec(package_dir) -> dict:
 def export_checkpoint_dir(arg: str | None, output_dir) -> Path:
     """The checkpoint ``--export-hf`` writes: ``--checkpoint PATH`` (an error unless it verifies),
     else the one ``--resume auto`` would take: the newest in OUTPUT_DIR that verifies."""
-    if arg is not None:
-        return checkpoint_path(arg)
-    found = newest_verified(output_dir, doing="exporting", hint="pass --checkpoint PATH of a good one")
-    if found is None:
-        raise RunError(
-            "no complete checkpoint to export (train first, or pass --checkpoint PATH)",
-            path=Path(output_dir) / "checkpoints",
-        )
-    return found
+    return chosen_checkpoint(arg, output_dir, purpose="export", doing="exporting")
 
 
 def export_checkpoint(checkpoint_dir, out_dir, package_dir, **kwargs) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_path, newest_verified
+from .checkpoint import chosen_checkpoint
 from .data import ByteTokenizer, read_meta
 from .errors import RunError
 
@@ -196,8 +196,9 @@ def _token_text(value) -> str | None:
 
 def chat_template(data_dir) -> tuple[str | None, dict[str, str]]:
     """The chat template of the tokenizer in DATA_DIR, and the special tokens a template may use
-    (``bos_token``, ``eos_token``, ...): the ``chat_template`` of ``tokenizer_config.json`` (its
-    ``default`` one when it names several), else ``chat_template.jinja``; None when there is none."""
+    (``bos_token``, ``eos_token``, ...): ``chat_template.jinja`` when there is one (transformers
+    takes it first too), else the ``chat_template`` of ``tokenizer_config.json`` (its ``default``
+    one when it names several, else the first); None when there is none."""
     data_dir = Path(data_dir)
     path = data_dir / TOKENIZER_CONFIG
     config = {}
@@ -209,12 +210,13 @@ def chat_template(data_dir) -> tuple[str | None, dict[str, str]]:
         if not isinstance(config, dict):
             raise RunError("expected a JSON object", path=path)
     specials = {k: t for k, v in sorted(config.items()) if k.endswith("_token") and (t := _token_text(v)) is not None}
-    template = config.get("chat_template")
+    if (data_dir / CHAT_TEMPLATE_FILE).is_file():  # it wins, as in transformers
+        template = (data_dir / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    else:
+        template = config.get("chat_template")
     if isinstance(template, list):  # named templates, as transformers saves several
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
-    if template is None and (data_dir / CHAT_TEMPLATE_FILE).is_file():
-        template = (data_dir / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     if template is not None and not isinstance(template, str):
         raise RunError(f"chat_template must be a string, got {type(template).__name__}", path=path)
     return template or None, specials
@@ -266,15 +268,7 @@ def render_chat(
 def checkpoint_to_sample(arg: str | None, output_dir) -> Path:
     """The checkpoint ``generate.py`` samples from: ``--checkpoint PATH`` (an error unless it
     verifies), else the newest complete one in OUTPUT_DIR that verifies."""
-    if arg is not None:
-        return checkpoint_path(arg)
-    found = newest_verified(output_dir, doing="sampling from", hint="pass --checkpoint PATH of a good one")
-    if found is None:
-        raise RunError(
-            "no complete checkpoint to sample from (train first, or pass --checkpoint PATH)",
-            path=Path(output_dir) / "checkpoints",
-        )
-    return found
+    return chosen_checkpoint(arg, output_dir, purpose="sample from", doing="sampling from")
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path) -> None:

@@ -422,6 +422,15 @@ def test_a_text_run_into_a_chat_directory_drops_its_masks(tmp_path):
     assert not (out / "train.mask.bin").exists() and TokenShard.open(out).mask is None
 
 
+def test_a_text_run_keeps_a_mask_named_file_it_did_not_write(tmp_path):
+    """Only the masks of chat shards (meta.json says so) are removed, never a user's file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.mask.bin").write_bytes(b"mine")
+    write_token_shards(out, [[3, 4]], vocab_size=50, eos_id=1, tokenizer="test")
+    assert (out / "train.mask.bin").read_bytes() == b"mine"
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
