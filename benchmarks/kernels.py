@@ -1,9 +1,10 @@
-"""Benchmark: fgc_runtime's Triton kernels (rms_norm, swiglu, apply_rope) against their torch twins,
-forward and forward+backward, at Llama-like shapes in bf16 and fp32, on a CUDA GPU.
+"""Benchmark: fgc_runtime's Triton kernels (rms_norm, swiglu, apply_rope, cross_entropy) against
+their torch twins, forward and forward+backward, at Llama-like shapes in bf16 and fp32, on a CUDA GPU.
 
 Per kernel, shape, dtype and pass, the milliseconds of:
-- `torch`: the torch twin (`rms_norm_torch`, `swiglu_torch`, `apply_rope_torch`), eager: the
-  baseline, what `impl="torch"` (and `auto`) runs;
+- `torch`: the torch twin (`rms_norm_torch`, `swiglu_torch`, `apply_rope_torch`,
+  `fused_linear_cross_entropy(impl="torch")`), eager: the baseline, what `impl="torch"` (and
+  `auto`) runs;
 - `compile`: the same twin under `torch.compile(dynamic=False)`, what `-D compile=true` gives;
 - `triton`: the Triton kernel (`impl="triton"`);
 then `vs_torch` and `vs_compile` (their times over triton's: above 1 means triton is faster),
@@ -13,7 +14,11 @@ and bus width, `peak_bw` (that rate's share of the peak memory bandwidth, 2 x cl
 Shapes (B batch 8, T sequence 2048): rms_norm over hidden D = 2048 and 4096; swiglu over
 intermediate F = 5632 and 11008; rope with H = 32 query heads, K = 8 key/value heads, head dim
 D = 128, q and k laid out as the model makes them (`linear_out.view(B, T, H, D).transpose(1, 2)`),
-cos and sin (B, T, D) in q's dtype. The rms_norm weight has x's dtype. Every input that gets a
+cos and sin (B, T, D) in q's dtype; cross_entropy (the LM head and its loss, mean reduction) with
+N = B*T rows of hidden D = 2048 against vocabularies V = 32,000 and 128,256, every 20th label
+ignored; its twin materialises the logits. The Triton loss computes its gradients in the forward
+(a training forward, inputs requiring grad), so its `fwd` time holds nearly all its work and its
+backward only scales them. The rms_norm weight has x's dtype. Every input that gets a
 gradient in training requires grad in both passes, so `fwd` is a training forward (the Triton
 rms_norm saves its row statistics, as it does in training); `fwd+bwd` is that forward and
 `torch.autograd.grad` of its outputs against fixed random output gradients.
@@ -27,6 +32,9 @@ gradients) is not counted:
   writes dgate and dup: 5*N*s; fwd+bwd 8*N*s.
 - rope: fwd reads q, k, cos and sin, writes q_out and k_out: (2*|q| + 2*|k| + 2*|cos|) * s, with
   |.| the number of elements; bwd the same again (reads dq_out, dk_out, cos, sin; writes dq, dk).
+- cross_entropy: fwd reads hidden and weight: (N*D + V*D) * s; bwd reads them again and writes
+  their gradients: 2 * (N*D + V*D) * s. It is bound by its matmuls (2*N*V*D flops each), not by
+  memory, so its GB/s and peak_bw say little; its times are what count.
 
 Timing, on CUDA: `triton.testing.do_bench` (CUDA events, L2 cache flushed before each call, the
 median of as many calls as fit in `--rep-ms`), after one untimed call (torch.compile's compilation,
@@ -44,7 +52,7 @@ tiny shapes on the CPU in Triton's interpreter (TRITON_INTERPRET=1), each implem
 row (that one call, compilation included, is what it times), to check the script and the kernels'
 results on a machine without a GPU: its timings mean nothing.
 
-    python benchmarks/kernels.py [--kernels rms_norm,swiglu,rope] [--dtypes bf16,fp32]
+    python benchmarks/kernels.py [--kernels rms_norm,swiglu,rope,cross_entropy] [--dtypes bf16,fp32]
                                  [--rep-ms MS] [--warmup-ms MS] [--csv out.csv]
     python benchmarks/kernels.py --interpret
 """
@@ -64,7 +72,7 @@ from _table import print_table
 # torch, triton and fgc_runtime's kernels are imported inside the functions: main() first sets
 # TRITON_INTERPRET, which triton reads when it is first imported.
 
-KERNELS = ("rms_norm", "swiglu", "rope")
+KERNELS = ("rms_norm", "swiglu", "rope", "cross_entropy")
 DTYPES = ("bf16", "fp32")
 PASSES = ("fwd", "fwd+bwd")
 # Llama-like shapes (B, T and the kernel's own dims). The interpreter's are tiny (a few dozen rows)
@@ -73,6 +81,7 @@ SHAPES = {
     "rms_norm": [{"B": 8, "T": 2048, "D": 2048}, {"B": 8, "T": 2048, "D": 4096}],
     "swiglu": [{"B": 8, "T": 2048, "F": 5632}, {"B": 8, "T": 2048, "F": 11008}],
     "rope": [{"B": 8, "T": 2048, "H": 32, "K": 8, "D": 128}],
+    "cross_entropy": [{"B": 4, "T": 1024, "D": 2048, "V": 32000}, {"B": 4, "T": 1024, "D": 2048, "V": 128256}],
 }
 # One shape per kernel, sizes that are not powers of two (masked blocks): each row costs a
 # torch.compile on the CPU too.
@@ -80,6 +89,7 @@ INTERPRETER_SHAPES = {
     "rms_norm": [{"B": 2, "T": 16, "D": 96}],
     "swiglu": [{"B": 2, "T": 16, "F": 344}],
     "rope": [{"B": 2, "T": 12, "H": 3, "K": 2, "D": 24}],
+    "cross_entropy": [{"B": 2, "T": 12, "D": 40, "V": 100}],
 }
 FP32_RTOL = 1e-5
 ROPE_THETA = 10000.0
@@ -135,9 +145,11 @@ def make_cases(kernel: str, shapes: list[dict], dtype, device) -> Iterator[Case]
     """The Cases of KERNEL at SHAPES, random inputs in DTYPE on DEVICE, one at a time."""
     import torch
 
+    from fgc_runtime.kernels.cross_entropy import fused_linear_cross_entropy
     from fgc_runtime.kernels.rms_norm import rms_norm_torch
     from fgc_runtime.kernels.rope import apply_rope_torch
     from fgc_runtime.kernels.swiglu import swiglu_torch
+    from fgc_runtime.kernels.triton.cross_entropy import fused_linear_cross_entropy_triton
     from fgc_runtime.kernels.triton.rms_norm import rms_norm_triton
     from fgc_runtime.kernels.triton.rope import apply_rope_triton
     from fgc_runtime.kernels.triton.swiglu import swiglu_triton
@@ -179,6 +191,23 @@ def make_cases(kernel: str, shapes: list[dict], dtype, device) -> Iterator[Case]
                 fwd_bytes=3 * n * s,
                 bwd_bytes=5 * n * s,
             )
+        elif kernel == "cross_entropy":
+            D, V, N = dims["D"], dims["V"], B * T
+            hidden_ND = randn(N, D).requires_grad_()
+            weight_VD = randn(V, D, scale=D**-0.5).requires_grad_()
+            labels_N = torch.randint(0, V, (N,), device=device)
+            labels_N[::20] = -100
+            ce_bytes = (N * D + V * D) * s
+            yield Case(
+                kernel,
+                label,
+                [hidden_ND, weight_VD, labels_N],
+                [hidden_ND, weight_VD],
+                lambda h, w, y: fused_linear_cross_entropy(h, w, y, impl="torch"),
+                fused_linear_cross_entropy_triton,
+                fwd_bytes=ce_bytes,
+                bwd_bytes=2 * ce_bytes,
+            )
         else:
             H, K, D = dims["H"], dims["K"], dims["D"]
             # As the model makes them: a projection's output, viewed as heads and transposed (not
@@ -213,13 +242,14 @@ def runner(fn: Callable, inputs: list, leaves: list, grads: tuple | None) -> Cal
 
 
 def upcast(case: Case, grads: tuple | None) -> tuple[list, list, tuple | None]:
-    """CASE's inputs (and GRADS) as fp32 copies: the reference's inputs, same values."""
+    """CASE's inputs (and GRADS) as fp32 copies: the reference's inputs, same values (integer
+    tensors, such as labels, as they are)."""
     import torch
 
     mapping = {}
     inputs = []
     for value in case.inputs:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
             copy = value.detach().float().requires_grad_(value.requires_grad)
             mapping[id(value)] = copy
             inputs.append(copy)

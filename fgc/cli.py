@@ -74,11 +74,32 @@ def _parse_defines(defines: tuple[str, ...]) -> dict:
         except yaml.YAMLError:  # e.g. two documents
             out[name] = value
             continue
+        if _has_merge_key(node):
+            # data has no aliases to merge: a plain '<<' key would be a key named '<<'
+            raise refuse(
+                "a merge key '<<' is not allowed in a value (it has no anchors to merge)",
+                hint=f"write the mapping's keys out, or quote the key: -D {name}='{{\"<<\": ...}}'",
+            )
         try:
             out[name] = None if node is None else plain_data(node)
         except TypeError:  # a list or a mapping as a mapping key: unhashable
             raise refuse("a mapping key must be a scalar") from None
     return out
+
+
+def _has_merge_key(node) -> bool:
+    """Whether a composed YAML value has a plain ``<<`` mapping key anywhere."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == "<<" and not k.style:
+                    return True
+                stack.extend((k, v))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+    return False
 
 
 def command(fn):
@@ -341,14 +362,20 @@ def explain(config, project, key_path, include_dirs, defines):
 
 @main.command(name="ls")
 @click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "-p", "--project", "project", type=click.Path(path_type=Path, file_okay=False),
+    help="list the configs of the project DIR (found through its meta.yaml's searchdir and config_prefix)",
+)
 @include_opt
 @command
-def ls_(directory, include_dirs):
+def ls_(directory, project, include_dirs):
     """List every config under DIRECTORY (default: the current project) with OK or its first error."""
     from .inspect import list_configs
 
+    if project is not None and directory is not None:
+        raise FgcError("give a DIRECTORY or -p PROJECT, not both", Location("<command line>"))
     failures = 0
-    for shown, said, ok in list_configs(directory, include_dirs):
+    for shown, said, ok in list_configs(directory, include_dirs, project=project):
         click.echo(f"{shown}: {'OK' if said is None else said}")
         failures += not ok
     sys.exit(2 if failures else 0)

@@ -224,7 +224,8 @@ def loss_head_memory(compiled: Compiled, facts: ModelFacts) -> dict[str, dict]:
     ``torch`` materialises the micro-batch's fp32 logits, their log-softmax and its gradient.
     ``chunked`` holds one chunk's fp32 logits and their gradient at a time, and from the forward
     to the backward the gradients it computed there: the head's weight (fp32) and the hidden
-    states (``fgc_runtime.kernels.cross_entropy``)."""
+    states (``fgc_runtime.kernels.cross_entropy``). ``triton`` holds no logit: fp32 gradients of
+    the hidden states and the head's weight, and two fp32 numbers a token; CUDA only."""
     from fgc_lowering.passes.select_kernels import CHUNKED_LOSS_TRAINERS, SelectKernels
     from fgc_runtime.kernels.cross_entropy import CHUNK_BYTES_PER_LOGIT, chunk_rows
 
@@ -269,6 +270,12 @@ def loss_head_memory(compiled: Compiled, facts: ModelFacts) -> dict[str, dict]:
             + ": one chunk's fp32 logits and gradient, and the head's weight and hidden-state gradients from the forward"
         ),
         "available": why,
+    }
+    out["triton"] = {
+        "bytes": tokens * h * 4 + v * h * 4 + tokens * 8,
+        "what": "no logits: fp32 gradients of the hidden states and the head's weight from the forward, "
+        "and each token's logsumexp and loss",
+        "available": why or ("not on the cpu device: CUDA only" if settings.device == "cpu" else None),
     }
     return out
 

@@ -114,7 +114,10 @@ def template_tree(rendered: Rendered, fmt: str = "text") -> str:
     loader = rendered.loader
 
     def name_of(tf) -> str:
-        return tf.display if tf.display.startswith("<fgc>") else display_path(tf.display)
+        # as errors name files (fgc/templates/lm/train.yaml from the repository); <fgc>/ is for
+        # what a package records, where the path must not depend on the machine
+        shown = display_path(str(tf.path))
+        return f"{shown}#{tf.inline_name}" if tf.inline_name else shown
 
     def child_of(ref):
         found = loader.inline.get(ref.name)
@@ -132,7 +135,7 @@ def template_tree(rendered: Rendered, fmt: str = "text") -> str:
                 return
             seen.add(tf.key)
             lines.append(f"  {json.dumps(name_of(tf))};")
-            for ref in tf.references:
+            for ref in loader.references_of(tf):
                 child = child_of(ref)
                 if child is None:
                     continue
@@ -149,7 +152,7 @@ def template_tree(rendered: Rendered, fmt: str = "text") -> str:
     shown: set[str] = {rendered.root.key}
 
     def walk(tf, depth: int) -> None:
-        for ref in tf.references:
+        for ref in loader.references_of(tf):
             child = child_of(ref)
             if child is None:
                 continue
@@ -166,22 +169,31 @@ def template_tree(rendered: Rendered, fmt: str = "text") -> str:
     return "\n".join(out) + "\n"
 
 
-def list_configs(directory, include_dirs=()) -> list[tuple[str, str | None]]:
+def list_configs(directory, include_dirs=(), project=None) -> list[tuple[str, str | None]]:
     """(config, what to say about it, whether it is fine) for every config under DIRECTORY
-    (default: the project around the working directory, else that directory): said is None for a
-    config that checks, ``OK (needs -D NAME=...)`` for one that only lacks a required knob (a
-    fine-tune's model_dir), else its first error."""
+    (default: the project around the working directory, else that directory), or of the project
+    PROJECT: said is None for a config that checks, ``OK (needs -D NAME=...)`` for one that only
+    lacks a required knob (a fine-tune's model_dir), else its first error. A project's configs are
+    the names Forgather finds (``<searchdir>/<config_prefix>/NAME``), each rendered in the project."""
     from .build import check_config, is_fgc_build
-    from .frontend.project import META, find_project_dir, load_project
+    from .frontend.project import META, WORKSPACE, find_project_dir, load_project
 
+    if project is not None:
+        directory = Path(project)
+        if not (directory / META).is_file():
+            raise FgcError(f"not a project: no {META}", Location(str(directory)))
     if directory is None:
         # the project around the working directory; outside any project, the working directory
         directory = find_project_dir(Path.cwd()) or Path(".")
     directory = Path(directory)
     if not directory.is_dir():
         raise FgcError("no such directory", Location(str(directory)))
+    def project_configs(folder: Path) -> list[tuple]:
+        loaded = load_project(folder)
+        return [(name, loaded.config_path(name), loaded.dir) for name in loaded.config_names()]
+
     if (directory / META).is_file():
-        configs = load_project(directory).configs()
+        configs = project_configs(directory)
     else:
         builds: dict[Path, bool] = {}
 
@@ -195,19 +207,34 @@ def list_configs(directory, include_dirs=()) -> list[tuple[str, str | None]]:
                     return True
             return False
 
-        configs = sorted(
-            p
-            for p in directory.rglob("*.yaml")
+        def hidden(p: Path) -> bool:
+            return any(part.startswith(".") for part in p.relative_to(directory).parts)
+
+        # a project below DIRECTORY lists its configs as the project finds them (not its templates)
+        projects = [m.parent for m in sorted(directory.rglob(META)) if not hidden(m) and not in_build(m)]
+        # a workspace (a folder with forgather_workspace/) holds configs only in its projects:
+        # the rest of it is meta templates and template libraries
+        workspace = (directory / WORKSPACE).is_dir()
+        configs = [
+            (p, p, None)
+            for p in sorted(directory.rglob("*.yaml"))
             if p.name != META
-            and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+            and not workspace
+            and not hidden(p)
             and not in_build(p)
-        )
+            and WORKSPACE not in p.relative_to(directory).parts
+            and not any(project in p.parents for project in projects)
+        ]
+        for project in projects:
+            configs += project_configs(project)
+        configs.sort(key=lambda c: str(c[1].resolve()))
     results = []
-    for path in configs:
+    for config, path, project_dir in configs:
         try:
-            rendered, ir, _ = load_for_code(path, include_dirs)
+            rendered, ir, _ = load_for_code(config, include_dirs, project_dir=project_dir)
             if {"model", "optimizer", "trainer"} <= set(ir.targets):
-                check_config(path, include_dirs)  # a training config: everything build checks
+                # a training config: everything build checks
+                check_config(config, include_dirs, project_dir=project_dir)
             error = None
             ok = True
         except FgcError as exc:

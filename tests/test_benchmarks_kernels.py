@@ -24,7 +24,7 @@ def run_script(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=full_env, capture_output=True, text=True)
 
 
-@pytest.mark.slow  # about 30 s: each row torch.compiles the twin on the CPU
+@pytest.mark.slow  # about 45 s: each row torch.compiles the twin on the CPU
 def test_interpret_runs_every_row_and_triton_matches_the_twins(tmp_path):
     out_csv = tmp_path / "kernels.csv"
     proc = run_script("--interpret", "--csv", str(out_csv))
@@ -34,7 +34,7 @@ def test_interpret_runs_every_row_and_triton_matches_the_twins(tmp_path):
     with open(out_csv, newline="") as f:
         rows = list(csv.DictReader(f))
 
-    expected = set(itertools.product(["rms_norm", "swiglu", "rope"], ["bf16", "fp32"], ["fwd", "fwd+bwd"]))
+    expected = set(itertools.product(["rms_norm", "swiglu", "rope", "cross_entropy"], ["bf16", "fp32"], ["fwd", "fwd+bwd"]))
     assert sorted((r["kernel"], r["dtype"], r["pass"]) for r in rows) == sorted(expected)
     printed = [line.split() for line in lines]
     for row in rows:
@@ -61,5 +61,5 @@ def test_without_a_gpu_it_exits_2_with_one_line():
 def test_an_unknown_kernel_is_a_usage_error():
     proc = run_script("--interpret", "--kernels", "rms_norm,softmax")
     assert proc.returncode == 2
-    assert "--kernels: unknown 'softmax': expected one of rms_norm, swiglu, rope" in proc.stderr
+    assert "--kernels: unknown 'softmax': expected one of rms_norm, swiglu, rope, cross_entropy" in proc.stderr
     assert "Traceback" not in proc.stderr

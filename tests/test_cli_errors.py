@@ -196,6 +196,17 @@ def test_define_values_are_yaml(tmp_path):
     ]
 
 
+def test_a_define_with_a_merge_key_is_refused(tmp_path):
+    write(tmp_path / "c.yaml", "a: {{ a | toyaml }}\n")
+    merged = fgc("pp", "c.yaml", "-D", "a={<<: {b: 1}}", cwd=tmp_path)
+    assert merged.returncode == 2
+    assert merged.stderr.splitlines()[0] == (
+        "<command line>: error: -D a: a merge key '<<' is not allowed in a value (it has no anchors to merge)"
+    )
+    quoted = fgc("pp", "c.yaml", "-D", 'a={"<<": 1}', cwd=tmp_path)  # a quoted key is a key
+    assert (quoted.returncode, quoted.stdout) == (0, "a: {'<<': 1}\n"), quoted.stderr
+
+
 def test_define_binds_var_through_the_cli(tmp_path):
     write(tmp_path / "c.yaml", "a: 1\nb: !var n\n")
     result = fgc("check", "c.yaml", "-D", "n=3", cwd=tmp_path)

@@ -142,3 +142,9 @@ def test_ls_examples_lists_every_example_and_a_fine_tune_needs_its_model_dir():
     assert "examples/tiny_llama/train.yaml: OK" in lines
     assert "examples/hf_finetune/finetune.yaml: OK (needs -D model_dir=PATH)" in lines
     assert "examples/chat_finetune/finetune.yaml: OK (needs -D model_dir=PATH)" in lines
+    # the journey examples (tests/test_examples.py trains them): every config of each is listed, OK
+    for folder in ("variants", "optimizer_bakeoff", "pipeline", "fsdp2_tp", "diloco", "peak_memory"):
+        configs = sorted((EXAMPLE.parent.parent / folder).glob("*.yaml"))
+        assert configs, folder
+        for config in configs:
+            assert f"examples/{folder}/{config.name}: OK" in lines, proc.stdout

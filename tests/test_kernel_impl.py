@@ -124,7 +124,8 @@ def test_training_on_the_triton_kernels_matches_the_torch_code(tmp_path):
     ran = run_train(triton_pkg, {"TRITON_INTERPRET": "0"}, "--device", "cpu")
     assert ran.returncode == 2
     assert ran.stderr.strip().splitlines()[-1] == (
-        "error: the model's Triton kernels (rebuild with -D kernel_impl=auto to run the torch code): "
+        "error: the package's Triton kernels (apply_rope, rms_norm, swiglu; rebuild with -D kernel_impl=auto and "
+        "-D loss_impl=auto to run the torch code): "
         "impl='triton' runs on CUDA tensors, got cpu ones (TRITON_INTERPRET=1 runs the kernels on the CPU "
         "in Triton's interpreter, slowly: for tests); use impl='torch' or 'auto'"
     )

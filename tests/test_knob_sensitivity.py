@@ -343,3 +343,41 @@ def test_a_define_whose_value_a_later_set_replaces_unread_is_an_error():
         f"<command line>: error: -D rope_theta: rope_theta has no effect: fgc/templates/lm/train.yaml:{again} "
         "sets ns.rope_theta again before any line reads it"
     ], proc.stderr
+
+
+def test_an_override_that_a_child_config_overrides_again_is_a_warning_naming_both_lines(tmp_path):
+    # train.yaml overrides the library's default; a child of it overrides train.yaml's value
+    # before any line reads it: train.yaml's line never reaches the program
+    child = tmp_path / "child.yaml"
+    child.write_text('-- extends "train.yaml"\n[config_metadata]\n== super()\n-- set ns.hidden_size = 48\n')
+    proc = run_fgc("check", child, "-I", EXAMPLE.parent)
+    assert proc.returncode == 0, proc.stderr
+    line = line_of(EXAMPLE, "-- set ns.hidden_size")
+    assert (
+        f"examples/tiny_llama/train.yaml:{line}: warning: ns.hidden_size set here has no effect: "
+        f"{child}:4 sets it again before any line reads it"
+    ) in proc.stderr.splitlines(), proc.stderr
+    # the example itself (only overriding the library's defaults) warns about nothing
+    plain = run_fgc("check", EXAMPLE)
+    assert plain.returncode == 0 and "warning" not in plain.stderr, plain.stderr
+
+
+def test_a_key_override_that_a_child_overrides_again_is_a_warning_naming_both_lines(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "model: !singleton:torch.nn:Linear [2, 2]\n"
+        "trainer: !singleton:fgc.settings:BasicTrainer\n"
+        "    data: !singleton:fgc.settings:DataSettings\n"
+        "        data_dir: shards\n"
+        "[opt]\n"
+        "optimizer: !partial:torch.optim:SGD\n"
+        "    lr: 1.0\n"
+    )
+    (tmp_path / "mid.yaml").write_text('-- extends "base.yaml"\n[opt]\n== super()\n    lr: 2.0\n')
+    (tmp_path / "child.yaml").write_text('-- extends "mid.yaml"\n[opt]\n== super()\n    lr: 3.0\n')
+    proc = run_fgc("explain", "child.yaml", "optimizer.lr", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0] == (
+        "mid.yaml:4: warning: optimizer.lr set here has no effect: child.yaml:4 sets it again"
+    ), proc.stderr
+    # overriding the first declaration (the default) is what a child is for: no warning
+    assert "warning" not in run_fgc("explain", "mid.yaml", "optimizer.lr", cwd=tmp_path).stderr

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jinja2
 import pytest
 
+from fgc.frontend.environment import _trim_newlines
+
 from fgc.frontend.preprocess import (
     MARK_CLOSE,
     MARK_OPEN,
@@ -25,7 +27,7 @@ def pp(text: str, file_id: int = 0) -> list[str]:
 def jinja_render(text: str, **context) -> str:
     """Preprocess then render with Jinja2 as fgc does (trim_blocks), markers stripped."""
     env = jinja2.Environment(trim_blocks=True, keep_trailing_newline=True)
-    env.filters["fgc_rstrip_newlines"] = lambda s: str(s).rstrip("\n")
+    env.filters["fgc_trim_newlines"] = _trim_newlines
     rendered = env.from_string(preprocess(text, 0).source).render(**context)
     return strip_markers(rendered)[0]
 
@@ -38,7 +40,7 @@ def test_statement_markers_translate():
     assert pp("<< if a") == ["{%- if a %}"]
     assert pp(">> endif") == ["{% endif -%}"]
     assert pp("== super()") == ["<0:1>{{ super() }}"]
-    assert pp("=> super()") == ["<0:1>{{ (super()) | string | fgc_rstrip_newlines }}"]
+    assert pp("=> super()") == ["<0:1>{{ (super()) | string | fgc_trim_newlines }}"]
 
 
 def test_statement_markers_keep_line_numbers_in_markers():
@@ -46,12 +48,27 @@ def test_statement_markers_keep_line_numbers_in_markers():
     assert lines == [
         "<7:1>a: 1",
         "<7:2>{{ x }}",
-        "<7:3>{{ (y) | string | fgc_rstrip_newlines }}",
+        "<7:3>{{ (y) | string | fgc_trim_newlines }}",
     ]
 
 
-def test_print_statement_keeps_its_indentation():
-    assert pp("    == super()") == ["<0:1>    {{ super() }}"]
+def test_print_statement_drops_the_blanks_before_it():
+    # as Forgather's rewrite: the printed text brings its own indentation
+    assert pp("    == super()") == ["<0:1>{{ super() }}"]
+    assert pp("\t=> x") == ["<0:1>{{ (x) | string | fgc_trim_newlines }}"]
+
+
+def test_indented_super_inside_a_yaml_block_keeps_the_parents_indentation():
+    base = "outer:\n    [inner]\n    a: 1\n"
+    child = '-- extends "base"\n    [inner]\n    == super()\n    b: 2\n'
+    sources = {"base": preprocess(base, 0).source, "child": preprocess(child, 1).source}
+    env = jinja2.Environment(trim_blocks=True, keep_trailing_newline=True, loader=jinja2.DictLoader(sources))
+    text = strip_markers(env.get_template("child").render())[0]
+    assert text == "outer:\n    a: 1\n\n    b: 2\n"  # not "        a: 1", indented twice
+
+
+def test_arrow_statement_trims_newlines_at_both_ends():
+    assert jinja_render("=> x\ny: 2", x="\n\n    a: 1\n\n") == "    a: 1\ny: 2"
 
 
 def test_statement_body_trailing_blanks_dropped():
@@ -155,11 +172,13 @@ def test_comment_rendered_away():
 
 
 def test_block_header():
-    assert pp("[a]\nx: 1") == ["{% block a %}", "<0:2>x: 1{% endblock %}"]
+    # the last line keeps a newline at the end of its block, as Forgather's {{'\n'}}
+    assert pp("[a]\nx: 1") == ["{% block a %}", "<0:2>x: 1{{ '\\n' }}{% endblock %}"]
+    assert pp("[a]\nx: 1\n") == ["{% block a %}", "<0:2>x: 1", "{% endblock %}"]
 
 
 def test_trimming_block_header():
-    assert pp("[b!]  \nx: 1") == ["{%- block b -%}", "<0:2>x: 1{% endblock %}"]
+    assert pp("[b!]  \nx: 1") == ["{%- block b -%}", "<0:2>x: 1{{ '\\n' }}{% endblock %}"]
 
 
 def test_header_with_trailing_blanks():
@@ -195,7 +214,7 @@ def test_block_runs_to_next_header_at_same_indent():
         "{% block a %}",
         "<0:2>x: 1",
         "{% endblock %}{% block b %}",
-        "<0:4>y: 2{% endblock %}",
+        "<0:4>y: 2{{ '\\n' }}{% endblock %}",
     ]
 
 
@@ -207,7 +226,7 @@ def test_indented_header_nests_in_enclosing_block():
         "{% block b %}",
         "<0:4>  y: 2",
         "{% endblock %}{% endblock %}{% block c %}",
-        "<0:6>z: 3{% endblock %}",
+        "<0:6>z: 3{{ '\\n' }}{% endblock %}",
     ]
 
 

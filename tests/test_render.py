@@ -518,3 +518,34 @@ def test_unknown_statement_at_its_line(tmp_path):
     exc = error_of(cfg)
     assert exc.diagnostics[0].message == "template syntax: Encountered unknown tag 'frob'."
     assert where(exc) == (str(cfg.resolve()), 2)
+
+
+def test_block_warnings_follow_a_computed_parent(tmp_path):
+    # mid.yaml's parent is computed ("base_" ~ kind ~ ".yaml"): a child of mid.yaml that overrides
+    # a block of base_a.yaml is not warned about; a misspelt block still is
+    write(tmp_path / "base_a.yaml", "[head]\nh: 1\n[body]\nb: 1\n")
+    write(tmp_path / "mid.yaml", '-- set kind = "a"\n-- extends "base_" ~ kind ~ ".yaml"\n[head]\nh: 2\n')
+    child = write(tmp_path / "child.yaml", '-- extends "mid.yaml"\n[body]\nb: 3\n[bodyy]\nz: 1\n')
+    rendered = render(child)
+    assert [(w.loc.line, w.message) for w in rendered.warnings] == [
+        (4, "block 'bodyy' is not defined by the template this one extends; its content is ignored")
+    ]
+    ir = load(rendered)
+    assert {k: ir.node(v).value for k, v in ir.targets.items()} == {"h": 2, "b": 3}
+
+
+def test_tree_follows_a_computed_parent_and_names_files_as_errors_do():
+    from conftest import EXAMPLE, REPO, run_fgc
+
+    LLAMA = REPO / "fgc" / "families" / "llama" / "template.yaml"
+
+    lines = run_fgc("tree", EXAMPLE, check=True).stdout.splitlines()
+    assert lines == [
+        "examples/tiny_llama/train.yaml",
+        f"    extends 'lm/llama.yaml' (line {_line(EXAMPLE, '-- extends')}): fgc/families/llama/template.yaml",
+        f"        extends 'lm/train.yaml' (line {_line(LLAMA, '-- extends')}): fgc/templates/lm/train.yaml",
+    ]
+
+
+def _line(path: Path, start: str) -> int:
+    return next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith(start))

@@ -64,8 +64,8 @@ def test_a_feature_the_kernel_lacks_is_an_error_not_dropped():
     h, w, y = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])
     with pytest.raises(ValueError, match="reduction='none'"):
         fused_linear_cross_entropy(h, w, y, reduction="none", impl="chunked")
-    with pytest.raises(ValueError, match="fused_linear_cross_entropy has no Triton implementation"):
-        fused_linear_cross_entropy(h, w, y, impl="triton")
+    with pytest.raises(ValueError, match="the triton implementation of fused_linear_cross_entropy does not support reduction='max'"):
+        fused_linear_cross_entropy(h, w, y, reduction="max", impl="triton")
     assert fused_linear_cross_entropy(h, w, y, reduction="none").shape == (4,)
 
 
@@ -79,7 +79,7 @@ LOSS_BLOCK = "[loss]\n.loss: &loss !singleton:fgc.settings:LossSettings@loss\n"
     "meta,loss,bad,message",
     [
         ("", "    impl: chunked\n    softcap: 30.0\n", "softcap: 30.0", "the chunked loss kernel does not support softcap: it would be dropped"),
-        ("", "    impl: triton\n", "impl: triton", "the loss has no Triton implementation in this version of fgc"),
+        ("", "    impl: triton\n[trainer]\n== super()\n    device: cpu\n", "impl: triton", "the triton loss kernel does not run on cpu"),
         ('-- set ns.trainer_type = "fsdp2"\n', "    impl: chunked\n", "impl: chunked",
          "the chunked loss computes the head outside the model's forward, which the fsdp2 trainer cannot do"),
         ("", "    label_smoothing: 1.5\n", "label_smoothing: 1.5", "label_smoothing must be 0 or more and less than 1, got 1.5"),

@@ -461,12 +461,12 @@ class PackageBuilder:
         impl = self.ctx.plan.kernels["cross_entropy"]["impl"]
         features = bool(loss.label_smoothing or loss.z_loss or loss.softcap is not None)
         return {
-            "chunked_loss": impl == "chunked",
+            "chunked_loss": impl in ("chunked", "triton"),
             "loss_fn": "lm_loss" if features else "loss_sum_and_count",
             "document_masking": self.ctx.settings.document_masking,
             "train_module": "masked_model"
             if self.ctx.settings.document_masking
-            else ("loss_model" if impl == "chunked" else "model"),
+            else ("loss_model" if impl in ("chunked", "triton") else "model"),
         }
 
     def _note_third_party(self, import_lines: list[str]) -> None:

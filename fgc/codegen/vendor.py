@@ -4,18 +4,26 @@ Component modules (``fgc.components.*``, and the families' parts, ``fgc.families
 package needs are kept (following names used inside them, across component modules), imports
 between component modules are dropped (everything lands in one ``model.py``), and the remaining
 imports are kept only when a kept definition uses the name they bind.
+
+The user's own modules are copied the same way, with the project's modules they import
+relatively (Forgather's model sources: ``from .layers import RMSNorm``, ``from . import
+attention``): those imports are dropped, ``attention.CausalAttention`` becomes
+``CausalAttention``, modules that import each other are fine (definitions, not modules, are
+ordered), and a helper two modules both define is renamed ``NAME_MODULE`` in the one it came from.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import libcst as cst
+import libcst.metadata  # noqa: F401  (cst.metadata: the user's names, by scope)
 
 VENDORED_PREFIX = "fgc.components"
 # the model families' own parts (fgc/families/NAME/parts.py) are copied like the library's
@@ -84,6 +92,10 @@ class _Definition:
     deps: set[tuple[str, str]] = field(default_factory=set)  # (module, name)
     imports: set[str] = field(default_factory=set)  # the import lines it needs
     import_modules: set[str] = field(default_factory=set)  # the modules those lines import
+    # where the definition names another vendored definition: (the Name or ``module.NAME``
+    # Attribute node, the (module, name) it stands for), so that a renamed one is renamed here too
+    refs: list[tuple[cst.CSTNode, tuple[str, str]]] = field(default_factory=list)
+    name_nodes: list[cst.Name] = field(default_factory=list)  # the names the statement binds
 
 
 @dataclass
@@ -104,47 +116,145 @@ class VendorError(Exception):
     """Code that cannot be vendored (the caller adds the config location)."""
 
 
+class _Rename(cst.CSTTransformer):
+    """Renames the given Name nodes and turns ``module.NAME`` Attribute nodes into a bare name
+    (nodes are matched by identity: only what scope analysis found is touched)."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def leave_Name(self, original_node: cst.Name, updated_node: cst.Name) -> cst.BaseExpression:
+        new = self.names.get(id(original_node))
+        return updated_node.with_changes(value=new) if new else updated_node
+
+    def leave_Attribute(self, original_node: cst.Attribute, updated_node: cst.Attribute) -> cst.BaseExpression:
+        new = self.names.get(id(original_node))
+        return cst.Name(new) if new else updated_node
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of an imported module (None: none, e.g. a namespace package)."""
+    mod = sys.modules.get(module)
+    if mod is None:
+        try:
+            mod = importlib.import_module(module)
+        except Exception:
+            return None
+    file = getattr(mod, "__file__", None)
+    return Path(file) if file else None
+
+
+def _is_module(name: str) -> bool:
+    """Whether NAME is a module (already imported, or importable)."""
+    if name in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 class Vendorer:
     """Collects the definitions a package needs from component modules and the user's own files.
 
-    ``files`` maps a user module's (synthetic) name to its file and the name to show for it.
+    ``files`` maps a user module's (synthetic) name to its file and the name to show for it;
+    the user's modules that those import relatively (``from .layers import X``, ``from . import
+    attn``: Forgather's model sources) are found through the import system, as Python found them
+    at build time, and shown by ``shown(path)``.
     """
 
-    def __init__(self, files: dict[str, tuple[Path, str]] | None = None) -> None:
+    def __init__(
+        self, files: dict[str, tuple[Path, str]] | None = None, shown: Callable[[str], str] | None = None
+    ) -> None:
         self._modules: dict[str, dict] = {}
         self._files = files or {}
+        self._shown = shown or (lambda path: Path(path).name)
+
+    def _user_module(self, module: str, line: str, shown: str) -> None:
+        """Register MODULE, which a user module imports relatively, as user code to vendor."""
+        if module in self._files or is_vendored_module(module):
+            return
+        path = _module_file(module)
+        if path is None or path.suffix != ".py":
+            raise VendorError(f"{shown}: {line} names no module file that can be copied")
+        self._files[module] = (path, self._shown(str(path)))
+
+    def _relative(self, small: cst.ImportFrom, module: str, shown: str) -> list[tuple[str, str | None, str]]:
+        """(absolute module, name or None for the module itself, bound name) for each alias of a
+        relative import in MODULE."""
+        line = cst.Module([]).code_for_node(small)
+        if isinstance(small.names, cst.ImportStar):
+            raise VendorError(f"{shown}: a star import ({line}) cannot be vendored; name what it uses")
+        package = getattr(sys.modules.get(module), "__package__", None)
+        level = "." * len(small.relative)
+        target = cst.Module([]).code_for_node(small.module) if small.module else ""
+        try:
+            base = importlib.util.resolve_name(level + target, package)
+        except (ImportError, ValueError):
+            raise VendorError(f"{shown}: {line} does not resolve to a module of the project") from None
+        out = []
+        for alias in small.names:
+            name = cst.Module([]).code_for_node(alias.name)
+            bound = alias.asname.name.value if alias.asname else name
+            if _is_module(f"{base}.{name}"):  # from . import attn: the module itself
+                self._user_module(f"{base}.{name}", line, shown)
+                out.append((f"{base}.{name}", None, bound))
+            else:
+                self._user_module(base, line, shown)
+                out.append((base, name, bound))
+        return out
 
     def _module(self, module: str) -> dict:
         if module in self._modules:
             return self._modules[module]
-        if module in self._files:
+        user = module in self._files
+        if user:
             path, shown = self._files[module]
         else:
             path = Path(importlib.import_module(module).__file__)
             root = Path(importlib.import_module("fgc").__file__).parent
             shown = f"fgc/{path.relative_to(root).as_posix()}"
         tree = cst.parse_module(path.read_text(encoding="utf-8"))
+        wrapper = None
+        if user:  # the user's names are tracked by scope: they may be renamed or flattened
+            wrapper = cst.MetadataWrapper(tree)
+            tree = wrapper.module
         defs: dict[str, _Definition] = {}
         imports: dict[str, tuple[str, str]] = {}  # bound name -> (import line source, source module)
+        vendored_refs: dict[str, tuple[str, str]] = {}  # bound name -> the (module, name) it imports
+        module_aliases: dict[str, str] = {}  # bound name -> a user module imported as a whole
         for index, stmt in enumerate(tree.body):
             if isinstance(stmt, cst.SimpleStatementLine) and any(
                 isinstance(s, (cst.Import, cst.ImportFrom)) for s in stmt.body
             ):
                 for small in stmt.body:
                     if isinstance(small, cst.ImportFrom) and small.relative:
-                        raise VendorError(
-                            f"{shown}: a relative import ({cst.Module([]).code_for_node(small)}) "
-                            "cannot be vendored; import the module by its absolute name"
-                        )
+                        if not user:
+                            raise VendorError(
+                                f"{shown}: a relative import ({cst.Module([]).code_for_node(small)}) "
+                                "cannot be vendored; import the module by its absolute name"
+                            )
+                        for target, name, bound in self._relative(small, module, shown):
+                            if name is None:
+                                module_aliases[bound] = target
+                            else:
+                                vendored_refs[bound] = (target, name)
                 for small, mod, bound in _import_aliases(stmt):
                     if isinstance(small, cst.ImportFrom):
+                        if small.relative:
+                            continue
                         alias = next(
                             a for a in small.names  # type: ignore[union-attr]
                             if (a.asname.name.value if a.asname else cst.Module([]).code_for_node(a.name)) == bound
                         )
-                        line = f"from {mod} import {cst.Module([]).code_for_node(alias.name)}"
+                        original = cst.Module([]).code_for_node(alias.name)
+                        line = f"from {mod} import {original}"
                         if alias.asname:
                             line += f" as {bound}"
+                        if is_vendored_module(mod):
+                            vendored_refs[bound] = (mod, original)
+                            continue
                     else:
                         line = f"import {mod}" + (f" as {bound}" if bound != mod.split(".")[0] else "")
                     imports[bound] = (line, mod)
@@ -156,34 +266,91 @@ class Vendorer:
             for name in used:
                 if name in defs:
                     d.deps.add((module, name))
+                elif name in vendored_refs:
+                    d.deps.add(vendored_refs[name])
                 elif name in imports:
                     line, mod = imports[name]
-                    if is_vendored_module(mod):
-                        d.deps.add((mod, name))
-                    else:
-                        d.imports.add(line)
-                        d.import_modules.add(mod)
-        info = {"path": path, "shown": shown, "defs": defs}
+                    d.imports.add(line)
+                    d.import_modules.add(mod)
+        if wrapper is not None:
+            self._track_user_names(wrapper, tree, shown, defs, vendored_refs, module_aliases, module)
+        info = {"path": path, "shown": shown, "defs": defs, "user": user}
         self._modules[module] = info
         return info
 
     @staticmethod
+    def _track_user_names(wrapper, tree, shown, defs, vendored_refs, module_aliases, module) -> None:
+        """Find, by scope, where each definition of a user module names a top-level definition
+        (its own module's or an imported one's) and each ``module.NAME`` of a module imported
+        whole: those are its exact dependencies, and the places a renamed definition is renamed."""
+        scope = wrapper.resolve(cst.metadata.ScopeProvider)[tree]
+        parents = wrapper.resolve(cst.metadata.ParentNodeProvider)
+        owner: dict[int, int] = {}  # id(Name node) -> the index of the top-level statement holding it
+
+        class _Owner(cst.CSTVisitor):
+            def __init__(self, index: int) -> None:
+                self.index = index
+
+            def visit_Name(self, node: cst.Name) -> None:
+                owner[id(node)] = self.index
+
+        for index, stmt in enumerate(tree.body):
+            stmt.visit(_Owner(index))
+        by_index: dict[int, list[_Definition]] = {}
+        for d in defs.values():
+            by_index.setdefault(d.index, []).append(d)
+            node = d.node
+            if isinstance(node, (cst.ClassDef, cst.FunctionDef)):
+                d.name_nodes.append(node.name)
+            else:
+                for small in node.body:
+                    targets = [t.target for t in small.targets] if isinstance(small, cst.Assign) else (
+                        [small.target] if isinstance(small, cst.AnnAssign) else []
+                    )
+                    d.name_nodes += [t for t in targets if isinstance(t, cst.Name) and t.value == d.name]
+        for assignment in scope.assignments:
+            bound = assignment.name
+            for access in assignment.references:
+                node = access.node
+                if not isinstance(node, cst.Name) or id(node) not in owner:
+                    continue
+                for d in by_index.get(owner[id(node)], []):
+                    if bound in defs:
+                        d.refs.append((node, (module, bound)))
+                    elif bound in vendored_refs:
+                        d.refs.append((node, vendored_refs[bound]))
+                    elif bound in module_aliases:
+                        parent = parents.get(node)
+                        if not (isinstance(parent, cst.Attribute) and parent.value is node):
+                            raise VendorError(
+                                f"{shown}: {d.name} uses the module {bound!r} itself; its definitions are "
+                                f"copied into one file, so only {bound}.NAME can be vendored"
+                            )
+                        target = (module_aliases[bound], parent.attr.value)
+                        d.deps.add(target)
+                        d.refs.append((parent, target))
+
+    @staticmethod
     def _check_user_import(mod: str, path: Path, shown: str) -> None:
-        """A user module may import installed packages, not the user's other modules (not yet)."""
+        """A user module may import installed packages, and its project's modules only relatively."""
         top = mod.split(".")[0]
         if top in sys.stdlib_module_names:
             return
         local = path.parent / top
         if local.with_suffix(".py").is_file() or (local / "__init__.py").is_file():
             raise VendorError(
-                f"{shown} imports {mod!r}, another module of your project: this version of fgc "
-                "vendors only the module the config names; move what it uses into that module"
+                f"{shown} imports {mod!r}, another module of your project, by its absolute name: "
+                f"import it relatively (from .{top} import NAME), so that fgc copies what it uses"
             )
         if importlib.util.find_spec(top) is None:
             raise VendorError(f"{shown} imports {mod!r}, which is not installed")
 
     def collect(self, wanted: list[tuple[str, str]]) -> VendoredCode:
-        """Vendor ``(module, name)`` pairs and everything they use, deps before dependents."""
+        """Vendor ``(module, name)`` pairs and everything they use, deps before dependents.
+
+        Two definitions of one name from different modules (two modules' ``_helper``) are kept
+        apart: a definition of the user's that the config does not name is renamed
+        ``NAME_MODULE`` wherever it is used; two that must keep the name are an error."""
         order: list[_Definition] = []
         seen: set[tuple[str, str]] = set()
 
@@ -204,17 +371,62 @@ class Vendorer:
 
         for module, name in sorted(wanted):
             visit(module, name)
-        names = [d.name for d in order]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            places = sorted({self._module(d.module)["shown"] for d in order if d.name in dupes})
-            raise VendorError(f"{', '.join(places)} define the same name(s) {dupes}: rename one")
         imports = sorted({line for d in order for line in d.imports})
-        definitions = [
-            (self._module(d.module)["shown"], d.name, cst.Module([]).code_for_node(d.node).strip("\n"))
-            for d in order
-        ]
-        return VendoredCode(imports, definitions, set(names), {(d.module, d.name) for d in order})
+        final = self._final_names(order, set(wanted), {_bound_by(line) for line in imports})
+        definitions = []
+        for d in order:
+            renames = {
+                id(node): final[target] for node, target in d.refs if final.get(target, _ref_text(node)) != _ref_text(node)
+            }
+            renames.update({id(n): final[(d.module, d.name)] for n in d.name_nodes if final[(d.module, d.name)] != d.name})
+            node = d.node.visit(_Rename(renames)) if renames else d.node
+            definitions.append(
+                (self._module(d.module)["shown"], final[(d.module, d.name)], cst.Module([]).code_for_node(node).strip("\n"))
+            )
+        return VendoredCode(
+            imports, definitions, {final[(d.module, d.name)] for d in order}, {(d.module, d.name) for d in order}
+        )
+
+    def _final_names(
+        self, order: list[_Definition], wanted: set[tuple[str, str]], imported: set[str]
+    ) -> dict[tuple[str, str], str]:
+        """The name each vendored definition has in the generated module."""
+        groups: dict[str, list[_Definition]] = {}
+        for d in order:
+            groups.setdefault(d.name, []).append(d)
+        final = {(d.module, d.name): d.name for d in order}
+        taken = set(final.values()) | imported
+        for name in sorted(groups):
+            group = groups[name]
+            if len(group) < 2 and name not in imported:
+                continue
+            movable = [d for d in group if self._module(d.module)["user"] and (d.module, d.name) not in wanted]
+            staying = [d for d in group if d not in movable]
+            if len(staying) > 1 or (staying and name in imported):
+                places = sorted({self._module(d.module)["shown"] for d in staying})
+                raise VendorError(f"{', '.join(places)} define the same name(s) {[name]}: rename one")
+            for d in sorted(movable, key=lambda d: self._module(d.module)["shown"]):
+                stem = re.sub(r"\W", "_", Path(self._module(d.module)["shown"]).stem)
+                new, n = f"{name}_{stem}", 2
+                while new in taken:
+                    new, n = f"{name}_{stem}_{n}", n + 1
+                taken.add(new)
+                final[(d.module, d.name)] = new
+        return final
+
+
+def _ref_text(node: cst.CSTNode) -> str:
+    """The text of a reference node (a Name, or ``module.NAME``)."""
+    return cst.Module([]).code_for_node(node)
+
+
+def _bound_by(line: str) -> str:
+    """The name an import line binds."""
+    if " as " in line:
+        return line.rsplit(" as ", 1)[1]
+    if line.startswith("from "):
+        return line.rsplit(" import ", 1)[1]
+    return line.split()[1].split(".")[0]
 
 
 def vendor_symbols(symbols, shown: Callable[[str], str]) -> VendoredCode:
@@ -230,4 +442,4 @@ def vendor_symbols(symbols, shown: Callable[[str], str]) -> VendoredCode:
         elif not is_vendored_module(symbol.module):
             continue
         wanted.add((symbol.module, symbol.qualname.split(".")[0]))
-    return Vendorer(files).collect(sorted(wanted))
+    return Vendorer(files, shown).collect(sorted(wanted))

@@ -15,6 +15,7 @@ import sys
 
 import jinja2
 import jinja2.compiler
+import jinja2.filters
 import jinja2.nodes
 import jinja2.runtime
 import jinja2.sandbox
@@ -73,6 +74,80 @@ class DataStr(str):
 
     def __iter__(self):
         return (DataStr(c) for c in str.__iter__(self))
+
+
+class PathStr(DataStr):
+    """A path made only from the locations of the config's own files (``project_dir``,
+    ``workspace_root``, ``config_dir``), template text and the path functions (``joinpath``,
+    ``dirname``, ...). Still data, but a path of plain characters prints as plain text, so that
+    Forgather's ``!singleton:{{ joinpath(project_dir, 'model.py') }}:Model`` works: it can only
+    name a file of the user's own tree, never bring text from a -D, the environment or a file."""
+
+    __slots__ = ()
+
+    def plain(self) -> bool:
+        """Whether it prints as itself: YAML-plain path characters, read back as this string."""
+        text = str.__str__(self)
+        return bool(_PATH_PLAIN_RE.fullmatch(text)) and not text.startswith(("-", "...")) and _toyaml(self) == text
+
+
+_PATH_PLAIN_RE = re.compile(r"[A-Za-z0-9_./-]+")
+PATH_GLOBALS = ("project_dir", "workspace_root", "config_dir")
+
+
+def _only_paths(parts) -> bool:
+    """Whether every piece of data among PARTS is a PathStr (the rest is template text)."""
+    return all(isinstance(p, PathStr) or not is_data(p) for p in parts)
+
+
+def _as_path(result):
+    """A path function's RESULT on paths, as PathStr (tuples of splitext too)."""
+    if isinstance(result, str):
+        return PathStr(result)
+    if isinstance(result, tuple):
+        return tuple(_as_path(r) for r in result)
+    return as_data(result)
+
+
+def _path_function(func):
+    """FUNC as a path function: an undefined argument is an "undefined" error naming it (not a
+    TypeError of os.path); on PathStr and template text, it gives PathStr."""
+
+    @functools.wraps(func)
+    def checked(*args, **kwargs):
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, jinja2.Undefined):
+                arg._fail_with_undefined_error()
+        return func(*args, **kwargs)
+
+    checked._fgc_path = True
+    return checked
+
+
+class JoinedStr(DataStr):
+    """Data joined with template text by ``~`` or ``+``: a DataStr that remembers its parts,
+    ``(text, is_data)``. Printed, it is one data value like any DataStr, except after a literal
+    ``#``: a comment the template writes (``== '# ' ~ key ~ ': ' ~ value``) stays a comment, its
+    data pieces marked one by one (data in a comment is harmless)."""
+
+    __slots__ = ("parts",)
+
+    @staticmethod
+    def join(items) -> "DataStr":
+        parts: list[tuple[str, bool]] = []
+        for item in items:
+            if isinstance(item, JoinedStr):
+                parts.extend(item.parts)
+            else:
+                parts.append((str.__str__(item), isinstance(item, DataStr)))
+        out = JoinedStr("".join(text for text, _ in parts))
+        out.parts = tuple(parts)
+        return out
+
+    def comment(self) -> bool:
+        """Whether the template's own text starts it with ``#``."""
+        first = next(((text, data) for text, data in self.parts if text), ("", True))
+        return not first[1] and first[0].lstrip(" \t").startswith("#")
 
 
 class YamlText(str):
@@ -253,22 +328,29 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _installed_version(name: str) -> str | None:
+    """The version of the installed distribution NAME, or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 class Versions(dict):
-    """``versions``: python, torch and transformers versions, looked up only when used."""
+    """``versions``: the versions of python and of the libraries Forgather lists (torch,
+    transformers, accelerate), read from the installed packages' metadata (nothing is imported);
+    a library that is not installed is absent."""
+
+    LIBRARIES = ("torch", "transformers", "accelerate")
 
     def __init__(self) -> None:
-        super().__init__(python=DataStr(sys.version.split()[0]))
-
-    def __missing__(self, key):
-        if key not in ("torch", "transformers"):
-            raise KeyError(key)
-        try:
-            from importlib.metadata import version
-
-            self[key] = DataStr(version(key))
-        except Exception:
-            self[key] = None
-        return self[key]
+        super().__init__(python=DataStr(platform.python_version()))
+        for name in self.LIBRARIES:
+            found = _installed_version(name)
+            if found is not None:
+                self[name] = DataStr(found)
 
     def __getattr__(self, key):
         try:
@@ -542,13 +624,25 @@ class FgcEnvironment(jinja2.sandbox.SandboxedEnvironment):
         _check_size("'~'", list(parts))
         join = jinja2.runtime.markup_join if eval_ctx.autoescape else jinja2.runtime.str_join
         result = join(parts)
-        return DataStr(result) if any(is_data(p) for p in parts) else result
+        if not any(is_data(p) for p in parts):
+            return result
+        if not eval_ctx.autoescape and _only_paths(parts) and all(isinstance(p, str) for p in parts):
+            return PathStr(result)
+        if not eval_ctx.autoescape and all(isinstance(p, str) for p in parts):
+            return JoinedStr.join(parts)
+        return DataStr(result)
 
     def call_binop(self, context, operator, left, right):
         """``*``, ``**``, ``%`` and ``+``: bounded; the result of data is data."""
         _check_binop(operator, left, right)
         result = super().call_binop(context, operator, left, right)
-        return as_data(result) if is_data(left) or is_data(right) else result
+        if not (is_data(left) or is_data(right)):
+            return result
+        if operator == "+" and isinstance(left, str) and isinstance(right, str):
+            if _only_paths((left, right)):
+                return PathStr(result)
+            return JoinedStr.join((left, right))
+        return as_data(result)
 
     def call(self, context, obj, /, *args, **kwargs):
         """A call from a template: counted, bounded, and data when a part of it is data."""
@@ -562,6 +656,9 @@ class FgcEnvironment(jinja2.sandbox.SandboxedEnvironment):
             return result  # rendered template text: its data is already printed as data
         if isinstance(owner, (dict, list, tuple, set, frozenset)) and not is_data(owner):
             return result  # an element of the container (get, pop, ...): marked or not already
+        if getattr(obj, "_fgc_path", False) and (is_data(args) or is_data(kwargs)):
+            if _only_paths(args) and _only_paths(kwargs.values()):
+                return _as_path(result)
         if is_data(owner) or is_data(args) or is_data(kwargs):
             return as_data(result)
         return result
@@ -639,15 +736,87 @@ def _finalize(eval_ctx, value):
             raise TemplateLimit(
                 f"the rendered config would be larger than {MAX_OUTPUT_CHARS // 2**20} MiB (fgc's limit)"
             )
-        text = _toyaml(value)
-        if is_data(value):
-            text = DATA_OPEN + text + DATA_CLOSE
+        if isinstance(value, PathStr) and value.plain():
+            text = str.__str__(value)
+        elif isinstance(value, JoinedStr) and value.comment():
+            text = "".join(
+                DATA_OPEN + _toyaml(DataStr(part)) + DATA_CLOSE if data else part for part, data in value.parts
+            )
+        else:
+            text = _toyaml(value)
+            if is_data(value):
+                text = DATA_OPEN + text + DATA_CLOSE
     else:
         if not isinstance(value, jinja2.Undefined):
             env.fgc_count(len(value) if isinstance(value, str) else len(str(value)))
         return value
     env.fgc_count(len(text))
     return text
+
+
+def _strip_marked(text: str, chars: str | None) -> str:
+    """``text.strip(chars)`` for rendered text that holds origin markers (fgc.frontend.preprocess):
+    markers among the stripped characters go too, except the last one before the first kept
+    character, which names that character's line."""
+    from .preprocess import _MARK_RE, MARK_CLOSE, MARK_OPEN
+
+    def strippable(c: str) -> bool:
+        return c in chars if chars is not None else c.isspace()
+
+    i, origin = 0, ""
+    while i < len(text):
+        m = _MARK_RE.match(text, i)
+        if m:
+            origin, i = m.group(0), m.end()
+        elif strippable(text[i]):
+            i += 1
+        else:
+            break
+    j = len(text)
+    while j > i:
+        if text[j - 1] == MARK_CLOSE and text.rfind(MARK_OPEN, i, j) >= 0:
+            j = text.rfind(MARK_OPEN, i, j)
+        elif strippable(text[j - 1]):
+            j -= 1
+        else:
+            break
+    return (origin if i < j else "") + text[i:j]
+
+
+def _trim(value, chars=None):
+    """Jinja2's ``trim`` filter, aware of origin markers: ``-- filter trim()`` around a block
+    trims the block's text, not the invisible marks before its first line."""
+    out = _strip_marked(jinja2.filters.soft_str(value), chars)
+    return mark_data(out) if is_data(value) else out
+
+
+def _trim_newlines(value) -> str:
+    """What ``=> EXPR`` prints: the expression's text without newlines at either end."""
+    return _trim(value, "\n")
+
+
+# platformdirs' functions that Forgather's templates call, by the same names and arguments
+PLATFORM_DIRS = ("user_data_dir", "user_cache_dir", "user_config_dir", "site_data_dir", "site_config_dir")
+
+
+def _forgather_config_dir() -> str:
+    from .project import forgather_config_dir
+
+    return forgather_config_dir()
+
+
+def _platform_dir(name: str, note):
+    """The template global NAME: platformdirs' function of that name, its result noted."""
+
+    def call(*args, **kwargs):
+        import platformdirs
+
+        _check_size(name, (args, kwargs))
+        # a build reads where the folder is; it never creates it (ensure_exists)
+        value = getattr(platformdirs, name)(*args, **{**kwargs, "ensure_exists": False})
+        return note(f"{name}()", value)
+
+    return call
 
 
 def make_environment(
@@ -691,26 +860,39 @@ def make_environment(
             notes.extend((message, template_line()) for message in ignored)
         return mark_data(config)
 
+    def abspath(p):
+        # an absolute path is its own abspath: only a relative one depends on the directory
+        return os.path.abspath(p) if os.path.isabs(p) else note(f"abspath({p})", os.path.abspath(p))
+
     env.globals.update(
-        joinpath=lambda *parts: os.path.join(*parts),
-        normpath=os.path.normpath,
-        abspath=lambda p: note(f"abspath({p})", os.path.abspath(p)),
-        relpath=lambda p, start=None: (
-            os.path.relpath(p, start) if start is not None else note(f"relpath({p})", os.path.relpath(p))
+        joinpath=_path_function(lambda *parts: os.path.join(*parts)),
+        normpath=_path_function(lambda p: os.path.normpath(p)),
+        abspath=_path_function(abspath),
+        relpath=_path_function(
+            lambda p, start=None: (
+                os.path.relpath(p, start) if start is not None else note(f"relpath({p})", os.path.relpath(p))
+            )
         ),
-        dirname=os.path.dirname,
-        basename=os.path.basename,
-        splitext=os.path.splitext,
+        dirname=_path_function(lambda p: os.path.dirname(p)),
+        basename=_path_function(lambda p: os.path.basename(p)),
+        splitext=_path_function(lambda p: os.path.splitext(p)),
         getenv=lambda name, default=None: note(f"getenv({name})", os.environ.get(name, default)),
         getcwd=lambda: note("getcwd()", os.getcwd()),
         user_home_dir=lambda: note("user_home_dir()", os.path.expanduser("~")),
+        # Forgather's: a module's name from its file path, and the user's and the site's folders
+        # (platformdirs'; machine-specific, so noted like the home directory)
+        modname_from_path=_path_function(lambda path: os.path.splitext(os.path.basename(path))[0]),
+        forgather_config_dir=lambda: note("forgather_config_dir()", _forgather_config_dir()),
+        **{name: _platform_dir(name, note) for name in PLATFORM_DIRS},
         repr=yaml_repr,
         lipsum=_lipsum,
         now=lambda: note("now()", datetime.datetime.now()),
         utcnow=lambda: note("utcnow()", datetime.datetime.now(datetime.timezone.utc)),
-        isotime=lambda: note("isotime()", datetime.datetime.now().isoformat()),
+        # to the second, as Forgather prints them
+        isotime=lambda: note("isotime()", datetime.datetime.now().isoformat(timespec="seconds")),
         utcisotime=lambda: note(
-            "utcisotime()", datetime.datetime.now(datetime.timezone.utc).isoformat()
+            "utcisotime()",
+            datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds"),
         ),
         filetime=lambda: note("filetime()", datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")),
         utcfiletime=lambda: note(
@@ -738,8 +920,11 @@ def make_environment(
     env.globals["raise"] = _raise
     env.globals["assert"] = _assert
     env.globals["hf_config"] = hf_config
+    if hasattr(loader, "record_parent"):
+        env.globals["fgc_parent"] = loader.record_parent
     env.filters["toyaml"] = toyaml
-    env.filters["fgc_rstrip_newlines"] = lambda s: str(s).rstrip("\n")
+    env.filters["fgc_trim_newlines"] = _trim_newlines
+    env.filters["trim"] = _trim
     for name, func in list(env.filters.items()):
         env.filters[name] = _bounded_filter(name, func)
     return env

@@ -21,8 +21,10 @@ _MARK_RE = re.compile(f"{MARK_OPEN}(\\d+):(\\d+){MARK_CLOSE}")
 
 _STATEMENT_RE = re.compile(r"^([ \t]*)(--|<<|>>|==|=>)[ \t](.*?)[ \t]*$")
 _HEADER_RE = re.compile(r"^([ \t]*)\[(\w+)(!?)\][ \t]*$")
-_COMMENT_LINE_RE = re.compile(r"^[ \t]*##(?:[ \t].*)?$|^[ \t]*##$")
+_COMMENT_LINE_RE = re.compile(r"^[ \t]*##.*$")  # as Forgather: ``##`` first on a line, any text after
 _REFERENCE_RE = re.compile(r"^\s*(extends|include|import|from)\s+(['\"])(.+?)\2")
+_EXTENDS_RE = re.compile(r"^\s*extends\s+(.+)$")
+_LITERAL_RE = re.compile(r"'[^'\\]*'|\"[^\"\\]*\"")
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Preprocessed:
     source: str
     references: list[Reference] = field(default_factory=list)
     blocks: list[tuple[str, int, int]] = field(default_factory=list)  # (name, line, depth)
+    computed_extends: int | None = None  # the line of an extends whose name is computed
 
 
 def marker(file_id: int, line: int) -> str:
@@ -204,6 +207,13 @@ def preprocess(text: str, file_id: int) -> Preprocessed:
             body = strip_trailing_comment(body, expression=True)
             if kind in ("--", "<<", ">>"):
                 ref = _REFERENCE_RE.match(body)
+                computed = _EXTENDS_RE.match(body)
+                if computed and not _LITERAL_RE.fullmatch(computed.group(1).strip()):
+                    # a computed parent (extends "lm/" ~ family ~ ".yaml"): the render records
+                    # which template it names, so that block checks follow the real parent
+                    body = f"extends fgc_parent(({computed.group(1)}), {file_id})"
+                    ref = None
+                    result.computed_extends = lineno
                 if ref:
                     result.references.append(Reference(ref.group(1), ref.group(3), lineno))
                 closing = ""
@@ -218,10 +228,12 @@ def preprocess(text: str, file_id: int) -> Preprocessed:
                 left = "{%-" if kind == "<<" else "{%"
                 right = "-%}" if kind == ">>" else "%}"
                 new = f"{closing}{left} {body} {right}"
+            # As Forgather's rewrite, the blanks before ``==``/``=>`` are dropped: the expression's
+            # text comes with its own indentation (``== super()`` indented under a YAML key works)
             elif kind == "==":
-                new = f"{marker(file_id, lineno)}{ws}{{{{ {body} }}}}"
-            else:  # "=>": the expression's own trailing newlines are trimmed
-                new = f"{marker(file_id, lineno)}{ws}{{{{ ({body}) | string | fgc_rstrip_newlines }}}}"
+                new = f"{marker(file_id, lineno)}{{{{ {body} }}}}"
+            else:  # "=>": the expression's newlines at both ends are trimmed (Forgather's trim('\n'))
+                new = f"{marker(file_id, lineno)}{{{{ ({body}) | string | fgc_trim_newlines }}}}"
             out.append(new)
             scanner.feed(new)
             continue
@@ -229,7 +241,11 @@ def preprocess(text: str, file_id: int) -> Preprocessed:
         out.append(marker(file_id, lineno) + content if content.strip() else content)
         scanner.feed(content)
     source = "\n".join(out)
-    source += close_implicit(0)
+    closing = close_implicit(0)
+    if closing and out and out[-1].startswith(MARK_OPEN) and not scanner.in_tag:
+        # a last line without its newline still ends its block's text with one (as Forgather)
+        closing = "{{ '\\n' }}" + closing
+    source += closing
     result.source = source
     return result
 

@@ -3,8 +3,13 @@
 The project of a config is the nearest directory at or above it holding ``meta.yaml``; its workspace
 root is the nearest directory at or above the project holding a ``forgather_workspace/`` folder.
 ``meta.yaml`` is itself a template, rendered with the search path [project dir,
-``<workspace root>/forgather_workspace``] and the globals ``project_dir`` and ``workspace_root``, to a
-mapping with ``searchdir``, ``name``, ``description``, ``config_prefix`` and ``default_config``.
+``<workspace root>/forgather_workspace``, the user's ``<forgather config dir>/templates`` when it
+exists] and the globals ``project_dir`` and ``workspace_root``, to a mapping with ``searchdir``,
+``name``, ``description``, ``config_prefix`` and ``default_config``.
+
+A config NAME of a project is found as Forgather finds it: ``<searchdir>/<config_prefix>/NAME`` for
+each search directory in order, the first that exists; fgc also looks in ``<project>/<config_prefix>``
+last (the layout of fgc's own projects, which need no searchdir).
 """
 
 from __future__ import annotations
@@ -14,8 +19,17 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import FgcError, Location
+from ..errors import FgcError, Location, display_path
+from .environment import PathStr
 from .templates import LIBRARY_DIR
+
+
+def forgather_config_dir() -> str:
+    """The user's Forgather configuration directory (``~/.config/forgather`` on Linux)."""
+    from platformdirs import user_config_dir
+
+    return user_config_dir("forgather")
+
 
 META = "meta.yaml"
 WORKSPACE = "forgather_workspace"
@@ -35,21 +49,46 @@ class Project:
     meta: dict = field(default_factory=dict)
 
     @property
-    def config_dir(self) -> Path:
-        return self.dir / self.config_prefix
+    def config_dirs(self) -> list[Path]:
+        """Where the project's configs are, first match wins: each searchdir's config_prefix folder,
+        then the project's own."""
+        dirs = [d / self.config_prefix for d in self.searchdir] + [self.dir / self.config_prefix]
+        return list(dict.fromkeys(dirs))
+
+    def config_path(self, name: str) -> Path | None:
+        """The file of config NAME (``adamw.yaml``, ``sub/x.yaml``), or None."""
+        for d in self.config_dirs:
+            if (d / name).is_file():
+                return d / name
+        return None
 
     def globals(self) -> dict:
         """``project_dir``, and ``workspace_root`` when there is a workspace."""
-        out = {"project_dir": str(self.dir)}
+        out = {"project_dir": PathStr(self.dir)}
         if self.workspace_root:
-            out["workspace_root"] = str(self.workspace_root)
+            out["workspace_root"] = PathStr(self.workspace_root)
         return out
 
+    def config_names(self) -> list[str]:
+        """The name of every config of the project (YAML files under its config folders; a name
+        found in two folders is the first folder's), in name order."""
+        names: set[str] = set()
+        for d in self.config_dirs:
+            if d.is_dir():
+                names.update(p.relative_to(d).as_posix() for p in d.rglob("*.yaml") if not _hidden(p, d))
+        return sorted(names)
+
     def configs(self) -> list[Path]:
-        """Every config of the project: YAML files under its config directory."""
-        if not self.config_dir.is_dir():
-            return []
-        return sorted(p for p in self.config_dir.rglob("*.yaml") if not _hidden(p, self.config_dir))
+        """The file of every config of the project, in name order."""
+        return [self.config_path(name) for name in self.config_names()]
+
+    def first_config(self) -> str | None:
+        """The config ``-p DIR`` picks without a name: ``default_config``, else (as Forgather) the
+        first config found."""
+        if self.default_config:
+            return self.default_config
+        names = self.config_names()
+        return names[0] if names else None
 
 
 def _hidden(path: Path, base: Path) -> bool:
@@ -82,9 +121,12 @@ def load_project(project_dir: Path) -> Project:
         raise FgcError(f"not a project: no {META}", Location(str(project_dir)))
     workspace = find_workspace_root(project_dir)
     search = [project_dir] + ([workspace / WORKSPACE] if workspace else [])
-    context = {"project_dir": str(project_dir)}
+    user_templates = Path(forgather_config_dir()) / "templates"
+    if user_templates.is_dir():
+        search.append(user_templates)
+    context = {"project_dir": PathStr(project_dir)}
     if workspace:
-        context["workspace_root"] = str(workspace)
+        context["workspace_root"] = PathStr(workspace)
     rendered = render_file(meta_path, search, context)
     try:
         data = yaml.safe_load(rendered.text)
@@ -135,18 +177,20 @@ def resolve_config(
     includes = [Path(d).resolve() for d in include_dirs]
     if project_dir is not None:
         project = load_project(Path(project_dir))
-        name = config or project.default_config
+        name = config or project.first_config()
         if not name:
             raise FgcError(
-                "no config named and the project has no default_config",
+                "no config named and the project has none",
                 Location(str(project.dir / META)),
+                hint="searched: " + ", ".join(display_path(str(d)) for d in project.config_dirs),
             )
-        path = project.config_dir / str(name)
-        if not path.is_file():
+        path = project.config_path(str(name))
+        if path is None:
             raise FgcError(
                 f"no config {str(name)!r} in project {project.dir}",
-                Location(str(path)),
-                hint="configs: " + ", ".join(str(p.relative_to(project.config_dir)) for p in project.configs()),
+                Location(str(project.dir / META)),
+                hint="configs: " + (", ".join(project.config_names()) or "none")
+                + "; searched: " + ", ".join(display_path(str(d)) for d in project.config_dirs),
             )
     else:
         if config is None:

@@ -26,6 +26,7 @@ from .environment import (  # noqa: F401
     KnobNoEffect,
     KnobRequired,
     KnobUsage,
+    PathStr,
     TemplateRaise,
     host_globals,
     make_environment,
@@ -423,7 +424,11 @@ def render_file(
         variables=dict(variables or {}),
     )
     rendered.text = check_data(text, rendered.location)
-    unread_knobs(loader, ns_history, usage, variables or {}, rendered.warnings)
+    project = source.project if source is not None else None
+    unread_knobs(
+        loader, ns_history, usage, variables or {}, rendered.warnings,
+        project_dir=project.dir if project is not None else None,
+    )
     for tf in loader.files.values():
         rendered.referenced |= jinja2.meta.find_undeclared_variables(env.parse(tf.source))
     rendered.warnings.extend(block_warnings(loader))
@@ -485,10 +490,18 @@ def unread_knobs(
     usage: KnobUsage,
     variables: dict,
     warnings: list[Diagnostic],
+    project_dir: Path | None = None,
 ) -> None:
     """A knob whose last value no template line read never reaches the program: an error for a
     ``-D`` that gave that value, a warning (naming the set and the block that dropped it) for a
-    set in a config of the user's. Knobs fgc's library itself sets are its own business."""
+    set in a config of the user's. Knobs that libraries set are their own business: fgc's, and in
+    a project (PROJECT_DIR) every template outside it (a workspace's or Forgather's library)."""
+
+    def library(tf: TemplateFile | None) -> bool:
+        if tf is None or library_name(tf.path) is not None:
+            return True
+        return project_dir is not None and project_dir not in Path(tf.path).resolve().parents
+
     errors = []
     for name in sorted(set(variables) & set(usage.reads)):
         # a -D read by a set whose value a later set replaces before any line reads it
@@ -504,14 +517,34 @@ def unread_knobs(
                     Location("<command line>"),
                 )
             )
+    for name in sorted(usage.reads):
+        # an override (not a name's first set, its default) that a later set replaces before any
+        # line reads it: the value of the config's line never reaches the program
+        sets, counts = ns_history.get(name, []), usage.reads[name]
+        if len(sets) != len(counts):
+            continue
+        for i in range(1, len(sets) - 1):
+            key, line = sets[i]
+            if counts[i] or sets[i + 1] == sets[i] or library(loader.by_key.get(key)):
+                continue
+            if name in variables and _reads_define(loader, key, line, name):
+                continue  # the -D error above
+            later = loader.location(*sets[i + 1])
+            warnings.append(
+                Diagnostic(
+                    f"ns.{name} set here has no effect: {display_path(later.file)}:{later.line} sets it "
+                    "again before any line reads it",
+                    loader.location(key, line),
+                    severity="warning",
+                )
+            )
     for name in usage.unread():
         sets = ns_history.get(name)
         if not sets:
             continue
         key, line = sets[-1]
-        tf = loader.by_key.get(key)
         from_define = name in variables and _reads_define(loader, key, line, name)
-        if not from_define and (tf is None or library_name(tf.path) is not None):
+        if not from_define and library(loader.by_key.get(key)):
             continue
         replaced = _replaced_reader(loader, name)
         why = (
@@ -578,5 +611,6 @@ def render(
 ) -> Rendered:
     """Preprocess and render CONFIG to YAML text, mapping every error to the user's file:line."""
     source = resolve_config(config, include_dirs, project_dir)
-    context = {"config_dir": str(source.path.parent), **source.globals(), **(variables or {})}
+    # the config's own locations are paths (PathStr); a -D of the same name is data like any -D
+    context = {"config_dir": PathStr(source.path.parent), **source.globals(), **(variables or {})}
     return render_file(source.path, source.search_path, context, source, variables)

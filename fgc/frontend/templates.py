@@ -56,6 +56,7 @@ class TemplateFile:
     origin: tuple[str, int] | None = None  # (key of the template referring to it, its line)
     blocks: list[tuple[str, int, int]] = field(default_factory=list)  # (name, line, depth)
     references: list[Reference] = field(default_factory=list)  # literal extends/includes
+    computed_extends: int | None = None  # the line of an extends whose name is computed
     source: str = ""  # preprocessed Jinja2 source
 
     @property
@@ -122,6 +123,7 @@ class FgcLoader(jinja2.BaseLoader):
     def __init__(self, search_path: list[Path]):
         self.search_path = search_path
         self.files: dict[int, TemplateFile] = {}
+        self.computed_parents: dict[int, str] = {}  # file id -> the name its computed extends gave
         self.by_key: dict[str, TemplateFile] = {}
         self.inline: dict[str, TemplateFile] = {}
         self.origins: dict[str, tuple[str, int]] = {}  # template name -> (referrer key, line)
@@ -158,6 +160,7 @@ class FgcLoader(jinja2.BaseLoader):
                 Location(str(tf.path), tf.file_line(deep)),
             )
         tf.blocks, tf.references, tf.source = pre.blocks, pre.references, pre.source
+        tf.computed_extends = pre.computed_extends
         for ref in pre.references:
             self.origins.setdefault(ref.name, (tf.key, tf.file_line(ref.line)))
         self.files[tf.file_id] = tf
@@ -262,8 +265,26 @@ class FgcLoader(jinja2.BaseLoader):
         return visit(root)
 
     def parent_of(self, tf: TemplateFile) -> TemplateFile | None:
-        """The template TF extends (by a literal name), if it was loaded."""
+        """The template TF extends (by a literal name, or the one its computed name gave in the
+        render: ``fgc_parent``), if it was loaded."""
         for ref in tf.references:
             if ref.kind == "extends":
                 return self.inline.get(ref.name) or self.by_key.get(str(self.find(ref.name)))
+        name = self.computed_parents.get(tf.file_id)
+        if name is not None:
+            return self.inline.get(name) or self.by_key.get(str(self.find(name)))
         return None
+
+    def references_of(self, tf: TemplateFile) -> list[Reference]:
+        """TF's literal references, and its computed extends with the name the render gave it."""
+        refs = list(tf.references)
+        name = self.computed_parents.get(tf.file_id)
+        if name is not None and tf.computed_extends is not None:
+            refs.insert(0, Reference("extends", name, tf.computed_extends))
+        return refs
+
+    def record_parent(self, name, file_id: int):
+        """``fgc_parent(NAME, FILE_ID)``: note that template FILE_ID extends NAME; gives NAME."""
+        if isinstance(name, str):
+            self.computed_parents[file_id] = str(name)
+        return name

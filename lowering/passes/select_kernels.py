@@ -3,7 +3,9 @@ config asks for, and what each implementation declares it supports
 (``fgc_runtime.kernels.cross_entropy.CAPABILITIES``).
 
 A feature the chosen implementation lacks is an error at the setting's line, never silently
-dropped. The loss is chosen here (``trainer.loss.impl``), and for the chunked loss the rows of a
+dropped. The loss is chosen here (``trainer.loss.impl``): ``auto`` keeps the reference while one
+micro-batch's logits are small, and past ``CHUNKED_LOSS_THRESHOLD_BYTES`` takes the Triton kernel
+on ``device: cuda`` (no logit stored) and the chunked one otherwise. For the chunked loss, the rows of a
 chunk: as many as keep one chunk's fp32 logits and their gradient within ``loss.chunk_budget_mib``
 (``fgc_runtime.kernels.cross_entropy.chunk_rows``, the function the trainer calls), unless
 ``loss.chunk_size`` fixes them. The model's own kernels are those its
@@ -26,6 +28,8 @@ from .base import Pass
 CHUNKED_LOSS_THRESHOLD_BYTES = 256 * 2**20
 # trainers whose loss can run outside the model's forward (through fgc_runtime's LMHeadLoss)
 CHUNKED_LOSS_TRAINERS = ("basic", "ddp", "diloco")
+# the implementations that compute the head and its loss together, outside the model's forward
+HEAD_LOSS_IMPLS = ("chunked", "triton")
 # features the generated trainer passes to LMHeadLoss (train.py.j2): the chunked kernel supports
 # soft-capping, but a chunked trainer that does not pass it would drop it
 CHUNKED_LOSS_PASSED = ("bias", "ignore_index", "label_smoothing", "z_loss")
@@ -64,21 +68,21 @@ class SelectKernels(Pass):
         ]
         vocab = plan.vocab_growth["to"] if plan.vocab_growth else self._vocab(ir)
         logits_bytes = plan.micro_batch_size * s.seq_len * vocab * 4
-        if loss.impl == "triton":
-            ctx.sink.error(
-                "the loss has no Triton implementation in this version of fgc",
-                where("impl"),
-                hint="use impl: auto, torch or chunked",
-            )
-            return ir
         if loss.impl == "auto":
             fits = all(f in self._chunked_features() for f in features)
             big = logits_bytes >= CHUNKED_LOSS_THRESHOLD_BYTES
             if big and fits and plan.trainer_type in CHUNKED_LOSS_TRAINERS:
-                impl = "chunked"
+                # the Triton kernel only where the config says CUDA: device auto may run on a CPU
+                on_cuda = s.device == "cuda" and all(f in self._head_features("triton") for f in features)
+                impl = "triton" if on_cuda else "chunked"
                 reason = (
                     f"auto: one micro-batch's logits would take {logits_bytes / 2**20:,.0f} MiB "
-                    f"(at least {CHUNKED_LOSS_THRESHOLD_BYTES // 2**20} MiB): computed a chunk at a time"
+                    f"(at least {CHUNKED_LOSS_THRESHOLD_BYTES // 2**20} MiB): "
+                    + (
+                        "on cuda, the Triton kernel computes them a tile at a time and stores none"
+                        if on_cuda
+                        else "computed a chunk at a time"
+                    )
                 )
             else:
                 impl = "torch"
@@ -90,15 +94,15 @@ class SelectKernels(Pass):
                     + (", ".join(f for f in features if f not in self._chunked_features()) or f"the {plan.trainer_type} trainer")
                     + ")"
                 )
-            head = self._missing_loss_methods(ir, ctx) if impl == "chunked" else []
+            head = self._missing_loss_methods(ir, ctx) if impl in HEAD_LOSS_IMPLS else []
             if head:
                 # a head that scales or soft-caps its logits (Granite, Gemma 2): auto keeps the reference
+                reason = f"auto: the reference (the {impl} kernel cannot compute this model's head: it has no {' and no '.join(head)})"
                 impl = "torch"
-                reason = f"auto: the reference (the chunked kernel cannot compute this model's head: it has no {' and no '.join(head)})"
         else:
             impl, reason = loss.impl, "chosen in the config"
         caps = CAPABILITIES[impl]
-        supported = self._chunked_features() if impl == "chunked" else caps["features"]
+        supported = self._head_features(impl) if impl in HEAD_LOSS_IMPLS else caps["features"]
         missing = [f for f in features if f not in supported]
         for f in missing:
             ctx.sink.error(
@@ -110,17 +114,17 @@ class SelectKernels(Pass):
             ctx.sink.error(f"the {impl} loss kernel does not support {DTYPES[plan.precision]}", where("impl"))
         if s.device != "auto" and s.device not in caps["devices"]:
             ctx.sink.error(f"the {impl} loss kernel does not run on {s.device}", where("impl"))
-        if impl == "chunked" and plan.trainer_type not in CHUNKED_LOSS_TRAINERS:
+        if impl in HEAD_LOSS_IMPLS and plan.trainer_type not in CHUNKED_LOSS_TRAINERS:
             ctx.sink.error(
-                f"the chunked loss computes the head outside the model's forward, which the "
+                f"the {impl} loss computes the head outside the model's forward, which the "
                 f"{plan.trainer_type} trainer cannot do in this version",
                 where("impl"),
                 hint="use impl: torch, or the basic or ddp trainer",
             )
-        missing = self._missing_loss_methods(ir, ctx) if impl == "chunked" else []
+        missing = self._missing_loss_methods(ir, ctx) if impl in HEAD_LOSS_IMPLS else []
         if missing:
             ctx.sink.error(
-                "the chunked loss needs a model with hidden_states() and output_projection() (the "
+                f"the {impl} loss needs a model with hidden_states() and output_projection() (the "
                 f"component library's CausalLM has them); this model has no {' and no '.join(missing)}",
                 where("impl"),
                 hint="use impl: torch",
@@ -196,7 +200,13 @@ class SelectKernels(Pass):
     def _chunked_features() -> tuple[str, ...]:
         """The features a config may ask of the chunked loss: what the kernel supports and the
         generated trainer passes to it."""
-        return tuple(f for f in CAPABILITIES["chunked"]["features"] if f in CHUNKED_LOSS_PASSED)
+        return SelectKernels._head_features("chunked")
+
+    @staticmethod
+    def _head_features(impl: str) -> tuple[str, ...]:
+        """The features a config may ask of IMPL, one of ``HEAD_LOSS_IMPLS`` (the loss run by
+        fgc_runtime's LMHeadLoss): what the kernel supports and the generated trainer passes to it."""
+        return tuple(f for f in CAPABILITIES[impl]["features"] if f in CHUNKED_LOSS_PASSED)
 
     @staticmethod
     def _chunking(loss, vocab: int, ctx: LoweringContext, where) -> dict:

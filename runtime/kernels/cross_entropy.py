@@ -2,7 +2,7 @@
 
 ``fused_linear_cross_entropy(hidden, weight, labels, ...)`` equals
 ``cross_entropy(softcap(hidden @ weight.T + bias), labels)`` (+ ``z_loss * logsumexp²`` over the
-same rows). Two implementations:
+same rows). Three implementations:
 
 - ``torch``: the reference. It materialises every logit (N x V in fp32) and lets autograd do the
   rest.
@@ -15,6 +15,11 @@ same rows). Two implementations:
   ``reduction`` ``sum`` or ``mean``; not ``reduction="none"`` (see :data:`CAPABILITIES`: fgc's
   kernel-selection pass reads it and rejects a config that asks a kernel for a feature it lacks,
   rather than dropping the feature).
+- ``triton``: fgc_runtime's Triton kernels (``fgc_runtime.kernels.triton.cross_entropy``,
+  imported only then): no logit is ever stored, not even a chunk's; each kernel computes the
+  logits a tile at a time with an online logsumexp, and the gradients (computed in the forward
+  for ``mean`` and ``sum``) accumulate in fp32. Every feature and reduction of the reference; CUDA
+  tensors (CPU ones in Triton's interpreter, ``TRITON_INTERPRET=1``: for tests).
 
 Shape legend: N rows (tokens), D hidden size, V vocabulary size.
 """
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ._impl import check_impl_devices, triton_kernel
 
 IMPLS = ("auto", "torch", "chunked", "triton")
 # the chunked loss's default budget for one chunk's fp32 logits and their gradient
@@ -44,6 +51,12 @@ CAPABILITIES = {
         "dtypes": ("float32", "bfloat16", "float16"),
         "features": ("bias", "ignore_index", "label_smoothing", "z_loss", "softcap"),
         "reductions": ("mean", "sum"),
+    },
+    "triton": {
+        "devices": ("cuda",),
+        "dtypes": ("float32", "bfloat16", "float16"),
+        "features": ("bias", "ignore_index", "label_smoothing", "z_loss", "softcap"),
+        "reductions": ("mean", "sum", "none"),
     },
 }
 
@@ -197,16 +210,15 @@ def fused_linear_cross_entropy(
 
     ``hidden`` is ``(..., D)`` and ``labels`` the matching ``(...)``. ``reduction``: ``mean`` over
     non-ignored labels, ``sum``, or ``none`` (one value a row, 0 where ignored). ``impl``:
-    ``torch`` (the reference), ``chunked``, or ``auto`` (the reference: no Triton kernel exists in
-    this version); ``triton`` raises ValueError. A feature the chosen implementation lacks raises
+    ``torch`` (the reference), ``chunked``, ``triton`` (CUDA tensors, or CPU ones under
+    ``TRITON_INTERPRET=1``; ValueError where it cannot run), or ``auto`` (the reference: fgc's
+    select-kernels pass chooses at build time). A feature the chosen implementation lacks raises
     ValueError: it is never dropped. ``chunked`` runs ``chunk_size`` rows at a time, or with
     ``chunk_size=None`` the rows :func:`chunk_rows` gives for the vocabulary and ``chunk_budget``
     (bytes of one chunk's fp32 logits and their gradient).
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}: expected one of {', '.join(map(repr, IMPLS))}")
-    if impl == "triton":
-        raise ValueError("impl='triton' is not available: fused_linear_cross_entropy has no Triton implementation in this version of fgc_runtime")
     chosen = "torch" if impl == "auto" else impl
     wanted = {
         "bias": bias is not None,
@@ -222,6 +234,13 @@ def fused_linear_cross_entropy(
         raise ValueError(f"the {chosen} implementation of fused_linear_cross_entropy does not support {', '.join(missing)}")
     hidden_ND = hidden.reshape(-1, hidden.shape[-1])
     labels_N = labels.reshape(-1)
+    if chosen == "triton":
+        # the package and device checks every Triton kernel makes, then the kernel (imports triton)
+        check_impl_devices("triton", {t.device.type for t in (hidden_ND, weight) + ((bias,) if bias is not None else ())})
+        loss = triton_kernel("cross_entropy", "fused_linear_cross_entropy_triton")(
+            hidden_ND, weight, labels_N, bias, ignore_index, reduction, label_smoothing, z_loss, softcap
+        )
+        return loss.reshape(labels.shape) if reduction == "none" else loss
     if chosen == "torch":
         loss = _reference(hidden_ND, weight, labels_N, bias, ignore_index, reduction, label_smoothing, z_loss, softcap)
         return loss.reshape(labels.shape) if reduction == "none" else loss
