@@ -348,7 +348,10 @@ def test_the_same_values_as_forgathers_own_loader(tmp_path, monkeypatch):
     text = MERGES.replace("    z: ~\n", "")
     theirs = ConfigEnvironment().load_from_string(text).config
     graph = graph_of(tmp_path, text)
-    for name in ("one", "two", "three", "empty_dict", "empty_list", "empty_dlist", "quoted_empty"):
+    # "two" (<<: [*a, *b] with a key in both) is left out: Forgather's answer there is PyYAML's,
+    # which changed in PyYAML 6.0.4 (the later mapping wins, against YAML 1.1's merge rule, which
+    # fgc follows and test_merge_keys_merge_explicit_keys_win_and_earlier_mappings_win checks)
+    for name in ("one", "three", "empty_dict", "empty_list", "empty_dlist", "quoted_empty"):
         value = theirs[name]() if callable(theirs[name]) else theirs[name]  # a tag's node, or data
         assert target_data(graph, name) == value, name
         assert list(target_data(graph, name)) == list(value), name
