@@ -19,7 +19,7 @@ from fgc.codegen.closure import ClosureError, closure, picks_triton
 RUNTIME = REPO / "runtime"
 SMALL = ["-D", "num_hidden_layers=2", "-D", "max_steps=2", "-D", "eval_every=2", "-D", "seq_len=32"]
 TRITON = ["kernels/triton/__init__.py", "kernels/triton/_rounding.py", "kernels/triton/rms_norm.py",
-          "kernels/triton/rope.py", "kernels/triton/swiglu.py"]
+          "kernels/triton/rope.py", "kernels/triton/swiglu.py", "kernels/triton/cross_entropy.py"]
 
 
 def fake_runtime(root: Path, files: dict[str, str]) -> Path:
