@@ -566,11 +566,8 @@ def recursive_node(root: yaml.Node) -> yaml.Node | None:
             continue
         if id(node) in done:
             continue
-        if isinstance(node, yaml.MappingNode):
-            children = [c for pair in node.value for c in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            children = node.value
-        else:
+        children = _children(node)
+        if children is None:
             done.add(id(node))
             continue
         on_path.add(id(node))
@@ -580,6 +577,15 @@ def recursive_node(root: yaml.Node) -> yaml.Node | None:
                 return node
             if id(child) not in done:
                 stack.append((child, False))
+    return None
+
+
+def _children(node: yaml.Node) -> list | None:
+    """A collection node's children (a mapping's keys and values), or None for a scalar."""
+    if isinstance(node, yaml.MappingNode):
+        return [c for pair in node.value for c in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
     return None
 
 
@@ -593,11 +599,8 @@ def too_large(root: yaml.Node) -> yaml.Node | None:
         node, children_done = stack.pop()
         if id(node) in size:
             continue
-        if isinstance(node, yaml.MappingNode):
-            children = [c for pair in node.value for c in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            children = node.value
-        else:
+        children = _children(node)
+        if children is None:
             size[id(node)] = 1
             continue
         if not children_done:
