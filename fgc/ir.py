@@ -2,7 +2,8 @@
 
 Node kinds:
 - ``call``: a callable spec with a mode: ``singleton`` (called once, shared by every reference),
-  ``factory`` (called anew at each use) or ``partial`` (``functools.partial``);
+  ``factory`` (called anew at each use), ``partial`` (``functools.partial``) or ``meta`` (a
+  build-time function of the unbuilt graph below it, carried out by lowering/meta.py);
 - ``var``: a variable bound at construction time, with an optional default;
 - ``dict``, ``list``, ``tuple``: containers;
 - ``value``: a scalar (None, bool, int, float, str).
@@ -28,7 +29,7 @@ class Node:
     id: str
     kind: str  # call | var | dict | list | tuple | value
     loc: Location
-    mode: str | None = None  # call: singleton | factory | partial
+    mode: str | None = None  # call: singleton | factory | partial | meta
     spec: str | None = None  # call: the callable spec as written
     name: str | None = None  # an explicit @name
     args: list[str] = field(default_factory=list)  # call: positional; list/tuple: items

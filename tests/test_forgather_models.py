@@ -254,3 +254,47 @@ def test_two_modules_helpers_of_one_name_are_renamed_unless_the_config_names_bot
     both = run_fgc("code", "cfg.yaml", "--target", "y", cwd=tmp_path)
     assert both.returncode == 2
     assert both.stderr == "cfg.yaml:2: error: a.py, b.py define the same name(s) ['_helper']: rename one\n"
+
+
+def test_meta_generate_code_writes_the_projects_model_as_one_standalone_module(tmp_path):
+    # Forgather's !meta:forgather.codegen:generate_code, carried out by fgc at build time: the
+    # value is the source of a module that builds the model from the project's own modules
+    project = _project(tmp_path)
+    (project / "gen.yaml").write_text(
+        ".model_config: &model_config !singleton:.config:TinyLMConfig@model_config\n"
+        '    submodule_searchpath: [ "modelsrc/tiny_lm" ]\n'
+        "    vocab_size: 64\n"
+        ".define: &model_factory !singleton:.model:TinyCausalLM@model_factory\n"
+        "    config: *model_config\n"
+        "    block_factory: !partial:.layers:DecoderBlock@block_factory\n"
+        "model_code_generator: !meta:forgather.codegen:generate_code@model_code_generator\n"
+        "    obj: *model_factory\n"
+    )
+    proc = run_fgc("code", "gen.yaml", "--target", "model_code_generator", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    scope: dict = {}
+    exec(compile(proc.stdout, "construct.py", "exec"), scope)
+    source = scope["construct"]()
+    assert _imported_modules(source) <= {"dataclasses", "functools", "math", "torch"}
+    path = tmp_path / "generated_model_source.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("generated_model_source", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their class's module up
+    try:
+        spec.loader.exec_module(module)
+        torch.manual_seed(0)
+        generated = module.construct()
+    finally:
+        del sys.modules[spec.name]
+    written_in = project / "gen.yaml"
+    module_path = [project / MODELSRC]
+    config_cls = resolve_spec(".config:TinyLMConfig", written_in, [], module_path).obj
+    model_cls = resolve_spec(".model:TinyCausalLM", written_in, [], module_path).obj
+    block_cls = resolve_spec(".layers:DecoderBlock", written_in, [], module_path).obj
+    torch.manual_seed(0)
+    original = model_cls(config_cls(vocab_size=64), block_cls)
+    assert sorted(generated.state_dict()) == sorted(original.state_dict())
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(generated(ids), original(ids))  # same seed, same init, same model

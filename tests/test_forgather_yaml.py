@@ -321,21 +321,62 @@ def test_bare_names_without_a_twin_are_errors_with_a_hint(tmp_path):
     assert proc.stderr.splitlines()[0] == f"{cfg}:2: error: malformed spec 'Linear'"
 
 
-def test_meta_is_an_error_that_says_what_to_write(tmp_path):
-    cfg = str(tmp_path / "c.yaml")
-    with pytest.raises(FgcError) as info:
-        graph_of(
-            tmp_path,
-            ".define: &model_factory !singleton:torch.nn:Linear [2, 2]\n"
-            "model_code_generator: !meta:forgather.codegen:generate_code\n"
-            "    obj: *model_factory\n",
-        )
-    text = str(info.value)
-    assert text.splitlines()[0] == (
-        f"{cfg}:2: error: !meta (a callable given the unbuilt graph, e.g. Forgather's "
-        "generate_code) has no equivalent in fgc"
+def test_meta_generate_code_is_the_source_of_a_module_that_builds_its_graph(tmp_path):
+    # Forgather's one !meta function: fgc carries it out at build time with its own code writer
+    cfg = write(
+        tmp_path / "c.yaml",
+        ".define: &model_factory !singleton:torch.nn:Linear@model_factory\n"
+        "    in_features: 3\n"
+        "    out_features: !var {name: width, default: 2}\n"
+        "model_code_generator: !meta:forgather.codegen:generate_code@model_code_generator\n"
+        "    obj: *model_factory\n"
+        "    name_policy: named\n",
     )
-    assert "model.py" in text and "model: *model_factory" in text
+    graph = graph_of(tmp_path, cfg.read_text())
+    node = graph.node(graph.targets["model_code_generator"])
+    assert (node.kind, node.mode, node.spec) == ("call", "meta", "forgather.codegen:generate_code")
+    code = run_fgc("code", cfg, "--target", "model_code_generator", check=True).stdout
+    scope: dict = {}
+    exec(compile(code, "construct.py", "exec"), scope)
+    source = scope["construct"]()  # the meta node's value: a module's source text
+    assert "model_factory = torch.nn.Linear(in_features=3, out_features=width)" in source
+    module: dict = {}
+    exec(compile(source, "generated.py", "exec"), module)
+    layer = module["construct"](width=5)  # its !vars are the construct function's parameters
+    assert (layer.in_features, layer.out_features) == (3, 5)
+    assert module["construct"]().out_features == 2
+
+
+def test_meta_functions_fgc_does_not_carry_out_are_errors_at_their_lines(tmp_path):
+    cfg = write(
+        tmp_path / "c.yaml",
+        ".define: &m !singleton:torch.nn:Linear [2, 2]\n"
+        "mine: !meta:mypkg.codegen:make [*m]\n"
+        "forgathers: !meta:forgather.codegen:generate_code\n"
+        "    obj: *m\n"
+        "    template_name: hf_causal.py\n"
+        "    model_type: custom\n"
+        "nothing: !meta:forgather.codegen:generate_code {}\n",
+    )
+    proc = run_fgc("code", cfg, "--target", "mine")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert errors == [
+        f"{cfg}:2: error: !meta:mypkg.codegen:make would run mypkg.codegen:make while compiling, on "
+        "the unbuilt graph; fgc runs no project code at build time",
+        f"{cfg}:5: error: generate_code's template_name is not supported: fgc writes its own "
+        "construction module (as `fgc code` does), not Forgather's code templates",
+        f"{cfg}:6: error: generate_code has no argument 'model_type' in fgc (Forgather passes it to "
+        "a code template, which fgc does not render)",
+        f"{cfg}:7: error: generate_code needs the graph to write: obj: *node",
+    ]
+    assert "fgc carries out these !meta functions itself: forgather.codegen:generate_code" in proc.stderr
+    assert "model: *model_factory" in proc.stderr
+    proc = run_fgc("code", write(tmp_path / "n.yaml", "x: !meta\n"), "--target", "x")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0].endswith(
+        "n.yaml:1: error: tag !meta needs a spec, e.g. !meta:forgather.codegen:generate_code"
+    )
 
 
 @pytest.mark.skipif(not FORGATHER_SRC.is_dir(), reason="needs a Forgather checkout at /tmp/forgather")

@@ -427,21 +427,19 @@ class _Loader:
         if kind == "var":
             return self.var(ynode, path, loc)
         if kind == "meta":
-            # Forgather calls a !meta callable with the unbuilt graph of its arguments; its one
-            # use is forgather.codegen:generate_code writing a model's source from the graph,
-            # which is what fgc itself does when it writes model.py.
-            self.error(
-                "!meta (a callable given the unbuilt graph, e.g. Forgather's generate_code) has no "
-                "equivalent in fgc",
-                ynode,
-                hint="fgc writes the model's code itself (model.py): make `model` the model's own "
-                "node (e.g. model: *model_factory) and drop this node and what uses it",
-            )
-            return Node(path, "value", loc, value=None)
+            # a build-time function given the unbuilt graph of its arguments: lowering/meta.py
+            # carries out the ones fgc registers and refuses the rest
+            if not spec:
+                self.error("tag !meta needs a spec, e.g. !meta:forgather.codegen:generate_code", ynode)
+                return Node(path, "value", loc, value=None)
+            node = Node(path, "call", loc, mode="meta", spec=spec, name=name)
+            self.call_arguments(ynode, node, path)
+            self.register_name(name, node, ynode)
+            return node
         self.error(
             f"unknown tag !{kind}",
             ynode,
-            hint="known tags: !singleton !call !factory !partial !lambda !var !dict !list !tuple !dlist",
+            hint="known tags: !singleton !call !factory !partial !lambda !meta !var !dict !list !tuple !dlist",
         )
         return Node(path, "value", loc, value=None)
 

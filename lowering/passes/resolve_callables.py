@@ -8,6 +8,7 @@ from fgc.ir import IRGraph
 
 from ..context import LoweringContext
 from ..forgather_trainers import port_forgather_trainers
+from ..meta import expand_meta, is_meta
 from ..specs import SpecError, resolve_spec, take_module_path
 from .base import Pass
 
@@ -23,7 +24,7 @@ class ResolveCallables(Pass):
         # Forgather's submodule_searchpath: where the config's .module:Symbol specs are found
         module_path = take_module_path(ir, ctx.sink)
         for node in ir.nodes():
-            if node.kind != "call":
+            if node.kind != "call" or is_meta(node):
                 continue
             try:
                 symbol = resolve_spec(node.spec, Path(node.loc.file), ctx.search_path, module_path)
@@ -34,4 +35,5 @@ class ResolveCallables(Pass):
                 ctx.sink.error(f"{node.spec!r} is not callable", node.loc)
                 continue
             ctx.symbols[node.id] = symbol
-        return ir
+        # !meta nodes last: their functions read the graph below them, its callables resolved
+        return expand_meta(ir, ctx)
