@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fgc_lowering.construct import meta_model
 
 from .build import Compiled
-from .errors import FgcError, Location, display_path
+from .errors import Diagnostic, FgcError, Location, display_path
 
 BYTES = {"fp32": 4, "bf16-mixed": 4, "bf16": 2, "fp16-mixed": 4}  # parameter (and gradient) bytes by precision
 ACT_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16": 2, "fp16-mixed": 2}  # activation bytes by precision
@@ -226,7 +226,7 @@ def loss_head_memory(compiled: Compiled, facts: ModelFacts) -> dict[str, dict]:
     to the backward the gradients it computed there: the head's weight (fp32) and the hidden
     states (``fgc_runtime.kernels.cross_entropy``). ``triton`` holds no logit: fp32 gradients of
     the hidden states and the head's weight, and two fp32 numbers a token; CUDA only."""
-    from fgc_lowering.passes.select_kernels import CHUNKED_LOSS_TRAINERS, SelectKernels
+    from fgc_lowering.passes.select_kernels import SelectKernels, head_loss_blocker
     from fgc_runtime.kernels.cross_entropy import CHUNK_BYTES_PER_LOGIT, chunk_rows
 
     plan, settings = compiled.ctx.plan, compiled.ctx.settings
@@ -256,8 +256,9 @@ def loss_head_memory(compiled: Compiled, facts: ModelFacts) -> dict[str, dict]:
         "document_masking": settings.document_masking,
     }
     lacks = [f for f, used in features.items() if used and f not in SelectKernels._chunked_features()]
-    if plan.trainer_type not in CHUNKED_LOSS_TRAINERS:
-        why = f"not with the {plan.trainer_type} trainer"
+    blocker = head_loss_blocker(plan)
+    if blocker:
+        why = f"not here: {blocker}"
     elif lacks:
         why = "not with " + ", ".join(lacks)
     else:
@@ -403,6 +404,17 @@ def explain_summary(compiled: Compiled) -> str:
     lines += ["", f"estimated peak memory per rank ({plan.precision}):"]
     for kind, size in memory.items():
         lines.append(f"  {kind:<16} {_mib(size):>14}")
+    if compiled.ctx.dynamic_args:
+        from fgc_lowering.dynamic_args import check_run_time_reads
+
+        errors = check_run_time_reads(compiled.ir, compiled.ctx)
+        if errors:  # as fgc build says: a flag whose value fgc reads at build time
+            raise FgcError(diagnostics=[Diagnostic(m, loc, hint) for m, loc, hint in errors])
+        lines += ["", "the config's own train.py flags (dynamic_args; the default is the value built with):"]
+        for arg in compiled.ctx.dynamic_args.values():
+            kind = arg.action or arg.type
+            sets = ", ".join(arg.nodes)
+            lines.append(f"  {' '.join(arg.flags)} ({kind}, default {arg.value!r}): sets {sets}" + (f"; {arg.help}" if arg.help else ""))
     return "\n".join(lines) + "\n"
 
 

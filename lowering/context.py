@@ -28,6 +28,8 @@ class LoweringContext:
     # Location -> [(Location, "-D NAME=VALUE" or None)]: where a value printed at a template line
     # was set, oldest first (fgc.frontend.render.Rendered.origins_of); None: the line itself
     origins: Any = None
+    # the config's own train.py flags (its dynamic_args): name -> fgc_lowering.dynamic_args.DynamicArg
+    dynamic_args: dict = field(default_factory=dict)
 
     def program(self):
         """The training program lowering has decided so far (None before the plan exists)."""

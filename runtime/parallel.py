@@ -194,9 +194,15 @@ def split_groups_by_mesh(groups: list[dict]) -> list[dict]:
     return out
 
 
-def apply_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bool = True, mesh=None) -> int:
+def apply_fsdp(
+    model: nn.Module, device: torch.device, reshard_after_forward: bool = True, mesh=None, root: nn.Module | None = None
+) -> int:
     """Shard MODEL with FSDP2 over MESH (default: every rank): each decoder layer is one unit, the
-    root (embedding, final norm, head) another. Returns the number of units."""
+    root (embedding, final norm, head) another. ROOT (default MODEL) is the module made FSDP2's
+    root: a module holding MODEL whose forward runs more than MODEL's (fgc_runtime's LMHeadLoss,
+    which computes the head outside MODEL's forward), so that the root's parameters stay gathered
+    for all of it and their gradients are reduced after its backward. MODEL's parameters keep
+    their names either way. Returns the number of units."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -205,7 +211,7 @@ def apply_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bo
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model if root is None else root, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return len(layers) + 1
 
 

@@ -83,12 +83,15 @@ class StageModule(nn.Module):
     ``forward`` takes token ids (first stage) or hidden states ``(B, T, D)`` and returns hidden
     states, or logits ``(B, T, V)`` on the last stage, through MODEL's own methods: ``embed``,
     ``layer_context``, ``run_layers`` over this stage's layers, ``final_hidden`` and ``head``.
+    With ``head=False`` the last stage returns the final-normed hidden states instead, and the
+    schedule's loss function applies the head (the chunked and Triton losses: fgc_runtime's
+    ``LMHeadLoss.loss_from_hidden``); the head's weight is still this stage's parameter.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int], first: bool, last: bool):
+    def __init__(self, model: nn.Module, layers: Sequence[int], first: bool, last: bool, head: bool = True):
         super().__init__()
         check_pipelinable(model)
-        self.first, self.last = first, last
+        self.first, self.last, self.with_head = first, last, head
         self.layer_indices = list(layers)
         # the whole model, whose methods run the stage, kept out of this module's children (its
         # parameters are not all this stage's)
@@ -114,7 +117,8 @@ class StageModule(nn.Module):
         x_BTD = model.embed(x, position_ids_BT) if self.first else x
         x_BTD = model.run_layers(x_BTD, model.layer_context(position_ids_BT), self.layer_indices)
         if self.last:
-            return model.head(model.final_hidden(x_BTD))
+            hidden_BTD = model.final_hidden(x_BTD)
+            return model.head(hidden_BTD) if self.with_head else hidden_BTD
         return x_BTD
 
 
@@ -123,7 +127,7 @@ def local_stages(plan: dict, pp_rank: int) -> list[dict]:
     return [s for s in plan["stages"] if s["rank"] == pp_rank]
 
 
-def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torch.device):
+def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torch.device, head: bool = True):
     """This rank's part of MODEL and its pipeline stages.
 
     Returns ``(part, stages)``: ``part`` is one :class:`StageModule` holding every layer of this
@@ -135,6 +139,9 @@ def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torc
     has only this rank's share materialised on DEVICE and initialised by ``model.init_weights()``,
     which gives each parameter the values the whole model would have: a rank never holds more
     than its stages.
+
+    With ``head=False`` the last stage gives the final hidden states, not logits (see
+    :class:`StageModule`): the loss function computes the head.
     """
     from torch.distributed.pipelining import PipelineStage
 
@@ -164,7 +171,7 @@ def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torc
     stages = []
     for s in mine:
         index = s["stage"]
-        module = StageModule(model, range(*s["layers"]), first=index == 0, last=index == num_stages - 1)
+        module = StageModule(model, range(*s["layers"]), first=index == 0, last=index == num_stages - 1, head=head)
         stages.append(PipelineStage(module, index, num_stages, device, group=group))
     return part, stages
 
@@ -180,7 +187,10 @@ def shard_stages(stages: list, mesh, reshard_after_forward: bool = True) -> int:
     for stage in stages:
         for layer in stage.submod.stage_layers:
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(stage.submod, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        # A last stage without its head (the loss function applies it) keeps its own unit gathered
+        # from its forward to its backward: the loss reads the head's whole weight in between.
+        keep = stage.submod.last and not stage.submod.with_head
+        fully_shard(stage.submod, mesh=mesh, reshard_after_forward=reshard_after_forward and not keep)
         units += len(stage.submod.stage_layers) + 1
     return units
 
@@ -221,7 +231,8 @@ def _recv(peer: int, group, device: torch.device) -> torch.Tensor:
 def forward_only(stages: list, plan: dict, pp_rank: int, group, input_ids: torch.Tensor, microbatches: int):
     """The logits of INPUT_IDS through the whole pipeline, without a schedule: each micro-batch
     goes through the stages in order, activations sent between ranks. Returns the list of each
-    micro-batch's logits on the rank that holds the last stage (an empty list elsewhere)."""
+    micro-batch's logits (the last stage's output: hidden states when it has no head) on the rank
+    that holds the last stage (an empty list elsewhere)."""
     ranks = [s["rank"] for s in plan["stages"]]
     local = {stage.stage_index: stage.submod for stage in stages}
     outputs = []
@@ -242,7 +253,9 @@ def forward_only(stages: list, plan: dict, pp_rank: int, group, input_ids: torch
 
 class StepLoss:
     """The schedule's loss function: a micro-batch's summed token loss over ``n_targets`` (set
-    to the step's global count of target tokens before each step; 1 for plain sums)."""
+    to the step's global count of target tokens before each step; 1 for plain sums).
+    ``loss_sum_fn(output, labels)`` gives ``(loss_sum, count)`` from the last stage's output:
+    logits, or hidden states for a head-and-loss function such as ``LMHeadLoss.loss_from_hidden``."""
 
     def __init__(self, loss_sum_fn: Callable):
         self.loss_sum_fn = loss_sum_fn

@@ -240,7 +240,11 @@ def test_the_memory_estimate_counts_the_chosen_loss_head():
 
 
 def test_explain_shows_the_chunked_head_where_the_config_cannot_use_it(tmp_path):
-    path = small_config(tmp_path)
+    # soft-capping, which the trainer does not pass to the chunked loss (the fsdp2 trainer itself
+    # runs the chunked loss: tests/test_loss_trainers.py)
+    path = small_config(
+        tmp_path, extra="[loss]\n.loss: &loss !singleton:fgc.settings:LossSettings@loss\n    softcap: 30.0\n"
+    )
     proc = run_fgc("explain", path, "-D", "vocab_size=4096", "-D", "trainer_type=fsdp2")
     assert proc.returncode == 0, proc.stderr
     assert "  torch         3.0 MiB  every fp32 logit, their log-softmax and its gradient  (chosen)" in proc.stdout
@@ -248,7 +252,7 @@ def test_explain_shows_the_chunked_head_where_the_config_cannot_use_it(tmp_path)
     assert (
         "  chunked       2.5 MiB  1 chunk of 64 tokens (the 64 MiB budget allows 2,048): one chunk's fp32 "
         "logits and gradient, and the head's weight and hidden-state gradients from the forward  "
-        "(not with the fsdp2 trainer)"
+        "(not with softcap)"
     ) in proc.stdout
 
 

@@ -80,8 +80,6 @@ LOSS_BLOCK = "[loss]\n.loss: &loss !singleton:fgc.settings:LossSettings@loss\n"
     [
         ("", "    impl: chunked\n    softcap: 30.0\n", "softcap: 30.0", "the chunked loss kernel does not support softcap: it would be dropped"),
         ("", "    impl: triton\n[trainer]\n== super()\n    device: cpu\n", "impl: triton", "the triton loss kernel does not run on cpu"),
-        ('-- set ns.trainer_type = "fsdp2"\n', "    impl: chunked\n", "impl: chunked",
-         "the chunked loss computes the head outside the model's forward, which the fsdp2 trainer cannot do"),
         ("", "    label_smoothing: 1.5\n", "label_smoothing: 1.5", "label_smoothing must be 0 or more and less than 1, got 1.5"),
     ],
 )

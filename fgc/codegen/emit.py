@@ -20,6 +20,10 @@ from .escape import is_python_name, python_identifier
 from .vendor import VendoredCode
 
 
+# the parameter of train.py's config_factories(): the parsed command line, whose attributes are
+# the config's own flags
+FLAGS_PARAM = "flags"
+
 _TIGHT_EQUAL = cst.AssignEqual(
     whitespace_before=cst.SimpleWhitespace(""), whitespace_after=cst.SimpleWhitespace("")
 )
@@ -98,8 +102,12 @@ class TargetEmitter:
         symbols: dict[str, Symbol],
         imports: ImportTable,
         vendored: VendoredCode | None = None,
+        flags: dict[str, str] | None = None,
     ):
         self.ir = ir
+        # node id -> NAME: values that the config's own train.py flags replace at run time
+        # (fgc_lowering.dynamic_args), emitted as FLAGS_PARAM.NAME
+        self.flags = flags or {}
         self.symbols = symbols
         self.imports = imports
         self.vendored = vendored
@@ -139,6 +147,12 @@ class TargetEmitter:
                     node.loc,
                     hint=f"the other is at {self.ir.node(names_used[name]).loc}; give one an @name",
                 )
+            if self.flags and name == FLAGS_PARAM:  # it would hide the parsed command line
+                raise FgcError(
+                    f"a node would be named {name!r} in generated code, the name of the config's flags there",
+                    node.loc,
+                    hint="give it another @name",
+                )
             names_used[name] = nid
             value = self.expression(nid, hoisted)
             hoisted[nid] = name
@@ -165,6 +179,8 @@ class TargetEmitter:
             return cst.Name(hoisted[nid])
         node = self.ir.node(nid)
         sub = lambda c: self.expression(c, hoisted, top=False)  # noqa: E731
+        if nid in self.flags:  # the parsed flag (its default is the build-time value)
+            return cst.Attribute(cst.Name(FLAGS_PARAM), cst.Name(self.flags[nid]))
         if node.kind == "value":
             try:
                 return literal(node.value)

@@ -18,18 +18,20 @@ from pathlib import Path
 
 import black
 import jinja2
+import libcst as cst
 
 import fgc
 import fgc_codegen_templates
 import fgc_runtime
-from fgc.errors import FgcError, Location
+from fgc.errors import Diagnostic, FgcError, Location
 from fgc.frontend.render import Rendered
 from fgc.frontend.templates import library_name
 from fgc.ir import IRGraph
 from fgc_lowering.context import LoweringContext
+from fgc_lowering.dynamic_args import DynamicArg, check_run_time_reads, flag_nodes
 
-from .emit import ImportTable, TargetEmitter, code, literal
-from .escape import FILTERS, python_comment
+from .emit import FLAGS_PARAM, ImportTable, TargetEmitter, code, literal
+from .escape import FILTERS, python_comment, python_docstring
 from .imports import skeleton_imports
 from .vendor import VendorError, vendor_symbols
 
@@ -367,7 +369,7 @@ class PackageBuilder:
             vendored = vendor_symbols(symbols, self.stable_path)
         except VendorError as exc:
             raise FgcError(str(exc), self.ir.node(self.ir.targets[targets[0]]).loc) from None
-        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, vendored)
+        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, vendored, flag_nodes(self.ctx))
         blocks = []
         for target, var in (("optimizer", "optimizer_factory"), ("lr_scheduler", "lr_scheduler_factory")):
             if target not in self.ir.targets:
@@ -382,6 +384,10 @@ class PackageBuilder:
             statements, _ = emitter.emit(target, var)
             lines = [f"# {target}: {python_comment(self.where(node.loc))}"] + [code(s).strip() for s in statements]
             blocks.append("\n".join(lines))
+        factories = "\n\n".join(blocks)
+        if self.ctx.dynamic_args:
+            factories = config_factories(factories, self.ctx.dynamic_args)
+        flags = flag_arguments(self.ctx.dynamic_args, imports)
         settings_pretrained = self.ctx.settings.pretrained.model_dir is not None
         loss = self._loss_code()
         sampling = self.ctx.settings.logging.sample_every > 0
@@ -395,7 +401,9 @@ class PackageBuilder:
                 plan_literal=code(literal(self.ctx.plan.to_data())),
                 definitions=vendored.definitions,
                 config_hash=code(literal(config_hash)),
-                factories="\n\n".join(blocks),
+                factories=factories,
+                config_flags=flags,
+                flag_bool=any(a.type == "bool" and not a.action for a in self.ctx.dynamic_args.values()),
                 grad_clip=settings.grad_clip,
                 optimizer_in_backward=settings.optimizer_in_backward,
                 **loss,
@@ -508,6 +516,9 @@ class PackageBuilder:
 
     # -- the whole package -----------------------------------------------------------------------
     def build(self) -> Package:
+        errors = check_run_time_reads(self.ir, self.ctx)
+        if errors:
+            raise FgcError(diagnostics=[Diagnostic(m, loc, hint) for m, loc, hint in errors])
         common = self.common()
         config_yaml = self.rendered.text.encode("utf-8")
         config_hash = sha256(config_yaml)
@@ -561,6 +572,55 @@ class PackageBuilder:
             "nonreproducible": dict(sorted(self.rendered.nonreproducible.items())),
         }
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def config_factories(factories: str, dynamic_args: dict[str, DynamicArg]) -> str:
+    """The optimizer and lr_scheduler factories as a function of the parsed command line: the
+    config's own flags reach them as ``flags.NAME`` (train.py's main() calls it)."""
+    shown = ", ".join(a.flags[0] for a in dynamic_args.values())
+    body = "\n".join(("    " + line) if line.strip() else "" for line in factories.splitlines())
+    return (
+        f"def config_factories({FLAGS_PARAM}):\n"
+        f'    """The factories, with the values of the config\'s own flags ({python_docstring(shown)})."""\n'
+        f"{body}\n"
+        "    return optimizer_factory, lr_scheduler_factory\n\n\n"
+        "# the config's own flags: NAME -> (flag, the value the package was built with); their\n"
+        "# values are recorded in each checkpoint (a resumed run says which differ)\n"
+        f"CONFIG_FLAGS = {code(literal({n: (a.flags[0], a.value) for n, a in dynamic_args.items()}))}"
+    )
+
+
+def flag_arguments(dynamic_args: dict[str, DynamicArg], imports: ImportTable) -> list[str]:
+    """``parser.add_argument(...)`` for each of the config's own flags: its names, type, choices,
+    help and, as its default, the value fgc built the package with. Every value is a literal."""
+    kinds = {"int": cst.Name("int"), "float": cst.Name("float"), "str": cst.Name("str"), "bool": cst.Name("flag_bool")}
+    lines = []
+    for arg in dynamic_args.values():
+        kwargs: list[tuple[str, cst.BaseExpression]] = []
+        if arg.action:
+            kwargs.append(("action", literal(arg.action)))
+        elif arg.type == "path":
+            imports.modules.add("os")
+            kwargs.append(("type", cst.Attribute(cst.Attribute(cst.Name("os"), cst.Name("path")), cst.Name("expanduser"))))
+        else:
+            kwargs.append(("type", kinds[arg.type]))
+        if arg.choices is not None:
+            kwargs.append(("choices", literal(list(arg.choices))))
+        kwargs.append(("default", literal(arg.value)))
+        kwargs.append(("dest", literal(arg.name)))
+        # argparse formats help with %: the config's text is escaped, the default shown
+        help_text = (arg.help or f"the config's {arg.name}").replace("%", "%%") + " (default: %(default)r)"
+        kwargs.append(("help", literal(help_text)))
+        call = cst.Call(
+            cst.Name("add_argument"),
+            [cst.Arg(literal(f)) for f in arg.flags]
+            + [cst.Arg(v, keyword=cst.Name(k), equal=_TIGHT) for k, v in kwargs],
+        )
+        lines.append(code(call))
+    return lines
+
+
+_TIGHT = cst.AssignEqual(whitespace_before=cst.SimpleWhitespace(""), whitespace_after=cst.SimpleWhitespace(""))
 
 
 def _import_key(line: str) -> tuple:

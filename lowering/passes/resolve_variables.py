@@ -1,4 +1,7 @@
-"""Bind every ``!var`` to its ``-D`` value or its default."""
+"""Bind every ``!var`` to its ``-D`` value or its default; a ``!var`` that the config's
+``dynamic_args`` declares as a train.py flag is bound to its build-time value too, and recorded
+(``ctx.dynamic_args``) so that codegen emits the parsed flag in its place
+(:mod:`fgc_lowering.dynamic_args`)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import difflib
 from fgc.errors import Location
 from fgc.ir import IRGraph, Node
 
+from .. import dynamic_args
 from ..context import LoweringContext
 from .base import Pass
 
@@ -18,10 +22,16 @@ class ResolveVariables(Pass):
     def run(self, ir: IRGraph, ctx: LoweringContext) -> IRGraph:
         ir = ir.copy()
         self._check_defines_are_used(ir, ctx)
+        ctx.dynamic_args = dynamic_args.parse_declarations(ir, ctx)
         for node in ir.nodes():
             if node.kind != "var" or node.id not in ir.g:
                 continue
-            if node.value in ctx.variables:
+            if node.value in ctx.dynamic_args:  # a flag: its build-time value, replaced at run time
+                bound = dynamic_args.bind(ir, ctx, node, ctx.dynamic_args[node.value])
+                if bound is not None:
+                    ir.add(bound)
+                    ir.link(bound)
+            elif node.value in ctx.variables:
                 bound = Node(node.id, "value", node.loc, value=ctx.variables[node.value])
                 ir.add(bound)
                 ir.link(bound)
@@ -33,6 +43,7 @@ class ResolveVariables(Pass):
                     node.loc,
                     hint=f"pass -D {node.value}=VALUE or write !var {{name: {node.value}, default: ...}}",
                 )
+        dynamic_args.check_unused(ir, ctx)
         # defaults of variables bound by -D are no longer part of the config
         roots = list(ir.targets.values()) + list(ir.definitions.values())
         live = {n for r in roots for n in ir.reachable(r)}

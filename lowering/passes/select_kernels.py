@@ -8,7 +8,10 @@ micro-batch's logits are small, and past ``CHUNKED_LOSS_THRESHOLD_BYTES`` takes 
 on ``device: cuda`` (no logit stored) and the chunked one otherwise. For the chunked loss, the rows of a
 chunk: as many as keep one chunk's fp32 logits and their gradient within ``loss.chunk_budget_mib``
 (``fgc_runtime.kernels.cross_entropy.chunk_rows``, the function the trainer calls), unless
-``loss.chunk_size`` fixes them. The model's own kernels are those its
+``loss.chunk_size`` fixes them. The chunked and Triton losses run with every trainer
+(:data:`CHUNKED_LOSS_TRAINERS`) and mesh, tensor parallelism included (it keeps the head whole on
+every rank), except FSDP2-sharded pipeline stages under a schedule that splits the backward
+(:func:`head_loss_blocker`). The model's own kernels are those its
 parts declare they run (a part class's ``kernels``, e.g. ``("rms_norm",)`` for the component
 library's RMSNorm), each in the implementation the part's ``kernel_impl`` argument asks for.
 """
@@ -26,14 +29,28 @@ from .base import Pass
 
 # auto picks the chunked loss when one micro-batch's fp32 logits would take at least this much
 CHUNKED_LOSS_THRESHOLD_BYTES = 256 * 2**20
-# trainers whose loss can run outside the model's forward (through fgc_runtime's LMHeadLoss)
-CHUNKED_LOSS_TRAINERS = ("basic", "ddp", "diloco")
+# trainers whose loss can run outside the model's forward (through fgc_runtime's LMHeadLoss: under
+# FSDP2 it is the root, so the head's weight is gathered for the whole loss; a pipeline's last
+# stage gives hidden states and the schedule's loss function applies the head; tensor parallelism
+# splits only the decoder layers, so every rank computes the whole head's loss, as the reference
+# does). One mesh of these trainers still cannot: see head_loss_blocker().
+CHUNKED_LOSS_TRAINERS = ("basic", "ddp", "diloco", "fsdp2", "pipeline")
 # the implementations that compute the head and its loss together, outside the model's forward
 HEAD_LOSS_IMPLS = ("chunked", "triton")
 # features the generated trainer passes to LMHeadLoss (train.py.j2): the chunked kernel supports
 # soft-capping, but a chunked trainer that does not pass it would drop it
 CHUNKED_LOSS_PASSED = ("bias", "ignore_index", "label_smoothing", "z_loss")
 DTYPES = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16": "bfloat16", "fp16-mixed": "float16"}
+
+
+def head_loss_blocker(plan) -> str | None:
+    """Why PLAN's trainer cannot run a loss that computes the head outside the model's forward
+    (the chunked and Triton losses, fgc_runtime's LMHeadLoss), or None when it can. Every
+    implementation in ``HEAD_LOSS_IMPLS`` runs through the same trainer code (only the kernel
+    differs), so the answer is the same for each."""
+    if plan.trainer_type not in CHUNKED_LOSS_TRAINERS:
+        return f"it computes the head outside the model's forward, which the {plan.trainer_type} trainer cannot do"
+    return None
 
 
 class SelectKernels(Pass):
@@ -71,7 +88,7 @@ class SelectKernels(Pass):
         if loss.impl == "auto":
             fits = all(f in self._chunked_features() for f in features)
             big = logits_bytes >= CHUNKED_LOSS_THRESHOLD_BYTES
-            if big and fits and plan.trainer_type in CHUNKED_LOSS_TRAINERS:
+            if big and fits and head_loss_blocker(plan) is None:
                 # the Triton kernel only where the config says CUDA: device auto may run on a CPU
                 on_cuda = s.device == "cuda" and all(f in self._head_features("triton") for f in features)
                 impl = "triton" if on_cuda else "chunked"
@@ -91,8 +108,10 @@ class SelectKernels(Pass):
                     f"{CHUNKED_LOSS_THRESHOLD_BYTES // 2**20} MiB): the reference"
                     if not big
                     else "the reference (the chunked kernel does not support "
-                    + (", ".join(f for f in features if f not in self._chunked_features()) or f"the {plan.trainer_type} trainer")
+                    + ", ".join(f for f in features if f not in self._chunked_features())
                     + ")"
+                    if not fits
+                    else f"the reference (the chunked loss cannot run here: {head_loss_blocker(plan)})"
                 )
             head = self._missing_loss_methods(ir, ctx) if impl in HEAD_LOSS_IMPLS else []
             if head:
@@ -114,13 +133,9 @@ class SelectKernels(Pass):
             ctx.sink.error(f"the {impl} loss kernel does not support {DTYPES[plan.precision]}", where("impl"))
         if s.device != "auto" and s.device not in caps["devices"]:
             ctx.sink.error(f"the {impl} loss kernel does not run on {s.device}", where("impl"))
-        if impl in HEAD_LOSS_IMPLS and plan.trainer_type not in CHUNKED_LOSS_TRAINERS:
-            ctx.sink.error(
-                f"the {impl} loss computes the head outside the model's forward, which the "
-                f"{plan.trainer_type} trainer cannot do in this version",
-                where("impl"),
-                hint="use impl: torch, or the basic or ddp trainer",
-            )
+        blocker = head_loss_blocker(plan) if impl in HEAD_LOSS_IMPLS else None
+        if blocker is not None:
+            ctx.sink.error(f"the {impl} loss cannot run here: {blocker}", where("impl"), hint="use impl: torch")
         missing = self._missing_loss_methods(ir, ctx) if impl in HEAD_LOSS_IMPLS else []
         if missing:
             ctx.sink.error(

@@ -278,9 +278,13 @@ class LMHeadLoss(torch.nn.Module):
 
     MODEL says both (the component library's ``CausalLM`` does): ``model.hidden_states(input_ids)``
     gives the final-normed hidden states and ``model.output_projection()`` the ``(weight, bias)``
-    of a head that is exactly ``hidden @ weight.T + bias``. Wrap this module (not MODEL) in DDP, so
-    that the loss is part of the forward DDP sees; parameter names keep a ``model.`` prefix here
-    only.
+    of a head that is exactly ``hidden @ weight.T + bias``. Wrap this module (not MODEL) in DDP, or
+    make it FSDP2's root (:func:`fgc_runtime.parallel.apply_fsdp` with ``root=``), so that the
+    loss, head included, is part of the forward they see: FSDP2 then gathers the head's weight for
+    the whole loss and reduces its gradient after the backward. Parameter names keep a ``model.``
+    prefix here only (checkpoints are written from MODEL). Called without labels it returns
+    MODEL's logits (for sampling through the FSDP2 root). A pipeline's last stage, which returns
+    hidden states, computes its loss with :meth:`loss_from_hidden`.
     """
 
     def __init__(
@@ -300,8 +304,15 @@ class LMHeadLoss(torch.nn.Module):
         self.model = model
         self.impl, self.chunk_size, self.chunk_budget, self.features = impl, chunk_size, chunk_budget, features
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.hidden_states(input_ids)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        """``(loss_sum, count)`` of INPUT_IDS against LABELS; MODEL's logits when LABELS is None."""
+        if labels is None:
+            return self.model(input_ids)
+        return self.loss_from_hidden(self.model.hidden_states(input_ids), labels)
+
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_sum, count)`` from the final-normed hidden states ``(..., D)`` through MODEL's
+        head (its ``output_projection()``), with this module's implementation and features."""
         projection = self.model.output_projection()
         if projection is None:  # fgc's select-kernels pass refuses such a model at build time
             raise TypeError("LMHeadLoss: the model's head scales or soft-caps its logits")
