@@ -63,6 +63,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
@@ -379,11 +380,24 @@ def main(argv=None) -> None:
     peak = None if args.interpret else peak_bandwidth(device)
 
     torch.manual_seed(0)
-    rows = []
+    rows, errors = [], []
     for kernel in args.kernels:
         for name in args.dtypes:
-            for case in make_cases(kernel, shapes[kernel], dtypes[name], device):
-                rows += run_case(case, name, dtypes[name], args, peak, synchronize)
+            for shape in shapes[kernel]:
+                # One case at a time, each printed as it ends, so that a run stopped by a time limit
+                # (the GPU check's) still shows what it measured; an exception (a kernel that fails
+                # to compile, say) is reported and the other cases still run.
+                try:
+                    case = next(iter(make_cases(kernel, [shape], dtypes[name], device)))
+                    case_rows = run_case(case, name, dtypes[name], args, peak, synchronize)
+                except Exception:
+                    errors.append(f"{kernel} {shape} {name}")
+                    print(f"ERROR in {kernel} {shape} {name}:", file=sys.stderr)
+                    traceback.print_exc()
+                    continue
+                for row in case_rows:
+                    print("  " + " ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+                rows += case_rows
 
     if args.interpret:
         print(
@@ -399,6 +413,9 @@ def main(argv=None) -> None:
         print(f"ms: do_bench median ({args.warmup_ms:g} ms warm-up, {args.rep_ms:g} ms of calls, L2 flushed)")
     print_table(rows, args.csv)
     wrong = [f"{r['kernel']} {r['shape']} {r['dtype']} {r['pass']}" for r in rows if r["check"] != "ok"]
+    if errors:
+        print(f"ERROR: these cases raised (tracebacks above): {'; '.join(errors)}", file=sys.stderr)
+        sys.exit(1)
     if wrong:
         print(f"WRONG: triton differs from its torch twin beyond tolerance in: {'; '.join(wrong)}", file=sys.stderr)
         sys.exit(1)

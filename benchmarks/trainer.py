@@ -37,34 +37,23 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _table import print_table
+from _loops import EXAMPLE_SHAPE, LR, hf_llama, import_train_module, plain_loop  # last: it leaves sys.path
 
 import torch
-import torch.nn.functional as F
 
 from fgc.build import build_package, compile_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "tiny_llama" / "train.yaml"
 SHAPES = {
-    # the main example's defaults (examples/tiny_llama/train.yaml), as a new user runs it
-    "example": {
-        "hidden_size": 96,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 256,
-        "seq_len": 128,
-        "batch_size": 16,
-    },
+    "example": EXAMPLE_SHAPE,
     "h256": {
         "hidden_size": 256,
         "num_hidden_layers": 4,
@@ -75,7 +64,6 @@ SHAPES = {
         "batch_size": 8,
     },
 }
-LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.95), 0.1
 # The kernels of the split table, by the profiler's names (self time).
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 ATTENTION_PREFIX = "aten::_scaled_dot_product"
@@ -96,26 +84,6 @@ def matmul_flops(n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 * reps / best
 
 
-_loaded_packages: list[str] = []
-
-
-def import_train_module(package: Path):
-    """The generated train.py of PACKAGE as a module (its model.py and fgc_runtime/ beside it).
-
-    Each package has its own `model` module, so the previous package is first taken off
-    `sys.path` and its `model` out of `sys.modules` (a loaded train module keeps its own);
-    `fgc_runtime` is the same vendored code in every package and stays loaded.
-    """
-    while _loaded_packages:
-        sys.path.remove(_loaded_packages.pop())
-    sys.modules.pop("model", None)
-    sys.path.insert(0, str(package))
-    _loaded_packages.append(str(package))
-    spec = importlib.util.spec_from_file_location(f"fgc_generated_train_{package.name}", package / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def run_generated_trainer(train, package: Path, steps: int) -> float:
     """Steady-state tokens/s of the trainer's own main(): the rate of its second log interval."""
@@ -126,40 +94,6 @@ def run_generated_trainer(train, package: Path, steps: int) -> float:
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return records[-1]["tokens_per_s"]
 
-
-def plain_loop(model, batches, steps: int, hf: bool):
-    """A plain loop's step (forward, loss, backward, clip, AdamW), after STEPS warm-up steps.
-
-    Returns `run(n)`, which times N more steps and gives their tokens/s.
-    """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
-    model.train()
-    position = 0
-
-    def step(i):
-        ids, labels = batches(i)
-        if hf:  # the usual way: the model shifts the labels itself (T - 1 targets a row)
-            loss = model(input_ids=ids, labels=ids).loss
-        else:
-            logits = model(ids)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def run(n: int) -> float:
-        nonlocal position
-        start = time.perf_counter()
-        for i in range(position, position + n):
-            step(i)
-        elapsed = time.perf_counter() - start
-        position += n
-        ids, _ = batches(0)
-        return n * ids.numel() / elapsed
-
-    run(steps)  # warm-up
-    return run
 
 
 def kernel_split(run, steps: int, tokens_per_step: int) -> dict:
@@ -187,24 +121,6 @@ def kernel_split(run, steps: int, tokens_per_step: int) -> dict:
         "other_ms": max(step_ms - matmul_ms - attention_ms, 0.0),
     }
 
-
-def hf_llama(shape: dict, vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=shape["num_hidden_layers"],
-        num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_key_value_heads"],
-        max_position_embeddings=shape["seq_len"],
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config)
 
 
 def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], list[dict], str]:

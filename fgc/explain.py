@@ -224,8 +224,9 @@ def loss_head_memory(compiled: Compiled, facts: ModelFacts) -> dict[str, dict]:
     ``torch`` materialises the micro-batch's fp32 logits, their log-softmax and its gradient.
     ``chunked`` holds one chunk's fp32 logits and their gradient at a time, and from the forward
     to the backward the gradients it computed there: the head's weight (fp32) and the hidden
-    states (``fgc_runtime.kernels.cross_entropy``). ``triton`` holds no logit: fp32 gradients of
-    the hidden states and the head's weight, and two fp32 numbers a token; CUDA only."""
+    states (``fgc_runtime.kernels.cross_entropy``). ``triton`` holds the same chunks in one fp32
+    buffer (its kernel writes the gradient over the logits), the same gradients, and one fp32 loss
+    a token; CUDA only."""
     from fgc_lowering.passes.select_kernels import SelectKernels, head_loss_blocker
     from fgc_runtime.kernels.cross_entropy import CHUNK_BYTES_PER_LOGIT, chunk_rows
 
@@ -273,9 +274,9 @@ def loss_head_memory(compiled: Compiled, facts: ModelFacts) -> dict[str, dict]:
         "available": why,
     }
     out["triton"] = {
-        "bytes": tokens * h * 4 + v * h * 4 + tokens * 8,
-        "what": "no logits: fp32 gradients of the hidden states and the head's weight from the forward, "
-        "and each token's logsumexp and loss",
+        "bytes": chunk * v * 4 + v * h * 4 + tokens * h * ACT_BYTES[plan.precision] + tokens * 4,
+        "what": "the chunked loss's chunks in one fp32 buffer (a Triton kernel writes the gradient over the logits), "
+        "the head's weight and hidden-state gradients from the forward, and each token's loss",
         "available": why or ("not on the cpu device: CUDA only" if settings.device == "cpu" else None),
     }
     return out

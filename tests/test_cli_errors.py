@@ -71,6 +71,20 @@ def test_error_in_parent_template_names_parent_and_chain(tmp_path):
     ]
 
 
+def test_error_under_a_computed_extends_traces_back_to_the_users_line(tmp_path):
+    # the parent's name is computed ("lm/" ~ family), so only the render knows who extended it
+    write(tmp_path / "lm" / "base.yaml", "a: 1\n[x]\nb: {{ raise('stop') }}\n")
+    write(tmp_path / "mid.yaml", '-- extends "lm/" ~ kind ~ ".yaml"\n')
+    write(tmp_path / "c.yaml", '## child\n-- set kind = "base"\n-- extends "mid.yaml"\n')
+    result = fgc("pp", "c.yaml", cwd=tmp_path)
+    assert_user_error(result, "lm/base.yaml", 3)
+    assert result.stderr.split("\n")[1:] == [
+        "  in lm/base.yaml:3, included or extended from mid.yaml:1",
+        "  in mid.yaml:1, included or extended from c.yaml:3",
+        "",
+    ]
+
+
 def test_yaml_error(tmp_path):
     write(tmp_path / "c.yaml", "a: 1\nb: [1, 2\nc: 3\n")
     result = fgc("targets", "c.yaml", cwd=tmp_path)

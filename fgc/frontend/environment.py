@@ -588,6 +588,15 @@ class FgcEnvironment(jinja2.sandbox.SandboxedEnvironment):
         self.fgc_steps = 0  # loop iterations and calls so far
         self._trees: dict[str, jinja2.nodes.Template] = {}  # template source → its syntax tree
 
+    def join_path(self, template, parent):
+        """Jinja calls this for every extends and include, with the referring template's name:
+        the loader learns where a template reached by a computed name came from, so that an
+        error inside it names the user's line that led there."""
+        note = getattr(self.loader, "note_reference", None)
+        if note is not None:
+            note(template, parent)
+        return super().join_path(template, parent)
+
     def _parse(self, source, name, filename):
         """Parse each template source once: the render compiles it, and the names it reads are
         then collected from the same tree (neither changes it: no constant folding here)."""

@@ -208,6 +208,20 @@ class FgcLoader(jinja2.BaseLoader):
         self.last_key = tf.key
         return tf.source, tf.key, lambda: True
 
+    def note_reference(self, name: str, parent: str) -> None:
+        """PARENT extends or includes NAME at render time. Literal references are known from the
+        preprocessor; a computed one (``-- extends "lm/" ~ family ~ ".yaml"``) is learnt here,
+        from the line of PARENT's computed extends, so errors in NAME trace back to it."""
+        if name in self.origins:
+            return
+        referrer = self.inline.get(parent) or self.by_key.get(parent)
+        if referrer is None:
+            path = self.find(parent)
+            referrer = None if path is None else self.by_key.get(str(path))
+        if referrer is None or referrer.computed_extends is None:
+            return
+        self.origins[name] = (referrer.key, referrer.file_line(referrer.computed_extends))
+
     def location(self, key: str, line: int | None, col: int | None = None) -> Location:
         """A template line as a Location in the user's file, with the chain it came through."""
         tf = self.by_key.get(key)

@@ -3,8 +3,9 @@
 Every kernel takes ``impl="auto"|"triton"|"torch"`` (``_impl.check_impl``). ``rms_norm``,
 ``swiglu`` and ``apply_rope`` have Triton kernels (``fgc_runtime.kernels.triton``, imported only
 when asked for); ``auto`` runs the torch twins in this version. ``fused_linear_cross_entropy``
-has ``impl="chunked"`` (torch, one chunk of logits at a time) and ``impl="triton"`` (no logit
-stored; ``auto`` is the reference, and fgc's select-kernels pass picks at build time).
+has ``impl="chunked"`` (torch, one chunk of logits at a time) and ``impl="triton"`` (the same
+chunks, the work between the matmuls in one Triton kernel); ``auto`` is the reference, and fgc's
+select-kernels pass picks at build time.
 """
 
 from .cross_entropy import fused_linear_cross_entropy

@@ -7,8 +7,9 @@
   environment (set before triton is imported) they run on CPU tensors in Triton's interpreter,
   which is how the test suite checks them.
 - ``auto``: the torch twin, on every device. The Triton kernels are tested against their twins in
-  the interpreter only; ``auto`` will pick them on CUDA once they have been measured there. Ask
-  for them explicitly with ``impl="triton"`` (in a config: ``-D kernel_impl=triton``).
+  the interpreter, and were checked and timed once on an H200 (docs/development.md), where they
+  beat the eager twins; ``auto`` does not pick them yet. Ask for them explicitly with
+  ``impl="triton"`` (in a config: ``-D kernel_impl=triton``).
 """
 
 from __future__ import annotations

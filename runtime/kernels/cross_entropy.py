@@ -15,11 +15,11 @@ same rows). Three implementations:
   ``reduction`` ``sum`` or ``mean``; not ``reduction="none"`` (see :data:`CAPABILITIES`: fgc's
   kernel-selection pass reads it and rejects a config that asks a kernel for a feature it lacks,
   rather than dropping the feature).
-- ``triton``: fgc_runtime's Triton kernels (``fgc_runtime.kernels.triton.cross_entropy``,
-  imported only then): no logit is ever stored, not even a chunk's; each kernel computes the
-  logits a tile at a time with an online logsumexp, and the gradients (computed in the forward
-  for ``mean`` and ``sum``) accumulate in fp32. Every feature and reduction of the reference; CUDA
-  tensors (CPU ones in Triton's interpreter, ``TRITON_INTERPRET=1``: for tests).
+- ``triton``: the chunks of ``chunked`` (the same driver, :func:`run_chunks`, and chunk size),
+  with everything between the matmuls (the logsumexp, the loss and the logits' gradient) in one
+  Triton kernel (``fgc_runtime.kernels.triton.cross_entropy``, imported only then). Every feature
+  and reduction of the reference; CUDA tensors (CPU ones in Triton's interpreter,
+  ``TRITON_INTERPRET=1``: for tests).
 
 Shape legend: N rows (tokens), D hidden size, V vocabulary size.
 """
@@ -98,92 +98,132 @@ def chunk_rows(vocab_size: int, budget: int = DEFAULT_CHUNK_BUDGET) -> int:
     return max(1, budget // (CHUNK_BYTES_PER_LOGIT * vocab_size))
 
 
+def _torch_chunk(logits_CV, y_C, valid_C, w_C, label_smoothing, z_loss, softcap, grad, capped_CV=None):
+    """One chunk's per-row losses (fp32, 0 where ignored) from its fp32 logits LOGITS_CV (before
+    soft-capping), in torch; with GRAD, also ``d loss / d logits`` for row weights W_C, written over
+    the buffers (LOGITS_CV, or CAPPED_CV, a second buffer of its shape, when soft-capping)."""
+    V = logits_CV.shape[1]
+    if softcap is not None:
+        # t = tanh(x / cap) kept in the logits' buffer; z = cap * t is what the loss sees
+        tanh_CV = logits_CV.div_(softcap).tanh_()
+        logits_CV = torch.mul(tanh_CV, softcap, out=capped_CV)
+    safe_y_C1 = torch.where(valid_C, y_C, torch.zeros_like(y_C)).unsqueeze(1)
+    target_C = logits_CV.gather(1, safe_y_C1).squeeze(1)
+    mean_C = logits_CV.mean(dim=1) if label_smoothing else None
+    max_C1 = logits_CV.amax(dim=1, keepdim=True)
+    # exp(z - max) in place: from here on the buffer holds the softmax's numerator
+    exp_CV = logits_CV.sub_(max_C1).exp_()
+    sum_C1 = exp_CV.sum(dim=1, keepdim=True)
+    lse_C = (sum_C1.log() + max_C1).squeeze(1)
+    loss_C = (1.0 - label_smoothing) * (lse_C - target_C)
+    if label_smoothing:
+        loss_C = loss_C + label_smoothing * (lse_C - mean_C)
+    if z_loss:
+        loss_C = loss_C + z_loss * lse_C.square()
+    # where(), not a product: an ignored row adds exactly 0 whatever its logits
+    loss_C = torch.where(valid_C, loss_C, torch.zeros_like(loss_C))
+    if not grad:
+        return loss_C, None
+    # d loss / d z = w (p (1 + 2 z_loss lse) - (1 - eps) onehot(y) - eps / V), with the row
+    # weight w (0 on ignored rows)
+    row_C1 = (w_C / sum_C1.squeeze(1)).unsqueeze(1)
+    if z_loss:
+        row_C1 = row_C1 * (1.0 + 2.0 * z_loss * lse_C).unsqueeze(1)
+    grad_CV = exp_CV.mul_(row_C1)
+    if label_smoothing:
+        grad_CV.sub_((w_C * (label_smoothing / V)).unsqueeze(1))
+    grad_CV.scatter_add_(1, safe_y_C1, (-(1.0 - label_smoothing) * w_C).unsqueeze(1))
+    if softcap is not None:
+        # through z = cap * tanh(x / cap): dz/dx = 1 - t²
+        grad_CV.mul_(tanh_CV.square_().neg_().add_(1.0))
+    return loss_C, grad_CV
+
+
+def run_chunks(hidden_ND, weight_VD, bias_V, labels_N, valid_N, roww_N, needs, chunk_size, chunk_fn, capped=False):
+    """The chunked loss's driver, shared by the torch (``chunked``) and Triton implementations.
+
+    Rows go ``chunk_size`` at a time: a chunk's fp32 logits (the matmul, and bias, in the inputs'
+    dtype, then fp32: the reference's rounding) go into one buffer reused by every chunk;
+    ``chunk_fn(logits_CV, y_C, valid_C, w_C, grad, capped_CV)`` gives the chunk's per-row losses
+    and, when a gradient is needed, ``d loss / d logits`` for the row weights ROWW_N (written over
+    the buffer); the gradients of the hidden states, weight and bias follow from it by matmuls.
+    NEEDS says which of the three gradients to compute (none: losses only). With CAPPED, a second
+    buffer of the chunk's shape is passed as ``capped_CV`` (else None).
+
+    Returns ``(loss_N, grad_hidden_ND, grad_weight_VD, grad_bias_V)``: per-row losses in fp32 (0 on
+    ignored rows), the hidden states' gradient in their dtype, the weight's and bias's in fp32
+    (None where not needed).
+    """
+    N, V = hidden_ND.shape[0], weight_VD.shape[0]
+    grad = any(needs)
+    fp32 = hidden_ND.dtype == weight_VD.dtype == torch.float32 and (bias_V is None or bias_V.dtype == torch.float32)
+    grad_hidden_ND = torch.empty_like(hidden_ND) if needs[0] else None
+    grad_weight_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if needs[1] else None
+    grad_bias_V = torch.zeros(V, dtype=torch.float32, device=weight_VD.device) if bias_V is not None and needs[2] else None
+    loss_N = hidden_ND.new_empty(N, dtype=torch.float32)
+    C = min(chunk_size, N)
+    # One fp32 buffer for a chunk's logits, reused by every chunk and turned into their
+    # gradient in place; the torch code's soft-capping needs a second (the gradient goes through tanh).
+    buf_CV = hidden_ND.new_empty((C, V), dtype=torch.float32)
+    capped_CV = hidden_ND.new_empty((C, V), dtype=torch.float32) if capped else None
+    for start in range(0, N, C):
+        h_CD = hidden_ND[start : start + C]
+        c = h_CD.shape[0]
+        logits_CV = buf_CV[:c]
+        if fp32:  # straight into the buffer: no temporary
+            if bias_V is None:
+                torch.mm(h_CD, weight_VD.T, out=logits_CV)
+            else:
+                torch.addmm(bias_V, h_CD, weight_VD.T, out=logits_CV)
+        else:  # the reference's rounding: the matmul (and bias) in the inputs' dtype, then fp32
+            low_CV = h_CD @ weight_VD.T
+            logits_CV.copy_(low_CV + bias_V if bias_V is not None else low_CV)
+            del low_CV
+        loss_C, grad_CV = chunk_fn(
+            logits_CV,
+            labels_N[start : start + C],
+            valid_N[start : start + C],
+            roww_N[start : start + C],
+            grad,
+            None if capped_CV is None else capped_CV[:c],
+        )
+        loss_N[start : start + c] = loss_C
+        if grad_hidden_ND is not None:
+            if fp32:
+                torch.mm(grad_CV, weight_VD, out=grad_hidden_ND[start : start + c])
+            else:
+                grad_hidden_ND[start : start + c] = (grad_CV.to(weight_VD.dtype) @ weight_VD).to(hidden_ND.dtype)
+        if grad_weight_VD is not None:
+            grad_weight_VD.addmm_(grad_CV.T, h_CD if fp32 else h_CD.float())
+        if grad_bias_V is not None:
+            grad_bias_V += grad_CV.sum(dim=0)
+    return loss_N, grad_hidden_ND, grad_weight_VD, grad_bias_V
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden_ND, weight_VD, bias_V, labels_N, ignore_index, label_smoothing, z_loss, softcap, chunk_size, mean
     ):
-        N, V = hidden_ND.shape[0], weight_VD.shape[0]
-        needs = ctx.needs_input_grad
-        fp32 = hidden_ND.dtype == weight_VD.dtype == torch.float32 and (bias_V is None or bias_V.dtype == torch.float32)
-        grad_hidden_ND = torch.empty_like(hidden_ND) if needs[0] else None
-        grad_weight_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if needs[1] else None
-        grad_bias_V = (
-            torch.zeros(V, dtype=torch.float32, device=weight_VD.device) if bias_V is not None and needs[2] else None
-        )
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_V is not None and ctx.needs_input_grad[2])
         valid_N = labels_N != ignore_index
         count = valid_N.sum()
         scale = 1.0 / count.clamp(min=1).float() if mean else torch.ones((), device=hidden_ND.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
-        C = min(chunk_size, N)
-        # One fp32 buffer for a chunk's logits, reused by every chunk and turned into their
-        # gradient in place; soft-capping needs a second (the gradient goes through tanh).
-        buf_CV = hidden_ND.new_empty((C, V), dtype=torch.float32)
-        capped_CV = hidden_ND.new_empty((C, V), dtype=torch.float32) if softcap is not None else None
-        for start in range(0, N, C):
-            h_CD = hidden_ND[start : start + C]
-            c = h_CD.shape[0]
-            y_C = labels_N[start : start + C]
-            valid_C = valid_N[start : start + C]
-            logits_CV = buf_CV[:c]
-            if fp32:  # straight into the buffer: no temporary
-                if bias_V is None:
-                    torch.mm(h_CD, weight_VD.T, out=logits_CV)
-                else:
-                    torch.addmm(bias_V, h_CD, weight_VD.T, out=logits_CV)
-            else:  # the reference's rounding: the matmul (and bias) in the inputs' dtype, then fp32
-                low_CV = h_CD @ weight_VD.T
-                logits_CV.copy_(low_CV + bias_V if bias_V is not None else low_CV)
-                del low_CV
-            if softcap is not None:
-                # t = tanh(x / cap) kept in buf; z = cap * t is what the loss sees
-                tanh_CV = logits_CV.div_(softcap).tanh_()
-                logits_CV = torch.mul(tanh_CV, softcap, out=capped_CV[:c])
-            safe_y_C1 = torch.where(valid_C, y_C, torch.zeros_like(y_C)).unsqueeze(1)
-            target_C = logits_CV.gather(1, safe_y_C1).squeeze(1)
-            mean_C = logits_CV.mean(dim=1) if label_smoothing else None
-            max_C1 = logits_CV.amax(dim=1, keepdim=True)
-            # exp(z - max) in place: from here on the buffer holds the softmax's numerator
-            exp_CV = logits_CV.sub_(max_C1).exp_()
-            sum_C1 = exp_CV.sum(dim=1, keepdim=True)
-            lse_C = (sum_C1.log() + max_C1).squeeze(1)
-            loss_C = (1.0 - label_smoothing) * (lse_C - target_C)
-            if label_smoothing:
-                loss_C = loss_C + label_smoothing * (lse_C - mean_C)
-            if z_loss:
-                loss_C = loss_C + z_loss * lse_C.square()
-            # where(), not a product: an ignored row adds exactly 0 whatever its logits
-            total += torch.where(valid_C, loss_C, torch.zeros_like(loss_C)).sum()
-            # d loss / d z = w (p (1 + 2 z_loss lse) - (1 - eps) onehot(y) - eps / V), with the row
-            # weight w = scale on valid rows and 0 on ignored ones
-            w_C = torch.where(valid_C, scale, torch.zeros_like(scale)).float()
-            row_C1 = (w_C / sum_C1.squeeze(1)).unsqueeze(1)
-            if z_loss:
-                row_C1 = row_C1 * (1.0 + 2.0 * z_loss * lse_C).unsqueeze(1)
-            grad_CV = exp_CV.mul_(row_C1)
-            if label_smoothing:
-                grad_CV.sub_((w_C * (label_smoothing / V)).unsqueeze(1))
-            grad_CV.scatter_add_(1, safe_y_C1, (-(1.0 - label_smoothing) * w_C).unsqueeze(1))
-            if softcap is not None:
-                # through z = cap * tanh(x / cap): dz/dx = 1 - t²
-                grad_CV.mul_(tanh_CV.square_().neg_().add_(1.0))
-            if grad_hidden_ND is not None:
-                if fp32:
-                    torch.mm(grad_CV, weight_VD, out=grad_hidden_ND[start : start + c])
-                else:
-                    grad_hidden_ND[start : start + c] = (grad_CV.to(weight_VD.dtype) @ weight_VD).to(hidden_ND.dtype)
-            if grad_weight_VD is not None:
-                grad_weight_VD.addmm_(grad_CV.T, h_CD if fp32 else h_CD.float())
-            if grad_bias_V is not None:
-                grad_bias_V += grad_CV.sum(dim=0)
-        del buf_CV, capped_CV
+        roww_N = torch.where(valid_N, scale, torch.zeros_like(scale)).float()
+
+        def chunk_fn(logits_CV, y_C, valid_C, w_C, grad, capped_CV):
+            return _torch_chunk(logits_CV, y_C, valid_C, w_C, label_smoothing, z_loss, softcap, grad, capped_CV)
+
+        loss_N, grad_hidden_ND, grad_weight_VD, grad_bias_V = run_chunks(
+            hidden_ND, weight_VD, bias_V, labels_N, valid_N, roww_N, needs, chunk_size, chunk_fn, softcap is not None
+        )
         ctx.save_for_backward(
             grad_hidden_ND if grad_hidden_ND is not None else torch.empty(0),
             grad_weight_VD.to(weight_VD.dtype) if grad_weight_VD is not None else torch.empty(0),
             grad_bias_V.to(bias_V.dtype) if grad_bias_V is not None else torch.empty(0),
         )
         ctx.has = (grad_hidden_ND is not None, grad_weight_VD is not None, grad_bias_V is not None)
-        return total * scale
+        return loss_N.sum() * scale
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -213,7 +253,7 @@ def fused_linear_cross_entropy(
     ``torch`` (the reference), ``chunked``, ``triton`` (CUDA tensors, or CPU ones under
     ``TRITON_INTERPRET=1``; ValueError where it cannot run), or ``auto`` (the reference: fgc's
     select-kernels pass chooses at build time). A feature the chosen implementation lacks raises
-    ValueError: it is never dropped. ``chunked`` runs ``chunk_size`` rows at a time, or with
+    ValueError: it is never dropped. ``chunked`` and ``triton`` run ``chunk_size`` rows at a time, or with
     ``chunk_size=None`` the rows :func:`chunk_rows` gives for the vocabulary and ``chunk_budget``
     (bytes of one chunk's fp32 logits and their gradient).
     """
@@ -238,7 +278,8 @@ def fused_linear_cross_entropy(
         # the package and device checks every Triton kernel makes, then the kernel (imports triton)
         check_impl_devices("triton", {t.device.type for t in (hidden_ND, weight) + ((bias,) if bias is not None else ())})
         loss = triton_kernel("cross_entropy", "fused_linear_cross_entropy_triton")(
-            hidden_ND, weight, labels_N, bias, ignore_index, reduction, label_smoothing, z_loss, softcap
+            hidden_ND, weight, labels_N, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+            chunk_size, chunk_budget,
         )
         return loss.reshape(labels.shape) if reduction == "none" else loss
     if chosen == "torch":

@@ -1,8 +1,9 @@
 """The Triton fused linear cross-entropy (forward and backward) against the reference
 (``fused_linear_cross_entropy(impl="torch")``), in Triton's interpreter on CPU.
 
-The interpreter costs about 1 ms a Triton program and a loop step, so the shapes are small (a few
-tiles of 16 rows, 32 vocabulary entries and 16 hidden units), and not multiples of them.
+The interpreter costs about 1 ms a Triton program and a loop step, so the shapes are small: a
+program a row, blocks of 32 vocabulary entries (a few, the last one partial), and chunks of rows
+as the chunked loss makes them.
 """
 
 import json
@@ -99,14 +100,24 @@ def test_every_option_and_reduction_matches_reference(option, reduction):
 @pytest.mark.parametrize(
     "n,v,d",
     [
-        (33, 130, 48),  # three row tiles, five vocabulary tiles, three hidden tiles: all partial
-        (1, 5, 3),  # smaller than one tile in every dimension
-        (16, 32, 16),  # exactly one tile
+        (33, 130, 48),  # five vocabulary blocks, the last one partial
+        (1, 5, 3),  # smaller than one block
+        (16, 32, 16),  # exactly one block
     ],
 )
 def test_odd_shapes(n, v, d):
     hidden, weight, labels, bias = make(n, v, d, bias=True, seed=2, ignored_every=5)
     assert_matches_reference(hidden, weight, labels, bias, reduction="mean", z_loss=1e-3, label_smoothing=0.05)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_several_chunks_match_one(reduction):
+    """Rows in chunks of 4 (the last one partial), every option: the same loss and gradients as
+    the reference, which has no chunks."""
+    options = dict(OPTIONS["everything"])
+    options.pop("ignore_index")
+    hidden, weight, labels, bias = make(19, 70, 24, bias=options.pop("bias"), seed=11)
+    assert_matches_reference(hidden, weight, labels, bias, reduction=reduction, chunk_size=4, **options)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -323,13 +334,14 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
     # evaluation runs the loss under torch.no_grad(): the forward must not compute gradients
     import fgc_runtime.kernels.triton.cross_entropy as kernel
 
-    calls = []
-    monkeypatch.setattr(kernel, "_gradients", lambda *args: calls.append(args) or (None, None, None))
+    needs = []
+    real = kernel.run_chunks
+    monkeypatch.setattr(kernel, "run_chunks", lambda *args: needs.append(args[6]) or real(*args))
     hidden, weight, labels, _ = make(10, 40, 16, seed=8)
     weight.requires_grad_()
     with torch.no_grad():
         loss = fused_linear_cross_entropy(hidden, weight, labels, impl="triton")
-    assert calls == []
+    assert needs == [(False, False, False)]  # the chunks ran for the loss alone
     torch.testing.assert_close(
         loss, fused_linear_cross_entropy(hidden, weight, labels, impl="torch").detach(), **FP32_TOL
     )
