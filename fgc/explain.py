@@ -242,7 +242,7 @@ def loss_head_memory(compiled: Compiled, facts: ModelFacts) -> dict[str, dict]:
         }
     }
     chosen = plan.kernels.get("cross_entropy", {})
-    rows = chosen.get("chunk_rows") if chosen.get("impl") == "chunked" else None
+    rows = chosen.get("chunk_rows") if chosen.get("impl") in ("chunked", "triton") else None
     if rows is None and v:
         budget = int(loss.chunk_budget_mib * 2**20)
         rows = loss.chunk_size or chunk_rows(v, budget)

@@ -211,8 +211,8 @@ class LossSettings:
 
     ``impl`` picks the kernel (``fgc_runtime.kernels.fused_linear_cross_entropy``): ``torch`` (the
     reference: every logit materialised), ``chunked`` (the head and the loss a chunk of tokens at
-    a time: one chunk's logits in memory), ``triton`` (CUDA: the logits a tile at a time, none
-    stored), or ``auto``: fgc's select-kernels pass chooses from the trainer, the device, the
+    a time: one chunk's logits in memory), ``triton`` (CUDA: the same chunks, the
+    work between the matmuls in one Triton kernel), or ``auto``: fgc's select-kernels pass chooses from the trainer, the device, the
     features and the size of the logits. A feature the chosen kernel lacks is an error.
 
     A chunk holds as many tokens as keep its fp32 logits and their gradient (8 bytes a logit)

@@ -283,7 +283,7 @@ def test_the_chunk_settings_are_an_error_when_the_loss_is_not_chunked(tmp_path):
     assert proc.returncode == 2
     assert (
         f"cfg.yaml:{line_of(path, 'chunk_budget_mib')}: error: chunk_budget_mib has no effect with the torch "
-        "loss (chosen in the config): it sizes the chunked loss's chunks\n"
+        "loss (chosen in the config): it sizes the chunked and Triton losses' chunks\n"
     ) in proc.stderr
 
 

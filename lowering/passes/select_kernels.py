@@ -97,7 +97,7 @@ class SelectKernels(Pass):
                     f"auto: one micro-batch's logits would take {logits_bytes / 2**20:,.0f} MiB "
                     f"(at least {CHUNKED_LOSS_THRESHOLD_BYTES // 2**20} MiB): "
                     + (
-                        "on cuda, the Triton kernel computes them a tile at a time and stores none"
+                        "on cuda, the Triton kernel, a chunk of them at a time"
                         if on_cuda
                         else "computed a chunk at a time"
                     )
@@ -145,17 +145,19 @@ class SelectKernels(Pass):
                 where("impl"),
                 hint="use impl: torch",
             )
-        if impl != "chunked" and loss_node is not None:
-            # the chunk's settings size the chunked kernel only: set for another, they would be silent
+        if impl not in HEAD_LOSS_IMPLS and loss_node is not None:
+            # the chunk's settings size the chunked and Triton kernels only: set for the reference,
+            # they would be silent
             for knob in ("chunk_size", "chunk_budget_mib"):
                 if knob in loss_node.kwargs:
                     ctx.sink.error(
-                        f"{knob} has no effect with the {impl} loss ({reason}): it sizes the chunked loss's chunks",
+                        f"{knob} has no effect with the {impl} loss ({reason}): it sizes the chunked and "
+                        "Triton losses' chunks",
                         where(knob),
                         hint="remove it, or use impl: chunked",
                     )
         choice = {"impl": impl, "reason": reason}
-        if impl == "chunked":
+        if impl in HEAD_LOSS_IMPLS:
             chunking = self._chunking(loss, vocab, ctx, where)
             choice |= chunking | {"reason": reason + chunking.get("reason", "")}
         if ctx.sink.errors:
@@ -226,7 +228,7 @@ class SelectKernels(Pass):
 
     @staticmethod
     def _chunking(loss, vocab: int, ctx: LoweringContext, where) -> dict:
-        """The chunked loss's chunk, for the plan: ``chunk_budget_mib`` and ``chunk_rows`` (the
+        """The chunked (and Triton) loss's chunk, for the plan: ``chunk_budget_mib`` and ``chunk_rows`` (the
         rows the trainer's ``chunk_rows(vocab, budget)`` gives, or the config's ``chunk_size``),
         with the reason's addition saying which. An error when the budget cannot hold one row."""
         budget = int(loss.chunk_budget_mib * 2**20)

@@ -258,7 +258,7 @@ def test_auto_chooses_the_triton_loss_on_cuda_when_the_logits_are_large(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert (
         "kernel cross_entropy: triton (auto: one micro-batch's logits would take 256 MiB (at least 256 MiB): "
-        "on cuda, the Triton kernel computes them a tile at a time and stores none)" in proc.stdout
+        "on cuda, the Triton kernel, a chunk of them at a time; chunks of " in proc.stdout
     )
     # on a device that may be a CPU, the chunked kernel as before
     (tmp_path / "auto").mkdir()
@@ -274,7 +274,13 @@ def test_impl_triton_builds_a_trainer_that_runs_the_kernel(tmp_path):
     out = tmp_path / "build"
     run_fgc("build", cfg, "-o", out, check=True)
     kernels = json.loads((out / "manifest.json").read_text())["plan"]["kernels"]
-    assert kernels["cross_entropy"] == {"impl": "triton", "reason": "chosen in the config"}
+    # its chunks as the chunked loss's: 64 MiB // (vocab 257 x 8 bytes)
+    assert kernels["cross_entropy"] == {
+        "impl": "triton",
+        "reason": "chosen in the config; chunks of 32,640 tokens: 64 MiB (chunk_budget_mib) // (257 logits x 8 bytes, fp32 and gradient)",
+        "chunk_budget_mib": 64.0,
+        "chunk_rows": 32640,
+    }
     train = (out / "train.py").read_text()
     assert "LMHeadLoss(" in train and 'LOSS_IMPL = "triton"' in train
     assert (out / "fgc_runtime" / "kernels" / "triton" / "cross_entropy.py").is_file()
