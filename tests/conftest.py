@@ -77,3 +77,28 @@ def small_config(tmp_path: Path, meta: str = "", extra: str = "") -> Path:
 def line_of(path: Path, text: str) -> int:
     """The number of the first line of PATH that contains TEXT."""
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def tiny_causal_lm(vocab_size: int):
+    """A CausalLM of the component library's parts (2 layers of hidden 16, 2 heads, RMSNorm,
+    SwiGLU, rotary positions up to 16), built under the caller's seed."""
+    import functools
+
+    from fgc.components.attention import CausalSelfAttention
+    from fgc.components.causal_lm import CausalLM
+    from fgc.components.layers import PreNormDecoderLayer
+    from fgc.components.mlp import SwiGLUMLP
+    from fgc.components.norm import RMSNorm
+    from fgc.components.rotary import RotaryEmbedding
+
+    return CausalLM(
+        vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2,
+        layer_factory=functools.partial(
+            PreNormDecoderLayer,
+            attention_factory=functools.partial(CausalSelfAttention, num_attention_heads=2, num_key_value_heads=2),
+            mlp_factory=functools.partial(SwiGLUMLP, intermediate_size=32),
+            norm_factory=RMSNorm,
+        ),
+        norm_factory=RMSNorm,
+        positions=RotaryEmbedding(head_dim=8, max_position_embeddings=16),
+    )

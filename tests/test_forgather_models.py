@@ -92,16 +92,22 @@ def test_a_modelsrc_project_builds_into_one_model_py_that_needs_only_torch(tmp_p
     assert (project / "build2" / "model.py").read_bytes() == (project / "build" / "model.py").read_bytes()
 
 
+def _project_classes(project, config: str) -> tuple:
+    """The fixture project's config, model and block classes, imported as fgc imports them at build
+    time for a spec written in PROJECT/CONFIG."""
+    written_in, module_path = project / config, [project / MODELSRC]
+    return tuple(
+        resolve_spec(spec, written_in, [], module_path).obj
+        for spec in (".config:TinyLMConfig", ".model:TinyCausalLM", ".layers:DecoderBlock")
+    )
+
+
 def test_the_vendored_model_computes_what_the_projects_modules_compute(tmp_path):
     project = _project(tmp_path)
     proc = run_fgc("build", "train.yaml", "-o", "build", cwd=project)
     assert proc.returncode == 0, proc.stderr
     # the project's own modules, imported as fgc imports them at build time
-    written_in = project / "train.yaml"
-    module_path = [project / MODELSRC]
-    config_cls = resolve_spec(".config:TinyLMConfig", written_in, [], module_path).obj
-    model_cls = resolve_spec(".model:TinyCausalLM", written_in, [], module_path).obj
-    block_cls = resolve_spec(".layers:DecoderBlock", written_in, [], module_path).obj
+    config_cls, model_cls, block_cls = _project_classes(project, "train.yaml")
     torch.manual_seed(0)
     original = model_cls(config_cls(vocab_size=257, hidden_size=32, num_hidden_layers=2), block_cls)
     # the generated module, on its own
@@ -287,11 +293,7 @@ def test_meta_generate_code_writes_the_projects_model_as_one_standalone_module(t
         generated = module.construct()
     finally:
         del sys.modules[spec.name]
-    written_in = project / "gen.yaml"
-    module_path = [project / MODELSRC]
-    config_cls = resolve_spec(".config:TinyLMConfig", written_in, [], module_path).obj
-    model_cls = resolve_spec(".model:TinyCausalLM", written_in, [], module_path).obj
-    block_cls = resolve_spec(".layers:DecoderBlock", written_in, [], module_path).obj
+    config_cls, model_cls, block_cls = _project_classes(project, "gen.yaml")
     torch.manual_seed(0)
     original = model_cls(config_cls(vocab_size=64), block_cls)
     assert sorted(generated.state_dict()) == sorted(original.state_dict())

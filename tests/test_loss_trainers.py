@@ -11,13 +11,12 @@ order of float sums)."""
 from __future__ import annotations
 
 import difflib
-import functools
 import json
 
 import pytest
 import torch
 
-from conftest import EXAMPLE, line_of, run_fgc, small_config
+from conftest import EXAMPLE, line_of, run_fgc, small_config, tiny_causal_lm
 from test_pipeline import _torchrun
 
 COMMON = ["-D", "max_steps=3", "-D", "eval_every=3", "-D", "seq_len=64"]
@@ -93,26 +92,10 @@ def test_triton_takes_the_chunked_losss_trainer_code(tmp_path, flags):
 def test_the_loss_wrapper_gives_logits_and_the_loss_from_hidden_states():
     """LMHeadLoss without labels is the model's forward (sampling through the FSDP2 root);
     loss_from_hidden on the final hidden states is its loss (a pipeline's last stage)."""
-    from fgc.components.attention import CausalSelfAttention
-    from fgc.components.causal_lm import CausalLM
-    from fgc.components.layers import PreNormDecoderLayer
-    from fgc.components.mlp import SwiGLUMLP
-    from fgc.components.norm import RMSNorm
-    from fgc.components.rotary import RotaryEmbedding
     from fgc_runtime.kernels.cross_entropy import LMHeadLoss, cross_entropy_sum_and_count
 
     torch.manual_seed(0)
-    model = CausalLM(
-        vocab_size=11, hidden_size=16, num_hidden_layers=2,
-        layer_factory=functools.partial(
-            PreNormDecoderLayer,
-            attention_factory=functools.partial(CausalSelfAttention, num_attention_heads=2, num_key_value_heads=2),
-            mlp_factory=functools.partial(SwiGLUMLP, intermediate_size=32),
-            norm_factory=RMSNorm,
-        ),
-        norm_factory=RMSNorm,
-        positions=RotaryEmbedding(head_dim=8, max_position_embeddings=16),
-    )
+    model = tiny_causal_lm(11)
     ids = torch.randint(0, 11, (2, 7))
     labels = torch.randint(0, 11, (2, 7))
     labels[0, :3] = -100

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EXAMPLE, line_of, run_fgc, small_config
+from conftest import EXAMPLE, line_of, run_fgc, small_config, tiny_causal_lm
 from fgc_runtime.kernels import fused_linear_cross_entropy
 from fgc_runtime.kernels.cross_entropy import cross_entropy_sum_and_count
 
@@ -204,29 +204,12 @@ def test_chunked_loss_trains_like_the_reference(tmp_path):
 
 
 def test_document_ids_and_the_masking_wrapper_keep_documents_apart():
-    from fgc.components.attention import CausalSelfAttention
-    from fgc.components.causal_lm import CausalLM
-    from fgc.components.layers import PreNormDecoderLayer
-    from fgc.components.mlp import SwiGLUMLP
-    from fgc.components.norm import RMSNorm
-    from fgc.components.rotary import RotaryEmbedding
     from fgc_runtime.data import DocumentMasking, document_ids
-    import functools
 
     ids = torch.tensor([[5, 6, 9, 7, 9, 8, 8]])  # eos 9 ends a document and belongs to it
     assert document_ids(ids, 9).tolist() == [[0, 0, 0, 1, 1, 2, 2]]
     torch.manual_seed(0)
-    model = CausalLM(
-        vocab_size=10, hidden_size=16, num_hidden_layers=2,
-        layer_factory=functools.partial(
-            PreNormDecoderLayer,
-            attention_factory=functools.partial(CausalSelfAttention, num_attention_heads=2, num_key_value_heads=2),
-            mlp_factory=functools.partial(SwiGLUMLP, intermediate_size=32),
-            norm_factory=RMSNorm,
-        ),
-        norm_factory=RMSNorm,
-        positions=RotaryEmbedding(head_dim=8, max_position_embeddings=16),
-    ).eval()
+    model = tiny_causal_lm(10).eval()
     with torch.no_grad():
         packed = DocumentMasking(model, eos_id=9)(ids)
         alone = [model(ids[:, a:b]) for a, b in ((0, 3), (3, 5), (5, 7))]
