@@ -56,11 +56,20 @@ def torchrun_cmd(python, *args) -> list[str]:
     return [str(python), "-m", "torch.distributed.run", "--nproc-per-node", "2", *map(str, args)]
 
 
-def start(cmd, cwd) -> subprocess.Popen:
-    """CMD in a process group of its own (as a terminal runs a foreground job), output merged."""
+def as_a_terminal_job() -> None:
+    """A preexec_fn: Ctrl-C's signals at their defaults, as a terminal's foreground job has them.
+    The suite may run where they are ignored (a non-interactive shell ignores SIGINT and SIGQUIT
+    in the commands it starts with `&`), and a process started with SIGINT ignored keeps it
+    ignored: the trainer would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+def start(cmd, cwd, env=None) -> subprocess.Popen:
+    """CMD in a process group of its own, as a terminal runs a foreground job, output merged."""
     return subprocess.Popen(
-        [str(c) for c in cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-        start_new_session=True,
+        [str(c) for c in cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=ENV if env is None else env, start_new_session=True, preexec_fn=as_a_terminal_job,
     )
 
 
@@ -406,10 +415,10 @@ def test_ctrl_c_saves_and_exits_0_and_a_second_one_stops_at_once(pkgs, tmp_path)
     markers = tmp_path / "markers"
     markers.mkdir()
     env = dict(ENV, FGC_TEST_MARKERS=str(markers))
-    job = subprocess.Popen(
-        [sys.executable, str(slow / "train.py"), "--output-dir", str(run), "--log-every", "1", "--max-steps",
-         "100000", "--save-every", "0"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    job = start(
+        [sys.executable, slow / "train.py", "--output-dir", run, "--log-every", "1", "--max-steps", "100000",
+         "--save-every", "0"],
+        cwd=tmp_path, env=env,
     )
     output = []
     read_until(job, f"step {step + 2} |", output)
@@ -447,11 +456,9 @@ def test_ctrl_c_through_launch_sh_stops_every_rank_cleanly(pkgs, tmp_path):
     slow = slow_stop_copy(pkgs["ddp"], tmp_path)
     markers = tmp_path / "markers"
     markers.mkdir()
-    job = subprocess.Popen(
-        [str(slow / "launch.sh"), "--", "--output-dir", str(run), "--log-every", "1", "--max-steps", "100000",
-         "--save-every", "0"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(ENV, FGC_TEST_MARKERS=str(markers)), start_new_session=True,
+    job = start(
+        [slow / "launch.sh", "--", "--output-dir", run, "--log-every", "1", "--max-steps", "100000", "--save-every", "0"],
+        cwd=tmp_path, env=dict(ENV, FGC_TEST_MARKERS=str(markers)),
     )
     output = []
     read_until(job, f"step {step + 2} |", output)
