@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 case "${1:-}" in
 prepare)
-    rm -rf .gpu/packages
+    # fgc's build replaces only what an earlier build wrote; benchmark.json names this prepare's variants
     mkdir -p .gpu
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
     shift

@@ -214,10 +214,7 @@ class FgcLoader(jinja2.BaseLoader):
         from the line of PARENT's computed extends, so errors in NAME trace back to it."""
         if name in self.origins:
             return
-        referrer = self.inline.get(parent) or self.by_key.get(parent)
-        if referrer is None:
-            path = self.find(parent)
-            referrer = None if path is None else self.by_key.get(str(path))
+        referrer = self.lookup(parent)
         if referrer is None or referrer.computed_extends is None:
             return
         self.origins[name] = (referrer.key, referrer.file_line(referrer.computed_extends))
