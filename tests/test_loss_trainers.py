@@ -76,7 +76,7 @@ def test_triton_takes_the_chunked_losss_trainer_code(tmp_path, flags):
         sources[impl] = (tmp_path / impl / "train.py").read_text().splitlines()
     # what may differ: the implementation's name, the plan's record of it, the config's hash, and
     # the check that the Triton kernels have a CUDA device
-    allowed = ("LOSS_IMPL =", "CONFIG_HASH =", '"cross_entropy": {', '"impl": "chunked"', '"reason":',
+    allowed = ("LOSS_IMPL =", "CONFIG_HASH =", '"cross_entropy": {', '"impl": "chunked"', '"impl": "triton"', '"reason":',
                '"chunk_budget_mib":', '"chunk_rows":', "},", "check_impl_devices", "Triton kernels", "try:",
                "except ValueError as exc:", 'kernels = "cross_entropy"', "raise RunError(", "to run the torch code",
                ") from None")
