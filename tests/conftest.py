@@ -12,6 +12,14 @@ from pathlib import Path
 # GPU, TRITON_INTERPRET=0 runs the kernel tests on CUDA instead.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite runs in two processes (pytest-xdist, `-n 2`). torchrun's static rendezvous listens on
+# --master-port, 29500 unless set (`PET_MASTER_PORT` is its environment form), so two workers'
+# launches at once would meet on one port: each worker takes its own, which every torchrun the
+# tests start (directly or through a package's launch.sh) inherits.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw") and _worker[2:].isdigit():
+    os.environ.setdefault("PET_MASTER_PORT", str(29500 + 7 * (int(_worker[2:]) + 1)))
+
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent

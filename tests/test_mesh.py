@@ -51,9 +51,12 @@ def _plan(out: Path) -> dict:
 )
 def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described):
     out = tmp_path / "build"
-    run_fgc("build", EXAMPLE, "-o", out, *flags, check=True)
+    proc = run_fgc("build", EXAMPLE, "-o", out, *flags, check=True)
     plan = _plan(out)
     assert plan["mesh"] == mesh
+    # the build's last line names the mesh (the trainer type alone hides e.g. FSDP2 x PP)
+    degrees = " x ".join(f"{d}={n}" for d, n in mesh.items() if not (d == "dp" and n == 1))
+    assert f"trainer, mesh {degrees}); run: torchrun" in proc.stderr.splitlines()[-1]
     source = (out / "train.py").read_text()
     assert described in source
     assert 'mesh = Mesh(dist.device, PLAN["mesh"])' in source
