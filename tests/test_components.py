@@ -38,6 +38,7 @@ ALLOWED_FROM_IMPORTS = {
     ("fgc_runtime.kernels", "rms_norm"),
     ("fgc_runtime.kernels", "swiglu"),
     ("fgc_runtime.kernels", "apply_rope"),
+    ("fgc_runtime.kernels", "scaled_dot_product_attention"),
     ("torch.distributed.tensor", "distribute_tensor"),  # CausalLM.init_weights, for DTensor shards
 }
 

@@ -103,8 +103,9 @@ def test_without_positions_the_last_token_does_not_see_the_order(kind):
 
 
 def test_attention_with_the_context_is_the_rotary_attention_bit_for_bit():
-    """ctx.rotate is apply_rope over the fp32 tables cast to q's dtype, as the attention did."""
-    from fgc_runtime.kernels import apply_rope
+    """ctx.rotate is apply_rope over the fp32 tables cast to q's dtype, as the attention did; the
+    attention is the runtime's SDPA (bf16 on the CPU: fp32 attention, cast back)."""
+    from fgc_runtime.kernels import apply_rope, scaled_dot_product_attention
 
     attn = CausalSelfAttention(hidden_size=D, num_attention_heads=4, num_key_value_heads=2).to(torch.bfloat16)
     x_BTD = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
@@ -115,7 +116,7 @@ def test_attention_with_the_context_is_the_rotary_attention_bit_for_bit():
         k = attn.k_proj(x_BTD).view(2, 7, 2, 8).transpose(1, 2)
         v = attn.v_proj(x_BTD).view(2, 7, 2, 8).transpose(1, 2)
         q, k = apply_rope(q, k, cos_BTE.to(q.dtype), sin_BTE.to(q.dtype))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        y = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         expected_BTD = attn.o_proj(y.transpose(1, 2).reshape(2, 7, -1))
     assert got_BTD.dtype == torch.bfloat16 and torch.equal(got_BTD, expected_BTD)
 

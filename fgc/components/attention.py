@@ -11,6 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from fgc.components.positions import LayerContext
+from fgc_runtime.kernels import scaled_dot_product_attention
 
 
 def sliding_window_causal_mask(seq_len: int, sliding_window: int, device=None) -> torch.Tensor:
@@ -147,8 +148,9 @@ class CausalSelfAttention(nn.Module):
         if self.attn_logit_softcapping is not None:
             y_BHTE = self._softcapped_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask_B1TS)
         else:
-            # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv copy.
-            y_BHTE = F.scaled_dot_product_attention(
+            # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv
+            # copy; on the CPU, bf16 attention runs in fp32 (faster there: fgc_runtime.kernels.attention)
+            y_BHTE = scaled_dot_product_attention(
                 q_BHTE,
                 k_BKTE,
                 v_BKTE,

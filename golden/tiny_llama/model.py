@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fgc_runtime.kernels import apply_rope
 from fgc_runtime.kernels import rms_norm
+from fgc_runtime.kernels import scaled_dot_product_attention
 from fgc_runtime.kernels import swiglu
 
 
@@ -215,8 +216,9 @@ class CausalSelfAttention(nn.Module):
         if self.attn_logit_softcapping is not None:
             y_BHTE = self._softcapped_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask_B1TS)
         else:
-            # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv copy.
-            y_BHTE = F.scaled_dot_product_attention(
+            # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv
+            # copy; on the CPU, bf16 attention runs in fp32 (faster there: fgc_runtime.kernels.attention)
+            y_BHTE = scaled_dot_product_attention(
                 q_BHTE,
                 k_BKTE,
                 v_BKTE,

@@ -5,12 +5,14 @@ Every kernel takes ``impl="auto"|"triton"|"torch"`` (``_impl.check_impl``). ``rm
 when asked for); ``auto`` runs the torch twins in this version. ``fused_linear_cross_entropy``
 has ``impl="chunked"`` (torch, one chunk of logits at a time) and ``impl="triton"`` (the same
 chunks, the work between the matmuls in one Triton kernel); ``auto`` is the reference, and fgc's
-select-kernels pass picks at build time.
+select-kernels pass picks at build time. ``scaled_dot_product_attention`` is torch's SDPA with
+one rule: on the CPU, bf16 and fp16 attention runs in fp32 (faster there, ``attention.py``).
 """
 
+from .attention import scaled_dot_product_attention
 from .cross_entropy import fused_linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
 
-__all__ = ["rms_norm", "swiglu", "apply_rope", "fused_linear_cross_entropy"]
+__all__ = ["rms_norm", "swiglu", "apply_rope", "fused_linear_cross_entropy", "scaled_dot_product_attention"]

@@ -107,3 +107,40 @@ def test_impl_argument(monkeypatch):
         swiglu(x, x, impl="triton")
     with pytest.raises(ValueError, match="unknown impl 'cuda'"):
         swiglu(x, x, impl="cuda")
+
+
+# -- attention: bf16 on the CPU runs in fp32 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_attention_in_low_precision_is_fp32_attention_cast_back(dtype):
+    """On the CPU, bf16/fp16 attention equals fp32 SDPA of the same (upcast) inputs, cast back,
+    inside autocast too (which would otherwise run SDPA in bf16), gradients included."""
+    from fgc_runtime.kernels import scaled_dot_product_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 24).to(dtype).requires_grad_()
+    k = torch.randn(2, 2, 16, 24).to(dtype).requires_grad_()
+    v = torch.randn(2, 2, 16, 24).to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert y.dtype == dtype
+    y.float().square().sum().backward()
+    ref_q, ref_k, ref_v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(ref_q, ref_k, ref_v, is_causal=True, enable_gqa=True)
+    assert torch.equal(y, ref.to(dtype))
+    ref.to(dtype).float().square().sum().backward()
+    for got, want in ((q, ref_q), (k, ref_k), (v, ref_v)):
+        assert torch.equal(got.grad, want.grad.to(dtype))
+    # bf16 SDPA itself gives other values: the rule is not a no-op
+    low = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True, enable_gqa=True)
+    assert not torch.equal(low, y.detach())
+
+
+def test_fp32_attention_is_sdpa_as_called():
+    from fgc_runtime.kernels import scaled_dot_product_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    mask = torch.ones(16, 16, dtype=torch.bool).tril()
+    assert torch.equal(scaled_dot_product_attention(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
