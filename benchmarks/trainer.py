@@ -218,7 +218,7 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
     return rate_rows, split_rows, line
 
 
-def goal_lines(name: str, rows: list[dict], precisions: list[str]) -> list[str]:
+def goal_lines(name: str, rows: list[dict]) -> list[str]:
     """Issue #18's goals for shape NAME, each with this run's ratio and whether it is met."""
     best = {}  # precision -> (loop, row) of the faster generated trainer
     for row in rows:
@@ -300,7 +300,7 @@ def main(argv=None) -> None:
     for name in names:
         bound = next(r["bound_vs_hf"] for r in split_rows if r["shape"] == name and r["loop"] == FGC_PLAIN)
         print(f"{name}: bound in fp32 with these kernels (everything but matmul and attention free): {bound:.2f}x")
-        for line in goal_lines(name, rate_rows, args.precisions):
+        for line in goal_lines(name, rate_rows):
             print(line)
     print(peer_line())
 
