@@ -207,8 +207,8 @@ def build(config, project, out, include_dirs, defines, force, no_smoke, dump_aft
         else f"python {out}/train.py"
     )
     # a mesh of more than one dimension is named too: "pipeline trainer" alone hides FSDP2 x PP
-    dims = [f"{d}={n}" for d, n in plan.mesh if n > 1]
-    mesh = ", mesh " + " x ".join(dims) if len(dims) > 1 else ""
+    dims = plan.mesh_text(without_ones=True)
+    mesh = f", mesh {dims}" if " x " in dims else ""
     click.echo(f"fgc: built {out} ({plan.trainer_type} trainer{mesh}); run: {launcher}", err=True)
 
 

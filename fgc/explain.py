@@ -347,7 +347,7 @@ def explain_summary(compiled: Compiled) -> str:
     value, formula = flops_per_token(compiled, settings.seq_len)
     lines += ["", "training FLOPs per token:", f"  {formula}"]
     lines += ["", "parallel plan:"]
-    mesh = " x ".join(f"{name}={size}" for name, size in plan.mesh) or "none (one process)"
+    mesh = plan.mesh_text() or "none (one process)"
     lines.append(f"  trainer {plan.trainer_type}, launcher {plan.launcher}, {plan.nproc} rank(s), mesh: {mesh}")
     lines += mesh_table(plan.mesh)
     if plan.fsdp_units != "none":

@@ -41,6 +41,11 @@ class Plan:
     # model's, "source": the data's meta.json (or the config line), "new_rows": how they start}
     vocab_growth: dict | None = None
 
+    def mesh_text(self, *, without_ones: bool = False) -> str:
+        """The mesh as ``dp_shard=2 x pp=2`` (WITHOUT_ONES: leaving out dimensions of size 1);
+        "" for one process."""
+        return " x ".join(f"{name}={size}" for name, size in self.mesh if size > 1 or not without_ones)
+
     def to_data(self) -> dict:
         data = asdict(self)
         data["apply_order"] = list(self.apply_order)
