@@ -298,6 +298,7 @@ def _mib(n: int) -> str:
 
 # what each dimension of a mesh does, for the table
 DIMENSIONS = {
+    "diloco": "DiLoCo workers: no gradient sync; global parameters averaged every inner_steps steps",
     "dp_replicate": "copies of the sharded model; gradients averaged over them (HSDP)",
     "dp_shard": "FSDP2 shards parameters, gradients and optimizer state",
     "dp": "data-parallel replicas; gradients averaged (summed, for a pipeline) over them",
@@ -388,7 +389,9 @@ def explain_summary(compiled: Compiled) -> str:
     if plan.diloco:
         d = plan.diloco
         lines.append(
-            f"  DiLoCo: {d['workers']} workers, each with its own optimizer, sync every {d['inner_steps']} steps; "
+            f"  DiLoCo: {d['workers']} workers"
+            + (f" of {d['ranks_per_worker']} ranks (DDP inside a worker)" if d["ranks_per_worker"] > 1 else "")
+            + f", each with its own optimizer, sync every {d['inner_steps']} steps; "
             f"outer optimizer {d['outer_optimizer']}, lr {d['outer_lr']}, momentum {d['outer_momentum']}, fp32; "
             f"loss normalised {d['loss_normalisation']}"
         )

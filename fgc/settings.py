@@ -181,11 +181,17 @@ class DiLoCoSettings:
     """DiLoCo's outer loop: every ``inner_steps`` optimizer steps the workers average their
     pseudo-gradients (global minus local parameters), and an outer SGD with Nesterov momentum
     (``outer_lr``, ``outer_momentum``) steps the global parameters, which every worker then
-    copies."""
+    copies.
+
+    ``workers``: how many workers the ``nproc`` ranks form (None: every rank is one). With
+    W < nproc, each worker is ``nproc / W`` neighbouring ranks training one copy of the model
+    with DDP inside the worker (its gradients averaged over the worker's ranks every step), and
+    the workers still sync only every ``inner_steps`` steps."""
 
     inner_steps: Count = 20
     outer_lr: Positive = 0.7
     outer_momentum: Fraction = 0.9
+    workers: Optional[Count] = None
 
 
 @dataclass(frozen=True)
@@ -321,8 +327,9 @@ class PipelineTrainer(DDPTrainer):
 
 @dataclass(frozen=True)
 class DiLoCoTrainer(DDPTrainer):
-    """DiLoCo over ``parallel.nproc`` workers per node: each trains its own copy of the model with
-    its own inner optimizer on its share of the batch, with no gradient all-reduce, and the
+    """DiLoCo over ``parallel.nproc`` ranks per node: each worker (a rank, or with
+    ``diloco.workers`` a group of ranks running DDP) trains its own copy of the model with its own
+    inner optimizer on its share of the batch, with no gradient all-reduce between workers, and the
     workers sync every ``diloco.inner_steps`` steps (see :class:`DiLoCoSettings`)."""
 
     TYPE: ClassVar[str] = "diloco"

@@ -34,7 +34,7 @@ class Plan:
     pipeline: dict | None = None
     # kernel -> {"impl", "reason"}: what the select-kernels pass chose
     kernels: dict = field(default_factory=dict)
-    # DiLoCo: None, or {"workers", "inner_steps", "outer_optimizer", "outer_lr", "outer_momentum",
+    # DiLoCo: None, or {"workers", "ranks_per_worker", "inner_steps", "outer_optimizer", "outer_lr", "outer_momentum",
     # "loss_normalisation"}
     diloco: dict | None = None
     # a pretrained model's vocabulary grown to the data's: None, or {"from": its rows, "to": the

@@ -1,9 +1,11 @@
 """DiLoCo's outer loop (Douillard et al. 2023, "DiLoCo: Distributed Low-Communication Training of
 Language Models").
 
-Every rank is a worker holding a whole model and its own inner optimizer, and trains on its own
-share of each global batch with no gradient all-reduce. Every ``inner_steps`` steps the workers
-sync: each worker's pseudo-gradient ``global - local`` is averaged over the workers (one
+A worker holds a whole model and its own inner optimizer, and trains on its own share of each
+global batch with no gradient all-reduce between workers. A worker is one rank, or several that
+run DDP inside the worker (``ranks_per_worker``): they hold the same model, and each of them
+syncs with the ranks in the same place of the other workers (``outer_group``). Every
+``inner_steps`` steps the workers sync: each worker's pseudo-gradient ``global - local`` is averaged over the workers (one
 all-reduce), an outer optimizer (SGD with Nesterov momentum) steps the global parameters with that
 average as their gradient, and every worker copies the new global parameters into its model. The
 inner optimizers' states stay per worker.
@@ -29,7 +31,8 @@ class DiLoCo:
     """The global parameters of MODEL, its outer optimizer, and where the current round is.
 
     Build it after the model has its initial weights (the same on every rank): the global
-    parameters start as a copy of them.
+    parameters start as a copy of them. WORKERS (None: one a rank) of several ranks each sync
+    over OUTER_GROUP, this rank and the ranks in its place in the other workers.
     """
 
     def __init__(
@@ -40,11 +43,22 @@ class DiLoCo:
         inner_steps: int,
         outer_lr: float,
         outer_momentum: float,
+        workers: int | None = None,
+        outer_group=None,
     ):
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be at least 1, got {inner_steps}")
+        workers = dist.world_size if workers is None else workers
+        if dist.world_size % workers:
+            raise ValueError(f"{dist.world_size} ranks do not form {workers} workers")
+        if workers < dist.world_size and outer_group is None:
+            raise ValueError("workers of several ranks sync over an outer_group (fgc_runtime.mesh.Mesh's)")
         self.dist = dist
         self.inner_steps = inner_steps
+        self.workers = workers
+        self.ranks_per_worker = dist.world_size // workers
+        # the ranks this one syncs with: one in each worker (None: every rank, a worker each)
+        self.outer_group = outer_group
         # trainable parameters by name; a tied weight is yielded (and synced) once
         self.local = {n: p for n, p in model.named_parameters() if p.requires_grad}
         with torch.no_grad():
@@ -87,9 +101,9 @@ class DiLoCo:
             g.grad = flat[offset : offset + g.numel()].view_as(g)
             torch.sub(g, p.float(), out=g.grad)
             offset += g.numel()
-        if self.dist.distributed:
-            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
-            flat.div_(self.dist.world_size)
+        if self.workers > 1:
+            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=self.outer_group)
+            flat.div_(self.workers)
         self.outer_optimizer.step()
         for g, p in zip(outer, local):
             g.grad = None
@@ -128,6 +142,7 @@ class DiLoCo:
             "outer_optimizer": self.outer_optimizer.state_dict(),
             "inner_step": self.inner_step,
             "inner_steps": self.inner_steps,
+            "workers": self.workers,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -143,16 +158,20 @@ class DiLoCo:
 
     def global_sum(self, values: list[float]) -> list[float]:
         """VALUES summed over the workers (float64; a collective): the logged loss, target count
-        and gradient norm are global although nothing else is synced between rounds."""
+        and gradient norm are global although nothing else is synced between rounds. Each value
+        is its worker's: the same on every rank of a worker (a value that differs between them
+        counts as their mean)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
         if self.dist.distributed:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+            t.div_(self.ranks_per_worker)
         return t.tolist()
 
 
-def check_resume(state: dict, world_size: int, path) -> dict:
+def check_resume(state: dict, world_size: int, path, workers: int | None = None) -> dict:
     """This worker's piece of a checkpoint (its own model, inner optimizer and token count); a
-    RunError when the checkpoint is not a DiLoCo one or was written by another number of workers.
+    RunError when the checkpoint is not a DiLoCo one or was written by another number of ranks or
+    WORKERS (None: one a rank).
     """
     written_by = state["manifest"].get("world_size")
     if (
@@ -165,8 +184,17 @@ def check_resume(state: dict, world_size: int, path) -> dict:
         )
     if written_by != world_size:
         raise RunError(
-            f"this DiLoCo checkpoint was written by {written_by} workers, and this run has {world_size}: "
+            f"this DiLoCo checkpoint was written by {written_by} ranks, and this run has {world_size}: "
             f"each worker's own model and inner optimizer are in it, so resume with {written_by} processes",
+            path=path,
+        )
+    # a checkpoint written before workers were recorded had one worker a rank
+    written_workers = state["optimizer"].get("workers", written_by)
+    workers = world_size if workers is None else workers
+    if written_workers != workers:
+        raise RunError(
+            f"this DiLoCo checkpoint was written by {written_workers} workers, and this run has {workers}: "
+            f"each worker's own model and inner optimizer are in it, so resume with a package built with -D diloco_workers={written_workers}",
             path=path,
         )
     if state.get("rank_state") is None:

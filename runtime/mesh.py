@@ -2,6 +2,8 @@
 
 A plan names its mesh as ``(dimension, degree)`` pairs, outermost first, from these dimensions:
 
+- ``diloco``: DiLoCo workers, which train alone and average their parameters' change every few
+  steps (``fgc_runtime.diloco``); each worker is the ranks of the dimensions after it;
 - ``dp_replicate``: copies of the model that average their gradients (FSDP2's hybrid sharding,
   HSDP: each copy sharded over ``dp_shard``);
 - ``dp_shard``: ranks FSDP2 shards parameters, gradients and optimizer state over;
@@ -23,7 +25,7 @@ import torch
 
 from .errors import RunError
 
-DATA_DIMS = ("dp_replicate", "dp_shard", "dp")
+DATA_DIMS = ("diloco", "dp_replicate", "dp_shard", "dp")
 
 
 class Mesh:
@@ -35,7 +37,9 @@ class Mesh:
     in it; ``pp_group``, ``pp_rank``: the pipeline of this rank (None, 0 without one); ``fsdp``:
     the sub-mesh FSDP2 shards over (2-D ``("dp_replicate", "dp_shard")`` for HSDP; None without
     FSDP2); ``first_copy``: whether this rank holds the first data-parallel copy of its share and
-    is the first of its tensor-parallel group (the rank whose share a gathered checkpoint takes).
+    is the first of its tensor-parallel group (the rank whose share a gathered checkpoint takes);
+    ``worker_group``, ``outer_group``: with DiLoCo, the ranks of this rank's worker (None when a
+    worker is one rank) and the ranks in the same place of every worker (None without DiLoCo).
     """
 
     def __init__(self, device: torch.device, dims: dict[str, int]):
@@ -64,6 +68,10 @@ class Mesh:
         self.pp_group = self.device_mesh.get_group("pp") if "pp" in dims else None
         self.pp_rank = self.device_mesh.get_local_rank("pp") if "pp" in dims else 0
         self.first_copy = self.dp_rank == 0 and self.tp_rank == 0
+        # DiLoCo: the ranks of this rank's worker (None when a worker is one rank), and this
+        # rank's peers in the other workers, which sync with it
+        self.worker_group = self.device_mesh.get_group("dp") if "diloco" in dims and "dp" in dims else None
+        self.outer_group = self.device_mesh.get_group("diloco") if "diloco" in dims else None
         shard = tuple(name for name in ("dp_replicate", "dp_shard") if name in dims)
         self.fsdp = None if not shard else self.device_mesh[shard if len(shard) > 1 else shard[0]]
 

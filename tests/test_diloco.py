@@ -119,6 +119,7 @@ def test_plan_constants_and_explain(pkg):
     assert plan["trainer_type"] == "diloco" and plan["launcher"] == "torchrun"
     assert plan["diloco"] == {
         "workers": 2,
+        "ranks_per_worker": 1,
         "inner_steps": 3,
         "outer_optimizer": "SGD with Nesterov momentum",
         "outer_lr": 0.7,
@@ -254,7 +255,7 @@ def test_a_stop_mid_round_resumes_bitwise_and_another_world_size_is_an_error(ful
                            capture_output=True, text=True, env=ENV, cwd=tmp_path)
     assert wrong.returncode == 2
     assert wrong.stderr.strip().splitlines() == [
-        f"{saved}: error: this DiLoCo checkpoint was written by 2 workers, and this run has 1: each worker's own "
+        f"{saved}: error: this DiLoCo checkpoint was written by 2 ranks, and this run has 1: each worker's own "
         "model and inner optimizer are in it, so resume with 2 processes"
     ]
 
@@ -266,6 +267,66 @@ def test_a_stop_mid_round_resumes_bitwise_and_another_world_size_is_an_error(ful
     a = _load(run / "checkpoints" / end / "model.pt")
     b = _load(full_run / "checkpoints" / end / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.slow
+def test_workers_of_two_ddp_ranks_match_workers_of_one_rank_and_resume_bitwise(full, tmp_path):
+    """DiLoCo around DDP: 4 ranks as 2 workers of 2. Each worker reads the rows a one-rank worker
+    reads, split over its ranks, so the run is the 2-worker run's; it resumes bitwise mid-round,
+    and a package with another number of workers refuses its checkpoint."""
+    _, two_run = full
+    pkg = tmp_path / "pkg"
+    run_fgc("build", EXAMPLE, "-o", pkg, *KNOBS, "-D", "nproc=4", "-D", "diloco_workers=2", check=True)
+    assert _plan(pkg)["mesh"] == {"diloco": 2, "dp": 2}
+    full_run = tmp_path / "full"
+    proc = _torchrun(pkg, full_run, nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["step"]: r for r in map(json.loads, (full_run / "metrics.jsonl").read_text().splitlines())}
+    want = {r["step"]: r for r in map(json.loads, (two_run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(records) == list(range(1, STEPS + 1))
+    for step, record in records.items():
+        # the loss, the workers' mean grad norm and the token count are the 2-worker run's
+        assert record["tokens"] == want[step]["tokens"] == step * 16 * 128
+        assert record["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
+        assert record["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
+    end = f"step-{STEPS:08d}"
+    a, b = _load(full_run / "checkpoints" / end / "model.pt"), _load(two_run / "checkpoints" / end / "model.pt")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+    script = tmp_path / "stop.py"
+    script.write_text(SIGTERM_AT_STEP_4)
+    run = tmp_path / "run"
+    stopped = _torchrun(pkg, run, script=script, nproc=4)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    saved = run / "checkpoints" / "step-00000004"
+    assert _load(saved / "optimizer.pt")["workers"] == 2
+    # mid-round, the ranks of one worker hold the same model (DDP), the two workers different ones
+    local = [_load(saved / f"state-rank{r}.pt")["model"]["lm_head.weight"] for r in range(4)]
+    assert torch.equal(local[0], local[1]) and torch.equal(local[2], local[3])
+    assert not torch.equal(local[0], local[2])
+
+    # 4 workers of one rank cannot take over 2 workers' states
+    other = tmp_path / "other"
+    run_fgc("build", EXAMPLE, "-o", other, *KNOBS, "-D", "nproc=4", check=True)
+    wrong = _torchrun(other, run, nproc=4)
+    assert wrong.returncode != 0
+    assert (
+        f"{saved}: error: this DiLoCo checkpoint was written by 2 workers, and this run has 4: each worker's own "
+        "model and inner optimizer are in it, so resume with a package built with -D diloco_workers=2"
+    ) in wrong.stderr
+
+    resumed = _torchrun(pkg, run, nproc=4)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert _losses(run) == _losses(full_run)  # bitwise
+    a = _load(run / "checkpoints" / end / "model.pt")
+    b = _load(full_run / "checkpoints" / end / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def _plan(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())["plan"]
 
 
 @pytest.mark.slow

@@ -47,6 +47,11 @@ def _plan(out: Path) -> dict:
             {"dp": 1, "pp": 2, "tp": 2},
             "pipeline parallel over 4 processes per node (torchrun): the layers of each stage split over 2 tensor-parallel ranks, 2 stages on 2 ranks",
         ),
+        (
+            ["-D", "trainer_type=diloco", "-D", "diloco_workers=2", "-D", "nproc=4"],
+            {"diloco": 2, "dp": 2},
+            "DiLoCo over 4 processes per node (torchrun), syncing every 20 steps: 2 workers of 2 ranks (DDP inside a worker)",
+        ),
     ],
 )
 def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described):
@@ -71,6 +76,9 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
         assert ("pipeline.shard_stages(stages, mesh.fsdp)" in source) == ("dp_shard" in mesh)
         # FSDP2 reduces the replicas' gradients; plain replicas sum theirs by hand
         assert ("pipeline.all_reduce_grads(part, dp_group)" in source) == ("dp_shard" not in mesh)
+    if "diloco" in mesh:  # DDP inside each worker, and the workers sync over the outer group
+        assert "DistributedDataParallel(model, process_group=mesh.worker_group)" in source
+        assert "outer_group=mesh.outer_group," in source
     if flags[1] == "trainer_type=ddp":  # no DDP wrapper: the gradients of tensor-parallel shards are averaged by hand
         assert "DistributedDataParallel(" not in source and "no_sync" not in source
         assert "average_grads(model, mesh.dp_group)" in source
@@ -106,6 +114,14 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
         (
             ["-D", "trainer_type=ddp", "-D", "tensor_degree=2", "-D", "precision=fp16-mixed", "-D", "nproc=4"],
             "fp16-mixed is not supported with tensor parallelism in this version",
+        ),
+        (
+            ["-D", "trainer_type=diloco", "-D", "diloco_workers=3", "-D", "nproc=4"],
+            "nproc 4 does not split into 3 DiLoCo workers: each worker is nproc / workers ranks",
+        ),
+        (
+            ["-D", "trainer_type=ddp", "-D", "diloco_workers=2", "-D", "nproc=4"],
+            "diloco_workers has no effect with trainer_type ddp",
         ),
     ],
 )

@@ -52,6 +52,7 @@ CONSTANT_NAMES = {
     ("diloco", "inner_steps"): "DILOCO_INNER_STEPS",
     ("diloco", "outer_lr"): "DILOCO_OUTER_LR",
     ("diloco", "outer_momentum"): "DILOCO_OUTER_MOMENTUM",
+    ("diloco", "workers"): "DILOCO_WORKERS",
 }
 
 
@@ -153,6 +154,8 @@ class PackageBuilder:
             description = f"{kind} over {plan.nproc} processes per node (torchrun)"
             if plan.diloco:
                 description += f", syncing every {plan.diloco['inner_steps']} steps"
+                if plan.diloco["ranks_per_worker"] > 1:
+                    description += f": {plan.diloco['workers']} workers of {plan.diloco['ranks_per_worker']} ranks (DDP inside a worker)"
             mesh = dict(plan.mesh)
             if "dp_replicate" in mesh:
                 description += f": {mesh['dp_replicate']} copies (HSDP), each sharded over {mesh['dp_shard']} ranks"
@@ -180,6 +183,8 @@ class PackageBuilder:
             "trainer_type": plan.trainer_type,
             # the ranks form a mesh of several dimensions (fgc_runtime.mesh.Mesh): tensor parallel, HSDP
             "runtime_mesh": plan.trainer_type != "pipeline" and len(plan.mesh) > 1,
+            # DiLoCo workers of several ranks, each training its copy with DDP
+            "diloco_ddp": bool(plan.diloco) and plan.diloco["ranks_per_worker"] > 1,
             # checkpoints gather and scatter sharded parameters (FSDP2's, tensor parallel's)
             "sharded_state": plan.trainer_type == "fsdp2" or (plan.trainer_type != "pipeline" and plan.tensor_parallel is not None),
             "trainer_description": description,

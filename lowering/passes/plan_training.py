@@ -212,6 +212,10 @@ class PlanTraining(Pass):
                 return None
             if s.TYPE == "basic":
                 mesh = ()
+            elif diloco is not None:
+                # workers outermost: the ranks of one worker are neighbours, and run DDP together
+                inner = diloco["ranks_per_worker"]
+                mesh = (("diloco", diloco["workers"]),) + ((("dp", inner),) if inner > 1 else ())
             elif s.TYPE != "fsdp2":
                 mesh = (("dp", dp),)
             elif replicate != 1:
@@ -278,8 +282,19 @@ class PlanTraining(Pass):
             err("precision.mode", "fp16-mixed is not supported with DiLoCo in this version: each worker "
                 "would need its own gradient scaler in the checkpoint", hint="use bf16-mixed")
             return None
+        workers = s.nproc if d.workers is None else d.workers
+        if s.nproc % workers:
+            err(
+                "diloco.workers",
+                f"nproc {s.nproc} does not split into {workers} DiLoCo workers: each worker is "
+                "nproc / workers ranks",
+                hint=f"set workers to a divisor of {s.nproc}",
+            )
+            return None
         return {
-            "workers": s.nproc,
+            "workers": workers,
+            # a worker of several ranks trains its copy with DDP over them
+            "ranks_per_worker": s.nproc // workers,
             "inner_steps": d.inner_steps,
             "outer_optimizer": "SGD with Nesterov momentum" if d.outer_momentum > 0 else "SGD",
             "outer_lr": d.outer_lr,
