@@ -728,3 +728,54 @@ def load_checkpoint(path, rank: int = 0) -> dict:
         "rank_state": load_file(rank_path) if rank_path.is_file() else None,
         "manifest": manifest,
     }
+
+
+# -- what a checkpoint holds of the model and optimizer, per layout -------------------------------
+
+
+def does_not_fit(err: Exception, path, message: str = "the checkpoint does not fit this model") -> RunError:
+    """The one-line error for the checkpoint at PATH whose state a load refused with ERR:
+    "MESSAGE: <the error's last line>"."""
+    text = str(err).strip()
+    return RunError(f"{message}: {text.splitlines()[-1].strip() if text else type(err).__name__}", path=path)
+
+
+class ModelState:
+    """What a checkpoint holds of a run whose every rank has the whole model and optimizer (one
+    process, DDP): their state dicts, saved by rank 0, and restoring them on every rank.
+
+    The other layouts give the same three methods, in the runtime module of their dimension:
+    :class:`fgc_runtime.parallel.ShardedState` (FSDP2 and tensor-parallel shards),
+    :class:`fgc_runtime.pipeline.PipelineState` (a pipeline's stages) and
+    :class:`fgc_runtime.diloco.DiLoCoState` (DiLoCo's global and per-worker state).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dicts(self, tokens_seen: int) -> tuple:
+        """``(model state, optimizer state, this rank's own state or None)`` to save, from this
+        rank's token count TOKENS_SEEN; every rank calls it (a layout may gather)."""
+        return self.model.state_dict(), self.optimizer.state_dict(), None
+
+    def total_tokens(self, tokens_seen: int) -> int:
+        """The run's token count, from this rank's TOKENS_SEEN; every rank calls it."""
+        return tokens_seen
+
+    def load(self, state: dict, path) -> int:
+        """Restore the model and optimizer from STATE (:func:`load_checkpoint`'s, of the checkpoint
+        at PATH); the token count this rank goes on from. A state that does not fit is a RunError."""
+        try:
+            self.model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError, ValueError) as err:  # a different model shape
+            raise does_not_fit(err, path) from None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            # e.g. the checkpoint of another trainer type or optimizer in the same output dir
+            raise does_not_fit(
+                err,
+                path,
+                f"the checkpoint's optimizer state does not fit this run's optimizer ({type(self.optimizer).__name__})",
+            ) from None
+        return state["trainer_state"]["tokens_seen"]

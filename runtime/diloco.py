@@ -23,6 +23,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from .checkpoint import ModelState, does_not_fit
 from .distributed import DistInfo
 from .errors import RunError
 
@@ -200,3 +201,35 @@ def check_resume(state: dict, world_size: int, path, workers: int | None = None)
     if state.get("rank_state") is None:
         raise RunError("the checkpoint has no state for this worker", path=path)
     return state["rank_state"]
+
+
+class DiLoCoState(ModelState):
+    """What a checkpoint holds of a DiLoCo run: ``model.pt`` the global parameters (what
+    ``--export-hf`` and ``final/`` write), ``optimizer.pt`` the fp32 global parameters, the outer
+    optimizer and the position in the round, and each rank's ``state-rank<R>.pt`` its worker's own
+    model, inner optimizer and token count. A checkpoint of another number of ranks or workers is
+    refused: the workers' own states do not carry over."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, diloco: DiLoCo):
+        super().__init__(model, optimizer)
+        self.diloco = diloco
+
+    def state_dicts(self, tokens_seen: int) -> tuple:
+        own = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "tokens_seen": tokens_seen}
+        return self.diloco.global_state_dict(self.model), self.diloco.state_dict(), own
+
+    def total_tokens(self, tokens_seen: int) -> int:
+        """Over all workers (a collective)."""
+        return int(self.diloco.global_sum([tokens_seen])[0])
+
+    def load(self, state: dict, path) -> int:
+        # this worker's own model and inner optimizer, then the global parameters and the outer
+        # optimizer; this worker's token count
+        mine = check_resume(state, self.diloco.dist.world_size, path, workers=self.diloco.workers)
+        try:
+            self.model.load_state_dict(mine["model"])
+            self.optimizer.load_state_dict(mine["optimizer"])
+            self.diloco.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:  # a different model shape
+            raise does_not_fit(err, path) from None
+        return mine["tokens_seen"]

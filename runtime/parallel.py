@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import ModelState, does_not_fit
 from .errors import RunError
 
 
@@ -245,3 +246,19 @@ def load_full_state_dicts(
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+class ShardedState(ModelState):
+    """What a checkpoint holds of a model sharded by FSDP2 or tensor parallelism: the full
+    (gathered) state dicts, so the checkpoint loads into any layout; every rank takes part in
+    gathering them, and restores its own shards from them."""
+
+    def state_dicts(self, tokens_seen: int) -> tuple:
+        return (*full_state_dicts(self.model, self.optimizer), None)
+
+    def load(self, state: dict, path) -> int:
+        try:
+            load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:  # a different model shape
+            raise does_not_fit(err, path) from None
+        return state["trainer_state"]["tokens_seen"]

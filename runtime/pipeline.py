@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .checkpoint import ModelState, does_not_fit
 from .errors import RunError
 from .parallel import has_method
 
@@ -325,6 +326,27 @@ def load_full_state_dicts(part: nn.Module, optimizer: torch.optim.Optimizer, mod
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.dim() and value.shape == param.shape:
                 state[key] = _like(value, param)
+
+
+class PipelineState(ModelState):
+    """What a checkpoint holds of a pipeline: the whole model's state dict and the name-keyed
+    optimizer state, gathered from the stages of the first replica onto rank 0 (FIRST_COPY: this
+    rank's, ``Mesh.first_copy``), so the checkpoint loads into any layout; every rank restores its
+    own stages' share."""
+
+    def __init__(self, part: nn.Module, optimizer: torch.optim.Optimizer, first_copy: bool, rank: int):
+        super().__init__(part, optimizer)
+        self.first_copy, self.rank = first_copy, rank
+
+    def state_dicts(self, tokens_seen: int) -> tuple:
+        return (*full_state_dicts(self.model, self.optimizer, self.first_copy, self.rank), None)
+
+    def load(self, state: dict, path) -> int:
+        try:
+            load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:  # a different model shape
+            raise does_not_fit(err, path) from None
+        return state["trainer_state"]["tokens_seen"]
 
 
 def _like(full: torch.Tensor, current: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,8 @@ def test_plan_constants_and_explain(pkg):
     assert "DILOCO_INNER_STEPS = 3  # -D diloco_inner_steps=3 (<fgc>/lm/train.yaml:" in train
     assert "DILOCO_OUTER_LR = 0.7  # -D diloco_outer_lr=0.7 (<fgc>/lm/train.yaml:" in train
     assert re.search(r"DILOCO_OUTER_MOMENTUM = 0\.9  # <fgc>/lm/train\.yaml:\d+\n", train)
-    assert "from fgc_runtime.diloco import DiLoCo, check_resume" in train
+    assert "from fgc_runtime.diloco import DiLoCo, DiLoCoState" in train
+    assert "train_state = DiLoCoState(model, optimizer, diloco)" in train
     assert "DistributedDataParallel" not in train  # no gradient all-reduce
     assert (out / "fgc_runtime" / "diloco.py").is_file()
     # the other trainers carry no DiLoCo code (the golden package is the ddp trainer)

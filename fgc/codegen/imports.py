@@ -37,10 +37,10 @@ SKELETON_NAMES: dict[str, tuple[str, str | None]] = {
     "average_grads": ("fgc_runtime.mesh", "average_grads"),
     **{n: ("fgc_runtime.parallel", n) for n in (
         "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "apply_tensor_parallel",
-        "clip_sharded_grad_norm_", "full_state_dicts", "load_full_state_dicts", "split_groups_by_mesh",
+        "ShardedState", "clip_sharded_grad_norm_", "split_groups_by_mesh",
     )},
     "DiLoCo": ("fgc_runtime.diloco", "DiLoCo"),
-    "check_resume": ("fgc_runtime.diloco", "check_resume"),
+    "DiLoCoState": ("fgc_runtime.diloco", "DiLoCoState"),
     "LMHeadLoss": ("fgc_runtime.kernels.cross_entropy", "LMHeadLoss"),
     "cross_entropy_sum_and_count": ("fgc_runtime.kernels.cross_entropy", "cross_entropy_sum_and_count"),
     "check_impl_devices": ("fgc_runtime.kernels._impl", "check_impl_devices"),

@@ -325,6 +325,8 @@ def main(argv=None):
         str(output_dir / "final"),
         "the end of training exports the model there: move it away, or use another --output-dir",
     )
+    # A checkpoint holds the model's and the optimizer's state dicts, which rank 0 writes.
+    train_state = checkpoint.ModelState(model, optimizer)
     start_step, tokens_seen = 0, 0
     # Rank 0 takes the checkpoint `latest` names, else the newest by step, that verifies against
     # its manifest (a warning names any passed over), and refuses --resume never in an output dir
@@ -343,33 +345,18 @@ def main(argv=None):
                 f"warning: {resume_from} was written by a different config; resuming anyway",
                 flush=True,
             )
-        try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            # a different model shape: not this run's checkpoint
-            first = str(err).strip().splitlines()[-1].strip()
-            raise RunError(
-                f"the checkpoint does not fit this model: {first}", path=resume_from
-            ) from None
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            # e.g. the checkpoint of another trainer type or optimizer in the same output dir
-            first = str(err).strip().splitlines()[-1].strip()
-            raise RunError(
-                f"the checkpoint's optimizer state does not fit this run's optimizer ({type(optimizer).__name__}): {first}",
-                path=resume_from,
-            ) from None
+        # the model and optimizer (one that does not fit them is a one-line error), and this rank's
+        # token count
+        tokens_seen = train_state.load(state, resume_from)
         lr_scheduler.load_state_dict(state["trainer_state"]["lr_scheduler"])
         start_step = state["trainer_state"]["step"]
-        tokens_seen = state["trainer_state"]["tokens_seen"]
         if state["rng"] is not None:
             checkpoint.set_rng_state(state["rng"])
         if dist.is_main:
             print(f"resuming from {resume_from} at step {start_step}", flush=True)
 
     def save(step):
-        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+        model_state, optimizer_state, rank_state = train_state.state_dicts(tokens_seen)
         checkpoint.save_checkpoint(
             output_dir,
             step=step,
@@ -377,7 +364,7 @@ def main(argv=None):
             optimizer_state=optimizer_state,
             trainer_state={
                 "step": step,
-                "tokens_seen": tokens_seen,
+                "tokens_seen": train_state.total_tokens(tokens_seen),
                 "lr_scheduler": lr_scheduler.state_dict(),
                 "config_hash": CONFIG_HASH,
             },
@@ -385,6 +372,7 @@ def main(argv=None):
             world_size=dist.world_size,
             keep_last_n=KEEP_LAST_N,
             dist=dist,  # barriers between the phases; rank 0 refuses non-finite weights for all
+            rank_state=rank_state,  # this rank's own state, written beside the shared one (or None)
         )
 
     if args.dry_run:
@@ -417,7 +405,7 @@ def main(argv=None):
         log.info(
             f"metrics.jsonl: removed {logger.dropped} records after step {start_step}, to be logged again"
         )
-    throughput, logged_tokens = Throughput(), tokens_seen
+    throughput, logged_tokens = Throughput(), train_state.total_tokens(tokens_seen)
     model_flops = MFU(model, SEQ_LEN, PRECISION, dist.device)
     log.info(model_flops.describe())
     train_model.train()
