@@ -5,10 +5,10 @@ A worker holds a whole model and its own inner optimizer, and trains on its own 
 global batch with no gradient all-reduce between workers. A worker is one rank, or several that
 run DDP inside the worker (``ranks_per_worker``): they hold the same model, and each of them
 syncs with the ranks in the same place of the other workers (``outer_group``). Every
-``inner_steps`` steps the workers sync: each worker's pseudo-gradient ``global - local`` is averaged over the workers (one
-all-reduce), an outer optimizer (SGD with Nesterov momentum) steps the global parameters with that
-average as their gradient, and every worker copies the new global parameters into its model. The
-inner optimizers' states stay per worker.
+``inner_steps`` steps the workers sync: each worker's pseudo-gradient ``global - local`` is
+averaged over the workers (one all-reduce), an outer optimizer (SGD with Nesterov momentum) steps
+the global parameters with that average as their gradient, and every worker copies the new global
+parameters into its model. The inner optimizers' states stay per worker.
 
 The global (outer) parameters and the outer momentum are fp32, on the training device: 8 bytes per
 parameter on every rank, plus 4 more during a sync (the averaged pseudo-gradients, one flat
