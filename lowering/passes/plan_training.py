@@ -1,8 +1,8 @@
 """Build the trainer settings, check them, and plan how the package runs: ranks, batches, the mesh
 of parallel dimensions and the order things are applied in. Its decisions about tensor
-parallelism and the pipeline are in ``lowering/plan_tensor_parallel.py`` and
-``lowering/plan_pipeline.py``, a pretrained vocabulary grown to the data's in
-``lowering/plan_vocab.py``."""
+parallelism, the pipeline and DiLoCo's outer loop are in ``lowering/plan_tensor_parallel.py``,
+``lowering/plan_pipeline.py`` and ``lowering/plan_diloco.py``, a pretrained vocabulary grown to
+the data's in ``lowering/plan_vocab.py``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from fgc.settings import SETTING_GROUPS, BasicTrainer, DiLoCoTrainer, PipelineTr
 from ..construct import checked_meta_model, construct
 from ..context import LoweringContext
 from ..plan import Plan
+from ..plan_diloco import diloco_mesh, diloco_plan
 from ..plan_pipeline import pipeline_plan
 from ..plan_tensor_parallel import tensor_parallel_ok, tp_styles
 from ..plan_vocab import grow_vocabulary
@@ -115,7 +116,7 @@ class PlanTraining(Pass):
             return None
         diloco = None
         if isinstance(s, DiLoCoTrainer):
-            diloco = self._diloco(s, err)
+            diloco = diloco_plan(s, err)
             if diloco is None:
                 return None
         if s.optimizer_in_backward:
@@ -213,9 +214,7 @@ class PlanTraining(Pass):
             if s.TYPE == "basic":
                 mesh = ()
             elif diloco is not None:
-                # workers outermost: the ranks of one worker are neighbours, and run DDP together
-                inner = diloco["ranks_per_worker"]
-                mesh = (("diloco", diloco["workers"]),) + ((("dp", inner),) if inner > 1 else ())
+                mesh = diloco_mesh(diloco)
             elif s.TYPE != "fsdp2":
                 mesh = (("dp", dp),)
             elif replicate != 1:
@@ -273,34 +272,6 @@ class PlanTraining(Pass):
             pipeline=pipeline,
             diloco=diloco,
         )
-
-    @staticmethod
-    def _diloco(s: DiLoCoTrainer, err) -> dict | None:
-        """Check the DiLoCo settings; the plan's ``diloco`` entry."""
-        d = s.diloco
-        if s.precision.mode == "fp16-mixed":
-            err("precision.mode", "fp16-mixed is not supported with DiLoCo in this version: each worker "
-                "would need its own gradient scaler in the checkpoint", hint="use bf16-mixed")
-            return None
-        workers = s.nproc if d.workers is None else d.workers
-        if s.nproc % workers:
-            err(
-                "diloco.workers",
-                f"nproc {s.nproc} does not split into {workers} DiLoCo workers: each worker is "
-                "nproc / workers ranks",
-                hint=f"set workers to a divisor of {s.nproc}",
-            )
-            return None
-        return {
-            "workers": workers,
-            # a worker of several ranks trains its copy with DDP over them
-            "ranks_per_worker": s.nproc // workers,
-            "inner_steps": d.inner_steps,
-            "outer_optimizer": "SGD with Nesterov momentum" if d.outer_momentum > 0 else "SGD",
-            "outer_lr": d.outer_lr,
-            "outer_momentum": d.outer_momentum,
-            "loss_normalisation": "per worker (no gradient sync between rounds)",
-        }
 
 
 def _ordinal(n: int) -> str:
