@@ -157,7 +157,7 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         activations = (n_ckpt * kept + (L - n_ckpt) * per_layer + per_layer) * act + logits + b * s * h * act
     else:
         activations = L * per_layer * act + logits + b * s * h * act
-    if plan.trainer_type == "fsdp2":
+    if plan.trainer_type == "fsdp2" or (plan.diloco and plan.diloco["inner"] == "fsdp2"):
         # each rank holds 1/n of every parameter, gradient and optimizer state, plus one gathered
         # unit (a decoder layer, or the root) during its forward and backward. With tensor
         # parallelism FSDP shards over the n / tp data-parallel ranks, and a rank's parameters are
@@ -210,9 +210,11 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         "activations": activations,
     }
     if plan.diloco:
-        # the global parameters and the outer momentum (none at momentum 0), fp32 on every worker
-        # (a sync briefly adds 4 bytes per parameter more, after the step's activations are freed)
-        out["outer (DiLoCo)"] = (8 if plan.diloco["outer_momentum"] > 0 else 4) * facts.total
+        # the global parameters and the outer momentum (none at momentum 0), fp32 on every worker,
+        # sharded as the model when a worker shards it (a sync briefly adds 4 bytes per parameter
+        # more, after the step's activations are freed)
+        shards = dict(plan.mesh).get("dp_shard", 1)
+        out["outer (DiLoCo)"] = (8 if plan.diloco["outer_momentum"] > 0 else 4) * facts.total // shards
     out["total"] = sum(out.values())
     return out
 
@@ -390,7 +392,11 @@ def explain_summary(compiled: Compiled) -> str:
         d = plan.diloco
         lines.append(
             f"  DiLoCo: {d['workers']} workers"
-            + (f" of {d['ranks_per_worker']} ranks (DDP inside a worker)" if d["ranks_per_worker"] > 1 else "")
+            + (
+                f" of {d['ranks_per_worker']} ranks ({ {'ddp': 'DDP', 'fsdp2': 'FSDP2'}[d['inner']] } inside a worker)"
+                if d["ranks_per_worker"] > 1
+                else ""
+            )
             + f", each with its own optimizer, sync every {d['inner_steps']} steps; "
             f"outer optimizer {d['outer_optimizer']}, lr {d['outer_lr']}, momentum {d['outer_momentum']}, fp32; "
             f"loss normalised {d['loss_normalisation']}"

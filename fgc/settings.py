@@ -185,7 +185,8 @@ class DiLoCoSettings:
 
     ``workers``: how many workers the ``nproc`` ranks form (None: every rank is one). With
     W < nproc, each worker is ``nproc / W`` neighbouring ranks training one copy of the model
-    with DDP inside the worker (its gradients averaged over the worker's ranks every step), and
+    with DDP inside the worker (its gradients averaged over the worker's ranks every step), or,
+    when the trainer's ``parallel`` settings are :class:`FSDPSettings`, sharding it with FSDP2;
     the workers still sync only every ``inner_steps`` steps."""
 
     inner_steps: Count = 20
@@ -328,9 +329,10 @@ class PipelineTrainer(DDPTrainer):
 @dataclass(frozen=True)
 class DiLoCoTrainer(DDPTrainer):
     """DiLoCo over ``parallel.nproc`` ranks per node: each worker (a rank, or with
-    ``diloco.workers`` a group of ranks running DDP) trains its own copy of the model with its own
-    inner optimizer on its share of the batch, with no gradient all-reduce between workers, and the
-    workers sync every ``diloco.inner_steps`` steps (see :class:`DiLoCoSettings`)."""
+    ``diloco.workers`` a group of ranks running DDP, or FSDP2 with ``parallel: FSDPSettings``)
+    trains its own copy of the model with its own inner optimizer on its share of the batch, with
+    no gradient all-reduce between workers, and the workers sync every ``diloco.inner_steps``
+    steps (see :class:`DiLoCoSettings`)."""
 
     TYPE: ClassVar[str] = "diloco"
 

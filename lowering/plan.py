@@ -34,8 +34,8 @@ class Plan:
     pipeline: dict | None = None
     # kernel -> {"impl", "reason"}: what the select-kernels pass chose
     kernels: dict = field(default_factory=dict)
-    # DiLoCo: None, or {"workers", "ranks_per_worker", "inner_steps", "outer_optimizer",
-    # "outer_lr", "outer_momentum", "loss_normalisation"}
+    # DiLoCo: None, or {"workers", "ranks_per_worker", "inner" (none | ddp | fsdp2), "inner_steps",
+    # "outer_optimizer", "outer_lr", "outer_momentum", "loss_normalisation"}
     diloco: dict | None = None
     # a pretrained model's vocabulary grown to the data's: None, or {"from": its rows, "to": the
     # model's, "source": the data's meta.json (or the config line), "new_rows": how they start}

@@ -3,7 +3,7 @@ outer optimizer, and the mesh dimensions of the workers."""
 
 from __future__ import annotations
 
-from fgc.settings import DiLoCoTrainer
+from fgc.settings import DiLoCoTrainer, FSDPSettings
 
 
 def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
@@ -22,10 +22,22 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
             hint=f"set workers to a divisor of {s.nproc}",
         )
         return None
+    ranks = s.nproc // workers
+    # FSDPSettings as the parallel settings: each worker shards its copy over its ranks
+    sharded = isinstance(s.parallel, FSDPSettings)
+    if sharded and ranks == 1:
+        err(
+            "parallel",
+            f"FSDP2 inside DiLoCo workers needs workers of 2 or more ranks: {workers} workers of nproc "
+            f"{s.nproc} are one rank each",
+            hint=f"set diloco_workers to a divisor of {s.nproc} below it, or do not shard (diloco_fsdp: false)",
+        )
+        return None
     return {
         "workers": workers,
-        # a worker of several ranks trains its copy with DDP over them
-        "ranks_per_worker": s.nproc // workers,
+        "ranks_per_worker": ranks,
+        # what a worker of several ranks runs over them: DDP, or FSDP2 (sharding its copy)
+        "inner": "fsdp2" if sharded else ("ddp" if ranks > 1 else "none"),
         "inner_steps": d.inner_steps,
         "outer_optimizer": "SGD with Nesterov momentum" if d.outer_momentum > 0 else "SGD",
         "outer_lr": d.outer_lr,
@@ -36,6 +48,8 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
 
 def diloco_mesh(diloco: dict) -> tuple[tuple[str, int], ...]:
     """The mesh of a DiLoCo plan: the workers outermost (``diloco``), then, for workers of several
-    ranks, the neighbouring ranks of one worker, which run DDP together (``dp``)."""
-    inner = diloco["ranks_per_worker"]
-    return (("diloco", diloco["workers"]),) + ((("dp", inner),) if inner > 1 else ())
+    ranks, the neighbouring ranks of one worker, which run DDP (``dp``) or FSDP2 (``dp_shard``)
+    together."""
+    ranks = diloco["ranks_per_worker"]
+    inner = {"ddp": (("dp", ranks),), "fsdp2": (("dp_shard", ranks),), "none": ()}[diloco["inner"]]
+    return (("diloco", diloco["workers"]),) + inner

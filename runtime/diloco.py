@@ -62,9 +62,11 @@ class DiLoCo:
         self.outer_group = outer_group
         # trainable parameters by name; a tied weight is yielded (and synced) once
         self.local = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # the global parameters are this rank's shards when a worker shards its model (FSDP2):
+        # the ranks in one place of every worker hold the same shards, and sync them
         with torch.no_grad():
             self.outer = {
-                n: p.detach().to(dtype=torch.float32, copy=True)
+                n: _local(p).detach().to(dtype=torch.float32, copy=True)
                 for n, p in self.local.items()
             }
         # Nesterov needs momentum: with outer_momentum 0 the outer step is plain SGD
@@ -92,7 +94,7 @@ class DiLoCo:
         them into this worker's model (a collective: every rank calls it at the same step).
         """
         outer = list(self.outer.values())
-        local = [self.local[n] for n in self.outer]
+        local = [_local(self.local[n]) for n in self.outer]
         flat = torch.empty(
             sum(g.numel() for g in outer), dtype=torch.float32, device=outer[0].device
         )
@@ -116,31 +118,62 @@ class DiLoCo:
         """Inside, the model holds the global parameters (for evaluation and samples); this
         worker's own parameters are put back exactly on the way out."""
         with torch.no_grad():
-            saved = {n: p.detach().clone() for n, p in self.local.items()}
+            saved = {n: _local(p).detach().clone() for n, p in self.local.items()}
             for n, p in self.local.items():
-                p.copy_(self.outer[n])
+                _local(p).copy_(self.outer[n])
         try:
             yield
         finally:
             with torch.no_grad():
                 for n, p in self.local.items():
-                    p.copy_(saved[n])
+                    _local(p).copy_(saved[n])
 
     def global_state_dict(self, model: nn.Module) -> dict:
         """MODEL's state dict with the global parameters (in the model's dtypes): what a
-        checkpoint's ``model.pt``, and so ``--export-hf`` and ``final/``, hold."""
+        checkpoint's ``model.pt``, and so ``--export-hf`` and ``final/``, hold. Whole tensors: a
+        sharded worker's are gathered (a collective of the worker's ranks)."""
         state = model.state_dict()
-        for name, value in self.outer.items():
-            if name in state:
-                state[name] = value.to(dtype=state[name].dtype, device="cpu")
+        for name, value in state.items():
+            if name in self.outer:
+                state[name] = self._full(name, self.outer[name].to(dtype=value.dtype)).cpu()
+            elif _is_dtensor(value):
+                state[name] = value.full_tensor().cpu()
         return state
+
+    def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor of parameter NAME's shape from this rank's shard LOCAL of it (LOCAL
+        itself when the parameter is not sharded; a collective of the worker's ranks when it is)."""
+        p = self.local[name]
+        if not _is_dtensor(p):
+            return local
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
+        ).full_tensor()
+
+    def _shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of FULL, shaped as parameter NAME (FULL when it is not sharded)."""
+        p = self.local[name]
+        if not _is_dtensor(p):
+            return full
+        from torch.distributed.tensor import distribute_tensor
+
+        full = full.to(device=_local(p).device)
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
     def state_dict(self) -> dict:
         """The state every worker shares: the fp32 global parameters, the outer optimizer and the
-        position in the round."""
+        position in the round (whole tensors: a collective when the workers shard their models)."""
+        names = list(self.outer)
+        outer_optimizer = self.outer_optimizer.state_dict()
+        outer_optimizer["state"] = {
+            i: {k: self._full(names[i], v).cpu() if torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
+            for i, st in outer_optimizer["state"].items()
+        }
         return {
-            "outer_params": {n: g.detach().cpu() for n, g in self.outer.items()},
-            "outer_optimizer": self.outer_optimizer.state_dict(),
+            "outer_params": {n: self._full(n, g.detach()).cpu() for n, g in self.outer.items()},
+            "outer_optimizer": outer_optimizer,
             "inner_step": self.inner_step,
             "inner_steps": self.inner_steps,
             "workers": self.workers,
@@ -153,8 +186,14 @@ class DiLoCo:
             raise KeyError(f"global parameters missing: {', '.join(missing)}")
         with torch.no_grad():
             for n, g in self.outer.items():
-                g.copy_(state["outer_params"][n])
-        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+                g.copy_(self._shard(n, state["outer_params"][n]))
+        names = list(self.outer)
+        outer_optimizer = dict(state["outer_optimizer"])
+        outer_optimizer["state"] = {
+            i: {k: self._shard(names[i], v) if torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
+            for i, st in outer_optimizer["state"].items()
+        }
+        self.outer_optimizer.load_state_dict(outer_optimizer)
         self.inner_step = state["inner_step"]
 
     def global_sum(self, values: list[float]) -> list[float]:
@@ -167,6 +206,18 @@ class DiLoCo:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
             t.div_(self.ranks_per_worker)
         return t.tolist()
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of T (a DTensor: FSDP2's sharded parameters), T itself otherwise. Under
+    no_grad, the very tensor the parameter keeps: writing into it writes the parameter."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def check_resume(state: dict, world_size: int, path, workers: int | None = None) -> dict:
@@ -215,7 +266,11 @@ class DiLoCoState(ModelState):
         self.diloco = diloco
 
     def state_dicts(self, tokens_seen: int) -> tuple:
-        own = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "tokens_seen": tokens_seen}
+        # a sharded worker's own state is this rank's shards, as plain tensors
+        own_model = {k: _local(v) for k, v in self.model.state_dict().items()}
+        own_optimizer = self.optimizer.state_dict()
+        own_optimizer["state"] = {i: {k: _local(v) for k, v in st.items()} for i, st in own_optimizer["state"].items()}
+        own = {"model": own_model, "optimizer": own_optimizer, "tokens_seen": tokens_seen}
         return self.diloco.global_state_dict(self.model), self.diloco.state_dict(), own
 
     def total_tokens(self, tokens_seen: int) -> int:
@@ -227,9 +282,40 @@ class DiLoCoState(ModelState):
         # optimizer; this worker's token count
         mine = check_resume(state, self.diloco.dist.world_size, path, workers=self.diloco.workers)
         try:
-            self.model.load_state_dict(mine["model"])
-            self.optimizer.load_state_dict(mine["optimizer"])
+            if any(_is_dtensor(p) for p in self.model.parameters()):
+                self._load_shards(mine["model"], mine["optimizer"])
+            else:
+                self.model.load_state_dict(mine["model"])
+                self.optimizer.load_state_dict(mine["optimizer"])
             self.diloco.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as err:  # a different model shape
             raise does_not_fit(err, path) from None
         return mine["tokens_seen"]
+
+    def _load_shards(self, model_state: dict, optimizer_state: dict) -> None:
+        """Put this rank's saved shards (plain tensors, as :meth:`state_dicts` wrote them) back into
+        a sharded model and its optimizer."""
+        current = self.model.state_dict()
+        missing = [k for k in current if k not in model_state]
+        if missing:
+            raise KeyError(f"missing key(s) in state_dict: {', '.join(missing[:5])}")
+        with torch.no_grad():
+            for name, value in current.items():
+                _local(value).copy_(model_state[name])
+        # the optimizer's state tensors of a sharded parameter are sharded as the parameter is
+        from torch.distributed.tensor import DTensor
+
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        state = dict(optimizer_state)
+        state["state"] = {}
+        for i, st in optimizer_state["state"].items():
+            p = params[int(i)]
+            state["state"][i] = {
+                k: DTensor.from_local(
+                    v.to(_local(p).device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
+                )
+                if _is_dtensor(p) and torch.is_tensor(v) and v.shape == _local(p).shape and v.dim()
+                else v
+                for k, v in st.items()
+            }
+        self.optimizer.load_state_dict(state)

@@ -271,14 +271,18 @@ def test_a_stop_mid_round_resumes_bitwise_and_another_world_size_is_an_error(ful
 
 
 @pytest.mark.slow
-def test_workers_of_two_ddp_ranks_match_workers_of_one_rank_and_resume_bitwise(full, tmp_path):
-    """DiLoCo around DDP: 4 ranks as 2 workers of 2. Each worker reads the rows a one-rank worker
-    reads, split over its ranks, so the run is the 2-worker run's; it resumes bitwise mid-round,
-    and a package with another number of workers refuses its checkpoint."""
+@pytest.mark.parametrize("inner", ["ddp", "fsdp2"])
+def test_workers_of_two_ranks_match_workers_of_one_rank_and_resume_bitwise(full, tmp_path, inner):
+    """DiLoCo around DDP or FSDP2: 4 ranks as 2 workers of 2. Each worker reads the rows a
+    one-rank worker reads, split over its ranks, so the run is the 2-worker run's; it resumes
+    bitwise mid-round, and a package with another number of workers refuses its checkpoint."""
     _, two_run = full
     pkg = tmp_path / "pkg"
-    run_fgc("build", EXAMPLE, "-o", pkg, *KNOBS, "-D", "nproc=4", "-D", "diloco_workers=2", check=True)
-    assert _plan(pkg)["mesh"] == {"diloco": 2, "dp": 2}
+    flags = ["-D", "nproc=4", "-D", "diloco_workers=2"] + (["-D", "diloco_fsdp=true"] if inner == "fsdp2" else [])
+    run_fgc("build", EXAMPLE, "-o", pkg, *KNOBS, *flags, check=True)
+    plan = _plan(pkg)
+    assert plan["mesh"] == {"diloco": 2, "dp": 2} if inner == "ddp" else {"diloco": 2, "dp_shard": 2}
+    assert plan["diloco"]["inner"] == inner and plan["diloco"]["ranks_per_worker"] == 2
     full_run = tmp_path / "full"
     proc = _torchrun(pkg, full_run, nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -292,8 +296,14 @@ def test_workers_of_two_ddp_ranks_match_workers_of_one_rank_and_resume_bitwise(f
         assert record["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
     end = f"step-{STEPS:08d}"
     a, b = _load(full_run / "checkpoints" / end / "model.pt"), _load(two_run / "checkpoints" / end / "model.pt")
-    for name in b:
+    assert sorted(a) == sorted(b)
+    for name in b:  # whole tensors, gathered from a sharded worker's ranks
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    outer_a = _load(full_run / "checkpoints" / end / "optimizer.pt")["outer_params"]
+    outer_b = _load(two_run / "checkpoints" / end / "optimizer.pt")["outer_params"]
+    for name in outer_b:
+        torch.testing.assert_close(outer_a[name], outer_b[name], rtol=1e-5, atol=1e-6)
+    assert (full_run / "final" / "config.json").is_file()
 
     script = tmp_path / "stop.py"
     script.write_text(SIGTERM_AT_STEP_4)
@@ -302,10 +312,12 @@ def test_workers_of_two_ddp_ranks_match_workers_of_one_rank_and_resume_bitwise(f
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     saved = run / "checkpoints" / "step-00000004"
     assert _load(saved / "optimizer.pt")["workers"] == 2
-    # mid-round, the ranks of one worker hold the same model (DDP), the two workers different ones
     local = [_load(saved / f"state-rank{r}.pt")["model"]["lm_head.weight"] for r in range(4)]
-    assert torch.equal(local[0], local[1]) and torch.equal(local[2], local[3])
-    assert not torch.equal(local[0], local[2])
+    if inner == "ddp":  # mid-round, the ranks of one worker hold the same model
+        assert torch.equal(local[0], local[1]) and torch.equal(local[2], local[3])
+    else:  # each rank of a worker holds its own shard: half the rows
+        assert local[0].shape[0] == (b["lm_head.weight"].shape[0] + 1) // 2
+    assert not torch.equal(local[0], local[2])  # the two workers' models differ between syncs
 
     # 4 workers of one rank cannot take over 2 workers' states
     other = tmp_path / "other"

@@ -52,6 +52,11 @@ def _plan(out: Path) -> dict:
             {"diloco": 2, "dp": 2},
             "DiLoCo over 4 processes per node (torchrun), syncing every 20 steps: 2 workers of 2 ranks (DDP inside a worker)",
         ),
+        (
+            ["-D", "trainer_type=diloco", "-D", "diloco_workers=2", "-D", "diloco_fsdp=true", "-D", "nproc=4"],
+            {"diloco": 2, "dp_shard": 2},
+            "DiLoCo over 4 processes per node (torchrun), syncing every 20 steps: 2 workers of 2 ranks (FSDP2 inside a worker)",
+        ),
     ],
 )
 def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described):
@@ -76,8 +81,10 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
         assert ("pipeline.shard_stages(stages, mesh.fsdp)" in source) == ("dp_shard" in mesh)
         # FSDP2 reduces the replicas' gradients; plain replicas sum theirs by hand
         assert ("pipeline.all_reduce_grads(part, dp_group)" in source) == ("dp_shard" not in mesh)
-    if "diloco" in mesh:  # DDP inside each worker, and the workers sync over the outer group
-        assert "DistributedDataParallel(model, process_group=mesh.worker_group)" in source
+    if "diloco" in mesh:  # DDP or FSDP2 inside each worker, and the workers sync over the outer group
+        assert ("DistributedDataParallel(model, process_group=mesh.worker_group)" in source) == ("dp" in mesh)
+        assert ("mesh=mesh.fsdp" in source) == ("dp_shard" in mesh)
+        assert plan["apply_order"] == (["fsdp2"] if "dp_shard" in mesh else [])
         assert "outer_group=mesh.outer_group," in source
     if flags[1] == "trainer_type=ddp":  # no DDP wrapper: the gradients of tensor-parallel shards are averaged by hand
         assert "DistributedDataParallel(" not in source and "no_sync" not in source
@@ -122,6 +129,14 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
         (
             ["-D", "trainer_type=ddp", "-D", "diloco_workers=2", "-D", "nproc=4"],
             "diloco_workers has no effect with trainer_type ddp",
+        ),
+        (
+            ["-D", "trainer_type=diloco", "-D", "diloco_fsdp=true", "-D", "nproc=4"],
+            "FSDP2 inside DiLoCo workers needs workers of 2 or more ranks: 4 workers of nproc 4 are one rank each",
+        ),
+        (
+            ["-D", "trainer_type=fsdp2", "-D", "diloco_fsdp=true", "-D", "nproc=4"],
+            "diloco_fsdp has no effect with trainer_type fsdp2",
         ),
     ],
 )

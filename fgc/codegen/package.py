@@ -155,7 +155,8 @@ class PackageBuilder:
             if plan.diloco:
                 description += f", syncing every {plan.diloco['inner_steps']} steps"
                 if plan.diloco["ranks_per_worker"] > 1:
-                    description += f": {plan.diloco['workers']} workers of {plan.diloco['ranks_per_worker']} ranks (DDP inside a worker)"
+                    inside = {"ddp": "DDP", "fsdp2": "FSDP2"}[plan.diloco["inner"]]
+                    description += f": {plan.diloco['workers']} workers of {plan.diloco['ranks_per_worker']} ranks ({inside} inside a worker)"
             mesh = dict(plan.mesh)
             if "dp_replicate" in mesh:
                 description += f": {mesh['dp_replicate']} copies (HSDP), each sharded over {mesh['dp_shard']} ranks"
@@ -183,8 +184,10 @@ class PackageBuilder:
             "trainer_type": plan.trainer_type,
             # the ranks form a mesh of several dimensions (fgc_runtime.mesh.Mesh): tensor parallel, HSDP
             "runtime_mesh": plan.trainer_type != "pipeline" and len(plan.mesh) > 1,
-            # DiLoCo workers of several ranks, each training its copy with DDP
-            "diloco_ddp": bool(plan.diloco) and plan.diloco["ranks_per_worker"] > 1,
+            # DiLoCo workers of several ranks, each training its copy with DDP, or sharding it with FSDP2
+            "diloco_group": bool(plan.diloco) and plan.diloco["ranks_per_worker"] > 1,
+            "diloco_ddp": bool(plan.diloco) and plan.diloco["inner"] == "ddp",
+            "diloco_fsdp": bool(plan.diloco) and plan.diloco["inner"] == "fsdp2",
             # checkpoints gather and scatter sharded parameters (FSDP2's, tensor parallel's)
             "sharded_state": plan.trainer_type == "fsdp2" or (plan.trainer_type != "pipeline" and plan.tensor_parallel is not None),
             "trainer_description": description,

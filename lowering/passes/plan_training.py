@@ -231,7 +231,7 @@ class PlanTraining(Pass):
             "selective": f"every {which}, selective: matmul and attention outputs kept",
         }[ac_settings.mode]
         compile_ = "per decoder layer" if s.compile.enabled else "none"
-        fsdp = s.TYPE == "fsdp2" or (pipelined and s.parallel.fsdp)
+        fsdp = s.TYPE == "fsdp2" or (pipelined and s.parallel.fsdp) or (diloco is not None and diloco["inner"] == "fsdp2")
         tensor_parallel = None
         if dict(mesh).get("tp", 1) > 1:
             tensor_parallel = {"degree": dict(mesh)["tp"], **tp_styles(checked_meta_model(ir, ctx))}
