@@ -267,7 +267,7 @@ class DiLoCoState(ModelState):
 
     def state_dicts(self, tokens_seen: int) -> tuple:
         # a sharded worker's own state is this rank's shards, as plain tensors
-        own_model = {k: _local(v) for k, v in self.model.state_dict().items()}
+        own_model = {k: _local(v).detach() for k, v in self.model.state_dict().items()}
         own_optimizer = self.optimizer.state_dict()
         own_optimizer["state"] = {i: {k: _local(v) for k, v in st.items()} for i, st in own_optimizer["state"].items()}
         own = {"model": own_model, "optimizer": own_optimizer, "tokens_seen": tokens_seen}

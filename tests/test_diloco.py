@@ -120,6 +120,7 @@ def test_plan_constants_and_explain(pkg):
     assert plan["diloco"] == {
         "workers": 2,
         "ranks_per_worker": 1,
+        "inner": "none",
         "inner_steps": 3,
         "outer_optimizer": "SGD with Nesterov momentum",
         "outer_lr": 0.7,
