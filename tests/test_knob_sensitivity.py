@@ -55,6 +55,7 @@ OVERRIDES = {
     "tensor_degree": lambda d, v: 2,
     "replicate_degree": lambda d, v: 2,
     "diloco_outer_momentum": lambda d, v: 0.5,
+    "diloco_workers": lambda d, v: 1,
     "warmup_steps": lambda d, v: d + 1,
     "loss_chunk_budget_mib": lambda d, v: (16, {"loss_impl": "chunked", "trainer_type": "basic"}),
     # the families' own knobs that default to none (taken from transformers' config fields)
