@@ -25,6 +25,16 @@ EXAMPLE_SHAPE = {
     "seq_len": 128,
     "batch_size": 16,
 }
+# a larger shape, where the matmuls take most of a step
+H256_SHAPE = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 688,
+    "seq_len": 256,
+    "batch_size": 8,
+}
 
 # A script run from benchmarks/ has that folder first on sys.path, where benchmarks/kernels.py
 # would stand for the `kernels` package that transformers looks for (and then fail to import).

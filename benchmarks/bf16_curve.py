@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from _table import print_table
-from _loops import EXAMPLE_SHAPE  # last: it leaves sys.path
+from _loops import EXAMPLE_SHAPE, H256_SHAPE  # last: it leaves sys.path
 
 from fgc.build import build_package, compile_config
 
@@ -39,15 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "tiny_llama" / "train.yaml"
 SHAPES = {
     "example": EXAMPLE_SHAPE,
-    "h256": {
-        "hidden_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 688,
-        "seq_len": 256,
-        "batch_size": 8,
-    },
+    "h256": H256_SHAPE,
 }
 PRECISIONS = {
     "bf16-mixed": {"precision": "bf16-mixed"},

@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 from _table import print_table
-from _loops import EXAMPLE_SHAPE, LR, hf_llama, import_train_module, plain_loop  # last: it leaves sys.path
+from _loops import EXAMPLE_SHAPE, H256_SHAPE, LR, hf_llama, import_train_module, plain_loop  # last: it leaves sys.path
 
 import torch
 
@@ -66,15 +66,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "tiny_llama" / "train.yaml"
 SHAPES = {
     "example": EXAMPLE_SHAPE,
-    "h256": {
-        "hidden_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 688,
-        "seq_len": 256,
-        "batch_size": 8,
-    },
+    "h256": H256_SHAPE,
 }
 # The kernels of the split table, by the profiler's names (self time).
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
