@@ -1,5 +1,5 @@
 """``python -m fgc``: the same as the ``fgc`` console script."""
 
-from .cli import main
+from .cli import run
 
-main(prog_name="fgc")
+run()

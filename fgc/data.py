@@ -377,9 +377,13 @@ def collect_sources(inputs: list[str], fmt: str) -> list[Source]:
 
 def _open_dataset(source: Source, cache_dir: str):
     """Open a dataset source (memory-mapped Arrow: its rows are read in batches, never all at
-    once); every failure is an FgcError naming the path."""
+    once); every failure is an FgcError naming the path. Imported here: text files never
+    need ``datasets`` (about a second to import)."""
     import datasets
 
+    datasets.disable_progress_bars()
+    # fgc reports a bad file itself, in one line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         if source.kind == "disk":
             ds = datasets.load_from_disk(str(source.path))
@@ -704,11 +708,6 @@ def tokenize_to_shards(
     scratch = Path(tempfile.mkdtemp(prefix="fgc-data-"))
     pool = None
     try:
-        import datasets
-
-        datasets.disable_progress_bars()
-        # fgc reports a bad file itself, in one line
-        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         count = 0
         for source in sources:
             if source.kind == "text":

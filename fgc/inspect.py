@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-import black
+
 import libcst as cst
 import yaml
 
 from fgc_lowering.context import LoweringContext
 from fgc_lowering.pipeline import CODE_PASSES, lower
 
-from .codegen.package import import_groups
+from .codegen.package import format_python, import_groups
 from .codegen.emit import ImportTable, TargetEmitter, _identifier, literal
 from .codegen.escape import python_docstring
 from .codegen.vendor import VendorError, vendor_symbols
@@ -76,7 +76,7 @@ def construction_module(ir: IRGraph, ctx: LoweringContext, targets: list[str], c
     for _, _, source in vendored.definitions:
         parts.append(source + "\n\n\n")
     parts.append(cst.Module([func]).code)
-    return black.format_str("".join(parts), mode=black.Mode())
+    return format_python("".join(parts))
 
 
 def graph_data(ir: IRGraph) -> dict:

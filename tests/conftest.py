@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # fgc_runtime's Triton kernels run on CPU tensors in Triton's interpreter, which reads this
@@ -19,6 +20,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _worker.startswith("gw") and _worker[2:].isdigit():
     os.environ.setdefault("PET_MASTER_PORT", str(29500 + 7 * (int(_worker[2:]) + 1)))
+
+# fgc's on-disk cache (fgc/cache.py) of the tests' builds: one directory for the whole run, apart
+# from the user's own ~/.cache/fgc (its entries are written atomically, so workers share it)
+os.environ.setdefault("FGC_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"fgc-test-cache-{os.getuid()}"))
 
 import pytest
 

@@ -16,12 +16,16 @@ from click.testing import CliRunner
 from conftest import EXAMPLE, REPO
 
 # Runs `fgc ARGS` in this process and prints, after it exits, which heavy modules it imported.
+# (fgc.cli.main, not the console script `run`, which ends the process with os._exit)
 PROBE = r"""
-import atexit, runpy, sys
+import sys
 HEAVY = ("torch", "torch._dynamo", "fgc_lowering", "libcst", "black", "transformers")
-atexit.register(lambda: print("IMPORTED " + " ".join(m for m in HEAVY if m in sys.modules), file=sys.stderr))
 sys.argv = ["fgc"] + sys.argv[1:]
-runpy.run_module("fgc", run_name="__main__")
+from fgc.cli import main
+try:
+    main(prog_name="fgc")
+finally:
+    print("IMPORTED " + " ".join(m for m in HEAVY if m in sys.modules), file=sys.stderr)
 """
 
 
@@ -205,8 +209,10 @@ def test_benchmark_states_the_goal_and_the_stages():
     assert not any("codegen again" in line for line in lines)
 
 
-def test_black_runs_once_per_source_in_a_process(monkeypatch):
+def test_black_runs_once_per_source_in_a_process(monkeypatch, tmp_path):
     import black
+
+    monkeypatch.setenv("FGC_CACHE_DIR", str(tmp_path / "cache"))  # empty: nothing met before
 
     import fgc.codegen.package as package
 

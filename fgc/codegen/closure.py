@@ -25,9 +25,12 @@ The result is sorted: builds stay byte-identical.
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+
+from fgc import cache
 
 PACKAGE = "fgc_runtime"
 
@@ -47,6 +50,17 @@ LOADERS = {
     "triton_kernel": Loader(f"{PACKAGE}.kernels._impl", "triton_kernel", f"{PACKAGE}.kernels.triton.{{}}"),
 }
 DYNAMIC_IMPORTS = {"import_module", "__import__"}
+
+
+# the fields of a statement that hold statements (bodies, branches, handlers, match cases)
+STATEMENT_LISTS = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+def may_call(text: str) -> bool:
+    """Whether source TEXT may import by a call (a loader of :data:`LOADERS` or one of
+    :data:`DYNAMIC_IMPORTS`): only then must the closure walk its expressions too. A name that
+    appears nowhere in the text cannot be called."""
+    return any(name in text for name in (*LOADERS, *DYNAMIC_IMPORTS))
 
 
 class ClosureError(Exception):
@@ -69,15 +83,16 @@ def closure(sources: Mapping[str, str], runtime_dir: Path, triton: bool = False)
     import by a computed name it has no rule for.
     """
     runtime_dir = Path(runtime_dir)
+    own = Path(__file__).read_text(encoding="utf-8")
     found: set[str] = set()
     queue: list[tuple[str, bool, str]] = []  # (module, required, who imports it)
 
-    def visit(tree: ast.AST, module: str | None, is_package: bool, where: str) -> None:
-        for target, required, line in _edges(tree, module, is_package, triton, runtime_dir):
+    def visit(text: str, module: str | None, is_package: bool, where: str) -> None:
+        for target, required, line in _module_edges(text, module, is_package, triton, runtime_dir, own):
             queue.append((target, required, f"{where}:{line}"))
 
     for name in sorted(sources):
-        visit(ast.parse(sources[name]), None, False, name)
+        visit(sources[name], None, False, name)
     while queue:
         module, required, where = queue.pop()
         parts = module.split(".")
@@ -91,8 +106,24 @@ def closure(sources: Mapping[str, str], runtime_dir: Path, triton: bool = False)
             if rel in found:
                 continue
             found.add(rel)
-            visit(ast.parse((runtime_dir / rel).read_text(encoding="utf-8")), name, rel.endswith("__init__.py"), rel)
+            visit((runtime_dir / rel).read_text(encoding="utf-8"), name, rel.endswith("__init__.py"), rel)
     return sorted(found)
+
+
+def _module_edges(text: str, module: str | None, is_package: bool, triton: bool, runtime_dir: Path, own: str):
+    """The edges of one module (:func:`_edges` of its TEXT; MODULE None: a generated file),
+    kept in fgc's cache: they depend on its text, where it sits, ``triton`` and this module's
+    code (OWN). The one exception, a loader's call with a computed name when the program runs
+    Triton, depends on the runtime's files too: such a module's edges are not kept."""
+    key = cache.key("closure-edges", own, str(module), str(is_package), str(triton), text)
+    hit = cache.get("closure-edges", key)
+    if hit is not None:
+        return [tuple(edge) for edge in json.loads(hit)]
+    calls = may_call(text)
+    edges = list(_edges(ast.parse(text), module, is_package, triton, runtime_dir, calls))
+    if not (triton and calls):
+        cache.put("closure-edges", key, json.dumps(edges))
+    return edges
 
 
 def _module_file(runtime_dir: Path, module: str) -> str | None:
@@ -104,9 +135,11 @@ def _module_file(runtime_dir: Path, module: str) -> str | None:
     return None
 
 
-def _edges(tree: ast.AST, module: str | None, is_package: bool, triton: bool, runtime_dir: Path):
+def _edges(tree: ast.AST, module: str | None, is_package: bool, triton: bool, runtime_dir: Path, calls: bool = True):
     """(runtime module, required, line) for each import in TREE, the code of MODULE (None: a
-    generated file). ``required`` is False for ``from P import n``'s ``P.n``, which may be a name."""
+    generated file). ``required`` is False for ``from P import n``'s ``P.n``, which may be a name.
+    CALLS: whether TREE may call a loader or import by name (:func:`may_call`); without, only
+    the statements are walked (a fifth of the nodes), not the expressions."""
 
     def ours(name: str) -> bool:
         return name == PACKAGE or name.startswith(PACKAGE + ".")
@@ -116,6 +149,13 @@ def _edges(tree: ast.AST, module: str | None, is_package: bool, triton: bool, ru
             inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
             yield from edge(child, function)
             yield from walk(child, inner)
+
+    def statements(node: ast.AST):
+        # imports are statements: only the bodies of statements can hold one
+        for field in STATEMENT_LISTS:
+            for child in getattr(node, field, None) or ():
+                yield from edge(child, None)
+                yield from statements(child)
 
     def edge(node: ast.AST, function: str | None):
         if isinstance(node, ast.Import):
@@ -156,7 +196,7 @@ def _edges(tree: ast.AST, module: str | None, is_package: bool, triton: bool, ru
                     "fgc/codegen/closure.py cannot follow: make the import static or add a rule to LOADERS"
                 )
 
-    yield from walk(tree, None)
+    yield from walk(tree, None) if calls else statements(tree)
 
 
 def _called_name(func: ast.expr) -> str | None:

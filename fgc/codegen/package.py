@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import sys
 import tempfile
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
+from typing import Callable
 
-import black
 import jinja2
 import libcst as cst
 
 import fgc
 import fgc_codegen_templates
+from fgc import cache
 import fgc_runtime
 from fgc.errors import Diagnostic, FgcError, Location
 from fgc.frontend.render import Rendered
@@ -91,9 +93,69 @@ def _jinja() -> jinja2.Environment:
 
 @functools.lru_cache(maxsize=16)
 def format_python(source: str) -> str:
-    """black, with its default style; a source met before in this process is not formatted
-    again (`fgc ls` and `fgc check` of configs that share a model generate the same model.py)."""
-    return black.format_str(source, mode=black.Mode())
+    """black, with its default style for Python 3.10 and later (the generated code's; a fixed
+    target, so that a piece formats the same alone as in its file). A source met before is
+    not formatted again: in this process (`fgc ls` and `fgc check` of configs that share a
+    model generate the same model.py) or, through :mod:`fgc.cache`, in an earlier build (keyed
+    by the source and black's version). black itself is imported only when a source must be
+    formatted."""
+    k = cache.key("black", importlib.metadata.version("black"), "py310", source)
+    formatted = cache.get("black", k)
+    if formatted is None:
+        import black
+
+        formatted = black.format_str(source, mode=black.Mode(target_versions={black.TargetVersion.PY310}))
+        cache.put("black", k, formatted)
+    return formatted
+
+
+STUB = "_fgc_definition_{}"
+
+
+def format_module(render: Callable[[list], str], definitions: list, verbatim=frozenset()) -> str:
+    """A generated module formatted with black, its copied DEFINITIONS apart.
+
+    RENDER(definitions) renders the module's skeleton with the given ``(file, name, source)``
+    definitions in it. It is rendered with a one-line stub in place of each definition's code
+    (a ``class``, ``def`` or assignment, like the code it stands for, after the same leading
+    comments), so black formats the skeleton and places the blank lines around each
+    definition as it would around the code; each stub is then replaced by its definition,
+    formatted on its own (cached per definition), or kept as it is when its name is in
+    VERBATIM (library code, black-formatted already). The result is what black makes of the
+    whole module (tests/test_cache.py compares the two), in a fraction of the time: the copied
+    library code is most of a model.py.
+    """
+    if not definitions:
+        return format_python(render([]))
+    stubbed, bodies = [], {}
+    for i, (file, name, source) in enumerate(definitions):
+        comments, code_ = _leading_comments(source)
+        first = code_.lstrip()
+        if first.startswith("class "):
+            stub = f"class {STUB.format(i)}: ..."
+        elif first.startswith(("def ", "async def ", "@")):
+            stub = f"def {STUB.format(i)}(): ..."
+        else:
+            stub = f"{STUB.format(i)} = ..."
+        stubbed.append((file, name, f"{comments}\n{stub}" if comments else stub))
+        bodies[stub] = code_ if name in verbatim else _leading_comments(format_python(source + "\n"))[1]
+    lines = format_python(render(stubbed)).split("\n")
+    placed = [i for i, line in enumerate(lines) if line in bodies]
+    if sorted(lines[i] for i in placed) != sorted(bodies):  # black moved a stub: format it all
+        return format_python(render(definitions))
+    for i in placed:
+        lines[i] = bodies[lines[i]].rstrip("\n")
+    return "\n".join(lines)
+
+
+def _leading_comments(source: str) -> tuple[str, str]:
+    """SOURCE split into its leading comment (and blank) lines and the code from its first
+    statement on."""
+    lines = source.split("\n")
+    i = 0
+    while i < len(lines) and (not lines[i].strip() or lines[i].lstrip().startswith("#")):
+        i += 1
+    return "\n".join(lines[:i]), "\n".join(lines[i:])
 
 
 def sha256(data: bytes) -> str:
@@ -247,18 +309,22 @@ class PackageBuilder:
         extra = ["from fgc_runtime.hf import load_weights"] if weights_dir is not None else []
         import_lines = sorted(set(vendored.imports) | set(imports.statements()) | set(extra), key=_import_key)
         self._note_third_party(import_lines)
-        source = self.jinja.get_template("model.py.j2").render(
-            common,
-            imports=import_groups(import_lines),
-            definitions=vendored.definitions,
-            body=body,
-            model_var=var,
-            model_where=self.where(self.ir.node(model_root).loc),
-            weights_dir=weights_dir,
-            weights_where=weights_where,
-            tensor_rules=self.tensor_rules(),
+        template = self.jinja.get_template("model.py.j2")
+        return format_module(
+            lambda definitions: template.render(
+                common,
+                imports=import_groups(import_lines),
+                definitions=definitions,
+                body=body,
+                model_var=var,
+                model_where=self.where(self.ir.node(model_root).loc),
+                weights_dir=weights_dir,
+                weights_where=weights_where,
+                tensor_rules=self.tensor_rules(),
+            ),
+            vendored.definitions,
+            vendored.verbatim,
         )
-        return format_python(source)
 
     def pretrained(self) -> tuple[str | None, str]:
         """The Hugging Face model directory the model starts from (None: fresh), and where the
@@ -401,13 +467,13 @@ class PackageBuilder:
         sampling = self.ctx.settings.logging.sample_every > 0
         settings = self.ctx.settings
 
-        def render(import_lines: list[str]) -> str:
+        def render(import_lines: list[str], definitions=vendored.definitions) -> str:
             return self.jinja.get_template("train.py.j2").render(
                 common,
                 imports=import_groups(import_lines),
                 constants=constants,
                 plan_literal=code(literal(self.ctx.plan.to_data())),
-                definitions=vendored.definitions,
+                definitions=definitions,
                 config_hash=code(literal(config_hash)),
                 factories=factories,
                 config_flags=flags,
@@ -427,7 +493,7 @@ class PackageBuilder:
         used = skeleton_imports(render([]))
         import_lines = sorted(set(imports.statements()) | set(used) | set(vendored.imports), key=_import_key)
         self._note_third_party(import_lines)
-        return format_python(render(import_lines))
+        return format_module(lambda definitions: render(import_lines, definitions), vendored.definitions, vendored.verbatim)
 
     def generate_py(self, common: dict) -> str:
         """generate.py: sampling from a checkpoint, with train.py's settings of the output dir, data

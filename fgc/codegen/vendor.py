@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from typing import Callable
 
 import libcst as cst
 import libcst.metadata  # noqa: F401  (cst.metadata: the user's names, by scope)
+
+from fgc import cache
 
 VENDORED_PREFIX = "fgc.components"
 # the model families' own parts (fgc/families/NAME/parts.py) are copied like the library's
@@ -106,6 +109,32 @@ class VendoredCode:
     definitions: list[tuple[str, str, str]]  # (module file, name, source)
     names: set[str]
     members: set[tuple[str, str]] = field(default_factory=set)  # (module, name) vendored
+    # the definitions (by name) copied from the library unchanged: their text is the library's,
+    # which is black-formatted (tests/test_cache.py), so it is not formatted again
+    verbatim: set[str] = field(default_factory=set)
+
+    def to_json(self) -> str:
+        """The code as JSON (for :mod:`fgc.cache`), sets sorted: one text per result."""
+        return json.dumps(
+            {
+                "imports": self.imports,
+                "definitions": self.definitions,
+                "names": sorted(self.names),
+                "members": sorted(self.members),
+                "verbatim": sorted(self.verbatim),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "VendoredCode":
+        data = json.loads(text)
+        return cls(
+            list(data["imports"]),
+            [tuple(d) for d in data["definitions"]],
+            set(data["names"]),
+            {tuple(m) for m in data["members"]},
+            set(data["verbatim"]),
+        )
 
     def holds(self, module: str, qualname: str) -> bool:
         """Whether the symbol module:qualname is defined in the vendored code."""
@@ -374,17 +403,24 @@ class Vendorer:
         imports = sorted({line for d in order for line in d.imports})
         final = self._final_names(order, set(wanted), {_bound_by(line) for line in imports})
         definitions = []
+        verbatim = set()
         for d in order:
             renames = {
                 id(node): final[target] for node, target in d.refs if final.get(target, _ref_text(node)) != _ref_text(node)
             }
             renames.update({id(n): final[(d.module, d.name)] for n in d.name_nodes if final[(d.module, d.name)] != d.name})
             node = d.node.visit(_Rename(renames)) if renames else d.node
+            if not renames and not self._module(d.module)["user"]:
+                verbatim.add(final[(d.module, d.name)])
             definitions.append(
                 (self._module(d.module)["shown"], final[(d.module, d.name)], cst.Module([]).code_for_node(node).strip("\n"))
             )
         return VendoredCode(
-            imports, definitions, {final[(d.module, d.name)] for d in order}, {(d.module, d.name) for d in order}
+            imports,
+            definitions,
+            {final[(d.module, d.name)] for d in order},
+            {(d.module, d.name) for d in order},
+            verbatim,
         )
 
     def _final_names(
@@ -442,4 +478,22 @@ def vendor_symbols(symbols, shown: Callable[[str], str]) -> VendoredCode:
         elif not is_vendored_module(symbol.module):
             continue
         wanted.add((symbol.module, symbol.qualname.split(".")[0]))
-    return Vendorer(files, shown).collect(sorted(wanted))
+    if files:  # the user's own code: vendored afresh each time
+        return Vendorer(files, shown).collect(sorted(wanted))
+    # the library's alone: a function of what is wanted and of the library's (and this
+    # module's) source, so a result of an earlier build is kept in fgc's cache
+    key = cache.key("vendor", *(f"{m}:{n}" for m, n in sorted(wanted)), *_library_sources())
+    hit = cache.get("vendor", key)
+    if hit is not None:
+        return VendoredCode.from_json(hit)
+    vendored = Vendorer(files, shown).collect(sorted(wanted))
+    cache.put("vendor", key, vendored.to_json())
+    return vendored
+
+
+def _library_sources() -> list[str]:
+    """Every source file vendoring of library code may read (the component library, the
+    families' parts) and vendoring's own code, each as its path and text."""
+    root = Path(importlib.import_module("fgc").__file__).parent
+    paths = [Path(__file__), *sorted((root / "components").glob("*.py")), *sorted((root / "families").rglob("*.py"))]
+    return [f"{path.relative_to(root.parent).as_posix()}\n{path.read_text(encoding='utf-8')}" for path in paths]

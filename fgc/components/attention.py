@@ -14,7 +14,9 @@ from fgc.components.positions import LayerContext
 from fgc_runtime.kernels import scaled_dot_product_attention
 
 
-def sliding_window_causal_mask(seq_len: int, sliding_window: int, device=None) -> torch.Tensor:
+def sliding_window_causal_mask(
+    seq_len: int, sliding_window: int, device=None
+) -> torch.Tensor:
     """(T, S) bool, True where query t may attend key s: `t - sliding_window < s <= t`.
 
     A token sees itself and the `sliding_window - 1` tokens before it, as in transformers'
@@ -56,7 +58,12 @@ class CausalSelfAttention(nn.Module):
 
     # Tensor parallelism: the projections split by output features (each rank computes some
     # heads) and the one split by input features (the ranks' partial outputs are summed).
-    tp_plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+    tp_plan = {
+        "q_proj": "colwise",
+        "k_proj": "colwise",
+        "v_proj": "colwise",
+        "o_proj": "rowwise",
+    }
     # the attributes a tensor-parallel degree must divide (each rank holds whole heads)
     tp_divisible = ("num_attention_heads", "num_key_value_heads")
     # the fgc_runtime.kernels it runs (through ctx.rotate), chosen by kernel_impl
@@ -95,13 +102,17 @@ class CausalSelfAttention(nn.Module):
                 f"num_attention_heads ({num_attention_heads})"
             )
         if sliding_window is not None and sliding_window < 1:
-            raise ValueError(f"CausalSelfAttention: sliding_window must be at least 1, got {sliding_window}")
+            raise ValueError(
+                f"CausalSelfAttention: sliding_window must be at least 1, got {sliding_window}"
+            )
         self.hidden_size = hidden_size
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.sliding_window = sliding_window
-        if rotary_dim is not None and not (0 < rotary_dim <= head_dim and rotary_dim % 2 == 0):
+        if rotary_dim is not None and not (
+            0 < rotary_dim <= head_dim and rotary_dim % 2 == 0
+        ):
             raise ValueError(
                 f"CausalSelfAttention: rotary_dim must be even and between 2 and head_dim ({head_dim}), got {rotary_dim}"
             )
@@ -110,14 +121,24 @@ class CausalSelfAttention(nn.Module):
         self.scaling = scaling
         self.attn_logit_softcapping = attn_logit_softcapping
         if not 0.0 <= attention_dropout < 1.0:
-            raise ValueError(f"CausalSelfAttention: attention_dropout must be in [0, 1), got {attention_dropout}")
+            raise ValueError(
+                f"CausalSelfAttention: attention_dropout must be in [0, 1), got {attention_dropout}"
+            )
         self.attention_dropout = attention_dropout
         self.rotary_dim = None if rotary_dim == head_dim else rotary_dim
         qkv_bias = attention_bias if qkv_bias is None else qkv_bias
-        self.q_proj = nn.Linear(hidden_size, num_attention_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_attention_heads * head_dim, hidden_size, bias=attention_bias)
+        self.q_proj = nn.Linear(
+            hidden_size, num_attention_heads * head_dim, bias=qkv_bias
+        )
+        self.k_proj = nn.Linear(
+            hidden_size, num_key_value_heads * head_dim, bias=qkv_bias
+        )
+        self.v_proj = nn.Linear(
+            hidden_size, num_key_value_heads * head_dim, bias=qkv_bias
+        )
+        self.o_proj = nn.Linear(
+            num_attention_heads * head_dim, hidden_size, bias=attention_bias
+        )
         self.q_norm = qk_norm_factory(head_dim) if qk_norm_factory is not None else None
         self.k_norm = qk_norm_factory(head_dim) if qk_norm_factory is not None else None
 
@@ -136,7 +157,9 @@ class CausalSelfAttention(nn.Module):
         if self.use_rope and self.rotary_dim is not None:
             # partial rotary: the first rotary_dim channels of each head rotate, the rest pass
             r = self.rotary_dim
-            q_rot, k_rot = ctx.rotate(q_BHTE[..., :r], k_BKTE[..., :r], impl=self.kernel_impl)
+            q_rot, k_rot = ctx.rotate(
+                q_BHTE[..., :r], k_BKTE[..., :r], impl=self.kernel_impl
+            )
             q_BHTE = torch.cat((q_rot, q_BHTE[..., r:]), dim=-1)
             k_BKTE = torch.cat((k_rot, k_BKTE[..., r:]), dim=-1)
         elif self.use_rope:
@@ -144,7 +167,9 @@ class CausalSelfAttention(nn.Module):
         attn_mask_B1TS = ctx.attn_mask_B1TS
         if self.sliding_window is not None and self.sliding_window < T:
             window_TS = sliding_window_causal_mask(T, self.sliding_window, x_BTD.device)
-            attn_mask_B1TS = window_TS if attn_mask_B1TS is None else attn_mask_B1TS & window_TS
+            attn_mask_B1TS = (
+                window_TS if attn_mask_B1TS is None else attn_mask_B1TS & window_TS
+            )
         if self.attn_logit_softcapping is not None:
             y_BHTE = self._softcapped_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask_B1TS)
         else:
@@ -163,9 +188,12 @@ class CausalSelfAttention(nn.Module):
         y_BTD = y_BHTE.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y_BTD)
 
-    def _softcapped_attention(self, q_BHTE, k_BKTE, v_BKTE, attn_mask_B1TS) -> torch.Tensor:
+    def _softcapped_attention(
+        self, q_BHTE, k_BKTE, v_BKTE, attn_mask_B1TS
+    ) -> torch.Tensor:
         """Attention with soft-capped scores, written out as transformers' Gemma 2 does: scores
-        scaled, capped (`c * tanh(s / c)`), masked, softmax in fp32, then the weighted values."""
+        scaled, capped (`c * tanh(s / c)`), masked, softmax in fp32, then the weighted values.
+        """
         H, K, T = q_BHTE.shape[1], k_BKTE.shape[1], q_BHTE.shape[2]
         k_BHTE = k_BKTE.repeat_interleave(H // K, dim=1)
         v_BHTE = v_BKTE.repeat_interleave(H // K, dim=1)
@@ -174,14 +202,26 @@ class CausalSelfAttention(nn.Module):
         c = self.attn_logit_softcapping
         scores_BHTS = torch.tanh(scores_BHTS / c) * c
         if attn_mask_B1TS is None:
-            attn_mask_B1TS = torch.ones(T, T, dtype=torch.bool, device=q_BHTE.device).tril()
-        scores_BHTS = scores_BHTS.masked_fill(~attn_mask_B1TS, torch.finfo(scores_BHTS.dtype).min)
-        weights_BHTS = torch.softmax(scores_BHTS, dim=-1, dtype=torch.float32).to(q_BHTE.dtype)
-        weights_BHTS = F.dropout(weights_BHTS, p=self.attention_dropout, training=self.training)
+            attn_mask_B1TS = torch.ones(
+                T, T, dtype=torch.bool, device=q_BHTE.device
+            ).tril()
+        scores_BHTS = scores_BHTS.masked_fill(
+            ~attn_mask_B1TS, torch.finfo(scores_BHTS.dtype).min
+        )
+        weights_BHTS = torch.softmax(scores_BHTS, dim=-1, dtype=torch.float32).to(
+            q_BHTE.dtype
+        )
+        weights_BHTS = F.dropout(
+            weights_BHTS, p=self.attention_dropout, training=self.training
+        )
         return torch.matmul(weights_BHTS, v_BHTE)
 
     def extra_repr(self) -> str:
-        window = f", sliding_window={self.sliding_window}" if self.sliding_window is not None else ""
+        window = (
+            f", sliding_window={self.sliding_window}"
+            if self.sliding_window is not None
+            else ""
+        )
         rope = ", use_rope=False" if not self.use_rope else ""
         impl = f", kernel_impl={self.kernel_impl}" if self.kernel_impl != "auto" else ""
         return (

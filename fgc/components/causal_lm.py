@@ -14,7 +14,9 @@ from torch import nn
 from fgc.components.positions import LayerContext
 
 
-def packed_document_positions_and_mask(document_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_document_positions_and_mask(
+    document_ids_BT: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions and attention mask for rows holding several documents back to back.
 
     A document is a run of equal ids in a row of `document_ids_BT`. Returns the position of each
@@ -42,7 +44,10 @@ def positions_and_mask(
     document and the block-diagonal mask (`packed_document_positions_and_mask`)."""
     if document_ids_BT is None:
         B, T = input_ids_BT.shape
-        return torch.arange(T, device=input_ids_BT.device).unsqueeze(0).expand(B, T), None
+        return (
+            torch.arange(T, device=input_ids_BT.device).unsqueeze(0).expand(B, T),
+            None,
+        )
     return packed_document_positions_and_mask(document_ids_BT)
 
 
@@ -70,7 +75,11 @@ class DecoderStack(nn.Module):
         embedding_multiplier: float | None = None,
     ):
         super().__init__()
-        factories = list(layer_factory) if isinstance(layer_factory, (list, tuple)) else [layer_factory] * num_hidden_layers
+        factories = (
+            list(layer_factory)
+            if isinstance(layer_factory, (list, tuple))
+            else [layer_factory] * num_hidden_layers
+        )
         if len(factories) != num_hidden_layers:
             raise ValueError(
                 f"DecoderStack: {len(factories)} layer factories for num_hidden_layers {num_hidden_layers}: "
@@ -79,10 +88,14 @@ class DecoderStack(nn.Module):
         self.embedding_multiplier = embedding_multiplier
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         self.positions = positions
-        self.layers = nn.ModuleList([factory(hidden_size=hidden_size) for factory in factories])
+        self.layers = nn.ModuleList(
+            [factory(hidden_size=hidden_size) for factory in factories]
+        )
         self.norm = norm_factory(hidden_size)
 
-    def embed(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
+    def embed(
+        self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor
+    ) -> torch.Tensor:
         """The token embeddings (scaled by `embedding_multiplier`) with what the positions add."""
         x_BTD = self.embed_tokens(input_ids_BT)
         if self.embedding_multiplier is not None:
@@ -90,12 +103,16 @@ class DecoderStack(nn.Module):
             x_BTD = x_BTD * torch.tensor(self.embedding_multiplier, dtype=x_BTD.dtype)
         return self.positions.embed(x_BTD, position_ids_BT)
 
-    def layer_context(self, position_ids_BT: torch.Tensor, attn_mask_B1TS: torch.Tensor | None = None) -> LayerContext:
+    def layer_context(
+        self, position_ids_BT: torch.Tensor, attn_mask_B1TS: torch.Tensor | None = None
+    ) -> LayerContext:
         """The context every layer of one forward is called with: the positions' rotary tables
         (computed once, as transformers does) and the attention mask (None: causal)."""
         return LayerContext(self.positions.tables(position_ids_BT), attn_mask_B1TS)
 
-    def run_layers(self, x_BTD: torch.Tensor, ctx: LayerContext, indices=None) -> torch.Tensor:
+    def run_layers(
+        self, x_BTD: torch.Tensor, ctx: LayerContext, indices=None
+    ) -> torch.Tensor:
         """X through the decoder layers in order: all of them, or those at INDICES (a pipeline
         stage's)."""
         layers = self.layers if indices is None else [self.layers[i] for i in indices]
@@ -103,10 +120,16 @@ class DecoderStack(nn.Module):
             x_BTD = layer(x_BTD, ctx)
         return x_BTD
 
-    def forward(self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
-        position_ids_BT, attn_mask_B1TS = positions_and_mask(input_ids_BT, document_ids_BT)
+    def forward(
+        self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        position_ids_BT, attn_mask_B1TS = positions_and_mask(
+            input_ids_BT, document_ids_BT
+        )
         x_BTD = self.embed(input_ids_BT, position_ids_BT)
-        x_BTD = self.run_layers(x_BTD, self.layer_context(position_ids_BT, attn_mask_B1TS))
+        x_BTD = self.run_layers(
+            x_BTD, self.layer_context(position_ids_BT, attn_mask_B1TS)
+        )
         return self.norm(x_BTD)
 
 
@@ -154,8 +177,12 @@ class CausalLM(nn.Module):
             try:
                 re.compile(pattern)
             except re.error as err:
-                raise ValueError(f"CausalLM: init_rules pattern {pattern!r} is not a valid regex: {err}") from None
-            if rule not in ("zeros", "ones") and (isinstance(rule, (str, bool)) or rule < 0):
+                raise ValueError(
+                    f"CausalLM: init_rules pattern {pattern!r} is not a valid regex: {err}"
+                ) from None
+            if rule not in ("zeros", "ones") and (
+                isinstance(rule, (str, bool)) or rule < 0
+            ):
                 raise ValueError(
                     f"CausalLM: init_rules rule for {pattern!r} must be a standard deviation >= 0, "
                     f"'zeros' or 'ones', got {rule!r}"
@@ -169,7 +196,13 @@ class CausalLM(nn.Module):
         self.logits_scaling = logits_scaling
         self.final_logit_softcapping = final_logit_softcapping
         self.model = DecoderStack(
-            vocab_size, hidden_size, num_hidden_layers, layer_factory, norm_factory, positions, embedding_multiplier
+            vocab_size,
+            hidden_size,
+            num_hidden_layers,
+            layer_factory,
+            norm_factory,
+            positions,
+            embedding_multiplier,
         )
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
         if tie_word_embeddings:
@@ -198,10 +231,14 @@ class CausalLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     default[id(module.bias)] = "zeros"
             elif module is not self and hasattr(module, "reset_parameters"):
-                tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+                tensors = list(module.parameters(recurse=False)) + list(
+                    module.buffers(recurse=False)
+                )
                 if tensors and all(t.is_meta for t in tensors):
                     continue
-                dtypes = {name: b.dtype for name, b in module.named_buffers(recurse=False)}
+                dtypes = {
+                    name: b.dtype for name, b in module.named_buffers(recurse=False)
+                }
                 module.reset_parameters()
                 # a buffer recomputed in fp32 keeps the dtype the model was cast to
                 for name, b in list(module.named_buffers(recurse=False)):
@@ -211,7 +248,10 @@ class CausalLM(nn.Module):
         for name, param in self.named_parameters():
             if param.is_meta:
                 continue
-            rule = next((rule for pattern, rule in self.init_rules if re.search(pattern, name)), None)
+            rule = next(
+                (rule for pattern, rule in self.init_rules if re.search(pattern, name)),
+                None,
+            )
             if rule is None:
                 rule = default.get(id(param))
             if rule == "zeros":
@@ -221,14 +261,18 @@ class CausalLM(nn.Module):
             elif rule is not None:
                 device = param.device
                 generator = torch.Generator(device=device)
-                generator.manual_seed((base + 1_000_003 * zlib.crc32(name.encode())) % 2**63)
+                generator.manual_seed(
+                    (base + 1_000_003 * zlib.crc32(name.encode())) % 2**63
+                )
                 values = torch.empty(param.shape, dtype=torch.float32, device=device)
                 values.normal_(mean=0.0, std=rule, generator=generator)
                 # a DTensor (FSDP2, tensor parallel) gets this rank's shard of the values
                 if hasattr(param, "device_mesh"):
                     from torch.distributed.tensor import distribute_tensor
 
-                    values = distribute_tensor(values, param.device_mesh, param.placements, src_data_rank=None)
+                    values = distribute_tensor(
+                        values, param.device_mesh, param.placements, src_data_rank=None
+                    )
                 param.copy_(values)
 
     # -- what the rest of fgc asks the model ---------------------------------------------------
@@ -238,15 +282,21 @@ class CausalLM(nn.Module):
         tensor parallelism and pipeline stages)."""
         return self.model.layers
 
-    def embed(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
+    def embed(
+        self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor
+    ) -> torch.Tensor:
         """`(B, T, D)`: the token embeddings with what the positions add to them."""
         return self.model.embed(input_ids_BT, position_ids_BT)
 
-    def layer_context(self, position_ids_BT: torch.Tensor, attn_mask_B1TS: torch.Tensor | None = None) -> LayerContext:
+    def layer_context(
+        self, position_ids_BT: torch.Tensor, attn_mask_B1TS: torch.Tensor | None = None
+    ) -> LayerContext:
         """The context every decoder layer of one forward is called with (`layer(x_BTD, ctx)`)."""
         return self.model.layer_context(position_ids_BT, attn_mask_B1TS)
 
-    def run_layers(self, x_BTD: torch.Tensor, ctx: LayerContext, indices=None) -> torch.Tensor:
+    def run_layers(
+        self, x_BTD: torch.Tensor, ctx: LayerContext, indices=None
+    ) -> torch.Tensor:
         """X through the decoder layers: all of them, or those at INDICES, in order."""
         return self.model.run_layers(x_BTD, ctx, indices)
 
@@ -274,12 +324,18 @@ class CausalLM(nn.Module):
             return None
         return self.lm_head.weight, self.lm_head.bias
 
-    def hidden_states(self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`(B, T, D)`: the final-normed hidden states the head turns into logits (document ids:
         see the class docstring)."""
-        position_ids_BT, attn_mask_B1TS = positions_and_mask(input_ids_BT, document_ids_BT)
+        position_ids_BT, attn_mask_B1TS = positions_and_mask(
+            input_ids_BT, document_ids_BT
+        )
         x_BTD = self.embed(input_ids_BT, position_ids_BT)
-        x_BTD = self.run_layers(x_BTD, self.layer_context(position_ids_BT, attn_mask_B1TS))
+        x_BTD = self.run_layers(
+            x_BTD, self.layer_context(position_ids_BT, attn_mask_B1TS)
+        )
         return self.final_hidden(x_BTD)
 
     def stage_modules(self, first: bool, last: bool) -> dict[str, nn.Module]:
@@ -305,7 +361,9 @@ class CausalLM(nn.Module):
         appendix B), for L layers, width H and sequence length T."""
         lookups = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         head = self.lm_head.weight
-        n = sum(p.numel() for p in self.parameters() if id(p) not in lookups or p is head)
+        n = sum(
+            p.numel() for p in self.parameters() if id(p) not in lookups or p is head
+        )
         L, H = self.num_hidden_layers, self.hidden_size
         value = 6 * n + 12 * L * H * seq_len
         formula = (
@@ -314,5 +372,7 @@ class CausalLM(nn.Module):
         )
         return float(value), formula
 
-    def forward(self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.head(self.hidden_states(input_ids_BT, document_ids_BT))

@@ -40,13 +40,16 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=mlp_bias)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        h_BTI = swiglu(self.gate_proj(x_BTD), self.up_proj(x_BTD), impl=self.kernel_impl)
+        h_BTI = swiglu(
+            self.gate_proj(x_BTD), self.up_proj(x_BTD), impl=self.kernel_impl
+        )
         return self.down_proj(h_BTI)
 
 
 def activate(name: str, x: torch.Tensor) -> torch.Tensor:
     """The activation NAME, by the names transformers' configs give them (hidden_act): exact
-    GELU (`gelu`), its tanh approximation (`gelu_tanh`: gelu_new, gelu_pytorch_tanh), SiLU and ReLU."""
+    GELU (`gelu`), its tanh approximation (`gelu_tanh`: gelu_new, gelu_pytorch_tanh), SiLU and ReLU.
+    """
     if name == "gelu":
         return torch.nn.functional.gelu(x)
     if name == "gelu_tanh":
@@ -60,7 +63,8 @@ def activate(name: str, x: torch.Tensor) -> torch.Tensor:
 
 class GatedMLP(nn.Module):
     """Gated feed-forward with any activation, `down(act(gate(x)) * up(x))`: GeGLU with
-    `activation="gelu_tanh"` (transformers' GemmaMLP). SwiGLU has its own kernel: SwiGLUMLP."""
+    `activation="gelu_tanh"` (transformers' GemmaMLP). SwiGLU has its own kernel: SwiGLUMLP.
+    """
 
     tp_plan = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
     tp_divisible = ("intermediate_size",)

@@ -33,7 +33,9 @@ from fgc.components.causal_lm import CausalLM
 from fgc_runtime.kernels import swiglu
 
 
-def routing_statistics(router_logits_NE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def routing_statistics(
+    router_logits_NE: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """What the load-balancing loss needs of one layer's router logits, as transformers'
     `load_balancing_loss_func` computes it: the softmax over the experts (in the logits' dtype),
     its top-k experts per token, then `(tokens_per_expert_E, prob_sum_E, rows)`: how many of the
@@ -42,7 +44,9 @@ def routing_statistics(router_logits_NE: torch.Tensor, top_k: int) -> tuple[torc
     probs_NE = F.softmax(router_logits_NE, dim=-1)
     with torch.no_grad():
         top_NK = torch.topk(probs_NE, top_k, dim=-1).indices
-        counts_E = torch.bincount(top_NK.reshape(-1), minlength=router_logits_NE.shape[-1]).float()
+        counts_E = torch.bincount(
+            top_NK.reshape(-1), minlength=router_logits_NE.shape[-1]
+        ).float()
     return counts_E, probs_NE.float().sum(dim=0), router_logits_NE.shape[0]
 
 
@@ -51,7 +55,8 @@ def load_balancing_loss(statistics, num_experts: int) -> torch.Tensor:
     `load_balancing_loss_func` computes it over the layers of one forward: with f_e the fraction
     of (token, top-k slot) assignments that went to expert e and P_e the mean probability of e,
     both pooled over every layer's tokens, `E * sum_e f_e * P_e` (f sums to K, so a perfectly
-    balanced router gives K). STATISTICS: one `routing_statistics(...)` per MoE layer."""
+    balanced router gives K). STATISTICS: one `routing_statistics(...)` per MoE layer.
+    """
     counts_E = sum(s[0] for s in statistics)
     prob_sum_E = sum(s[1] for s in statistics)
     rows = sum(s[2] for s in statistics)
@@ -84,17 +89,26 @@ class SwiGLUExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.num_experts = num_experts
         self.kernel_impl = kernel_impl
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size)
+        )
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size)
+        )
         # MoECausalLM.init_weights draws them by name like every weight; this is for a block used alone
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
     def forward(
-        self, x_ND: torch.Tensor, top_k_index_NK: torch.Tensor, top_k_weights_NK: torch.Tensor
+        self,
+        x_ND: torch.Tensor,
+        top_k_index_NK: torch.Tensor,
+        top_k_weights_NK: torch.Tensor,
     ) -> torch.Tensor:
         K = top_k_index_NK.shape[1]
-        expert_M = top_k_index_NK.reshape(-1)  # M = N*K (token, slot) pairs, token-major
+        expert_M = top_k_index_NK.reshape(
+            -1
+        )  # M = N*K (token, slot) pairs, token-major
         # the pairs grouped by expert (stable: in token order within an expert)
         order_M = expert_M.argsort(stable=True)
         counts = torch.bincount(expert_M, minlength=self.num_experts).tolist()
@@ -104,7 +118,11 @@ class SwiGLUExperts(nn.Module):
             if counts[e] == 0:
                 continue
             gate_CI, up_CI = F.linear(x_CD, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outputs.append(F.linear(swiglu(gate_CI, up_CI, impl=self.kernel_impl), self.down_proj[e]))
+            outputs.append(
+                F.linear(
+                    swiglu(gate_CI, up_CI, impl=self.kernel_impl), self.down_proj[e]
+                )
+            )
         out_ND = torch.zeros_like(x_ND)
         if not outputs:
             return out_ND
@@ -144,7 +162,9 @@ class SparseMoeBlock(nn.Module):
     ):
         super().__init__()
         if num_experts < 1:
-            raise ValueError(f"SparseMoeBlock: num_experts must be at least 1, got {num_experts}")
+            raise ValueError(
+                f"SparseMoeBlock: num_experts must be at least 1, got {num_experts}"
+            )
         if not 1 <= num_experts_per_tok <= num_experts:
             raise ValueError(
                 f"SparseMoeBlock: num_experts_per_tok must be between 1 and num_experts ({num_experts}), "
@@ -161,7 +181,9 @@ class SparseMoeBlock(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.routing_weights_dtype = routing_weights_dtype
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = SwiGLUExperts(hidden_size, intermediate_size, num_experts, kernel_impl)
+        self.experts = SwiGLUExperts(
+            hidden_size, intermediate_size, num_experts, kernel_impl
+        )
         self.record_routing = False
         self.routing_sink = None
 
@@ -240,7 +262,9 @@ class MoECausalLM(CausalLM):
             )
         self.router_aux_loss_coef = router_aux_loss_coef
         self.output_router_logits = output_router_logits
-        self.routing = []  # the routing statistics of the last forward, one per MoE layer
+        self.routing = (
+            []
+        )  # the routing statistics of the last forward, one per MoE layer
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         """The routed MoE blocks of the decoder layers, in order."""
@@ -264,7 +288,9 @@ class MoECausalLM(CausalLM):
         finally:
             self.init_rules = user_rules
 
-    def hidden_states(self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`CausalLM.hidden_states`, recording each MoE layer's routing statistics for
         `aux_loss()` (only during this call: a recomputation under activation checkpointing
         records nothing)."""
@@ -290,7 +316,9 @@ class MoECausalLM(CausalLM):
             return None
         if not self.routing:
             return torch.zeros((), device=self.lm_head.weight.device)
-        return self.router_aux_loss_coef * load_balancing_loss(self.routing, blocks[0].num_experts)
+        return self.router_aux_loss_coef * load_balancing_loss(
+            self.routing, blocks[0].num_experts
+        )
 
     def flops_per_token(self, seq_len: int) -> tuple[float, str]:
         """Training FLOPs per token at SEQ_LEN and the formula with its numbers: `6N + 12*L*H*T`
@@ -298,7 +326,9 @@ class MoECausalLM(CausalLM):
         MoE layer the router and its top-k experts, not the other experts."""
         lookups = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         head = self.lm_head.weight
-        total = sum(p.numel() for p in self.parameters() if id(p) not in lookups or p is head)
+        total = sum(
+            p.numel() for p in self.parameters() if id(p) not in lookups or p is head
+        )
         blocks = self.moe_blocks()
         unused = sum(
             (b.num_experts - b.num_experts_per_tok)

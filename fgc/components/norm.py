@@ -41,7 +41,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         # The kernel normalises in fp32 and returns x's dtype, like transformers' LlamaRMSNorm.
-        return rms_norm(x_BTD, self.weight, self.eps, self.offset, impl=self.kernel_impl)
+        return rms_norm(
+            x_BTD, self.weight, self.eps, self.offset, impl=self.kernel_impl
+        )
 
     def extra_repr(self) -> str:
         offset = f", offset={self.offset}" if self.offset else ""

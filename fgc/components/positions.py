@@ -37,14 +37,22 @@ class LayerContext:
         self.rotary_tables = rotary_tables
         self.attn_mask_B1TS = attn_mask_B1TS
 
-    def rotate(self, q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate(
+        self, q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, impl: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys rotated by the rotary tables (`fgc_runtime.kernels.apply_rope` with
         IMPL); unchanged without tables."""
         if self.rotary_tables is None:
             return q_BHTE, k_BKTE
         cos_BTE, sin_BTE = self.rotary_tables
         # The tables are fp32; cast them so a bf16 model keeps bf16 q/k, as transformers does.
-        return apply_rope(q_BHTE, k_BKTE, cos_BTE.to(q_BHTE.dtype), sin_BTE.to(q_BHTE.dtype), impl=impl)
+        return apply_rope(
+            q_BHTE,
+            k_BKTE,
+            cos_BTE.to(q_BHTE.dtype),
+            sin_BTE.to(q_BHTE.dtype),
+            impl=impl,
+        )
 
 
 class LearnedPositionalEmbedding(nn.Embedding):

@@ -20,11 +20,15 @@ from torch import nn
 def _default_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
     """`1 / rope_theta ** (2i / head_dim)` for each channel pair i, in fp32 on the CPU, computed
     the way transformers computes it (so the tables agree bit for bit)."""
-    exponents_F = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    exponents_F = (
+        torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    )
     return 1.0 / (rope_theta**exponents_F)
 
 
-def _rotary_tables(inv_freq_F: torch.Tensor, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotary_tables(
+    inv_freq_F: torch.Tensor, position_ids_BT: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of `position * inv_freq`, each frequency used for both halves of the head dim."""
     # Always fp32: a bf16 angle loses whole radians at large positions.
     inv_freq_F = inv_freq_F.to(device=position_ids_BT.device, dtype=torch.float32)
@@ -43,7 +47,12 @@ class RotaryEmbedding(nn.Module):
     themselves change).
     """
 
-    def __init__(self, head_dim: int, max_position_embeddings: int = 2048, rope_theta: float = 10000.0):
+    def __init__(
+        self,
+        head_dim: int,
+        max_position_embeddings: int = 2048,
+        rope_theta: float = 10000.0,
+    ):
         super().__init__()
         if head_dim % 2 != 0:
             raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
@@ -53,7 +62,9 @@ class RotaryEmbedding(nn.Module):
         # Non-persistent: derived from the hyperparameters, so checkpoints stay equal to HF's.
         # Built on the CPU, then moved to the device the model is being built on (cheap on meta).
         inv_freq_F = _default_inv_freq(head_dim, rope_theta)
-        self.register_buffer("inv_freq", inv_freq_F.to(torch.get_default_device()), persistent=False)
+        self.register_buffer(
+            "inv_freq", inv_freq_F.to(torch.get_default_device()), persistent=False
+        )
 
     def compute_inv_freq(self) -> torch.Tensor:
         """The inverse frequencies, fp32, on the CPU."""
@@ -65,14 +76,18 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = self.compute_inv_freq().to(self.inv_freq.device)
 
     @torch.no_grad()
-    def forward(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _rotary_tables(self.inv_freq, position_ids_BT)
 
     def embed(self, x_BTD: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
         """X as it is: rotary positions act in the attention, not on the embeddings."""
         return x_BTD
 
-    def tables(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(
+        self, position_ids_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The `(cos_BTD, sin_BTD)` tables of the positions, fp32 (this class's `forward`)."""
         return self(position_ids_BT)
 
@@ -93,7 +108,9 @@ class LinearScalingRotaryEmbedding(RotaryEmbedding):
     ):
         super().__init__(head_dim, max_position_embeddings, rope_theta)
         if factor <= 0:
-            raise ValueError(f"LinearScalingRotaryEmbedding: factor must be positive, got {factor}")
+            raise ValueError(
+                f"LinearScalingRotaryEmbedding: factor must be positive, got {factor}"
+            )
         self.factor = factor
         self.reset_parameters()
 
@@ -125,19 +142,30 @@ class DynamicNTKRotaryEmbedding(RotaryEmbedding):
     ):
         super().__init__(head_dim, max_position_embeddings, rope_theta)
         if factor <= 0:
-            raise ValueError(f"DynamicNTKRotaryEmbedding: factor must be positive, got {factor}")
+            raise ValueError(
+                f"DynamicNTKRotaryEmbedding: factor must be positive, got {factor}"
+            )
         self.factor = factor
 
     @torch.no_grad()
-    def forward(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         seq_len = position_ids_BT.max() + 1
         if seq_len <= self.max_position_embeddings:
             return _rotary_tables(self.inv_freq, position_ids_BT)
         # The same tensor arithmetic as transformers (fp32), so the tables agree.
         dim = self.head_dim
-        stretch = self.factor * seq_len / self.max_position_embeddings - (self.factor - 1)
+        stretch = self.factor * seq_len / self.max_position_embeddings - (
+            self.factor - 1
+        )
         base = self.rope_theta * stretch ** (dim / (dim - 2))
-        exponents_F = torch.arange(0, dim, 2, dtype=torch.int64, device=position_ids_BT.device).float() / dim
+        exponents_F = (
+            torch.arange(
+                0, dim, 2, dtype=torch.int64, device=position_ids_BT.device
+            ).float()
+            / dim
+        )
         return _rotary_tables(1.0 / (base**exponents_F), position_ids_BT)
 
     def extra_repr(self) -> str:
@@ -170,12 +198,18 @@ class YarnRotaryEmbedding(RotaryEmbedding):
     ):
         super().__init__(head_dim, max_position_embeddings, rope_theta)
         if factor <= 0:
-            raise ValueError(f"YarnRotaryEmbedding: factor must be positive, got {factor}")
+            raise ValueError(
+                f"YarnRotaryEmbedding: factor must be positive, got {factor}"
+            )
         self.factor = factor
-        self.original_max_position_embeddings = original_max_position_embeddings or max_position_embeddings
+        self.original_max_position_embeddings = (
+            original_max_position_embeddings or max_position_embeddings
+        )
         if attention_factor is None:
             if mscale and mscale_all_dim:
-                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(
+                    factor, mscale_all_dim
+                )
             else:
                 attention_factor = _yarn_mscale(factor)
         self.attention_factor = float(attention_factor)
@@ -187,22 +221,34 @@ class YarnRotaryEmbedding(RotaryEmbedding):
 
     def compute_inv_freq(self) -> torch.Tensor:
         dim, base = self.head_dim, self.rope_theta
-        pos_freqs_F = base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+        pos_freqs_F = base ** (
+            torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+        )
         extrapolated_F = 1.0 / pos_freqs_F
         interpolated_F = 1.0 / (self.factor * pos_freqs_F)
         low, high = self._correction_range()
         if low == high:
             high += 0.001  # a ramp of width zero
-        ramp_F = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+        ramp_F = (
+            (torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low)
+            / (high - low)
+        ).clamp(0, 1)
         extrapolation_share_F = 1 - ramp_F
-        return interpolated_F * (1 - extrapolation_share_F) + extrapolated_F * extrapolation_share_F
+        return (
+            interpolated_F * (1 - extrapolation_share_F)
+            + extrapolated_F * extrapolation_share_F
+        )
 
     def _correction_range(self) -> tuple[float, float]:
         """The channel-pair indices where the blend from kept to interpolated starts and ends."""
 
         def pair_index(num_rotations: float) -> float:
-            wavelength_ratio = self.original_max_position_embeddings / (num_rotations * 2 * math.pi)
-            return (self.head_dim * math.log(wavelength_ratio)) / (2 * math.log(self.rope_theta))
+            wavelength_ratio = self.original_max_position_embeddings / (
+                num_rotations * 2 * math.pi
+            )
+            return (self.head_dim * math.log(wavelength_ratio)) / (
+                2 * math.log(self.rope_theta)
+            )
 
         low, high = pair_index(self.beta_fast), pair_index(self.beta_slow)
         if self.truncate:
@@ -210,7 +256,9 @@ class YarnRotaryEmbedding(RotaryEmbedding):
         return max(low, 0), min(high, self.head_dim - 1)
 
     @torch.no_grad()
-    def forward(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cos_BTD, sin_BTD = _rotary_tables(self.inv_freq, position_ids_BT)
         return cos_BTD * self.attention_factor, sin_BTD * self.attention_factor
 
@@ -250,7 +298,9 @@ class Llama3RotaryEmbedding(RotaryEmbedding):
     ):
         super().__init__(head_dim, max_position_embeddings, rope_theta)
         if factor <= 0:
-            raise ValueError(f"Llama3RotaryEmbedding: factor must be positive, got {factor}")
+            raise ValueError(
+                f"Llama3RotaryEmbedding: factor must be positive, got {factor}"
+            )
         if high_freq_factor <= low_freq_factor:
             raise ValueError(
                 f"Llama3RotaryEmbedding: high_freq_factor ({high_freq_factor}) must be greater than "
@@ -259,7 +309,9 @@ class Llama3RotaryEmbedding(RotaryEmbedding):
         self.factor = factor
         self.low_freq_factor = low_freq_factor
         self.high_freq_factor = high_freq_factor
-        self.original_max_position_embeddings = original_max_position_embeddings or max_position_embeddings
+        self.original_max_position_embeddings = (
+            original_max_position_embeddings or max_position_embeddings
+        )
         self.reset_parameters()
 
     def compute_inv_freq(self) -> torch.Tensor:
@@ -269,9 +321,13 @@ class Llama3RotaryEmbedding(RotaryEmbedding):
         high_freq_wavelen = old_context_len / self.high_freq_factor
         wavelen_F = 2 * math.pi / inv_freq_F
         # long wavelengths: interpolate (divide the frequency by factor); short ones: keep
-        scaled_F = torch.where(wavelen_F > low_freq_wavelen, inv_freq_F / self.factor, inv_freq_F)
+        scaled_F = torch.where(
+            wavelen_F > low_freq_wavelen, inv_freq_F / self.factor, inv_freq_F
+        )
         # in between: blend the two smoothly
-        smooth_F = (old_context_len / wavelen_F - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smooth_F = (old_context_len / wavelen_F - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
         smoothed_F = (1 - smooth_F) * scaled_F / self.factor + smooth_F * scaled_F
         is_medium_F = ~(wavelen_F < high_freq_wavelen) * ~(wavelen_F > low_freq_wavelen)
         return torch.where(is_medium_F, smoothed_F, scaled_F)

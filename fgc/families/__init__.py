@@ -34,11 +34,15 @@ NAMES = (
 FAMILIES: dict[str, FamilySpec] = {
     name: importlib.import_module(f"{__name__}.{name}").SPEC for name in NAMES
 }
-BY_MODEL_TYPE: dict[str, FamilySpec] = {spec.model_type: spec for spec in FAMILIES.values()}
+BY_MODEL_TYPE: dict[str, FamilySpec] = {
+    spec.model_type: spec for spec in FAMILIES.values()
+}
 FAMILIES_DIR = Path(__file__).resolve().parent
 
 
 def family_of_template(path: Path) -> FamilySpec | None:
     """The family whose template is the file PATH, if any."""
     path = Path(path).resolve()
-    return next((spec for spec in FAMILIES.values() if spec.template.resolve() == path), None)
+    return next(
+        (spec for spec in FAMILIES.values() if spec.template.resolve() == path), None
+    )

@@ -26,10 +26,24 @@ from typing import Callable
 # hold): every family accepts any value of them
 NEUTRAL_FIELDS = frozenset(
     {
-        "_name_or_path", "architectures", "model_type", "dtype", "torch_dtype", "transformers_version",
-        "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "output_attentions",
-        "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
-        "chunk_size_feed_forward", "is_encoder_decoder",
+        "_name_or_path",
+        "architectures",
+        "model_type",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
     }
 )
 
@@ -59,12 +73,20 @@ class TensorRule:
 
     def to_data(self, config: dict | None = None) -> dict:
         """The rule as JSON data, as the package's ``hf_config.json`` carries it; ``groups``
-        becomes its value in CONFIG (the config.json the checkpoint has), 1 without ``groups``."""
-        data = {"hf": self.hf, "fgc": list(self.fgc), "dim": self.dim, "transpose": self.transpose}
+        becomes its value in CONFIG (the config.json the checkpoint has), 1 without ``groups``.
+        """
+        data = {
+            "hf": self.hf,
+            "fgc": list(self.fgc),
+            "dim": self.dim,
+            "transpose": self.transpose,
+        }
         if self.groups is not None:
             value = (config or {}).get(self.groups)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"tensor rule {self.hf}: config field {self.groups} is {value!r}, not a positive integer")
+                raise ValueError(
+                    f"tensor rule {self.hf}: config field {self.groups} is {value!r}, not a positive integer"
+                )
             data["groups"] = value
         return data
 
@@ -152,7 +174,10 @@ class FamilySpec:
             elif name in self.knobs or name in self.neutral or name in NEUTRAL_FIELDS:
                 continue
             elif name in read_by_transformers:
-                return f"field {name} ({value!r}) is not one fgc's {self.name} template knows", []
+                return (
+                    f"field {name} ({value!r}) is not one fgc's {self.name} template knows",
+                    [],
+                )
             else:
                 ignored.append(name)
         return None, ignored
@@ -173,9 +198,22 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # config.json fields a Llama-style template reads (lm/llama.yaml's hf_fields)
 LLAMA_KNOBS = frozenset(
     {
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
-        "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings", "initializer_range",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_parameters",
+        "rope_scaling",
+        "tie_word_embeddings",
+        "attention_bias",
+        "mlp_bias",
+        "max_position_embeddings",
+        "initializer_range",
     }
 )
 # fields whose only value the library's parts represent: no dropout, a SwiGLU MLP
@@ -185,23 +223,52 @@ LLAMA_FIXED = {"hidden_act": "silu", "attention_dropout": 0.0}
 # the model was built from them)
 STRUCTURE = frozenset(
     {
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings",
-        "attention_bias", "mlp_bias", "sliding_window",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "attention_bias",
+        "mlp_bias",
+        "sliding_window",
         # routed mixture-of-experts families (fgc.components.moe)
-        "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-        "decoder_sparse_step", "mlp_only_layers", "use_sliding_window", "router_aux_loss_coef",
-        "output_router_logits", "router_jitter_noise",
+        "num_local_experts",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+        "use_sliding_window",
+        "router_aux_loss_coef",
+        "output_router_logits",
+        "router_jitter_noise",
         # per-layer kinds and Granite's multipliers (qwen2, smollm3, granite)
-        "layer_types", "max_window_layers", "no_rope_layers", "embedding_multiplier", "logits_scaling",
-        "residual_multiplier", "attention_multiplier",
+        "layer_types",
+        "max_window_layers",
+        "no_rope_layers",
+        "embedding_multiplier",
+        "logits_scaling",
+        "residual_multiplier",
+        "attention_multiplier",
     }
 )
 
 
 def check_rope(config: dict) -> str | None:
     """A rope type the library's rotary embeddings do not have, or an integer field that is not one."""
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ):
         value = config.get(name)
         if not isinstance(value, int) or isinstance(value, bool):
             return f"{name} must be an integer, got {value!r}"
@@ -209,7 +276,11 @@ def check_rope(config: dict) -> str | None:
         rope = config.get(name)
         if rope is None:
             continue
-        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+        rope_type = (
+            rope.get("rope_type", rope.get("type", "default"))
+            if isinstance(rope, dict)
+            else rope
+        )
         if rope_type not in ROPE_TYPES:
             return (
                 f"{name} has rope_type {rope_type!r}, which fgc's rotary embeddings do not have "
@@ -253,14 +324,23 @@ class LlamaStyle:
 def llama_style(model, source: dict | None) -> LlamaStyle | None:
     """MODEL (built on the meta device) as a Llama-style model, or None when it is not one: made
     of the library's parts only, every layer alike. A rotary embedding other than the default one
-    counts only when the model was imported (its parameters are then the config.json's)."""
+    counts only when the model was imported (its parameters are then the config.json's).
+    """
     for module in model.modules():
         cls = type(module)
-        torch_part = cls.__module__.startswith("torch.nn") and cls.__name__ in _TORCH_PARTS
-        rotary = cls.__module__ == _LIBRARY_PARTS["RotaryEmbedding"] and source is not None
+        torch_part = (
+            cls.__module__.startswith("torch.nn") and cls.__name__ in _TORCH_PARTS
+        )
+        rotary = (
+            cls.__module__ == _LIBRARY_PARTS["RotaryEmbedding"] and source is not None
+        )
         if not (_is(module, cls.__name__) or torch_part or rotary):
             return None
-    if not _is(model, "CausalLM") or not len(model.model.layers) or model.lm_head.bias is not None:
+    if (
+        not _is(model, "CausalLM")
+        or not len(model.model.layers)
+        or model.lm_head.bias is not None
+    ):
         return None
     layers = list(model.model.layers)
     attns, mlps = [layer.self_attn for layer in layers], [layer.mlp for layer in layers]
@@ -274,12 +354,23 @@ def llama_style(model, source: dict | None) -> LlamaStyle | None:
     a, mlp, rotary = attns[0], mlps[0], model.model.positions
     norms = [m for m in model.modules() if _is(m, "RMSNorm")]
     if not (
-        same((x.num_attention_heads, x.num_key_value_heads, x.head_dim, x.sliding_window, x.q_norm is None) for x in attns)
+        same(
+            (
+                x.num_attention_heads,
+                x.num_key_value_heads,
+                x.head_dim,
+                x.sliding_window,
+                x.q_norm is None,
+            )
+            for x in attns
+        )
         and all(x.use_rope for x in attns)
         # the options none of Llama, Mistral and Qwen3 has: a model with one is not of these
         # families (another family may claim it, else it exports as a custom architecture)
         and all(
-            x.scaling is None and x.attn_logit_softcapping is None and x.rotary_dim is None
+            x.scaling is None
+            and x.attn_logit_softcapping is None
+            and x.rotary_dim is None
             and x.attention_dropout == 0.0
             for x in attns
         )
@@ -305,7 +396,10 @@ def llama_style(model, source: dict | None) -> LlamaStyle | None:
         "hidden_act": "silu",
         "max_position_embeddings": rotary.max_position_embeddings,
         "rms_norm_eps": norms[0].eps,
-        "rope_parameters": {"rope_theta": float(rotary.rope_theta), "rope_type": "default"},
+        "rope_parameters": {
+            "rope_theta": float(rotary.rope_theta),
+            "rope_type": "default",
+        },
         "tie_word_embeddings": bool(model.tie_word_embeddings),
         "attention_dropout": 0.0,
         "initializer_range": model.initializer_range,

@@ -39,7 +39,9 @@ class MoEStyle:
     qk_norm: bool
     sliding_window: int | None
     attention_bias: bool
-    routed: tuple[bool, ...]  # per layer: a routed MoE block (True) or a dense SwiGLU MLP
+    routed: tuple[
+        bool, ...
+    ]  # per layer: a routed MoE block (True) or a dense SwiGLU MLP
     num_experts: int
     num_experts_per_tok: int
     moe_intermediate_size: int
@@ -53,21 +55,31 @@ def moe_style(model, source: dict | None) -> MoEStyle | None:
     not one: an ``MoECausalLM`` of pre-norm layers, each with the library's attention (alike in
     every layer) and either a ``SparseMoeBlock`` (alike in every layer, at least one) or a
     ``SwiGLUMLP`` without biases; RMSNorms of one eps; the default rotary embedding (another
-    counts only when the model was imported: its parameters are then the config.json's)."""
+    counts only when the model was imported: its parameters are then the config.json's).
+    """
     for module in model.modules():
         cls = type(module)
-        torch_part = cls.__module__.startswith("torch.nn") and cls.__name__ in _TORCH_PARTS
+        torch_part = (
+            cls.__module__.startswith("torch.nn") and cls.__name__ in _TORCH_PARTS
+        )
         rotary = cls.__module__ == _PARTS["RotaryEmbedding"] and source is not None
         if not (_is(module, cls.__name__) or torch_part or rotary):
             return None
-    if not _is(model, "MoECausalLM") or not len(model.model.layers) or model.lm_head.bias is not None:
+    if (
+        not _is(model, "MoECausalLM")
+        or not len(model.model.layers)
+        or model.lm_head.bias is not None
+    ):
         return None
     if model.model.embedding_multiplier is not None or model.logits_scaling != 1.0:
         return None
     if model.final_logit_softcapping is not None:
         return None
     layers = list(model.model.layers)
-    if not all(_is(x, "PreNormDecoderLayer") and _is(x.self_attn, "CausalSelfAttention") for x in layers):
+    if not all(
+        _is(x, "PreNormDecoderLayer") and _is(x.self_attn, "CausalSelfAttention")
+        for x in layers
+    ):
         return None
     attns = [x.self_attn for x in layers]
     blocks = [x.mlp for x in layers if _is(x.mlp, "SparseMoeBlock")]
@@ -78,18 +90,51 @@ def moe_style(model, source: dict | None) -> MoEStyle | None:
     norms = [m for m in model.modules() if _is(m, "RMSNorm")]
     attention_bias = a.o_proj.bias is not None
     if not (
-        len({(x.num_attention_heads, x.num_key_value_heads, x.head_dim, x.sliding_window, x.q_norm is None) for x in attns}) == 1
+        len(
+            {
+                (
+                    x.num_attention_heads,
+                    x.num_key_value_heads,
+                    x.head_dim,
+                    x.sliding_window,
+                    x.q_norm is None,
+                )
+                for x in attns
+            }
+        )
+        == 1
         and all(
-            x.use_rope and x.rotary_dim is None and x.scaling is None and x.attn_logit_softcapping is None
+            x.use_rope
+            and x.rotary_dim is None
+            and x.scaling is None
+            and x.attn_logit_softcapping is None
             and x.attention_dropout == 0.0
             for x in attns
         )
         and all(
-            {lin.bias is not None for lin in (x.q_proj, x.k_proj, x.v_proj, x.o_proj)} == {attention_bias} for x in attns
+            {lin.bias is not None for lin in (x.q_proj, x.k_proj, x.v_proj, x.o_proj)}
+            == {attention_bias}
+            for x in attns
         )
-        and len({(m.num_experts, m.num_experts_per_tok, m.intermediate_size, m.norm_topk_prob, m.routing_weights_dtype) for m in blocks}) == 1
+        and len(
+            {
+                (
+                    m.num_experts,
+                    m.num_experts_per_tok,
+                    m.intermediate_size,
+                    m.norm_topk_prob,
+                    m.routing_weights_dtype,
+                )
+                for m in blocks
+            }
+        )
+        == 1
         and len({m.intermediate_size for m in dense}) <= 1
-        and all(lin.bias is None for m in dense for lin in (m.gate_proj, m.up_proj, m.down_proj))
+        and all(
+            lin.bias is None
+            for m in dense
+            for lin in (m.gate_proj, m.up_proj, m.down_proj)
+        )
         and len({n.eps for n in norms}) == 1
         and all(n.offset == 0.0 for n in norms)
         and rotary.head_dim == a.head_dim
@@ -105,7 +150,10 @@ def moe_style(model, source: dict | None) -> MoEStyle | None:
         "hidden_act": "silu",
         "max_position_embeddings": rotary.max_position_embeddings,
         "rms_norm_eps": norms[0].eps,
-        "rope_parameters": {"rope_theta": float(rotary.rope_theta), "rope_type": "default"},
+        "rope_parameters": {
+            "rope_theta": float(rotary.rope_theta),
+            "rope_type": "default",
+        },
         "tie_word_embeddings": bool(model.tie_word_embeddings),
         "attention_dropout": 0.0,
         "initializer_range": model.initializer_range,
@@ -138,7 +186,9 @@ def _count(config: dict, name: str, least: int) -> str | None:
 def check_experts(config: dict, experts_field: str) -> str | None:
     """The expert counts of a config.json: EXPERTS_FIELD (the number of experts) at least 1, and
     ``num_experts_per_tok`` between 1 and it."""
-    problem = _count(config, experts_field, 1) or _count(config, "num_experts_per_tok", 1)
+    problem = _count(config, experts_field, 1) or _count(
+        config, "num_experts_per_tok", 1
+    )
     if problem is not None:
         return problem
     if config["num_experts_per_tok"] > config[experts_field]:

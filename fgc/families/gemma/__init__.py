@@ -70,19 +70,29 @@ def check_layer_types(config: dict, default_period: int) -> str | None:
     template builds."""
     layer_types = config.get("layer_types")
     if layer_types is not None:
-        if not isinstance(layer_types, list) or len(layer_types) != config.get("num_hidden_layers"):
+        if not isinstance(layer_types, list) or len(layer_types) != config.get(
+            "num_hidden_layers"
+        ):
             return f"layer_types must be a list of one layer type per layer, got {layer_types!r}"
-        other = sorted({t for t in layer_types if t not in ("sliding_attention", "full_attention")})
+        other = sorted(
+            {t for t in layer_types if t not in ("sliding_attention", "full_attention")}
+        )
         if other:
             return f"layer_types has {other[0]!r}; fgc's Gemma templates have sliding_attention and full_attention"
     period = config.get("sliding_window_pattern", default_period)
-    if layer_types is None and (not isinstance(period, int) or isinstance(period, bool) or period < 1):
+    if layer_types is None and (
+        not isinstance(period, int) or isinstance(period, bool) or period < 1
+    ):
         return f"sliding_window_pattern must be a positive integer, got {period!r}"
     window = config.get("sliding_window", 4096)
-    sliding = "sliding_attention" in (layer_types if layer_types is not None else ["sliding_attention"])
+    sliding = "sliding_attention" in (
+        layer_types if layer_types is not None else ["sliding_attention"]
+    )
     if window is None and sliding:
         return "sliding_window is null, but the model has sliding_attention layers"
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+    if window is not None and (
+        not isinstance(window, int) or isinstance(window, bool) or window < 1
+    ):
         return f"sliding_window must be a positive integer or null, got {window!r}"
     scalar = config.get("query_pre_attn_scalar", 256)
     if not isinstance(scalar, (int, float)) or isinstance(scalar, bool) or scalar <= 0:
@@ -96,17 +106,27 @@ class GemmaModel:
     writes (`fields`), and the features that tell the families apart."""
 
     fields: dict
-    sandwich: bool  # GemmaSandwichDecoderLayer (Gemma 2, 3), else PreNormDecoderLayer (Gemma)
-    layer_type_attention: bool  # GemmaLayerTypeAttention (Gemma 3), else CausalSelfAttention
+    sandwich: (
+        bool  # GemmaSandwichDecoderLayer (Gemma 2, 3), else PreNormDecoderLayer (Gemma)
+    )
+    layer_type_attention: (
+        bool  # GemmaLayerTypeAttention (Gemma 3), else CausalSelfAttention
+    )
     qk_norm: bool
     activation: str  # GatedMLP's
-    query_pre_attn_scalar: int | float | None  # the softmax scale's, None when not exactly one
+    query_pre_attn_scalar: (
+        int | float | None
+    )  # the softmax scale's, None when not exactly one
     attn_logit_softcapping: float | None
     final_logit_softcapping: float | None
-    layer_types: list  # "sliding_attention" where a layer has a window, else "full_attention"
+    layer_types: (
+        list  # "sliding_attention" where a layer has a window, else "full_attention"
+    )
     sliding_window: int | None
     rotary: object  # the positions part: a rotary embedding, or GemmaLocalGlobalRotary
-    layer_type_ok: bool  # each GemmaLayerTypeAttention's layer_type agrees with its window
+    layer_type_ok: (
+        bool  # each GemmaLayerTypeAttention's layer_type agrees with its window
+    )
 
 
 def gemma_model(model, source: dict | None) -> GemmaModel | None:
@@ -120,17 +140,30 @@ def gemma_model(model, source: dict | None) -> GemmaModel | None:
         scaled_rotary = cls.__module__ == "fgc.components.rotary" and source is not None
         if not (known or scaled_rotary):
             return None
-    if not _is(model, "CausalLM") or not len(model.model.layers) or model.lm_head.bias is not None:
+    if (
+        not _is(model, "CausalLM")
+        or not len(model.model.layers)
+        or model.lm_head.bias is not None
+    ):
         return None
-    if model.logits_scaling != 1.0 or model.model.embedding_multiplier != model.hidden_size**0.5:
+    if (
+        model.logits_scaling != 1.0
+        or model.model.embedding_multiplier != model.hidden_size**0.5
+    ):
         return None
     layers = list(model.model.layers)
     sandwich = _is(layers[0], "GemmaSandwichDecoderLayer")
-    if not all(_is(x, "GemmaSandwichDecoderLayer" if sandwich else "PreNormDecoderLayer") for x in layers):
+    if not all(
+        _is(x, "GemmaSandwichDecoderLayer" if sandwich else "PreNormDecoderLayer")
+        for x in layers
+    ):
         return None
     attns, mlps = [x.self_attn for x in layers], [x.mlp for x in layers]
     typed = _is(attns[0], "GemmaLayerTypeAttention")
-    if not all(_is(a, "GemmaLayerTypeAttention" if typed else "CausalSelfAttention") for a in attns):
+    if not all(
+        _is(a, "GemmaLayerTypeAttention" if typed else "CausalSelfAttention")
+        for a in attns
+    ):
         return None
     if not all(_is(m, "GatedMLP") for m in mlps):
         return None
@@ -140,26 +173,56 @@ def gemma_model(model, source: dict | None) -> GemmaModel | None:
         return len(set(values)) == 1
 
     a, mlp = attns[0], mlps[0]
-    biases = {lin.bias is not None for x in attns for lin in (x.q_proj, x.k_proj, x.v_proj, x.o_proj)}
+    biases = {
+        lin.bias is not None
+        for x in attns
+        for lin in (x.q_proj, x.k_proj, x.v_proj, x.o_proj)
+    }
     if not (
-        same((x.num_attention_heads, x.num_key_value_heads, x.head_dim, x.scaling, x.attn_logit_softcapping) for x in attns)
+        same(
+            (
+                x.num_attention_heads,
+                x.num_key_value_heads,
+                x.head_dim,
+                x.scaling,
+                x.attn_logit_softcapping,
+            )
+            for x in attns
+        )
         and same(x.q_norm is None for x in attns)
-        and all(x.use_rope and x.rotary_dim is None and x.attention_dropout == 0.0 for x in attns)
+        and all(
+            x.use_rope and x.rotary_dim is None and x.attention_dropout == 0.0
+            for x in attns
+        )
         and same((m.intermediate_size, m.activation) for m in mlps)
-        and all(lin.bias is None for m in mlps for lin in (m.gate_proj, m.up_proj, m.down_proj))
+        and all(
+            lin.bias is None
+            for m in mlps
+            for lin in (m.gate_proj, m.up_proj, m.down_proj)
+        )
         and same(n.eps for n in norms)
         and all(n.offset == 1.0 for n in norms)
         and len(biases) == 1
     ):
         return None
     positions = model.model.positions
-    rotaries = [positions.local_rotary, positions.global_rotary] if _is(positions, "GemmaLocalGlobalRotary") else [positions]
-    if not all(type(r).__module__ == "fgc.components.rotary" and r.head_dim == a.head_dim for r in rotaries):
+    rotaries = (
+        [positions.local_rotary, positions.global_rotary]
+        if _is(positions, "GemmaLocalGlobalRotary")
+        else [positions]
+    )
+    if not all(
+        type(r).__module__ == "fgc.components.rotary" and r.head_dim == a.head_dim
+        for r in rotaries
+    ):
         return None
     windows = {x.sliding_window for x in attns} - {None}
     if len(windows) > 1:
         return None
-    layer_types = ["sliding_attention" if x.sliding_window is not None else "full_attention" for x in attns]
+    layer_types = [
+        "sliding_attention" if x.sliding_window is not None else "full_attention"
+        for x in attns
+    ]
     # the scale as a query_pre_attn_scalar, when one gives it exactly (transformers' is an int)
     scalar = a.head_dim if a.scaling is None else round(a.scaling**-2)
     if scalar**-0.5 != (a.scaling if a.scaling is not None else a.head_dim**-0.5):
@@ -192,7 +255,8 @@ def gemma_model(model, source: dict | None) -> GemmaModel | None:
         layer_types=layer_types,
         sliding_window=next(iter(windows), None),
         rotary=positions,
-        layer_type_ok=not typed or all(x.layer_type == t for x, t in zip(attns, layer_types)),
+        layer_type_ok=not typed
+        or all(x.layer_type == t for x, t in zip(attns, layer_types)),
     )
 
 
@@ -219,12 +283,15 @@ def agrees(source: dict | None, values: dict) -> bool:
     must then not be exported as this family with the old values."""
     if source is None:
         return True
-    return all(source.get(name, default) == value for name, (value, default) in values.items())
+    return all(
+        source.get(name, default) == value for name, (value, default) in values.items()
+    )
 
 
 def export_fields(model, source):
     """A model of Gemma's parts: pre-norm layers of the library's attention (no QK-norm, no window,
-    no soft-capping, the default scale) with a tanh-GELU MLP and one rotary embedding."""
+    no soft-capping, the default scale) with a tanh-GELU MLP and one rotary embedding.
+    """
     found = gemma_model(model, source)
     if found is None or found.sandwich or found.layer_type_attention or found.qk_norm:
         return None
@@ -232,7 +299,9 @@ def export_fields(model, source):
         return None
     if found.final_logit_softcapping is not None or found.sliding_window is not None:
         return None
-    if found.query_pre_attn_scalar != found.fields["head_dim"] or _is(found.rotary, "GemmaLocalGlobalRotary"):
+    if found.query_pre_attn_scalar != found.fields["head_dim"] or _is(
+        found.rotary, "GemmaLocalGlobalRotary"
+    ):
         return None
     fields = {**found.fields, "hidden_act": "gelu_pytorch_tanh"}
     rope = default_rope(found.rotary)

@@ -41,8 +41,12 @@ class GemmaSandwichDecoderLayer(nn.Module):
         self.post_feedforward_layernorm = norm_factory(hidden_size)
 
     def forward(self, x_BTD: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        x_BTD = x_BTD + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x_BTD), ctx))
-        x_BTD = x_BTD + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BTD)))
+        x_BTD = x_BTD + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x_BTD), ctx)
+        )
+        x_BTD = x_BTD + self.post_feedforward_layernorm(
+            self.mlp(self.pre_feedforward_layernorm(x_BTD))
+        )
         return x_BTD
 
 
@@ -65,7 +69,9 @@ class GemmaLocalGlobalRotary(nn.Module):
         """X as it is: rotary positions act in the attention."""
         return x_BTD
 
-    def tables(self, position_ids_BT: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def tables(
+        self, position_ids_BT: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Both sets of `(cos_BTE, sin_BTE)` tables, by the layer type that rotates with them."""
         return {
             "sliding_attention": self.local_rotary.tables(position_ids_BT),

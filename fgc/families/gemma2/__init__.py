@@ -59,9 +59,17 @@ def export_fields(model, source):
     """A model of Gemma's parts with sandwich-norm layers of the library's attention (no QK-norm)
     and one rotary embedding."""
     found = gemma_model(model, source)
-    if found is None or not found.sandwich or found.layer_type_attention or found.qk_norm:
+    if (
+        found is None
+        or not found.sandwich
+        or found.layer_type_attention
+        or found.qk_norm
+    ):
         return None
-    if found.query_pre_attn_scalar is None or type(found.rotary).__module__ != "fgc.components.rotary":
+    if (
+        found.query_pre_attn_scalar is None
+        or type(found.rotary).__module__ != "fgc.components.rotary"
+    ):
         return None
     fields = {
         **found.fields,
@@ -70,7 +78,9 @@ def export_fields(model, source):
         "attn_logit_softcapping": found.attn_logit_softcapping,
         "final_logit_softcapping": found.final_logit_softcapping,
         # transformers' Gemma 2 builds a sliding-window mask even without sliding layers
-        "sliding_window": found.sliding_window or (source or {}).get("sliding_window") or 4096,
+        "sliding_window": found.sliding_window
+        or (source or {}).get("sliding_window")
+        or 4096,
         "layer_types": found.layer_types,
     }
     rope = default_rope(found.rotary)
@@ -86,7 +96,11 @@ def export_fields(model, source):
             "final_logit_softcapping": (found.final_logit_softcapping, 30.0),
         },
     )
-    if not same or source_layer_types(source, 2) != found.layer_types or source_activation(source) != found.activation:
+    if (
+        not same
+        or source_layer_types(source, 2) != found.layer_types
+        or source_activation(source) != found.activation
+    ):
         return None
     if rope is not None and rope_theta_of(source, 10000.0) != rope["rope_theta"]:
         return None

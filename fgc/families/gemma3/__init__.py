@@ -19,7 +19,12 @@ from ..gemma import (
     default_rope,
     gemma_model,
 )
-from ..gemma2 import GEMMA2_KNOBS, activation_name, source_activation, source_layer_types
+from ..gemma2 import (
+    GEMMA2_KNOBS,
+    activation_name,
+    source_activation,
+    source_layer_types,
+)
 
 DEFAULT_GLOBAL_THETA = 1_000_000.0  # transformers' Gemma3TextConfig.default_theta
 DEFAULT_LOCAL_THETA = 10_000.0
@@ -37,14 +42,19 @@ def _rope_sets(config: dict) -> tuple[dict | None, dict | None]:
 def source_thetas(source: dict) -> tuple[float, float]:
     """(local, global) rope_theta transformers gives an imported config.json."""
     local, global_ = _rope_sets(source)
-    local_theta = (local or {}).get("rope_theta", source.get("rope_local_base_freq", DEFAULT_LOCAL_THETA))
-    global_theta = (global_ or {}).get("rope_theta", source.get("rope_theta", DEFAULT_GLOBAL_THETA))
+    local_theta = (local or {}).get(
+        "rope_theta", source.get("rope_local_base_freq", DEFAULT_LOCAL_THETA)
+    )
+    global_theta = (global_ or {}).get(
+        "rope_theta", source.get("rope_theta", DEFAULT_GLOBAL_THETA)
+    )
     return float(local_theta), float(global_theta)
 
 
 def check(config: dict) -> str | None:
     """Gemma 3's rules: Gemma 2's, no attention soft-capping, rope parameters per layer type (or
-    an earlier version's fields) of types the library has, the global rope_theta stated."""
+    an earlier version's fields) of types the library has, the global rope_theta stated.
+    """
     problem = (
         check_common(config)
         or check_activation(config, "hidden_activation")
@@ -59,11 +69,14 @@ def check(config: dict) -> str | None:
         )
     rope = config.get("rope_parameters")
     if rope is not None and not (
-        isinstance(rope, dict) and set(rope) <= {"sliding_attention", "full_attention"}
+        isinstance(rope, dict)
+        and set(rope) <= {"sliding_attention", "full_attention"}
         and all(isinstance(v, dict) or v is None for v in rope.values())
     ):
         return f"rope_parameters must map sliding_attention and full_attention to their rope parameters, got {rope!r}"
-    for name, params in zip(("sliding_attention", "full_attention"), _rope_sets(config)):
+    for name, params in zip(
+        ("sliding_attention", "full_attention"), _rope_sets(config)
+    ):
         if params is None:
             continue
         if not isinstance(params, dict):
@@ -85,7 +98,12 @@ def export_fields(model, source):
     """A model of Gemma's parts with sandwich-norm layers, QK-norm, attention that picks its
     rotary tables by layer type (agreeing with its window) and two rotary embeddings."""
     found = gemma_model(model, source)
-    if found is None or not (found.sandwich and found.layer_type_attention and found.qk_norm and found.layer_type_ok):
+    if found is None or not (
+        found.sandwich
+        and found.layer_type_attention
+        and found.qk_norm
+        and found.layer_type_ok
+    ):
         return None
     if found.query_pre_attn_scalar is None or found.attn_logit_softcapping is not None:
         return None
@@ -97,15 +115,22 @@ def export_fields(model, source):
         "query_pre_attn_scalar": found.query_pre_attn_scalar,
         "attn_logit_softcapping": None,
         "final_logit_softcapping": found.final_logit_softcapping,
-        "sliding_window": found.sliding_window or (source or {}).get("sliding_window") or 4096,
+        "sliding_window": found.sliding_window
+        or (source or {}).get("sliding_window")
+        or 4096,
         "layer_types": found.layer_types,
         "use_bidirectional_attention": False,
     }
-    local, global_ = default_rope(found.rotary.local_rotary), default_rope(found.rotary.global_rotary)
+    local, global_ = default_rope(found.rotary.local_rotary), default_rope(
+        found.rotary.global_rotary
+    )
     if source is None:
         if local is None or global_ is None:
             return None
-        return {**fields, "rope_parameters": {"sliding_attention": local, "full_attention": global_}}
+        return {
+            **fields,
+            "rope_parameters": {"sliding_attention": local, "full_attention": global_},
+        }
     same = agrees(
         source,
         {
@@ -114,10 +139,17 @@ def export_fields(model, source):
         },
     )
     period = source.get("sliding_window_pattern", 6)
-    if not same or source_layer_types(source, period) != found.layer_types or source_activation(source) != found.activation:
+    if (
+        not same
+        or source_layer_types(source, period) != found.layer_types
+        or source_activation(source) != found.activation
+    ):
         return None
     local_theta, global_theta = source_thetas(source)
-    if float(found.rotary.local_rotary.rope_theta) != local_theta or float(found.rotary.global_rotary.rope_theta) != global_theta:
+    if (
+        float(found.rotary.local_rotary.rope_theta) != local_theta
+        or float(found.rotary.global_rotary.rope_theta) != global_theta
+    ):
         return None
     return fields
 

@@ -30,15 +30,35 @@ ACTIVATIONS = {
     "swish": "silu",
 }
 # an export names each MLP activation so
-EXPORTED_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+EXPORTED_ACTIVATION = {
+    "gelu_tanh": "gelu_new",
+    "gelu": "gelu",
+    "relu": "relu",
+    "silu": "silu",
+}
 
 # GPT2Config's fields the template reads (the shared names are its attribute_map's aliases)
 KNOBS = frozenset(
     {
-        "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "activation_function",
-        "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
-        "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "tie_word_embeddings",
-        "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+        "vocab_size",
+        "n_embd",
+        "n_layer",
+        "n_head",
+        "n_inner",
+        "n_positions",
+        "activation_function",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "layer_norm_epsilon",
+        "initializer_range",
+        "scale_attn_weights",
+        "scale_attn_by_inverse_layer_idx",
+        "tie_word_embeddings",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
     }
 )
 # GPT2Config's field name -> the alias its attribute_map gives it
@@ -72,7 +92,8 @@ def _int(value) -> bool:
 
 def check(config: dict) -> str | None:
     """What fgc's GPT-2 template cannot represent: missing or non-integer sizes, a field and its
-    alias that disagree, an activation the MLP lacks, a width the heads do not divide."""
+    alias that disagree, an activation the MLP lacks, a width the heads do not divide.
+    """
     for name, alias in ALIASES.items():
         if name in config and alias in config and config[name] != config[alias]:
             return f"{alias} ({config[alias]!r}) differs from {name} ({config[name]!r})"
@@ -96,7 +117,11 @@ def check(config: dict) -> str | None:
         )
     for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
         value = config.get(name, 0.0)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not 0 <= value < 1
+        ):
             return f"{name} must be a probability below 1, got {value!r}"
     return None
 
@@ -104,7 +129,8 @@ def check(config: dict) -> str | None:
 def _tensor_rules() -> tuple[TensorRule, ...]:
     """GPT-2's checkpoint names: under `transformer.` (GPT2LMHeadModel's own), then without it
     (checkpoints saved from GPT2Model, as the original GPT-2 weights were), loading taking
-    whichever the files hold; the causal-mask buffers older checkpoints saved are not weights."""
+    whichever the files hold; the causal-mask buffers older checkpoints saved are not weights.
+    """
     layer, h = "model.layers.{i}.", "h.{i}."
     rules = []
     for prefix in ("transformer.", ""):
@@ -114,17 +140,42 @@ def _tensor_rules() -> tuple[TensorRule, ...]:
             TensorRule(prefix + "ln_f.weight", ("model.norm.weight",)),
             TensorRule(prefix + "ln_f.bias", ("model.norm.bias",)),
         ]
-        for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+        for ours, theirs in (
+            ("input_layernorm", "ln_1"),
+            ("post_attention_layernorm", "ln_2"),
+        ):
             for kind in ("weight", "bias"):
-                rules.append(TensorRule(f"{prefix}{h}{theirs}.{kind}", (f"{layer}{ours}.{kind}",)))
+                rules.append(
+                    TensorRule(
+                        f"{prefix}{h}{theirs}.{kind}", (f"{layer}{ours}.{kind}",)
+                    )
+                )
         for kind in ("weight", "bias"):
             qkv = tuple(f"{layer}self_attn.{p}_proj.{kind}" for p in "qkv")
-            rules.append(TensorRule(f"{prefix}{h}attn.c_attn.{kind}", qkv, dim=0, transpose=kind == "weight"))
-            for ours, theirs in (("self_attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")):
-                rules.append(
-                    TensorRule(f"{prefix}{h}{theirs}.{kind}", (f"{layer}{ours}.{kind}",), transpose=kind == "weight")
+            rules.append(
+                TensorRule(
+                    f"{prefix}{h}attn.c_attn.{kind}",
+                    qkv,
+                    dim=0,
+                    transpose=kind == "weight",
                 )
-        rules += [TensorRule(f"{prefix}{h}attn.{buffer}", ()) for buffer in ("bias", "masked_bias")]
+            )
+            for ours, theirs in (
+                ("self_attn.o_proj", "attn.c_proj"),
+                ("mlp.up_proj", "mlp.c_fc"),
+                ("mlp.down_proj", "mlp.c_proj"),
+            ):
+                rules.append(
+                    TensorRule(
+                        f"{prefix}{h}{theirs}.{kind}",
+                        (f"{layer}{ours}.{kind}",),
+                        transpose=kind == "weight",
+                    )
+                )
+        rules += [
+            TensorRule(f"{prefix}{h}attn.{buffer}", ())
+            for buffer in ("bias", "masked_bias")
+        ]
     return tuple(rules)
 
 
@@ -153,9 +204,13 @@ def export_fields(model, source):
     with biases, LayerNorms with biases, learned positions, every layer alike. With SOURCE (an
     imported config.json), its fields that change the function must give this model (the
     exporter keeps its fields outside base.STRUCTURE): otherwise, None."""
-    if not all((type(m).__name__, type(m).__module__) in _PARTS for m in model.modules()):
+    if not all(
+        (type(m).__name__, type(m).__module__) in _PARTS for m in model.modules()
+    ):
         return None
-    if not _is(model, "GPT2CausalLM", "fgc.families.gpt2.parts") or not len(model.model.layers):
+    if not _is(model, "GPT2CausalLM", "fgc.families.gpt2.parts") or not len(
+        model.model.layers
+    ):
         return None
     if model.lm_head.bias is not None or model.model.embedding_multiplier is not None:
         return None
@@ -189,16 +244,25 @@ def export_fields(model, source):
             and x.rotary_dim is None
             and x.attn_logit_softcapping is None
             and x.attention_dropout == a.attention_dropout
-            and all(p.bias is not None for p in (x.q_proj, x.k_proj, x.v_proj, x.o_proj))
+            and all(
+                p.bias is not None for p in (x.q_proj, x.k_proj, x.v_proj, x.o_proj)
+            )
             for x in attns
         )
         and all(
-            m.intermediate_size == mlp.intermediate_size and m.activation == mlp.activation
-            and m.up_proj.bias is not None and m.down_proj.bias is not None
+            m.intermediate_size == mlp.intermediate_size
+            and m.activation == mlp.activation
+            and m.up_proj.bias is not None
+            and m.down_proj.bias is not None
             for m in mlps
         )
-        and all(layer.residual_dropout == layers[0].residual_dropout for layer in layers)
-        and all(n.eps == norms[0].eps and n.weight is not None and n.bias is not None for n in norms)
+        and all(
+            layer.residual_dropout == layers[0].residual_dropout for layer in layers
+        )
+        and all(
+            n.eps == norms[0].eps and n.weight is not None and n.bias is not None
+            for n in norms
+        )
         and tuple(norms[0].normalized_shape) == (model.hidden_size,)
         and positions.hidden_size == model.hidden_size
         and mlp.activation in EXPORTED_ACTIVATION
@@ -233,11 +297,18 @@ def export_fields(model, source):
             "n_head": field(source, "n_head"),
             "n_inner": inner if inner is not None else 4 * field(source, "n_embd", 0),
             "n_positions": field(source, "n_positions", DEFAULTS["n_positions"]),
-            "activation_function": ACTIVATIONS.get(source.get("activation_function", DEFAULTS["activation_function"])),
-            "layer_norm_epsilon": source.get("layer_norm_epsilon", DEFAULTS["layer_norm_epsilon"]),
-            "scale_attn_weights": source.get("scale_attn_weights", DEFAULTS["scale_attn_weights"]),
+            "activation_function": ACTIVATIONS.get(
+                source.get("activation_function", DEFAULTS["activation_function"])
+            ),
+            "layer_norm_epsilon": source.get(
+                "layer_norm_epsilon", DEFAULTS["layer_norm_epsilon"]
+            ),
+            "scale_attn_weights": source.get(
+                "scale_attn_weights", DEFAULTS["scale_attn_weights"]
+            ),
             "scale_attn_by_inverse_layer_idx": source.get(
-                "scale_attn_by_inverse_layer_idx", DEFAULTS["scale_attn_by_inverse_layer_idx"]
+                "scale_attn_by_inverse_layer_idx",
+                DEFAULTS["scale_attn_by_inverse_layer_idx"],
             ),
         }
         ours = {**fields, "activation_function": mlp.activation}
@@ -255,7 +326,13 @@ SPEC = FamilySpec(
     fixed={"reorder_and_upcast_attn": False, "add_cross_attention": False},
     # read only by GPT2DoubleHeadsModel's and the classification models' heads
     neutral=frozenset(
-        {"summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout"}
+        {
+            "summary_type",
+            "summary_use_proj",
+            "summary_activation",
+            "summary_proj_to_labels",
+            "summary_first_dropout",
+        }
     ),
     check=check,
     export_fields=export_fields,

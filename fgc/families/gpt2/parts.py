@@ -36,14 +36,20 @@ class GPT2DecoderLayer(PreNormDecoderLayer):
     ):
         super().__init__(hidden_size, attention_factory, mlp_factory, norm_factory)
         if not 0.0 <= residual_dropout < 1.0:
-            raise ValueError(f"GPT2DecoderLayer: residual_dropout must be in [0, 1), got {residual_dropout}")
+            raise ValueError(
+                f"GPT2DecoderLayer: residual_dropout must be in [0, 1), got {residual_dropout}"
+            )
         self.residual_dropout = residual_dropout
 
     def forward(self, x_BTD: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """`(B, T, D)`: attention, then the MLP, each added to the residual stream after dropout."""
         p = self.residual_dropout
-        x_BTD = x_BTD + F.dropout(self.self_attn(self.input_layernorm(x_BTD), ctx), p, self.training)
-        x_BTD = x_BTD + F.dropout(self.mlp(self.post_attention_layernorm(x_BTD)), p, self.training)
+        x_BTD = x_BTD + F.dropout(
+            self.self_attn(self.input_layernorm(x_BTD), ctx), p, self.training
+        )
+        x_BTD = x_BTD + F.dropout(
+            self.mlp(self.post_attention_layernorm(x_BTD)), p, self.training
+        )
         return x_BTD
 
 
@@ -79,17 +85,23 @@ class GPT2CausalLM(CausalLM):
             init_rules=init_rules,
         )
         if not 0.0 <= embedding_dropout < 1.0:
-            raise ValueError(f"GPT2CausalLM: embedding_dropout must be in [0, 1), got {embedding_dropout}")
+            raise ValueError(
+                f"GPT2CausalLM: embedding_dropout must be in [0, 1), got {embedding_dropout}"
+            )
         self.embedding_dropout = embedding_dropout
         self.scale_attn_by_inverse_layer_idx = scale_attn_by_inverse_layer_idx
         if scale_attn_by_inverse_layer_idx:
             for i, layer in enumerate(self.model.layers):
                 attn = layer.self_attn
-                scale = attn.scaling if attn.scaling is not None else attn.head_dim**-0.5
+                scale = (
+                    attn.scaling if attn.scaling is not None else attn.head_dim**-0.5
+                )
                 # the same float arithmetic as transformers' GPT2Attention
                 attn.scaling = scale / float(i + 1)
 
-    def embed(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
+    def embed(
+        self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor
+    ) -> torch.Tensor:
         """`(B, T, D)`: the token plus position embeddings, with embedding dropout while training."""
         x_BTD = super().embed(input_ids_BT, position_ids_BT)
         return F.dropout(x_BTD, self.embedding_dropout, self.training)

@@ -30,15 +30,34 @@ ACTIVATIONS = {
     "swish": "silu",
 }
 # an export of a model not imported from a config.json names each MLP activation so
-EXPORTED_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+EXPORTED_ACTIVATION = {
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_new",
+    "relu": "relu",
+    "silu": "silu",
+}
 
 KNOBS = frozenset(
     {
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-        "hidden_act", "attention_dropout", "hidden_dropout", "max_position_embeddings", "initializer_range",
-        "layer_norm_eps", "tie_word_embeddings", "use_parallel_residual", "attention_bias",
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "attention_dropout",
+        "hidden_dropout",
+        "max_position_embeddings",
+        "initializer_range",
+        "layer_norm_eps",
+        "tie_word_embeddings",
+        "use_parallel_residual",
+        "attention_bias",
         # rotary: transformers 5's rope_parameters, and the fields it converts from
-        "rope_parameters", "rope_scaling", "rotary_pct", "rotary_emb_base",
+        "rope_parameters",
+        "rope_scaling",
+        "rotary_pct",
+        "rotary_emb_base",
     }
 )
 
@@ -63,7 +82,13 @@ def check(config: dict) -> str | None:
     """What fgc's GPT-NeoX template cannot represent: missing or non-integer sizes, heads that do
     not divide the width, an activation the MLP lacks, a rope type the rotary embeddings lack, a
     partial rotary of an odd or empty number of channels."""
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ):
         value = config.get(name)
         if not _int(value) or value < 1:
             return f"{name} must be a positive integer, got {value!r}"
@@ -91,7 +116,11 @@ def check(config: dict) -> str | None:
         return f"{name} {pct!r} rotates {rotary_dim} of each head's {head_dim} channels; fgc's rotary needs an even number, at least 2"
     for name in ("attention_dropout", "hidden_dropout"):
         value = config.get(name, 0.0)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not 0 <= value < 1
+        ):
             return f"{name} must be a probability below 1, got {value!r}"
     return None
 
@@ -110,12 +139,29 @@ def _tensor_rules() -> tuple[TensorRule, ...]:
     ]
     for kind in ("weight", "bias"):
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            rules.append(TensorRule(f"{theirs}{norm}.{kind}", (f"{layer}{norm}.{kind}",)))
+            rules.append(
+                TensorRule(f"{theirs}{norm}.{kind}", (f"{layer}{norm}.{kind}",))
+            )
         qkv = tuple(f"{layer}self_attn.{p}_proj.{kind}" for p in "qkv")
-        rules.append(TensorRule(f"{theirs}attention.query_key_value.{kind}", qkv, groups="num_attention_heads"))
-        for ours, name in (("self_attn.o_proj", "attention.dense"), ("mlp.up_proj", "mlp.dense_h_to_4h"), ("mlp.down_proj", "mlp.dense_4h_to_h")):
-            rules.append(TensorRule(f"{theirs}{name}.{kind}", (f"{layer}{ours}.{kind}",)))
-    rules += [TensorRule(f"{theirs}attention.{buffer}", ()) for buffer in ("bias", "masked_bias")]
+        rules.append(
+            TensorRule(
+                f"{theirs}attention.query_key_value.{kind}",
+                qkv,
+                groups="num_attention_heads",
+            )
+        )
+        for ours, name in (
+            ("self_attn.o_proj", "attention.dense"),
+            ("mlp.up_proj", "mlp.dense_h_to_4h"),
+            ("mlp.down_proj", "mlp.dense_4h_to_h"),
+        ):
+            rules.append(
+                TensorRule(f"{theirs}{name}.{kind}", (f"{layer}{ours}.{kind}",))
+            )
+    rules += [
+        TensorRule(f"{theirs}attention.{buffer}", ())
+        for buffer in ("bias", "masked_bias")
+    ]
     return tuple(rules)
 
 
@@ -138,7 +184,11 @@ def _rotary_factor(rotary_dim: int, head_dim: int) -> float:
     """A partial_rotary_factor that transformers turns back into ROTARY_DIM channels
     (`int(head_dim * factor)`)."""
     factor = rotary_dim / head_dim
-    return factor if int(head_dim * factor) == rotary_dim else (rotary_dim + 0.5) / head_dim
+    return (
+        factor
+        if int(head_dim * factor) == rotary_dim
+        else (rotary_dim + 0.5) / head_dim
+    )
 
 
 def export_fields(model, source):
@@ -150,7 +200,11 @@ def export_fields(model, source):
     base.STRUCTURE that change the function must give this model: otherwise, None."""
     rotary = model.model.positions if hasattr(model, "model") else None
     for m in model.modules():
-        scaled_rotary = m is rotary and type(m).__module__ == "fgc.components.rotary" and source is not None
+        scaled_rotary = (
+            m is rotary
+            and type(m).__module__ == "fgc.components.rotary"
+            and source is not None
+        )
         if (type(m).__name__, type(m).__module__) not in _PARTS and not scaled_rotary:
             return None
     if type(model).__name__ != "GPTNeoXCausalLM" or not len(model.model.layers):
@@ -179,12 +233,17 @@ def export_fields(model, source):
             and x.attn_logit_softcapping is None
             and x.scaling in (None, head_dim**-0.5)
             and x.attention_dropout == a.attention_dropout
-            and all((p.bias is not None) == bias for p in (x.q_proj, x.k_proj, x.v_proj, x.o_proj))
+            and all(
+                (p.bias is not None) == bias
+                for p in (x.q_proj, x.k_proj, x.v_proj, x.o_proj)
+            )
             for x in attns
         )
         and all(
-            m.intermediate_size == mlp.intermediate_size and m.activation == mlp.activation
-            and m.up_proj.bias is not None and m.down_proj.bias is not None
+            m.intermediate_size == mlp.intermediate_size
+            and m.activation == mlp.activation
+            and m.up_proj.bias is not None
+            and m.down_proj.bias is not None
             for m in mlps
         )
         and all(
@@ -192,15 +251,23 @@ def export_fields(model, source):
             and layer.hidden_dropout == model.embedding_dropout
             for layer in layers
         )
-        and all(n.eps == norms[0].eps and n.weight is not None and n.bias is not None for n in norms)
+        and all(
+            n.eps == norms[0].eps and n.weight is not None and n.bias is not None
+            for n in norms
+        )
         and tuple(norms[0].normalized_shape) == (model.hidden_size,)
         and rotary.head_dim == rotary_dim
         and mlp.activation in EXPORTED_ACTIVATION
     ):
         return None
     hidden_act = EXPORTED_ACTIVATION[mlp.activation]
-    if source is not None and ACTIVATIONS.get(source.get("hidden_act", "gelu")) == mlp.activation:
-        hidden_act = source.get("hidden_act", "gelu")  # the config.json's own name of it
+    if (
+        source is not None
+        and ACTIVATIONS.get(source.get("hidden_act", "gelu")) == mlp.activation
+    ):
+        hidden_act = source.get(
+            "hidden_act", "gelu"
+        )  # the config.json's own name of it
     fields = {
         "vocab_size": model.vocab_size,
         "hidden_size": model.hidden_size,
@@ -230,7 +297,8 @@ def export_fields(model, source):
         _, theta, pct, rope_type = rope_of(source)
         if (
             source.get("layer_norm_eps", 1e-5) != fields["layer_norm_eps"]
-            or source.get("use_parallel_residual", True) != fields["use_parallel_residual"]
+            or source.get("use_parallel_residual", True)
+            != fields["use_parallel_residual"]
             or float(theta) != float(rotary.rope_theta)
             or int(head_dim * pct) != rotary_dim
             or (rope_type == "default") != default_rope

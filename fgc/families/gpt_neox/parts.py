@@ -38,7 +38,9 @@ class GPTNeoXDecoderLayer(nn.Module):
     ):
         super().__init__()
         if not 0.0 <= hidden_dropout < 1.0:
-            raise ValueError(f"GPTNeoXDecoderLayer: hidden_dropout must be in [0, 1), got {hidden_dropout}")
+            raise ValueError(
+                f"GPTNeoXDecoderLayer: hidden_dropout must be in [0, 1), got {hidden_dropout}"
+            )
         self.hidden_size = hidden_size
         self.use_parallel_residual = use_parallel_residual
         self.hidden_dropout = hidden_dropout
@@ -50,13 +52,19 @@ class GPTNeoXDecoderLayer(nn.Module):
     def forward(self, x_BTD: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """`(B, T, D)`: the layer's output, parallel or sequential as `use_parallel_residual` says."""
         p = self.hidden_dropout
-        attn_BTD = F.dropout(self.self_attn(self.input_layernorm(x_BTD), ctx), p, self.training)
+        attn_BTD = F.dropout(
+            self.self_attn(self.input_layernorm(x_BTD), ctx), p, self.training
+        )
         if self.use_parallel_residual:
-            mlp_BTD = F.dropout(self.mlp(self.post_attention_layernorm(x_BTD)), p, self.training)
+            mlp_BTD = F.dropout(
+                self.mlp(self.post_attention_layernorm(x_BTD)), p, self.training
+            )
             # summed in transformers' order
             return mlp_BTD + attn_BTD + x_BTD
         h_BTD = attn_BTD + x_BTD
-        mlp_BTD = F.dropout(self.mlp(self.post_attention_layernorm(h_BTD)), p, self.training)
+        mlp_BTD = F.dropout(
+            self.mlp(self.post_attention_layernorm(h_BTD)), p, self.training
+        )
         return mlp_BTD + h_BTD
 
     def extra_repr(self) -> str:
@@ -93,10 +101,14 @@ class GPTNeoXCausalLM(CausalLM):
             init_rules=init_rules,
         )
         if not 0.0 <= embedding_dropout < 1.0:
-            raise ValueError(f"GPTNeoXCausalLM: embedding_dropout must be in [0, 1), got {embedding_dropout}")
+            raise ValueError(
+                f"GPTNeoXCausalLM: embedding_dropout must be in [0, 1), got {embedding_dropout}"
+            )
         self.embedding_dropout = embedding_dropout
 
-    def embed(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
+    def embed(
+        self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor
+    ) -> torch.Tensor:
         """`(B, T, D)`: the token embeddings, with embedding dropout while training."""
         x_BTD = super().embed(input_ids_BT, position_ids_BT)
         return F.dropout(x_BTD, self.embedding_dropout, self.training)

@@ -10,7 +10,12 @@ from pathlib import Path
 from ..base import LLAMA_FIXED, LLAMA_KNOBS, FamilySpec, check_rope
 from ..qwen2 import layered_llama_style
 
-MULTIPLIERS = ("embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier")
+MULTIPLIERS = (
+    "embedding_multiplier",
+    "logits_scaling",
+    "residual_multiplier",
+    "attention_multiplier",
+)
 LAYER = ("GraniteDecoderLayer", f"{__name__}.parts")
 
 
@@ -25,7 +30,11 @@ def check(config: dict) -> str | None:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return f"{name} must be a number, got {value!r}"
     dropout = config.get("attention_dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+    if (
+        not isinstance(dropout, (int, float))
+        or isinstance(dropout, bool)
+        or not 0.0 <= dropout < 1.0
+    ):
         return f"attention_dropout must be a number in [0, 1), got {dropout!r}"
     if config.get("logits_scaling", 1.0) == 0:
         return "logits_scaling must not be 0: the logits are divided by it"
@@ -41,7 +50,9 @@ def export_fields(model, source):
     if any(w is not None for w in found.windows) or not all(found.rope):
         return None
     # the attention's default scale, written out: transformers' Granite scales by the field
-    scaling = found.scaling if found.scaling is not None else found.fields["head_dim"] ** -0.5
+    scaling = (
+        found.scaling if found.scaling is not None else found.fields["head_dim"] ** -0.5
+    )
     return {
         **found.fields,
         "attention_bias": found.o_bias,

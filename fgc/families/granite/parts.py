@@ -37,8 +37,15 @@ class GraniteDecoderLayer(nn.Module):
         self.post_attention_layernorm = norm_factory(hidden_size)
 
     def forward(self, x_BTD: torch.Tensor, ctx) -> torch.Tensor:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), ctx) * self.residual_multiplier
-        x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)) * self.residual_multiplier
+        x_BTD = (
+            x_BTD
+            + self.self_attn(self.input_layernorm(x_BTD), ctx)
+            * self.residual_multiplier
+        )
+        x_BTD = (
+            x_BTD
+            + self.mlp(self.post_attention_layernorm(x_BTD)) * self.residual_multiplier
+        )
         return x_BTD
 
     def extra_repr(self) -> str:

@@ -15,7 +15,14 @@ expert-parallel trainer would be a plan of the parts (see fgc.components.moe), n
 
 from pathlib import Path
 
-from ..base import LLAMA_FIXED, LLAMA_KNOBS, ExpertsRule, FamilySpec, TensorRule, check_rope
+from ..base import (
+    LLAMA_FIXED,
+    LLAMA_KNOBS,
+    ExpertsRule,
+    FamilySpec,
+    TensorRule,
+    check_rope,
+)
 from ..moe_style import check_experts, moe_style
 
 
@@ -49,12 +56,21 @@ SPEC = FamilySpec(
     # transformers' Mixtral has no attention_bias or mlp_bias: the template does not read them
     # (a config.json's are notes)
     knobs=(LLAMA_KNOBS - {"attention_bias", "mlp_bias"})
-    | {"sliding_window", "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits"},
+    | {
+        "sliding_window",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "router_aux_loss_coef",
+        "output_router_logits",
+    },
     fixed={**LLAMA_FIXED, "router_jitter_noise": 0.0},
     check=check,
     export_fields=export_fields,
     tensors=(
-        TensorRule("model.layers.{i}.block_sparse_moe.gate.weight", ("model.layers.{i}.mlp.gate.weight",)),
+        TensorRule(
+            "model.layers.{i}.block_sparse_moe.gate.weight",
+            ("model.layers.{i}.mlp.gate.weight",),
+        ),
         # w1 is the gate projection, w3 the up projection, w2 the down projection of each expert
         ExpertsRule(
             (
@@ -63,6 +79,9 @@ SPEC = FamilySpec(
             ),
             "model.layers.{i}.mlp.experts.gate_up_proj",
         ),
-        ExpertsRule(("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",), "model.layers.{i}.mlp.experts.down_proj"),
+        ExpertsRule(
+            ("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",),
+            "model.layers.{i}.mlp.experts.down_proj",
+        ),
     ),
 )

@@ -56,7 +56,9 @@ class Olmo2Attention(CausalSelfAttention):
         q_BTHE = self.q_norm(self.q_proj(x_BTD)).view(B, T, -1, self.head_dim)
         k_BTKE = self.k_norm(self.k_proj(x_BTD)).view(B, T, -1, self.head_dim)
         v_BTKE = self.v_proj(x_BTD).view(B, T, -1, self.head_dim)
-        q_BHTE, k_BKTE = ctx.rotate(q_BTHE.transpose(1, 2), k_BTKE.transpose(1, 2), impl=self.kernel_impl)
+        q_BHTE, k_BKTE = ctx.rotate(
+            q_BTHE.transpose(1, 2), k_BTKE.transpose(1, 2), impl=self.kernel_impl
+        )
         attn_mask_B1TS = ctx.attn_mask_B1TS
         # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv copy.
         y_BHTE = F.scaled_dot_product_attention(

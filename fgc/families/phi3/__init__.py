@@ -35,7 +35,13 @@ def check(config: dict) -> str | None:
     """Phi-3's rope types (default and longrope only, as transformers' Phi3Config), a partial
     rotary factor that leaves an even number of rotary channels, and LongRoPE factor lists of one
     entry per rotary channel pair."""
-    problem = check_rope({k: v for k, v in config.items() if k not in ("rope_parameters", "rope_scaling")})
+    problem = check_rope(
+        {
+            k: v
+            for k, v in config.items()
+            if k not in ("rope_parameters", "rope_scaling")
+        }
+    )
     if problem is not None:
         return problem
     name, rope = _rope(config)
@@ -50,7 +56,9 @@ def check(config: dict) -> str | None:
     factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if config["num_attention_heads"] < 1:
         return f"num_attention_heads must be at least 1, got {config['num_attention_heads']}"
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = (
+        config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    )
     if not isinstance(factor, Real) or isinstance(factor, bool):
         return f"partial_rotary_factor must be a number, got {factor!r}"
     rotary_dim = int(head_dim * factor)
@@ -85,31 +93,58 @@ def export_fields(model, source):
     LongRoPE, every layer alike."""
     for module in model.modules():
         cls = type(module)
-        torch_part = cls.__module__.startswith("torch.nn") and cls.__name__ in _TORCH_PARTS
+        torch_part = (
+            cls.__module__.startswith("torch.nn") and cls.__name__ in _TORCH_PARTS
+        )
         if not (_is(module, cls.__name__) or torch_part):
             return None
-    if not _is(model, "CausalLM") or model.lm_head.bias is not None or not len(model.model.layers):
+    if (
+        not _is(model, "CausalLM")
+        or model.lm_head.bias is not None
+        or not len(model.model.layers)
+    ):
         return None
     if model.model.embedding_multiplier is not None or model.logits_scaling != 1.0:
         return None
     if model.final_logit_softcapping is not None:
         return None
     layers = list(model.model.layers)
-    if not all(_is(x, "PreNormDecoderLayer") and _is(x.self_attn, "CausalSelfAttention") for x in layers):
+    if not all(
+        _is(x, "PreNormDecoderLayer") and _is(x.self_attn, "CausalSelfAttention")
+        for x in layers
+    ):
         return None
     if not all(_is(x.mlp, "SwiGLUMLP") for x in layers):
         return None
-    attns, mlps, rotary = [x.self_attn for x in layers], [x.mlp for x in layers], model.model.positions
+    attns, mlps, rotary = (
+        [x.self_attn for x in layers],
+        [x.mlp for x in layers],
+        model.model.positions,
+    )
     a = attns[0]
     rotary_dim = a.rotary_dim or a.head_dim
     linears = [lin for x in attns for lin in (x.q_proj, x.k_proj, x.v_proj, x.o_proj)]
     linears += [lin for m in mlps for lin in (m.gate_proj, m.up_proj, m.down_proj)]
     norms = [m for m in model.modules() if _is(m, "RMSNorm")]
     if not (
-        len({(x.num_attention_heads, x.num_key_value_heads, x.head_dim, x.sliding_window, x.rotary_dim) for x in attns})
+        len(
+            {
+                (
+                    x.num_attention_heads,
+                    x.num_key_value_heads,
+                    x.head_dim,
+                    x.sliding_window,
+                    x.rotary_dim,
+                )
+                for x in attns
+            }
+        )
         == 1
         and all(
-            x.use_rope and x.q_norm is None and x.scaling is None and x.attn_logit_softcapping is None
+            x.use_rope
+            and x.q_norm is None
+            and x.scaling is None
+            and x.attn_logit_softcapping is None
             and x.attention_dropout == 0.0
             for x in attns
         )
@@ -121,9 +156,15 @@ def export_fields(model, source):
     ):
         return None
     partial = rotary_dim / a.head_dim
-    if int(a.head_dim * partial) != rotary_dim:  # a ratio transformers would round to another width
+    if (
+        int(a.head_dim * partial) != rotary_dim
+    ):  # a ratio transformers would round to another width
         return None
-    rope = {"rope_theta": float(rotary.rope_theta), "rope_type": "default", "partial_rotary_factor": partial}
+    rope = {
+        "rope_theta": float(rotary.rope_theta),
+        "rope_type": "default",
+        "partial_rotary_factor": partial,
+    }
     fields = {}
     if _is(rotary, "Phi3LongRoPEEmbedding"):
         rope.update(
@@ -135,7 +176,9 @@ def export_fields(model, source):
         )
         if rotary.factor is not None:
             rope["factor"] = rotary.factor
-        fields["original_max_position_embeddings"] = rotary.original_max_position_embeddings
+        fields["original_max_position_embeddings"] = (
+            rotary.original_max_position_embeddings
+        )
     if a.head_dim != model.hidden_size // a.num_attention_heads:
         fields["head_dim"] = a.head_dim  # transformers' Phi3 reads it when given
     return {
@@ -185,7 +228,10 @@ SPEC = FamilySpec(
         ),
         TensorRule(
             "model.layers.{i}.mlp.gate_up_proj.weight",
-            ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+            (
+                "model.layers.{i}.mlp.gate_proj.weight",
+                "model.layers.{i}.mlp.up_proj.weight",
+            ),
         ),
     ),
 )

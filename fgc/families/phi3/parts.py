@@ -39,7 +39,10 @@ class Phi3LongRoPEEmbedding(RotaryEmbedding):
         attention_factor: float | None = None,
     ):
         super().__init__(head_dim, max_position_embeddings, rope_theta)
-        for name, values in (("short_factor", short_factor), ("long_factor", long_factor)):
+        for name, values in (
+            ("short_factor", short_factor),
+            ("long_factor", long_factor),
+        ):
             if len(values) != head_dim // 2:
                 raise ValueError(
                     f"Phi3LongRoPEEmbedding: {name} must have one entry per rotary channel pair "
@@ -54,21 +57,37 @@ class Phi3LongRoPEEmbedding(RotaryEmbedding):
         self.long_factor = tuple(float(x) for x in long_factor)
         self.original_max_position_embeddings = original_max_position_embeddings
         self.factor = factor
-        scale = factor if factor is not None else max_position_embeddings / original_max_position_embeddings
+        scale = (
+            factor
+            if factor is not None
+            else max_position_embeddings / original_max_position_embeddings
+        )
         if attention_factor is None:
             attention_factor = (
-                1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original_max_position_embeddings))
+                1.0
+                if scale <= 1.0
+                else math.sqrt(
+                    1 + math.log(scale) / math.log(original_max_position_embeddings)
+                )
             )
         self.attention_factor = float(attention_factor)
         # Non-persistent like inv_freq (the short factors' frequencies): derived, not weights.
-        self.register_buffer("long_inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.register_buffer(
+            "long_inv_freq", torch.empty(head_dim // 2), persistent=False
+        )
         self.reset_parameters()
 
     def _scaled_inv_freq(self, factors: tuple[float, ...]) -> torch.Tensor:
         """`1 / (factor_i * rope_theta ** (2i / D))` for each channel pair i, fp32, on the CPU,
         computed as transformers computes it."""
-        exponents_F = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device="cpu").float() / self.head_dim
-        return 1.0 / (torch.tensor(factors, dtype=torch.float32, device="cpu") * self.rope_theta**exponents_F)
+        exponents_F = (
+            torch.arange(0, self.head_dim, 2, dtype=torch.int64, device="cpu").float()
+            / self.head_dim
+        )
+        return 1.0 / (
+            torch.tensor(factors, dtype=torch.float32, device="cpu")
+            * self.rope_theta**exponents_F
+        )
 
     def compute_inv_freq(self) -> torch.Tensor:
         """The short factors' inverse frequencies, fp32, on the CPU."""
@@ -77,10 +96,14 @@ class Phi3LongRoPEEmbedding(RotaryEmbedding):
     def reset_parameters(self) -> None:
         """Recompute both buffers in fp32 (after `to_empty()` from the meta device, or a cast)."""
         super().reset_parameters()
-        self.long_inv_freq = self._scaled_inv_freq(self.long_factor).to(self.long_inv_freq.device)
+        self.long_inv_freq = self._scaled_inv_freq(self.long_factor).to(
+            self.long_inv_freq.device
+        )
 
     @torch.no_grad()
-    def forward(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         seq_len = position_ids_BT.max() + 1
         # a choice by tensor, not by Python branch, so torch.compile keeps one graph
         inv_freq_F = torch.where(

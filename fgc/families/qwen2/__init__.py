@@ -34,7 +34,8 @@ _TORCH = {"Embedding", "Linear", "ModuleList"}
 class Layered:
     """What a Llama-style model with per-layer windows and rotary has: the config.json fields
     every such family writes (``fields``), each layer's window (None: full attention) and whether
-    it rotates, the biases, and the scalars Granite sets (None or 1.0 where the model has none)."""
+    it rotates, the biases, and the scalars Granite sets (None or 1.0 where the model has none).
+    """
 
     fields: dict
     windows: tuple
@@ -54,7 +55,9 @@ def _cls(module) -> tuple[str, str]:
     return type(module).__name__, type(module).__module__
 
 
-def layered_llama_style(model, source: dict | None, layer_class: tuple[str, str] | None = None) -> Layered | None:
+def layered_llama_style(
+    model, source: dict | None, layer_class: tuple[str, str] | None = None
+) -> Layered | None:
     """MODEL (built on the meta device) as a Llama-style model whose layers may differ in their
     sliding window and rotary only, or None when it is not one. Its parts are the component
     library's (or, for the decoder layers, LAYER_CLASS: ``(class name, module)`` of a family's
@@ -77,9 +80,16 @@ def layered_llama_style(model, source: dict | None, layer_class: tuple[str, str]
     layers = list(model.model.layers)
     if any(_cls(layer) != layer_kind for layer in layers):
         return None
-    attns, mlps, rotary = [layer.self_attn for layer in layers], [layer.mlp for layer in layers], model.model.positions
+    attns, mlps, rotary = (
+        [layer.self_attn for layer in layers],
+        [layer.mlp for layer in layers],
+        model.model.positions,
+    )
     norms = [m for m in model.modules() if _cls(m) == ("RMSNorm", _LIBRARY["RMSNorm"])]
-    if any(_cls(a) != ("CausalSelfAttention", _LIBRARY["CausalSelfAttention"]) for a in attns):
+    if any(
+        _cls(a) != ("CausalSelfAttention", _LIBRARY["CausalSelfAttention"])
+        for a in attns
+    ):
         return None
     if any(_cls(m) != ("SwiGLUMLP", _LIBRARY["SwiGLUMLP"]) for m in mlps):
         return None
@@ -88,15 +98,38 @@ def layered_llama_style(model, source: dict | None, layer_class: tuple[str, str]
         return len(set(values)) == 1
 
     a, mlp = attns[0], mlps[0]
-    biased = [(x.q_proj.bias is not None, x.k_proj.bias is not None, x.v_proj.bias is not None) for x in attns]
+    biased = [
+        (
+            x.q_proj.bias is not None,
+            x.k_proj.bias is not None,
+            x.v_proj.bias is not None,
+        )
+        for x in attns
+    ]
     if not (
-        one((x.num_attention_heads, x.num_key_value_heads, x.head_dim, x.q_norm is None, x.scaling) for x in attns)
-        and all(x.attn_logit_softcapping is None and x.rotary_dim is None for x in attns)
+        one(
+            (
+                x.num_attention_heads,
+                x.num_key_value_heads,
+                x.head_dim,
+                x.q_norm is None,
+                x.scaling,
+            )
+            for x in attns
+        )
+        and all(
+            x.attn_logit_softcapping is None and x.rotary_dim is None for x in attns
+        )
         and one(x.attention_dropout for x in attns)
-        and one(biased) and len(set(biased[0])) == 1
+        and one(biased)
+        and len(set(biased[0])) == 1
         and one(x.o_proj.bias is not None for x in attns)
         and one(m.intermediate_size for m in mlps)
-        and all(len({lin.bias is not None for lin in (m.gate_proj, m.up_proj, m.down_proj)}) == 1 for m in mlps)
+        and all(
+            len({lin.bias is not None for lin in (m.gate_proj, m.up_proj, m.down_proj)})
+            == 1
+            for m in mlps
+        )
         and one(m.gate_proj.bias is not None for m in mlps)
         and one(n.eps for n in norms)
         and all(n.offset == 0.0 for n in norms)
@@ -115,7 +148,10 @@ def layered_llama_style(model, source: dict | None, layer_class: tuple[str, str]
         "hidden_act": "silu",
         "max_position_embeddings": rotary.max_position_embeddings,
         "rms_norm_eps": norms[0].eps,
-        "rope_parameters": {"rope_theta": float(rotary.rope_theta), "rope_type": "default"},
+        "rope_parameters": {
+            "rope_theta": float(rotary.rope_theta),
+            "rope_type": "default",
+        },
         "tie_word_embeddings": bool(model.tie_word_embeddings),
         # dropout on the attention weights while training, as transformers' attention applies it
         "attention_dropout": float(a.attention_dropout),
@@ -133,7 +169,9 @@ def layered_llama_style(model, source: dict | None, layer_class: tuple[str, str]
         layer_class=layer_kind[0],
         scaling=a.scaling,
         residual_multiplier=float(getattr(layers[0], "residual_multiplier", 1.0)),
-        embedding_multiplier=1.0 if embedding_multiplier is None else float(embedding_multiplier),
+        embedding_multiplier=(
+            1.0 if embedding_multiplier is None else float(embedding_multiplier)
+        ),
         logits_scaling=float(model.logits_scaling),
     )
 
@@ -184,11 +222,17 @@ def check(config: dict) -> str | None:
     problem = check_rope(config)
     if problem is not None:
         return problem
-    window = config.get("sliding_window", 4096) if config.get("use_sliding_window", False) else None
+    window = (
+        config.get("sliding_window", 4096)
+        if config.get("use_sliding_window", False)
+        else None
+    )
     if window is not None and (not _is_int(window) or window < 1):
         return f"sliding_window must be a positive integer, got {window!r}"
     if not _is_int(config.get("max_window_layers", 28)):
-        return f"max_window_layers must be an integer, got {config['max_window_layers']!r}"
+        return (
+            f"max_window_layers must be an integer, got {config['max_window_layers']!r}"
+        )
     return check_layer_types(config, "qwen2", window)
 
 
@@ -196,16 +240,28 @@ def export_fields(model, source):
     """A Llama-style model with biases on q, k and v only (transformers' Qwen2 has no others),
     without QK-norm, each layer with full attention or one sliding window."""
     found = layered_llama_style(model, source)
-    if found is None or found.qk_norm or not found.qkv_bias or found.o_bias or found.mlp_bias:
+    if (
+        found is None
+        or found.qk_norm
+        or not found.qkv_bias
+        or found.o_bias
+        or found.mlp_bias
+    ):
         return None
-    if found.scaling is not None or found.embedding_multiplier != 1.0 or found.logits_scaling != 1.0:
+    if (
+        found.scaling is not None
+        or found.embedding_multiplier != 1.0
+        or found.logits_scaling != 1.0
+    ):
         return None
     sliding = sliding_fields(found.windows)
     if sliding is None or not all(found.rope):
         return None
     # transformers' default rule gives the layers from max_window_layers on a window: the first
     # sliding layer is the one this model's layer_types also says
-    first = next((i for i, w in enumerate(found.windows) if w is not None), len(found.windows))
+    first = next(
+        (i for i, w in enumerate(found.windows) if w is not None), len(found.windows)
+    )
     return {**found.fields, **sliding, "max_window_layers": first}
 
 
@@ -216,7 +272,8 @@ SPEC = FamilySpec(
     folder=Path(__file__).parent,
     # Qwen2's biases are fixed (q, k, v: yes; o, MLP: no): its config class has no attention_bias
     # or mlp_bias, and transformers' Qwen2 does not read them (ignored with a note)
-    knobs=(LLAMA_KNOBS - {"attention_bias", "mlp_bias"}) | {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"},
+    knobs=(LLAMA_KNOBS - {"attention_bias", "mlp_bias"})
+    | {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"},
     fixed=LLAMA_FIXED,
     check=check,
     export_fields=export_fields,

@@ -19,7 +19,12 @@ def check(config: dict) -> str | None:
 def export_fields(model, source):
     """A Llama-style model with QK-norm, no sliding window and no MLP bias."""
     found = llama_style(model, source)
-    if found is None or not found.qk_norm or found.sliding_window is not None or found.mlp_bias:
+    if (
+        found is None
+        or not found.qk_norm
+        or found.sliding_window is not None
+        or found.mlp_bias
+    ):
         return None
     return {
         **found.fields,
@@ -37,7 +42,9 @@ SPEC = FamilySpec(
     knobs=LLAMA_KNOBS,
     fixed=LLAMA_FIXED,
     # only meaningful with use_sliding_window, which check() refuses
-    neutral=frozenset({"sliding_window", "max_window_layers", "layer_types", "use_sliding_window"}),
+    neutral=frozenset(
+        {"sliding_window", "max_window_layers", "layer_types", "use_sliding_window"}
+    ),
     check=check,
     export_fields=export_fields,
 )

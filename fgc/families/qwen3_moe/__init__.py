@@ -24,19 +24,32 @@ from ..moe_style import check_experts, moe_style
 
 MOE_KNOBS = frozenset(
     {
-        "use_sliding_window", "sliding_window", "num_experts", "num_local_experts", "num_experts_per_tok",
-        "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
-        "router_aux_loss_coef", "output_router_logits",
+        "use_sliding_window",
+        "sliding_window",
+        "num_experts",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+        "router_aux_loss_coef",
+        "output_router_logits",
     }
 )
 
 
-def routed_layers(num_hidden_layers: int, decoder_sparse_step: int, mlp_only_layers) -> tuple[bool, ...]:
+def routed_layers(
+    num_hidden_layers: int, decoder_sparse_step: int, mlp_only_layers
+) -> tuple[bool, ...]:
     """Which layers route (True) and which are dense, as transformers' Qwen3MoeDecoderLayer
     decides: layer i routes unless it is in MLP_ONLY_LAYERS or (i + 1) is not a multiple of
     DECODER_SPARSE_STEP."""
     only = set(mlp_only_layers or ())
-    return tuple(i not in only and (i + 1) % decoder_sparse_step == 0 for i in range(num_hidden_layers))
+    return tuple(
+        i not in only and (i + 1) % decoder_sparse_step == 0
+        for i in range(num_hidden_layers)
+    )
 
 
 def _experts_field(config: dict) -> str:
@@ -56,7 +69,8 @@ def check(config: dict) -> str | None:
         return f"decoder_sparse_step must be an integer of at least 1, got {step!r}"
     only = config.get("mlp_only_layers")
     if only is not None and not (
-        isinstance(only, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in only)
+        isinstance(only, list)
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in only)
     ):
         return f"mlp_only_layers must be a list of layer indices, got {only!r}"
     if not any(routed_layers(config["num_hidden_layers"], step, only)):
@@ -90,12 +104,16 @@ def export_fields(model, source):
         if routed_layers(len(found.routed), step, only) == found.routed:
             fields.update(decoder_sparse_step=step, mlp_only_layers=only)
     # the name(s) the imported config.json gives the count, else Qwen's own (transformers maps it)
-    for name in [n for n in ("num_experts", "num_local_experts") if n in (source or {})] or ["num_experts"]:
+    for name in [
+        n for n in ("num_experts", "num_local_experts") if n in (source or {})
+    ] or ["num_experts"]:
         fields[name] = found.num_experts
     if found.dense_intermediate_size is not None:
         fields["intermediate_size"] = found.dense_intermediate_size
     elif source is None:
-        fields["intermediate_size"] = found.moe_intermediate_size  # no dense layer reads it
+        fields["intermediate_size"] = (
+            found.moe_intermediate_size
+        )  # no dense layer reads it
     return fields
 
 
@@ -111,9 +129,15 @@ SPEC = FamilySpec(
     export_fields=export_fields,
     tensors=(
         ExpertsRule(
-            ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),
+            (
+                "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+                "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+            ),
             "model.layers.{i}.mlp.experts.gate_up_proj",
         ),
-        ExpertsRule(("model.layers.{i}.mlp.experts.{e}.down_proj.weight",), "model.layers.{i}.mlp.experts.down_proj"),
+        ExpertsRule(
+            ("model.layers.{i}.mlp.experts.{e}.down_proj.weight",),
+            "model.layers.{i}.mlp.experts.down_proj",
+        ),
     ),
 )

@@ -31,9 +31,13 @@ def check(config: dict) -> str | None:
         if any(flag not in (0, 1) for flag in rope):
             return f"no_rope_layers must hold 1 (the layer uses rotary positions) or 0 per layer, got {rope!r}"
     window = config.get("sliding_window")
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+    if window is not None and (
+        not isinstance(window, int) or isinstance(window, bool) or window < 1
+    ):
         return f"sliding_window must be a positive integer, got {window!r}"
-    return check_layer_types(config, "smollm3", window if config.get("use_sliding_window", False) else None)
+    return check_layer_types(
+        config, "smollm3", window if config.get("use_sliding_window", False) else None
+    )
 
 
 def export_fields(model, source):
@@ -43,7 +47,11 @@ def export_fields(model, source):
     found = layered_llama_style(model, source)
     if found is None or found.qk_norm or found.qkv_bias != found.o_bias:
         return None
-    if found.scaling is not None or found.embedding_multiplier != 1.0 or found.logits_scaling != 1.0:
+    if (
+        found.scaling is not None
+        or found.embedding_multiplier != 1.0
+        or found.logits_scaling != 1.0
+    ):
         return None
     if all(found.rope) and (source or {}).get("model_type") != "smollm3":
         return None  # a Llama (or Mistral) as its own family
@@ -69,7 +77,14 @@ SPEC = FamilySpec(
     model_type="smollm3",
     architecture="SmolLM3ForCausalLM",
     folder=Path(__file__).parent,
-    knobs=LLAMA_KNOBS | {"use_sliding_window", "sliding_window", "layer_types", "no_rope_layers", "no_rope_layer_interval"},
+    knobs=LLAMA_KNOBS
+    | {
+        "use_sliding_window",
+        "sliding_window",
+        "layer_types",
+        "no_rope_layers",
+        "no_rope_layer_interval",
+    },
     fixed=LLAMA_FIXED,
     check=check,
     export_fields=export_fields,

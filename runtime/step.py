@@ -1,0 +1,137 @@
+"""How one training step is shared over the ranks, chosen once from the program's plan.
+
+A step reads a batch, counts its target tokens, runs the forward and backward of each
+micro-batch, and measures (and clips) the gradient norm; the ranks then agree on its loss. What
+each of these means over the ranks depends on the mesh: which ranks read different batches,
+who averages the gradients (DDP, FSDP2, an explicit average, nobody), and how the gradients
+are sharded. :func:`step_sync` reads that from the plan and returns a :class:`StepSync`, whose
+methods the generated loop calls in the same order for every trainer:
+
+    sync.count(n_targets)                    # the step's global target count, in place
+    with sync.micro_batch(last):             # each micro-batch's forward and backward,
+        forward_backward(..., sync.grad_scale)   # its loss scaled by grad_scale / n_targets
+    sync.after_backward()
+    norm = sync.clip_grad_norm(max_norm)
+    sync.loss_sum(step_loss_sum)             # the step's loss sum over the ranks, in place
+
+The pipeline trainer runs its schedule instead (``fgc_runtime.pipeline``), and DiLoCo adds its
+global sums over the workers (``fgc_runtime.diloco``); within a DiLoCo worker, the worker's ranks
+are "the ranks" here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import distributed
+from .mesh import average_grads
+from .parallel import clip_sharded_grad_norm_
+from .train import grad_norm
+
+WORLD = "world"  # every rank (through fgc_runtime.distributed: a no-op in one process)
+
+
+class StepSync:
+    """The sharing of a step over a group of ranks (:func:`step_sync` picks one).
+
+    - ``group``: the ranks that read different batches, over which targets and losses are
+      summed: :data:`WORLD`, a process group, or None (one rank alone);
+    - ``grad_scale``: over how many ranks the gradient sync averages (1: none), so that a
+      micro-batch's loss ``loss_sum * grad_scale / n_targets`` makes that average the sum over
+      the ranks divided by the global target count;
+    - ``grads``: who syncs gradients: ``ddp`` (a DistributedDataParallel ``train_model``,
+      synced on the last micro-batch only), ``fsdp`` (FSDP2's ``fsdp_root``, likewise),
+      ``average`` (an explicit mean over ``group`` after the backward, DDP's semantics where
+      DDP's buckets cannot take tensor-parallel shards) or None;
+    - ``norm``: how the total gradient norm is gathered: ``plain`` (whole tensors), ``dtensor``
+      (FSDP2's shards: the norm is itself a DTensor) or ``sharded`` (shards of several meshes,
+      FSDP2's and tensor parallel's).
+    """
+
+    def __init__(self, dist, *, group, grad_scale: int, grads: str | None, norm: str, model, train_model=None, fsdp_root=None):
+        self.dist = dist
+        self.group = group
+        self.grad_scale = grad_scale
+        self.grads = grads
+        self.norm = norm
+        self.model = model
+        self.train_model = train_model
+        self.fsdp_root = fsdp_root
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.group is WORLD:
+            distributed.all_reduce_sum(t, self.dist)
+        elif self.group is not None:
+            torch.distributed.all_reduce(t, group=self.group)
+        return t
+
+    def count(self, n_targets: torch.Tensor) -> torch.Tensor:
+        """The step's target count summed over the ranks that read different batches (in
+        place); the count is known before the first backward."""
+        return self._sum(n_targets)
+
+    def micro_batch(self, last: bool):
+        """The context of one micro-batch's forward and backward: the gradients are synced on
+        the LAST micro-batch of the step only."""
+        if self.grads == "ddp" and not last and self.dist.distributed:
+            return self.train_model.no_sync()
+        if self.grads == "fsdp" and self.dist.distributed:
+            self.fsdp_root.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def after_backward(self) -> None:
+        """Once every micro-batch is done: the explicit mean of the gradients, where no wrapper
+        takes it."""
+        if self.grads == "average":
+            average_grads(self.model, self.group)
+
+    def clip_grad_norm(self, max_norm: float | None) -> float:
+        """The total norm of the model's gradients, after clipping them to MAX_NORM (None:
+        measured, not clipped); the same on every rank."""
+        if self.norm == "sharded":
+            return clip_sharded_grad_norm_(self.model, max_norm if max_norm is not None else float("inf"))
+        if self.norm == "dtensor":
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm is not None else float("inf"))
+            return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        if max_norm is None:
+            return grad_norm(self.model.parameters())
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+
+    def loss_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """The step's loss sum over the ranks (in place), on every rank."""
+        return self._sum(loss_sum)
+
+    def aux_mean(self, aux: torch.Tensor) -> float:
+        """The mean over the ranks of each rank's auxiliary loss (a float)."""
+        return self._sum(aux).item() / self.grad_scale
+
+
+def step_sync(plan: dict, dist, mesh=None, *, model, train_model, fsdp_root=None) -> StepSync:
+    """The :class:`StepSync` of a plan (``PLAN`` of the generated train.py) for every trainer
+    but the pipeline's: MODEL is the model (its parameters), TRAIN_MODEL what the loop runs (a
+    DDP wrapper for DDP), FSDP_ROOT FSDP2's root module (the model, or the loss head wrapping
+    it), MESH the runtime's :class:`~fgc_runtime.mesh.Mesh` where the plan has one."""
+    trainer = plan["trainer_type"]
+    if trainer == "pipeline":
+        raise ValueError("the pipeline trainer runs its schedule, not a StepSync")
+    parts = dict(model=model, train_model=train_model, fsdp_root=fsdp_root)
+    if plan.get("tensor_parallel"):
+        # the ranks of a tensor-parallel group read the same batch: sums over the groups
+        grads = "fsdp" if trainer == "fsdp2" else "average"
+        return StepSync(dist, group=mesh.dp_group, grad_scale=mesh.dp_size, grads=grads, norm="sharded", **parts)
+    if trainer == "diloco":
+        # no sync between workers; within a worker of several ranks, DDP or FSDP2 over them
+        inner = plan["diloco"]["inner"]
+        if inner == "none":
+            return StepSync(dist, group=None, grad_scale=1, grads=None, norm="plain", **parts)
+        ranks = plan["diloco"]["ranks_per_worker"]
+        if inner == "fsdp2":
+            return StepSync(dist, group=mesh.worker_group, grad_scale=ranks, grads="fsdp", norm="dtensor", **parts)
+        return StepSync(dist, group=mesh.worker_group, grad_scale=ranks, grads="ddp", norm="plain", **parts)
+    if trainer == "fsdp2":
+        return StepSync(dist, group=WORLD, grad_scale=dist.world_size, grads="fsdp", norm="dtensor", **parts)
+    if trainer == "ddp":
+        return StepSync(dist, group=WORLD, grad_scale=dist.world_size, grads="ddp", norm="plain", **parts)
+    return StepSync(dist, group=WORLD, grad_scale=dist.world_size, grads=None, norm="plain", **parts)

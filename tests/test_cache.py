@@ -1,0 +1,233 @@
+"""fgc's on-disk cache (fgc/cache.py): a build that reads results back makes the same package
+as one that computes everything, and a damaged or unusable cache only costs time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import EXAMPLE, REPO, run_fgc
+from fgc import cache
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _entries(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_put_then_get_and_every_miss(tmp_path, monkeypatch):
+    monkeypatch.setenv("FGC_CACHE_DIR", str(tmp_path / "c"))
+    k = cache.key("black", "26.1", "x = 1\n")
+    assert cache.get("black", k) is None
+    cache.put("black", k, "x = 1\n")
+    assert cache.get("black", k) == "x = 1\n"
+    # the parts are length-prefixed: moving text between them changes the key
+    assert cache.key("ab", "c") != cache.key("a", "bc")
+    # a damaged entry (its content no longer matches the hash stored with it) is a miss
+    (entry,) = _entries(tmp_path / "c")
+    entry.write_bytes(entry.read_bytes().replace(b"x = 1", b"x = 2"))
+    assert cache.get("black", k) is None
+    entry.write_bytes(b"no newline, no hash")
+    assert cache.get("black", k) is None
+
+
+def test_off_writes_nothing_and_an_unwritable_cache_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setenv("FGC_CACHE_DIR", "off")
+    assert cache.cache_dir() is None
+    cache.put("black", cache.key("y"), "y\n")
+    assert cache.get("black", cache.key("y")) is None
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    monkeypatch.setenv("FGC_CACHE_DIR", str(blocker / "cache"))
+    cache.put("black", cache.key("y"), "y\n")  # cannot make the directory: no error
+    assert cache.get("black", cache.key("y")) is None
+    assert blocker.read_text() == "not a directory\n"
+    monkeypatch.delenv("FGC_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "fgc"
+
+
+def test_a_build_from_the_cache_is_byte_identical_and_survives_damaged_entries(tmp_path):
+    cold = run_fgc("build", str(EXAMPLE), "-o", str(tmp_path / "cold"), env={"FGC_CACHE_DIR": "off"})
+    assert cold.returncode == 0, cold.stderr
+    env = {"FGC_CACHE_DIR": str(tmp_path / "cache")}
+    first = run_fgc("build", str(EXAMPLE), "-o", str(tmp_path / "first"), env=env)
+    assert first.returncode == 0, first.stderr
+    kinds = {p.parent.parent.name for p in _entries(tmp_path / "cache")}
+    assert kinds == {"black", "vendor", "closure-edges"}
+    warm = run_fgc("build", str(EXAMPLE), "-o", str(tmp_path / "warm"), env=env)
+    assert warm.returncode == 0, warm.stderr
+    expected = _files(tmp_path / "cold")
+    assert _files(tmp_path / "first") == expected
+    assert _files(tmp_path / "warm") == expected
+    # damage every entry: each is a miss, computed again, and written back whole
+    entries = _entries(tmp_path / "cache")
+    for entry in entries:
+        data = entry.read_bytes()
+        entry.write_bytes(data[:-2] + b"#\n")
+    again = run_fgc("build", str(EXAMPLE), "-o", str(tmp_path / "again"), env=env)
+    assert again.returncode == 0, again.stderr
+    assert _files(tmp_path / "again") == expected
+    for entry in entries:
+        digest, _, body = entry.read_bytes().partition(b"\n")
+        assert cache.hashlib.sha256(body).hexdigest().encode() == digest, entry
+
+
+def test_a_warm_build_formats_vendors_and_parses_nothing(tmp_path, monkeypatch):
+    import black
+
+    import fgc.codegen.closure as closure
+    import fgc.codegen.package as package
+    import fgc.codegen.vendor as vendor
+    from fgc.cli import main
+
+    monkeypatch.setenv("FGC_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["build", str(EXAMPLE), "-o", str(out)]).exit_code == 0
+    package.format_python.cache_clear()  # the process's own memory of sources met before
+    calls: list[str] = []
+
+    def refuse(what):
+        def call(*args, **kwargs):
+            calls.append(what)
+            raise AssertionError(what)
+
+        return call
+
+    monkeypatch.setattr(black, "format_str", refuse("black"))
+    monkeypatch.setattr(vendor.Vendorer, "collect", refuse("vendoring"))
+    monkeypatch.setattr(closure, "_edges", refuse("closure"))
+    before = _files(out)
+    result = CliRunner().invoke(main, ["build", str(EXAMPLE), "-o", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    assert calls == []
+    assert _files(tmp_path / "again") == before
+
+
+def test_the_console_script_exits_with_the_commands_status_and_all_its_output(tmp_path):
+    """`fgc` ends with os._exit once the command is over: its output must all be there."""
+    from fgc.cli import main
+
+    in_process = CliRunner().invoke(main, ["pp", str(EXAMPLE)])
+    assert in_process.exit_code == 0
+    script = run_fgc("pp", str(EXAMPLE), cwd=tmp_path)
+    assert script.returncode == 0
+    assert script.stdout == in_process.stdout and len(script.stdout) > 1000
+    failed = run_fgc("build", "missing.yaml", "-o", "x", cwd=tmp_path)
+    assert failed.returncode == 2
+    assert "missing.yaml" in failed.stderr and "error:" in failed.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# user code written at 120 columns, with comments, a decorator and a module-level constant, so
+# that black has work to do on each kind of copied definition
+USER_CODE = '''import dataclasses
+import torch
+from torch import nn
+
+SCALE = {"up": 1.0, "down": 1.0, "a_name_long_enough": 2.0, "to_make_black_split_this_dict": 3.0}
+
+
+# a comment of its own, apart from the function
+
+def _gelu_tanh(x):
+    return torch.nn.functional.gelu(x, approximate="tanh") * SCALE["up"] * SCALE["down"] * SCALE["a_name_long_enough"]
+
+
+@dataclasses.dataclass
+class Widths:
+    hidden: int
+    inner: int
+
+
+# the MLP
+class GeluMLP(nn.Module):
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        w = Widths(hidden_size, intermediate_size)
+        self.up_proj = nn.Linear(w.hidden, w.inner, bias=False); self.down_proj = nn.Linear(w.inner, w.hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(_gelu_tanh(self.up_proj(x)))
+
+
+def linear_decay(optimizer, total_steps):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps), last_epoch=-1)
+'''
+
+CONFIGS = {
+    "example": [str(EXAMPLE)],
+    "relu2-mlp (user code)": [str(REPO / "examples" / "variants" / "relu2_mlp.yaml")],
+    "pipeline": [str(EXAMPLE), "-D", "trainer_type=pipeline"],
+    **{f"family {name}": [str(EXAMPLE), "-D", f"family={name}"] for name in ("gemma", "gpt2", "mixtral", "olmo2", "phi3", "granite", "gpt_neox", "qwen3_moe")},
+}
+
+
+def _check_against_whole_black(monkeypatch) -> list[int]:
+    """Make every format_module call also format the whole module with black, and compare."""
+    import black
+
+    import fgc.codegen.package as package
+
+    real = package.format_module
+    checked: list[int] = []
+
+    def checking(render, definitions, verbatim=frozenset()):
+        out = real(render, definitions, verbatim)
+        whole = black.format_str(render(definitions), mode=black.Mode(target_versions={black.TargetVersion.PY310}))
+        assert out == whole
+        checked.append(len(definitions))
+        return out
+
+    monkeypatch.setattr(package, "format_module", checking)
+    return checked
+
+
+@pytest.mark.parametrize("args", CONFIGS.values(), ids=CONFIGS.keys())
+def test_definitions_formatted_apart_make_what_black_makes_of_the_whole_file(tmp_path, monkeypatch, args):
+    from fgc.cli import main
+
+    monkeypatch.setenv("FGC_CACHE_DIR", str(tmp_path / "cache"))
+    checked = _check_against_whole_black(monkeypatch)
+    result = CliRunner().invoke(main, ["build", *args, "-o", str(tmp_path / "out"), "--no-smoke"])
+    assert result.exit_code == 0, result.output
+    assert len(checked) == 2 and checked[0] > 0  # model.py (with its library code) and train.py
+
+
+def test_user_code_formatted_apart_makes_what_black_makes_of_the_whole_file(tmp_path, monkeypatch):
+    from fgc.cli import main
+
+    (tmp_path / "my_layers.py").write_text(USER_CODE)
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(
+        '-- extends "lm/train.yaml"\n'
+        "[mlp]\n.mlp: &mlp !partial:.my_layers:GeluMLP@mlp_factory\n    intermediate_size: 64\n"
+        "[lr_scheduler]\nlr_scheduler: !partial:.my_layers:linear_decay\n    total_steps: 10\n"
+        "[data]\n.data: &data !singleton:fgc.settings:DataSettings@data\n"
+        f"    text_files: [{EXAMPLE.parent / 'corpus.txt'}]\n"
+    )
+    monkeypatch.setenv("FGC_CACHE_DIR", str(tmp_path / "cache"))
+    checked = _check_against_whole_black(monkeypatch)
+    result = CliRunner().invoke(main, ["build", str(cfg), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert checked[0] >= 4 and checked[1] == 1  # GeluMLP, Widths, _gelu_tanh, SCALE...; linear_decay
+    model = (tmp_path / "out" / "model.py").read_text()
+    assert "# a comment of its own, apart from the function\n\n\ndef _gelu_tanh(x):" in model
+    assert "# the MLP\nclass GeluMLP(nn.Module):" in model
+
+
+def test_the_library_code_a_model_copies_is_black_formatted():
+    """Library definitions are copied into model.py as they are (VendoredCode.verbatim)."""
+    import black
+
+    mode = black.Mode(target_versions={black.TargetVersion.PY310})
+    root = REPO / "fgc"
+    files = sorted((root / "components").glob("*.py")) + sorted((root / "families").rglob("*.py"))
+    assert len(files) > 20
+    unformatted = [str(f.relative_to(REPO)) for f in files if black.format_str(f.read_text(), mode=mode) != f.read_text()]
+    assert unformatted == [], "run: black -l 88 -t py310 fgc/components fgc/families"
