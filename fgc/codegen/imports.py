@@ -39,6 +39,7 @@ SKELETON_NAMES: dict[str, tuple[str, str | None]] = {
         "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "apply_tensor_parallel",
         "ShardedState", "clip_sharded_grad_norm_", "split_groups_by_mesh",
     )},
+    "step_sync": ("fgc_runtime.step", "step_sync"),
     "DiLoCo": ("fgc_runtime.diloco", "DiLoCo"),
     "DiLoCoState": ("fgc_runtime.diloco", "DiLoCoState"),
     "LMHeadLoss": ("fgc_runtime.kernels.cross_entropy", "LMHeadLoss"),

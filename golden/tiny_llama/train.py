@@ -6,7 +6,6 @@ Do not edit it by hand; change the config and rebuild.
 """
 
 import argparse
-import contextlib
 import functools
 from pathlib import Path
 import tempfile
@@ -19,6 +18,7 @@ from fgc_runtime import checkpoint, control, data, distributed, hf, metrics, qua
 from fgc_runtime.errors import RunError, run_main
 from fgc_runtime.log import RankLog, format_plan
 from fgc_runtime.optim import describe_groups, param_groups
+from fgc_runtime.step import step_sync
 import fgc_runtime.train
 from fgc_runtime.train import (
     MFU,
@@ -240,13 +240,13 @@ def evaluate(model, val_data, dist, step, logger, ctl):
             print(metrics.format_record(record), flush=True)
 
 
-def forward_backward(model, input_ids, labels, n_targets, dist):
+def forward_backward(model, input_ids, labels, n_targets, grad_scale, dist):
     """One micro-batch: forward, then backward of its share of the step's loss. Returns its loss sum."""
     logits = model(input_ids)
     loss_sum, _ = loss_sum_and_count(logits, labels)
-    # DDP averages gradients over ranks, so scaling by the world size turns the
-    # average into the sum over ranks divided by the global target count.
-    loss = loss_sum * dist.world_size / n_targets
+    # The gradient sync averages over grad_scale ranks (1: it does not run), so scaling by it
+    # turns the average into the sum over those ranks, divided by the global target count.
+    loss = loss_sum * grad_scale / n_targets
     loss.backward()
     return loss_sum.detach()
 
@@ -309,6 +309,9 @@ def main(argv=None):
     )
     # Gradients are averaged over ranks by DDP; the loss below is scaled to make that a global mean.
     train_model = DistributedDataParallel(model) if dist.distributed else model
+    # How a step is shared over the ranks (fgc_runtime/step.py): which ranks read different
+    # batches, who syncs the gradients, how their norm is gathered; chosen from the plan.
+    sync = step_sync(PLAN, dist, model=model, train_model=train_model, fsdp_root=model)
     optimizer = optimizer_factory(param_groups(model, NO_WEIGHT_DECAY))
     lr_scheduler = lr_scheduler_factory(optimizer)
     if args.debug_optimizer_groups:
@@ -418,26 +421,28 @@ def main(argv=None):
         # The loss of a step is its summed token loss over the global count of target tokens,
         # across micro-batches and ranks; that count is known before the first backward.
         n_targets = torch.tensor(float(count_targets(labels)), device=dist.device)
-        distributed.all_reduce_sum(n_targets, dist)
+        sync.count(n_targets)
         # a step whose every target is masked out (loss masks) has a zero loss, not 0 / 0
         n_targets.clamp_(min=1)
         step_loss_sum = torch.zeros((), device=dist.device)
         for micro in range(grad_accum_steps):
             rows = slice(micro * MICRO_BATCH_SIZE, (micro + 1) * MICRO_BATCH_SIZE)
-            # DDP syncs gradients on the last micro-batch only.
-            last = micro == grad_accum_steps - 1
-            with (
-                contextlib.nullcontext()
-                if last or not dist.distributed
-                else train_model.no_sync()
-            ):
+            # the gradients sync on the step's last micro-batch only
+            with sync.micro_batch(last=micro == grad_accum_steps - 1):
                 step_loss_sum += forward_backward(
-                    train_model, input_ids[rows], labels[rows], n_targets, dist
+                    train_model,
+                    input_ids[rows],
+                    labels[rows],
+                    n_targets,
+                    sync.grad_scale,
+                    dist,
                 )
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP).item()
+        sync.after_backward()
+        # the total norm, gathered over the ranks that hold shards of the gradients
+        norm = sync.clip_grad_norm(GRAD_CLIP)
         tokens_seen += int(n_targets.item())
-        # the step's global loss sum, on every rank
-        distributed.all_reduce_sum(step_loss_sum, dist)
+        # the step's loss sum, on every rank
+        sync.loss_sum(step_loss_sum)
         # A nan or infinite loss or gradient norm, the same on every rank, stops the run
         # before the optimizer step (--nonfinite skip: drops this step's update instead; the
         # schedule still advances).
