@@ -1,11 +1,14 @@
 """fgc's on-disk cache: results of pure, slow steps of a build, keyed by a hash of all their input.
 
-Today one step uses it: black's formatting of a generated file (``fgc.codegen.package.format_python``),
-the largest share of a build after the torch import. A rebuild of an unchanged config, or of one
-whose change leaves a file alone (a new learning rate leaves ``model.py`` as it was), then reads
-the formatted text instead of formatting again. A cached result is the result: the key hashes
-the whole input and the version of the tool that made it, and an entry is used only when the
-hash of its content, stored beside it, matches (a damaged entry is a miss).
+Three steps use it, the largest shares of a build after the torch import: black's formatting
+of a generated source (``fgc.codegen.package.format_python``), the vendoring of library code
+into model.py (``fgc.codegen.vendor.vendor_symbols``, when no user code is involved) and each
+module's imports for the runtime's import closure (``fgc.codegen.closure``). A rebuild of an
+unchanged config, or of one whose change leaves a file alone (a new ``max_steps`` leaves
+``model.py`` as it was), then reads the results back instead of computing them. A cached result
+is the result: the key hashes the whole input and the code or tool version that made it, and an
+entry is used only when the hash of its content, stored with it, matches (a damaged entry is a
+miss).
 
 Where: ``$FGC_CACHE_DIR``, else ``$XDG_CACHE_HOME/fgc``, else ``~/.cache/fgc``;
 ``FGC_CACHE_DIR=off`` turns the cache off. Entries are written atomically (a temporary file
@@ -77,8 +80,8 @@ def put(kind: str, k: str, text: str) -> None:
     tmp = None
     try:
         # private, like the home it sits in: a cached formatted file becomes generated code
-        path.parent.parent.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cache_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -50,15 +50,26 @@ class StepSync:
       FSDP2's and tensor parallel's).
     """
 
-    def __init__(self, dist, *, group, grad_scale: int, grads: str | None, norm: str, model, train_model=None, fsdp_root=None):
+    def __init__(self, dist, *, group, grad_scale: int, grads: str | None, norm: str, model, fsdp_root=None):
         self.dist = dist
         self.group = group
         self.grad_scale = grad_scale
         self.grads = grads
         self.norm = norm
         self.model = model
-        self.train_model = train_model
         self.fsdp_root = fsdp_root
+        self.train_model = None  # what wrap() returns
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """What the loop runs: MODULE (the model, or what wraps it: the loss head, document
+        masking), in DistributedDataParallel over ``group`` when DDP syncs the gradients."""
+        self.train_model = module
+        if self.grads == "ddp" and self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            group = None if self.group is WORLD else self.group  # None: every rank
+            self.train_model = DistributedDataParallel(module, process_group=group)
+        return self.train_model
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.group is WORLD:
@@ -108,15 +119,15 @@ class StepSync:
         return self._sum(aux).item() / self.grad_scale
 
 
-def step_sync(plan: dict, dist, mesh=None, *, model, train_model, fsdp_root=None) -> StepSync:
+def step_sync(plan: dict, dist, mesh=None, *, model, fsdp_root=None) -> StepSync:
     """The :class:`StepSync` of a plan (``PLAN`` of the generated train.py) for every trainer
-    but the pipeline's: MODEL is the model (its parameters), TRAIN_MODEL what the loop runs (a
-    DDP wrapper for DDP), FSDP_ROOT FSDP2's root module (the model, or the loss head wrapping
-    it), MESH the runtime's :class:`~fgc_runtime.mesh.Mesh` where the plan has one."""
+    but the pipeline's: MODEL is the model (its parameters), FSDP_ROOT FSDP2's root module (the
+    model, or the loss head wrapping it), MESH the runtime's :class:`~fgc_runtime.mesh.Mesh`
+    where the plan has one. Its :meth:`StepSync.wrap` then gives what the loop runs."""
     trainer = plan["trainer_type"]
     if trainer == "pipeline":
         raise ValueError("the pipeline trainer runs its schedule, not a StepSync")
-    parts = dict(model=model, train_model=train_model, fsdp_root=fsdp_root)
+    parts = dict(model=model, fsdp_root=fsdp_root)
     if plan.get("tensor_parallel"):
         # the ranks of a tensor-parallel group read the same batch: sums over the groups
         grads = "fsdp" if trainer == "fsdp2" else "average"

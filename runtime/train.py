@@ -21,6 +21,7 @@ pre-clip norm); :func:`grad_norm` is for measuring without clipping.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import re
@@ -337,6 +338,20 @@ class AuxLoss:
         """The shares added since the last call, summed (no graph); None when there were none."""
         total, self.total = self.total, None
         return total
+
+
+# the dtype torch.autocast computes in, for each mixed precision
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+
+def autocast(precision: str, device: torch.device):
+    """The context a forward runs in: ``torch.autocast`` in the dtype of a mixed PRECISION
+    (``bf16-mixed``, ``fp16-mixed``), nothing for the others (``fp32``, ``bf16``: the weights'
+    dtype is the compute dtype)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def grad_norm(parameters: Iterable[torch.Tensor]) -> float:

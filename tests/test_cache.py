@@ -26,6 +26,7 @@ def test_put_then_get_and_every_miss(tmp_path, monkeypatch):
     assert cache.get("black", k) is None
     cache.put("black", k, "x = 1\n")
     assert cache.get("black", k) == "x = 1\n"
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o700  # private: its text becomes code
     # the parts are length-prefixed: moving text between them changes the key
     assert cache.key("ab", "c") != cache.key("a", "bc")
     # a damaged entry (its content no longer matches the hash stored with it) is a miss

@@ -84,7 +84,8 @@ def test_triton_takes_the_chunked_losss_trainer_code(tmp_path, flags):
     assert changed and all(any(a in line for a in allowed) for line in changed), changed
     chunked = "\n".join(sources["chunked"])
     if "trainer_type=fsdp2" in flags:
-        assert "root=loss_model" in chunked and "loss_model.set_requires_gradient_sync(" in chunked
+        # FSDP2's root is the loss head, and the step sync turns its gradient sync on and off
+        assert "            root=loss_model," in chunked and "fsdp_root=loss_model)" in chunked
     else:
         assert "head=False" in chunked and "pipeline.StepLoss(loss_model.loss_from_hidden)" in chunked
 

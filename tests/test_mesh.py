@@ -82,13 +82,16 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
         # FSDP2 reduces the replicas' gradients; plain replicas sum theirs by hand
         assert ("pipeline.all_reduce_grads(part, dp_group)" in source) == ("dp_shard" not in mesh)
     if "diloco" in mesh:  # DDP or FSDP2 inside each worker, and the workers sync over the outer group
-        assert ("DistributedDataParallel(model, process_group=mesh.worker_group)" in source) == ("dp" in mesh)
+        # (the step sync, fgc_runtime/step.py, wraps the model; train.py says who syncs)
+        assert "sync = step_sync(PLAN, dist, mesh," in source
+        assert ("DDP over the ranks of each DiLoCo worker only" in source) == ("dp" in mesh)
+        assert ("FSDP2 over the ranks of each DiLoCo worker only" in source) == ("dp_shard" in mesh)
         assert ("mesh=mesh.fsdp" in source) == ("dp_shard" in mesh)
         assert plan["apply_order"] == (["fsdp2"] if "dp_shard" in mesh else [])
         assert "outer_group=mesh.outer_group," in source
     if flags[1] == "trainer_type=ddp":  # no DDP wrapper: the gradients of tensor-parallel shards are averaged by hand
-        assert "DistributedDataParallel(" not in source and "no_sync" not in source
-        assert "average_grads(model, mesh.dp_group)" in source
+        assert "sync = step_sync(PLAN, dist, mesh," in source
+        assert "an explicit mean over the data-parallel groups after the backward" in source
 
 
 @pytest.mark.parametrize(

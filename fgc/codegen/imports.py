@@ -30,7 +30,7 @@ SKELETON_NAMES: dict[str, tuple[str, str | None]] = {
     "RankLog": ("fgc_runtime.log", "RankLog"),
     "format_plan": ("fgc_runtime.log", "format_plan"),
     **{n: ("fgc_runtime.train", n) for n in (
-        "AuxLoss", "MFU", "Throughput", "count_targets", "grad_norm", "loss_sum_and_count",
+        "AuxLoss", "MFU", "Throughput", "autocast", "count_targets", "grad_norm", "loss_sum_and_count",
         "peak_memory_bytes", "set_seed", "whole_number",
     )},
     "Mesh": ("fgc_runtime.mesh", "Mesh"),

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Callable
@@ -107,6 +108,27 @@ def format_python(source: str) -> str:
         formatted = black.format_str(source, mode=black.Mode(target_versions={black.TargetVersion.PY310}))
         cache.put("black", k, formatted)
     return formatted
+
+
+def _sync_description(plan) -> str:
+    """Who syncs the gradients of a step under PLAN, for train.py's comment beside
+    ``step_sync`` (fgc_runtime/step.py decides it from the same plan)."""
+    if plan.tensor_parallel:
+        if plan.trainer_type == "fsdp2":
+            return "FSDP2 reduces them over the data-parallel ranks"
+        return (
+            "an explicit mean over the data-parallel groups after the backward, DDP's semantics "
+            "(DDP's buckets do not take tensor-parallel shards)"
+        )
+    if plan.diloco:
+        inner = plan.diloco["inner"]
+        if inner == "none":
+            return "not synced within a step: each DiLoCo worker is one rank, and the workers sync every DILOCO_INNER_STEPS steps"
+        return f"{'DDP' if inner == 'ddp' else 'FSDP2'} over the ranks of each DiLoCo worker only, never between workers"
+    return {
+        "ddp": "DDP averages them over every rank",
+        "fsdp2": "FSDP2 reduces them over the data-parallel ranks",
+    }.get(plan.trainer_type, "not synced: one process")
 
 
 STUB = "_fgc_definition_{}"
@@ -253,9 +275,10 @@ class PackageBuilder:
             # checkpoints gather and scatter sharded parameters (FSDP2's, tensor parallel's)
             "sharded_state": plan.trainer_type == "fsdp2" or (plan.trainer_type != "pipeline" and plan.tensor_parallel is not None),
             "trainer_description": description,
+            # train.py's comment beside step_sync, wrapped
+            "sync_comment": textwrap.wrap(f"The gradients: {_sync_description(plan)}.", 90),
             "precision": plan.precision,
             "forward_only_eval": bool(plan.pipeline) and plan.pipeline["schedule"] in ("zbv-zero-bubble", "dualpipev"),
-            "autocast_dtype": {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}.get(plan.precision),
             "launcher": plan.launcher,
             "nproc": plan.nproc,
             "run_command": run,

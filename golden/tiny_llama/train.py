@@ -11,7 +11,6 @@ from pathlib import Path
 import tempfile
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 import torch.optim
 
 from fgc_runtime import checkpoint, control, data, distributed, hf, metrics, quantize
@@ -23,6 +22,7 @@ import fgc_runtime.train
 from fgc_runtime.train import (
     MFU,
     Throughput,
+    autocast,
     count_targets,
     loss_sum_and_count,
     peak_memory_bytes,
@@ -209,7 +209,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def evaluate(model, val_data, dist, step, logger, ctl):
+def evaluate(model, val_data, dist, dp_rank, dp_size, step, logger, ctl):
     """Mean loss over the first EVAL_BATCHES batches of the validation split (none when a stop is agreed)."""
     model.eval()
     # the summed loss and the count of target tokens, over this rank's batches
@@ -220,15 +220,16 @@ def evaluate(model, val_data, dist, step, logger, ctl):
             seq_len=SEQ_LEN,
             batch_size=EVAL_BATCH_SIZE,
             max_batches=EVAL_BATCHES,
-            rank=dist.rank,
-            world_size=dist.world_size,
+            rank=dp_rank,
+            world_size=dp_size,
         )
         for input_ids, labels in batches:
             if ctl.poll(step).stop:  # every rank sees the same request: all leave here
                 model.train()
                 return
             input_ids, labels = input_ids.to(dist.device), labels.to(dist.device)
-            logits = model(input_ids)
+            with autocast(PRECISION, dist.device):
+                logits = model(input_ids)
             loss_sum, count = loss_sum_and_count(logits, labels)
             total += torch.stack([loss_sum.double(), count.double()])
     distributed.all_reduce_sum(total, dist)
@@ -242,7 +243,9 @@ def evaluate(model, val_data, dist, step, logger, ctl):
 
 def forward_backward(model, input_ids, labels, n_targets, grad_scale, dist):
     """One micro-batch: forward, then backward of its share of the step's loss. Returns its loss sum."""
-    logits = model(input_ids)
+    # autocast for the mixed precisions (fgc_runtime.train.autocast); nothing for the others
+    with autocast(PRECISION, dist.device):
+        logits = model(input_ids)
     loss_sum, _ = loss_sum_and_count(logits, labels)
     # The gradient sync averages over grad_scale ranks (1: it does not run), so scaling by it
     # turns the average into the sum over those ranks, divided by the global target count.
@@ -275,12 +278,14 @@ def main(argv=None):
         # One run per output dir: rank 0 locks it (OUTPUT_DIR/.fgc-lock) until it exits, before
         # anything there is read or written; a second run is refused on every rank.
         ctl.lock_output_dir(args.output_dir, dist)
-    if GLOBAL_BATCH_SIZE % (dist.world_size * MICRO_BATCH_SIZE):
+    # every rank reads its own batches
+    dp_rank, dp_size = dist.rank, dist.world_size
+    if GLOBAL_BATCH_SIZE % (dp_size * MICRO_BATCH_SIZE):
         raise RunError(
-            f"the global batch {GLOBAL_BATCH_SIZE} does not split into {dist.world_size} ranks "
+            f"the global batch {GLOBAL_BATCH_SIZE} does not split into {dp_size} data-parallel ranks "
             f"of micro-batches of {MICRO_BATCH_SIZE}"
         )
-    grad_accum_steps = GLOBAL_BATCH_SIZE // (dist.world_size * MICRO_BATCH_SIZE)
+    grad_accum_steps = GLOBAL_BATCH_SIZE // (dp_size * MICRO_BATCH_SIZE)
     # The same seed on every rank gives every rank the same initial weights.
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -304,14 +309,15 @@ def main(argv=None):
         seq_len=SEQ_LEN,
         global_batch_size=GLOBAL_BATCH_SIZE,
         seed=args.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
+        rank=dp_rank,
+        world_size=dp_size,
     )
-    # Gradients are averaged over ranks by DDP; the loss below is scaled to make that a global mean.
-    train_model = DistributedDataParallel(model) if dist.distributed else model
-    # How a step is shared over the ranks (fgc_runtime/step.py): which ranks read different
-    # batches, who syncs the gradients, how their norm is gathered; chosen from the plan.
-    sync = step_sync(PLAN, dist, model=model, train_model=train_model, fsdp_root=model)
+    # How a step is shared over the ranks (fgc_runtime/step.py), chosen from the plan: which
+    # ranks read different batches, who syncs the gradients, how their norm is gathered; the
+    # loop runs train_model, which wrap() gives.
+    # The gradients: DDP averages them over every rank.
+    sync = step_sync(PLAN, dist, model=model, fsdp_root=model)
+    train_model = sync.wrap(model)
     optimizer = optimizer_factory(param_groups(model, NO_WEIGHT_DECAY))
     lr_scheduler = lr_scheduler_factory(optimizer)
     if args.debug_optimizer_groups:
@@ -467,16 +473,21 @@ def main(argv=None):
         if args.log_every and (
             step % args.log_every == 0 or step in (1, args.max_steps)
         ):
-            rate = throughput.update(tokens_seen - logged_tokens)
-            logged_tokens = tokens_seen
+            record_loss, record_norm, record_tokens = (
+                (step_loss_sum / n_targets).item(),
+                norm,
+                tokens_seen,
+            )
+            rate = throughput.update(record_tokens - logged_tokens)
+            logged_tokens = record_tokens
             peak_mem = torch.tensor(peak_memory_bytes(dist.device), device=dist.device)
             distributed.all_reduce_max(peak_mem, dist)  # the rank that used the most
             record = metrics.train_record(
                 step=step,
-                loss=(step_loss_sum / n_targets).item(),
+                loss=record_loss,
                 lr=lr,
-                grad_norm=norm,
-                tokens=tokens_seen,
+                grad_norm=record_norm,
+                tokens=record_tokens,
                 tokens_per_s=rate["tokens_per_s"],
                 mfu=model_flops(rate["tokens_per_s"] / dist.world_size),
                 peak_mem_bytes=peak_mem.item(),
@@ -496,7 +507,7 @@ def main(argv=None):
             log.status(metrics.format_progress(record))
         log.progress(step)
         if val_data is not None and step % args.eval_every == 0:
-            evaluate(train_model, val_data, dist, step, logger, ctl)
+            evaluate(train_model, val_data, dist, dp_rank, dp_size, step, logger, ctl)
         # A SIGTERM or SIGUSR1 on any rank, agreed by all ranks: they all save this same step.
         request = ctl.poll(step)
         if (

@@ -1,0 +1,83 @@
+"""fgc_runtime.step: the step's sharing over the ranks, chosen from the plan. The trainers'
+exactness tests (test_e2e, test_mesh, test_diloco, test_tensor_parallel) run it end to end;
+these check its choices and its one-process arithmetic against torch's own calls."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from fgc_runtime.distributed import DistInfo
+from fgc_runtime.step import WORLD, step_sync
+from fgc_runtime.train import autocast, grad_norm
+
+ONE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+
+
+class FakeMesh:
+    dp_group, dp_size, worker_group = "dp-group", 3, "worker-group"
+
+
+def _model_with_grads(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 2))
+    model(torch.randn(3, 4)).pow(2).sum().backward()
+    return model
+
+
+@pytest.mark.parametrize(
+    "plan, group, scale, grads, norm",
+    [
+        ({"trainer_type": "basic"}, WORLD, 1, None, "plain"),
+        ({"trainer_type": "ddp"}, WORLD, 1, "ddp", "plain"),
+        ({"trainer_type": "fsdp2"}, WORLD, 1, "fsdp", "dtensor"),
+        ({"trainer_type": "ddp", "tensor_parallel": {"degree": 2}}, "dp-group", 3, "average", "sharded"),
+        ({"trainer_type": "fsdp2", "tensor_parallel": {"degree": 2}}, "dp-group", 3, "fsdp", "sharded"),
+        ({"trainer_type": "diloco", "diloco": {"inner": "none", "ranks_per_worker": 1}}, None, 1, None, "plain"),
+        ({"trainer_type": "diloco", "diloco": {"inner": "ddp", "ranks_per_worker": 2}}, "worker-group", 2, "ddp", "plain"),
+        ({"trainer_type": "diloco", "diloco": {"inner": "fsdp2", "ranks_per_worker": 2}}, "worker-group", 2, "fsdp", "dtensor"),
+    ],
+)
+def test_the_plan_picks_the_groups_the_gradient_sync_and_the_norm(plan, group, scale, grads, norm):
+    sync = step_sync(plan, ONE, FakeMesh(), model=torch.nn.Linear(2, 2))
+    assert (sync.group, sync.grad_scale, sync.grads, sync.norm) == (group, scale, grads, norm)
+
+
+def test_the_pipeline_has_no_step_sync():
+    with pytest.raises(ValueError, match="schedule"):
+        step_sync({"trainer_type": "pipeline"}, ONE, model=torch.nn.Linear(2, 2))
+
+
+def test_one_process_runs_the_model_itself_and_sums_nothing():
+    model = torch.nn.Linear(2, 2)
+    sync = step_sync({"trainer_type": "ddp"}, ONE, model=model)
+    assert sync.wrap(model) is model  # no DDP wrapper in one process
+    n = torch.tensor(7.0)
+    assert sync.count(n) is n and n.item() == 7.0
+    assert isinstance(sync.micro_batch(last=False), contextlib.nullcontext)
+    assert sync.aux_mean(torch.tensor(0.5)) == 0.5
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.1])
+def test_the_norm_is_torchs(max_norm):
+    expected_model = _model_with_grads()
+    if max_norm is None:
+        expected = grad_norm(expected_model.parameters())
+    else:
+        expected = torch.nn.utils.clip_grad_norm_(expected_model.parameters(), max_norm).item()
+    model = _model_with_grads()
+    norm = step_sync({"trainer_type": "basic"}, ONE, model=model).clip_grad_norm(max_norm)
+    assert norm == expected
+    for p, q in zip(model.parameters(), expected_model.parameters()):
+        assert torch.equal(p.grad, q.grad)  # clipped (or not) alike
+
+
+def test_autocast_only_for_the_mixed_precisions():
+    device = torch.device("cpu")
+    for precision in ("fp32", "bf16"):
+        assert isinstance(autocast(precision, device), contextlib.nullcontext)
+    with autocast("bf16-mixed", device):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
