@@ -170,7 +170,9 @@ def test_fp16_mixed_trains_and_resumes_exactly(tmp_path):
     out = tmp_path / "fp16"
     run_fgc("build", EXAMPLE, "-o", out, *BASIC, "-D", "precision=fp16-mixed", check=True)
     text = (out / "train.py").read_text()
-    assert "torch.amp.GradScaler" in text and "dtype=torch.float16" in text
+    # the scaler, and the forward under autocast (fgc_runtime.train.autocast: float16 for fp16-mixed)
+    assert "torch.amp.GradScaler" in text and "PRECISION = 'fp16-mixed'" in text.replace('"', "'")
+    assert "with autocast(PRECISION, dist.device):" in text
     full = [r["loss"] for r in _train(out, tmp_path / "full")]
     assert full[-1] < full[0]
     _train(out, tmp_path / "part", "--max-steps", "2")
