@@ -6,8 +6,8 @@ last line says whether this machine meets it, cold and warm:
 
 - cold: fgc's cache off (``FGC_CACHE_DIR=off``): every step computed, as in a first build;
 - warm: the cache (a fresh directory) filled by one build of the config before (a rebuild);
-- and, under cold, a warm build after an edit (a new `max_steps`): train.py is made afresh,
-  the rest read back.
+- after an edit: a warm build with a new ``max_steps`` each time (train.py is made afresh, the
+  rest read back), printed in the first column of its row.
 
     python benchmarks/build.py [--repeat 3] [--csv out.csv]
 
