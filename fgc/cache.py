@@ -47,16 +47,12 @@ def key(*parts: str) -> str:
     return h.hexdigest()
 
 
-def _path(kind: str, k: str) -> Path | None:
-    root = cache_dir()
-    return None if root is None else root / kind / k[:2] / k
-
-
 def get(kind: str, k: str) -> str | None:
     """The text stored under KIND/K, or None (missing, damaged, unreadable or the cache off)."""
-    path = _path(kind, k)
-    if path is None:
+    root = cache_dir()
+    if root is None:
         return None
+    path = root / kind / k[:2] / k
     try:
         data = path.read_bytes()
     except OSError:
@@ -72,15 +68,16 @@ def get(kind: str, k: str) -> str | None:
 
 def put(kind: str, k: str, text: str) -> None:
     """Store TEXT under KIND/K, atomically; a failure to write is ignored."""
-    path = _path(kind, k)
-    if path is None:
+    root = cache_dir()
+    if root is None:
         return
+    path = root / kind / k[:2] / k
     body = text.encode("utf-8")
     data = hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body
     tmp = None
     try:
         # private, like the home it sits in: a cached formatted file becomes generated code
-        cache_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:

@@ -119,30 +119,39 @@ class StepSync:
         return self._sum(aux).item() / self.grad_scale
 
 
-def step_sync(plan: dict, dist, mesh=None, *, model, fsdp_root=None) -> StepSync:
-    """The :class:`StepSync` of a plan (``PLAN`` of the generated train.py) for every trainer
-    but the pipeline's: MODEL is the model (its parameters), FSDP_ROOT FSDP2's root module (the
-    model, or the loss head wrapping it), MESH the runtime's :class:`~fgc_runtime.mesh.Mesh`
-    where the plan has one. Its :meth:`StepSync.wrap` then gives what the loop runs."""
+def sync_kind(plan: dict) -> tuple[str | None, str | None, str]:
+    """What a plan's step sync is, as data: ``(group, grads, norm)``, GROUP naming the ranks
+    that read different batches (``world``, ``dp``: the data-parallel groups, ``worker``: a
+    DiLoCo worker's ranks, None: one rank alone), GRADS and NORM as in :class:`StepSync`. The
+    one decision :func:`step_sync` and fgc's description of it (train.py's comment) share."""
     trainer = plan["trainer_type"]
     if trainer == "pipeline":
         raise ValueError("the pipeline trainer runs its schedule, not a StepSync")
-    parts = dict(model=model, fsdp_root=fsdp_root)
     if plan.get("tensor_parallel"):
         # the ranks of a tensor-parallel group read the same batch: sums over the groups
-        grads = "fsdp" if trainer == "fsdp2" else "average"
-        return StepSync(dist, group=mesh.dp_group, grad_scale=mesh.dp_size, grads=grads, norm="sharded", **parts)
+        return "dp", "fsdp" if trainer == "fsdp2" else "average", "sharded"
     if trainer == "diloco":
         # no sync between workers; within a worker of several ranks, DDP or FSDP2 over them
         inner = plan["diloco"]["inner"]
         if inner == "none":
-            return StepSync(dist, group=None, grad_scale=1, grads=None, norm="plain", **parts)
-        ranks = plan["diloco"]["ranks_per_worker"]
-        if inner == "fsdp2":
-            return StepSync(dist, group=mesh.worker_group, grad_scale=ranks, grads="fsdp", norm="dtensor", **parts)
-        return StepSync(dist, group=mesh.worker_group, grad_scale=ranks, grads="ddp", norm="plain", **parts)
+            return None, None, "plain"
+        return "worker", "fsdp" if inner == "fsdp2" else "ddp", "dtensor" if inner == "fsdp2" else "plain"
     if trainer == "fsdp2":
-        return StepSync(dist, group=WORLD, grad_scale=dist.world_size, grads="fsdp", norm="dtensor", **parts)
-    if trainer == "ddp":
-        return StepSync(dist, group=WORLD, grad_scale=dist.world_size, grads="ddp", norm="plain", **parts)
-    return StepSync(dist, group=WORLD, grad_scale=dist.world_size, grads=None, norm="plain", **parts)
+        return WORLD, "fsdp", "dtensor"
+    return WORLD, "ddp" if trainer == "ddp" else None, "plain"
+
+
+def step_sync(plan: dict, dist, mesh=None, *, model, fsdp_root=None) -> StepSync:
+    """The :class:`StepSync` of a plan (``PLAN`` of the generated train.py) for every trainer
+    but the pipeline's (:func:`sync_kind`): MODEL is the model (its parameters), FSDP_ROOT
+    FSDP2's root module (the model, or the loss head wrapping it), MESH the runtime's
+    :class:`~fgc_runtime.mesh.Mesh` where the plan has one. Its :meth:`StepSync.wrap` then
+    gives what the loop runs."""
+    group, grads, norm = sync_kind(plan)
+    if group == "dp":
+        group, scale = mesh.dp_group, mesh.dp_size
+    elif group == "worker":
+        group, scale = mesh.worker_group, plan["diloco"]["ranks_per_worker"]
+    else:  # every rank, or one rank alone
+        scale = dist.world_size if group == WORLD else 1
+    return StepSync(dist, group=group, grad_scale=scale, grads=grads, norm=norm, model=model, fsdp_root=fsdp_root)

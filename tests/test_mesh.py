@@ -84,8 +84,8 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
     if "diloco" in mesh:  # DDP or FSDP2 inside each worker, and the workers sync over the outer group
         # (the step sync, fgc_runtime/step.py, wraps the model; train.py says who syncs)
         assert "sync = step_sync(PLAN, dist, mesh," in source
-        assert ("DDP over the ranks of each DiLoCo worker only" in source) == ("dp" in mesh)
-        assert ("FSDP2 over the ranks of each DiLoCo worker only" in source) == ("dp_shard" in mesh)
+        assert ("DDP averages them over the ranks of each DiLoCo worker only" in source) == ("dp" in mesh)
+        assert ("FSDP2 reduces them over the ranks of each DiLoCo worker only" in source) == ("dp_shard" in mesh)
         assert ("mesh=mesh.fsdp" in source) == ("dp_shard" in mesh)
         assert plan["apply_order"] == (["fsdp2"] if "dp_shard" in mesh else [])
         assert "outer_group=mesh.outer_group," in source

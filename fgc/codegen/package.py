@@ -92,6 +92,12 @@ def _jinja() -> jinja2.Environment:
     return env
 
 
+@functools.lru_cache(maxsize=1)
+def _black_version() -> str:
+    """The installed black's version (read once: format_python runs once per copied definition)."""
+    return importlib.metadata.version("black")
+
+
 @functools.lru_cache(maxsize=16)
 def format_python(source: str) -> str:
     """black, with its default style for Python 3.10 and later (the generated code's; a fixed
@@ -100,7 +106,7 @@ def format_python(source: str) -> str:
     model generate the same model.py) or, through :mod:`fgc.cache`, in an earlier build (keyed
     by the source and black's version). black itself is imported only when a source must be
     formatted."""
-    k = cache.key("black", importlib.metadata.version("black"), "py310", source)
+    k = cache.key("black", _black_version(), "py310", source)
     formatted = cache.get("black", k)
     if formatted is None:
         import black
@@ -112,23 +118,24 @@ def format_python(source: str) -> str:
 
 def _sync_description(plan) -> str:
     """Who syncs the gradients of a step under PLAN, for train.py's comment beside
-    ``step_sync`` (fgc_runtime/step.py decides it from the same plan)."""
-    if plan.tensor_parallel:
-        if plan.trainer_type == "fsdp2":
-            return "FSDP2 reduces them over the data-parallel ranks"
-        return (
-            "an explicit mean over the data-parallel groups after the backward, DDP's semantics "
-            "(DDP's buckets do not take tensor-parallel shards)"
-        )
+    ``step_sync``: in words, from the runtime's own decision (``fgc_runtime.step.sync_kind``)."""
+    from fgc_runtime.step import sync_kind
+
+    group, grads, _ = sync_kind(plan.to_data())
+    over = {
+        "world": "every rank",
+        "dp": "the data-parallel groups",
+        "worker": "the ranks of each DiLoCo worker only, never between workers",
+    }.get(group)
+    if grads == "ddp":
+        return f"DDP averages them over {over}"
+    if grads == "fsdp":
+        return f"FSDP2 reduces them over {over}"
+    if grads == "average":
+        return f"an explicit mean over {over} after the backward, DDP's semantics (DDP's buckets do not take tensor-parallel shards)"
     if plan.diloco:
-        inner = plan.diloco["inner"]
-        if inner == "none":
-            return "not synced within a step: each DiLoCo worker is one rank, and the workers sync every DILOCO_INNER_STEPS steps"
-        return f"{'DDP' if inner == 'ddp' else 'FSDP2'} over the ranks of each DiLoCo worker only, never between workers"
-    return {
-        "ddp": "DDP averages them over every rank",
-        "fsdp2": "FSDP2 reduces them over the data-parallel ranks",
-    }.get(plan.trainer_type, "not synced: one process")
+        return "not synced within a step: each DiLoCo worker is one rank, and the workers sync every DILOCO_INNER_STEPS steps"
+    return "not synced: one process"
 
 
 STUB = "_fgc_definition_{}"
@@ -276,7 +283,9 @@ class PackageBuilder:
             "sharded_state": plan.trainer_type == "fsdp2" or (plan.trainer_type != "pipeline" and plan.tensor_parallel is not None),
             "trainer_description": description,
             # train.py's comment beside step_sync, wrapped
-            "sync_comment": textwrap.wrap(f"The gradients: {_sync_description(plan)}.", 90),
+            "sync_comment": []
+            if plan.trainer_type == "pipeline"  # its schedule, no step sync
+            else textwrap.wrap(f"The gradients: {_sync_description(plan)}.", 90, break_on_hyphens=False),
             "precision": plan.precision,
             "forward_only_eval": bool(plan.pipeline) and plan.pipeline["schedule"] in ("zbv-zero-bubble", "dualpipev"),
             "launcher": plan.launcher,

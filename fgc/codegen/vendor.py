@@ -14,6 +14,7 @@ ordered), and a helper two modules both define is renamed ``NAME_MODULE`` in the
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -478,6 +479,8 @@ def vendor_symbols(symbols, shown: Callable[[str], str]) -> VendoredCode:
         elif not is_vendored_module(symbol.module):
             continue
         wanted.add((symbol.module, symbol.qualname.split(".")[0]))
+    if not wanted:
+        return VendoredCode([], [], set())
     if files:  # the user's own code: vendored afresh each time
         return Vendorer(files, shown).collect(sorted(wanted))
     # the library's alone: a function of what is wanted and of the library's (and this
@@ -491,9 +494,10 @@ def vendor_symbols(symbols, shown: Callable[[str], str]) -> VendoredCode:
     return vendored
 
 
-def _library_sources() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _library_sources() -> tuple[str, ...]:
     """Every source file vendoring of library code may read (the component library, the
     families' parts) and vendoring's own code, each as its path and text."""
     root = Path(importlib.import_module("fgc").__file__).parent
     paths = [Path(__file__), *sorted((root / "components").glob("*.py")), *sorted((root / "families").rglob("*.py"))]
-    return [f"{path.relative_to(root.parent).as_posix()}\n{path.read_text(encoding='utf-8')}" for path in paths]
+    return tuple(f"{path.relative_to(root.parent).as_posix()}\n{path.read_text(encoding='utf-8')}" for path in paths)
