@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fgc_lowering.construct import meta_model
+from fgc_lowering.plan_diloco import describe_workers
 
 from .build import Compiled
 from .errors import Diagnostic, FgcError, Location, display_path
@@ -170,8 +171,9 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         params = local * p_bytes // n + max(layer, root) * p_bytes
         grads = local * p_bytes // n
         optimizer = int(optimizer * local / facts.total) // n if facts.total else 0
-    if plan.trainer_type == "ddp" and tp > 1:
-        # DDP x tensor parallel: each rank holds 1/tp of the split projections and the rest whole
+    if tp > 1 and (plan.trainer_type == "ddp" or (plan.diloco and plan.diloco["inner"] != "fsdp2")):
+        # DDP x tensor parallel (or DiLoCo workers of tensor-parallel groups without FSDP2): each
+        # rank holds 1/tp of the split projections and the rest whole
         local = (facts.total - facts.tp_split + facts.tp_split // tp) / facts.total if facts.total else 1
         params, grads, optimizer = (int(x * local) for x in (params, grads, optimizer))
     if plan.pipeline:
@@ -214,7 +216,8 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         # sharded as the model when a worker shards it (a sync briefly adds 4 bytes per parameter
         # more, after the step's activations are freed)
         shards = dict(plan.mesh).get("dp_shard", 1)
-        out["outer (DiLoCo)"] = (8 if plan.diloco["outer_momentum"] > 0 else 4) * facts.total // shards
+        local = facts.total - facts.tp_split + facts.tp_split // tp  # tensor parallel's share
+        out["outer (DiLoCo)"] = (8 if plan.diloco["outer_momentum"] > 0 else 4) * local // shards
     out["total"] = sum(out.values())
     return out
 
@@ -391,13 +394,7 @@ def explain_summary(compiled: Compiled) -> str:
     if plan.diloco:
         d = plan.diloco
         lines.append(
-            f"  DiLoCo: {d['workers']} workers"
-            + (
-                f" of {d['ranks_per_worker']} ranks ({ {'ddp': 'DDP', 'fsdp2': 'FSDP2'}[d['inner']] } inside a worker)"
-                if d["ranks_per_worker"] > 1
-                else ""
-            )
-            + f", each with its own optimizer, sync every {d['inner_steps']} steps; "
+            f"  DiLoCo: {describe_workers(d)}, each with its own optimizer, sync every {d['inner_steps']} steps; "
             f"outer optimizer {d['outer_optimizer']}, lr {d['outer_lr']}, momentum {d['outer_momentum']}, fp32; "
             f"loss normalised {d['loss_normalisation']}"
         )

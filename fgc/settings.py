@@ -86,8 +86,8 @@ class DataParallelSettings:
     ``tensor_degree``: with T > 1, groups of T neighbouring ranks split each decoder layer's
     attention and MLP projections (tensor parallelism, applied first), and the ``nproc / T``
     groups are the data-parallel replicas. ``nproc`` must be divisible by T, and T must divide the
-    model's query and key/value heads and its MLP intermediate size. The DDP, FSDP2 and
-    pipeline trainers take it (the DiLoCo trainer refuses it)."""
+    model's query and key/value heads and its MLP intermediate size. The DDP, FSDP2, pipeline
+    and DiLoCo trainers take it (DiLoCo: each worker is one or more tensor-parallel groups)."""
 
     nproc: Count = 2
     tensor_degree: Count = 1
@@ -183,11 +183,13 @@ class DiLoCoSettings:
     (``outer_lr``, ``outer_momentum``) steps the global parameters, which every worker then
     copies.
 
-    ``workers``: how many workers the ``nproc`` ranks form (None: every rank is one). With
-    W < nproc, each worker is ``nproc / W`` neighbouring ranks training one copy of the model
-    with DDP inside the worker (its gradients averaged over the worker's ranks every step), or,
-    when the trainer's ``parallel`` settings are :class:`FSDPSettings`, sharding it with FSDP2;
-    the workers still sync only every ``inner_steps`` steps."""
+    ``workers``: how many workers the ``nproc`` ranks form (None: every rank is one, or with
+    ``parallel.tensor_degree`` T, every tensor-parallel group of T ranks). With W < nproc, each
+    worker is ``nproc / W`` neighbouring ranks training one copy of the model: split over
+    tensor-parallel groups of T ranks when T > 1, and with DDP over the worker's
+    ``nproc / (W * T)`` data-parallel ranks (their gradients averaged every step), or, when the
+    trainer's ``parallel`` settings are :class:`FSDPSettings`, sharded over them with FSDP2; the
+    workers still sync only every ``inner_steps`` steps."""
 
     inner_steps: Count = 20
     outer_lr: Positive = 0.7
@@ -329,7 +331,8 @@ class PipelineTrainer(DDPTrainer):
 @dataclass(frozen=True)
 class DiLoCoTrainer(DDPTrainer):
     """DiLoCo over ``parallel.nproc`` ranks per node: each worker (a rank, or with
-    ``diloco.workers`` a group of ranks running DDP, or FSDP2 with ``parallel: FSDPSettings``)
+    ``diloco.workers`` a group of ranks running DDP, or FSDP2 with ``parallel: FSDPSettings``,
+    and tensor parallelism with ``parallel.tensor_degree``)
     trains its own copy of the model with its own inner optimizer on its share of the batch, with
     no gradient all-reduce between workers, and the workers sync every ``diloco.inner_steps``
     steps (see :class:`DiLoCoSettings`)."""

@@ -13,7 +13,9 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
         err("precision.mode", "fp16-mixed is not supported with DiLoCo in this version: each worker "
             "would need its own gradient scaler in the checkpoint", hint="use bf16-mixed")
         return None
-    workers = s.nproc if d.workers is None else d.workers
+    tensor = s.parallel.tensor_degree
+    # by default a worker is one rank, or one tensor-parallel group
+    workers = s.nproc // tensor if d.workers is None else d.workers
     if s.nproc % workers:
         err(
             "diloco.workers",
@@ -23,21 +25,45 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
         )
         return None
     ranks = s.nproc // workers
+    # with tensor parallelism, a worker's ranks form tensor-parallel groups of tensor_degree
+    # neighbours; the groups are the worker's data-parallel ranks
+    if ranks % tensor:
+        err(
+            "parallel.tensor_degree",
+            f"a DiLoCo worker's {ranks} ranks (nproc {s.nproc} / {workers} workers) do not split into "
+            f"tensor-parallel groups of tensor_degree {tensor}",
+            hint=f"set diloco_workers so that nproc / diloco_workers is a multiple of {tensor}",
+        )
+        return None
+    data = ranks // tensor
     # FSDPSettings as the parallel settings: each worker shards its copy over its ranks
     sharded = isinstance(s.parallel, FSDPSettings)
-    if sharded and ranks == 1:
+    if sharded and data == 1:
+        what = f"{workers} workers of nproc {s.nproc} are one rank each" if tensor == 1 else (
+            f"{workers} workers of nproc {s.nproc} are one tensor-parallel group of {tensor} ranks each")
         err(
             "parallel",
-            f"FSDP2 inside DiLoCo workers needs workers of 2 or more ranks: {workers} workers of nproc "
-            f"{s.nproc} are one rank each",
-            hint=f"set diloco_workers to a divisor of {s.nproc} below it, or do not shard (diloco_fsdp: false)",
+            f"FSDP2 inside DiLoCo workers needs workers of 2 or more data-parallel ranks: {what}",
+            hint=f"set diloco_workers to a divisor of {s.nproc // tensor} below it, or do not shard (diloco_fsdp: false)",
+        )
+        return None
+    if sharded and s.parallel.replicate_degree != 1:
+        err(
+            "parallel.replicate_degree",
+            "hybrid sharding (HSDP) inside DiLoCo workers is not supported in this version: a worker "
+            "shards its copy over all its data-parallel ranks",
+            hint="remove replicate_degree; the workers are DiLoCo's replicas",
         )
         return None
     return {
         "workers": workers,
         "ranks_per_worker": ranks,
-        # what a worker of several ranks runs over them: DDP, or FSDP2 (sharding its copy)
-        "inner": "fsdp2" if sharded else ("ddp" if ranks > 1 else "none"),
+        # the worker's data-parallel ranks (its ranks, or its tensor-parallel groups)
+        "data_ranks_per_worker": data,
+        "tensor_degree": tensor,
+        # what a worker's data-parallel ranks run over them: DDP (an explicit gradient mean with
+        # tensor parallelism), or FSDP2 (sharding its copy)
+        "inner": "fsdp2" if sharded else ("ddp" if data > 1 else "none"),
         "inner_steps": d.inner_steps,
         "outer_optimizer": "SGD with Nesterov momentum" if d.outer_momentum > 0 else "SGD",
         "outer_lr": d.outer_lr,
@@ -48,8 +74,23 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
 
 def diloco_mesh(diloco: dict) -> tuple[tuple[str, int], ...]:
     """The mesh of a DiLoCo plan: the workers outermost (``diloco``), then, for workers of several
-    ranks, the neighbouring ranks of one worker, which run DDP (``dp``) or FSDP2 (``dp_shard``)
-    together."""
-    ranks = diloco["ranks_per_worker"]
+    data-parallel ranks, the neighbouring ranks of one worker, which run DDP (``dp``) or FSDP2
+    (``dp_shard``) together (the tensor-parallel dimension, innermost, is the caller's)."""
+    ranks = diloco["data_ranks_per_worker"]
     inner = {"ddp": (("dp", ranks),), "fsdp2": (("dp_shard", ranks),), "none": ()}[diloco["inner"]]
     return (("diloco", diloco["workers"]),) + inner
+
+
+def describe_workers(diloco: dict) -> str:
+    """The workers of a DiLoCo plan in words: "2 workers", "2 workers of 4 ranks (tensor parallel
+    over 2 ranks, DDP over 2 groups inside a worker)"."""
+    text = f"{diloco['workers']} workers"
+    ranks, data, tensor = diloco["ranks_per_worker"], diloco["data_ranks_per_worker"], diloco.get("tensor_degree", 1)
+    if ranks == 1:
+        return text
+    inner = {"ddp": "DDP", "fsdp2": "FSDP2", "none": ""}[diloco["inner"]]
+    if tensor == 1:
+        inside = inner
+    else:
+        inside = f"tensor parallel over {tensor} ranks" + (f", {inner} over {data} groups" if inner else "")
+    return f"{text} of {ranks} ranks ({inside} inside a worker)"

@@ -32,8 +32,9 @@ class DiLoCo:
     """The global parameters of MODEL, its outer optimizer, and where the current round is.
 
     Build it after the model has its initial weights (the same on every rank): the global
-    parameters start as a copy of them. WORKERS (None: one a rank) of several ranks each sync
-    over OUTER_GROUP, this rank and the ranks in its place in the other workers.
+    parameters start as a copy of them. WORKERS (None: one a rank, or as many as OUTER_GROUP has
+    ranks) of several ranks each sync over OUTER_GROUP, this rank and the ranks in its place in the
+    other workers.
     """
 
     def __init__(
@@ -49,7 +50,8 @@ class DiLoCo:
     ):
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be at least 1, got {inner_steps}")
-        workers = dist.world_size if workers is None else workers
+        if workers is None:  # one a rank, or one for each rank of OUTER_GROUP
+            workers = tdist.get_world_size(outer_group) if outer_group is not None else dist.world_size
         if dist.world_size % workers:
             raise ValueError(f"{dist.world_size} ranks do not form {workers} workers")
         if workers < dist.world_size and outer_group is None:

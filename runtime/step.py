@@ -127,15 +127,19 @@ def sync_kind(plan: dict) -> tuple[str | None, str | None, str]:
     trainer = plan["trainer_type"]
     if trainer == "pipeline":
         raise ValueError("the pipeline trainer runs its schedule, not a StepSync")
-    if plan.get("tensor_parallel"):
+    tensor = bool(plan.get("tensor_parallel"))
+    if trainer == "diloco":
+        # no sync between workers; within a worker of several data-parallel ranks, DDP or FSDP2
+        # over them (with tensor parallelism, an explicit mean: DDP's buckets cannot take the
+        # tensor-parallel shards; the ranks of one tensor-parallel group read the same batch)
+        inner = plan["diloco"]["inner"]
+        norm = "sharded" if tensor else ("dtensor" if inner == "fsdp2" else "plain")
+        if inner == "none":
+            return None, None, norm
+        return "worker", "fsdp" if inner == "fsdp2" else ("average" if tensor else "ddp"), norm
+    if tensor:
         # the ranks of a tensor-parallel group read the same batch: sums over the groups
         return "dp", "fsdp" if trainer == "fsdp2" else "average", "sharded"
-    if trainer == "diloco":
-        # no sync between workers; within a worker of several ranks, DDP or FSDP2 over them
-        inner = plan["diloco"]["inner"]
-        if inner == "none":
-            return None, None, "plain"
-        return "worker", "fsdp" if inner == "fsdp2" else "ddp", "dtensor" if inner == "fsdp2" else "plain"
     if trainer == "fsdp2":
         return WORLD, "fsdp", "dtensor"
     return WORLD, "ddp" if trainer == "ddp" else None, "plain"
@@ -151,7 +155,7 @@ def step_sync(plan: dict, dist, mesh=None, *, model, fsdp_root=None) -> StepSync
     if group == "dp":
         group, scale = mesh.dp_group, mesh.dp_size
     elif group == "worker":
-        group, scale = mesh.worker_group, plan["diloco"]["ranks_per_worker"]
+        group, scale = mesh.worker_group, plan["diloco"]["data_ranks_per_worker"]
     else:  # every rank, or one rank alone
         scale = dist.world_size if group == WORLD else 1
     return StepSync(dist, group=group, grad_scale=scale, grads=grads, norm=norm, model=model, fsdp_root=fsdp_root)

@@ -120,6 +120,8 @@ def test_plan_constants_and_explain(pkg):
     assert plan["diloco"] == {
         "workers": 2,
         "ranks_per_worker": 1,
+        "data_ranks_per_worker": 1,
+        "tensor_degree": 1,
         "inner": "none",
         "inner_steps": 3,
         "outer_optimizer": "SGD with Nesterov momentum",
@@ -369,3 +371,129 @@ def test_one_worker_with_outer_lr_1_and_no_momentum_is_plain_training(tmp_path):
         f"{tmp_path / 'run_single' / 'checkpoints' / 'step-00000003'}: error: the checkpoint's optimizer state "
         "does not fit this run's optimizer (AdamW): 'param_groups'"
     ]
+
+
+# -- DiLoCo around tensor parallelism --------------------------------------------------------------
+
+# the warm-up schedule (the library default) keeps Adam's first steps small: tensor parallelism sums
+# each row-wise projection in another order, and Adam amplifies that rounding where a gradient is
+# tiny, so runs with and without it agree tightly only over the first steps
+TP_KNOBS = ["-D", "trainer_type=diloco", "-D", f"diloco_inner_steps={H}", "-D", "diloco_outer_lr=0.7",
+            "-D", f"max_steps={STEPS}", "-D", "num_hidden_layers=2", "-D", "eval_every=0", "-D", "micro_batch_size=2"]
+
+
+def _records(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    """2 workers of one rank (no tensor parallelism), and 2 workers of a tensor-parallel group of 2
+    ranks (4 ranks: mesh diloco 2 x tp 2): their packages and uninterrupted runs."""
+    root = tmp_path_factory.mktemp("diloco_tp")
+    runs = {}
+    for name, flags, nproc in (("plain", [], 2), ("tp", ["-D", "nproc=4", "-D", "diloco_workers=2", "-D", "tensor_degree=2"], 4)):
+        pkg = root / f"pkg_{name}"
+        run_fgc("build", EXAMPLE, "-o", pkg, *TP_KNOBS, *flags, check=True)
+        proc = _torchrun(pkg, root / f"run_{name}", nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = (pkg, root / f"run_{name}")
+    return runs
+
+
+@pytest.mark.slow
+def test_workers_of_a_tensor_parallel_group_match_workers_of_one_rank_and_resume_bitwise(tp_runs, tmp_path):
+    """DiLoCo around tensor parallelism: each worker's projections split over 2 ranks. Its losses,
+    norms and token counts are those of workers of one rank (tightly before and at the first sync,
+    to Adam-amplified rounding after it); its checkpoints gather the workers' shards, and a stop
+    mid-round resumes bitwise."""
+    pkg, run = tp_runs["tp"]
+    _, plain_run = tp_runs["plain"]
+    plan = _plan(pkg)
+    assert plan["mesh"] == {"diloco": 2, "tp": 2}
+    assert plan["diloco"]["inner"] == "none" and plan["diloco"]["data_ranks_per_worker"] == 1
+    assert plan["diloco"]["ranks_per_worker"] == 2 and plan["tensor_parallel"]["degree"] == 2
+    got, want = _records(run), _records(plain_run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step]["tokens"] == want[step]["tokens"] == step * 16 * 128
+        tight = step <= H  # up to the loss of the step that ends the first round
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=2e-5 if tight else 5e-3)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-3 if tight else 3e-2)
+    end = run / "checkpoints" / f"step-{STEPS:08d}"
+    a, b = _load(end / "model.pt"), _load(plain_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
+    assert sorted(a) == sorted(b)
+    for name in b:  # whole tensors, gathered from each worker's tensor-parallel ranks
+        assert a[name].shape == b[name].shape
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=3e-3)
+    # each rank's own state is its shard: q_proj splits its output rows over the 2 ranks
+    q = "model.layers.0.self_attn.q_proj.weight"
+    own = _load(end / "state-rank1.pt")["model"][q]
+    assert own.shape[0] * 2 == b[q].shape[0]
+    assert (run / "final" / "config.json").is_file()
+
+    script = tmp_path / "stop.py"
+    script.write_text(SIGTERM_AT_STEP_4)
+    stopped_run = tmp_path / "run"
+    stopped = _torchrun(pkg, stopped_run, script=script, nproc=4)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert _load(stopped_run / "checkpoints" / "step-00000004" / "optimizer.pt")["inner_step"] == 1
+    resumed = _torchrun(pkg, stopped_run, nproc=4)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert _losses(stopped_run) == _losses(run)  # bitwise
+    c = _load(stopped_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inner", ["ddp", "fsdp2"])
+def test_workers_of_two_tensor_parallel_groups_match_workers_of_one(tp_runs, tmp_path, inner):
+    """8 ranks as 2 workers of 2 data-parallel groups x 2 tensor-parallel ranks (the groups average
+    their gradients, or shard with FSDP2): each worker reads the rows a one-group worker reads,
+    split over its groups, so the run is the 4-rank tensor-parallel run's."""
+    _, want_run = tp_runs["tp"]
+    pkg = tmp_path / "pkg"
+    flags = ["-D", "nproc=8", "-D", "diloco_workers=2", "-D", "tensor_degree=2"]
+    run_fgc("build", EXAMPLE, "-o", pkg, *TP_KNOBS, *flags, *(["-D", "diloco_fsdp=true"] if inner == "fsdp2" else []),
+            check=True)
+    dp = "dp" if inner == "ddp" else "dp_shard"
+    assert _plan(pkg)["mesh"] == {"diloco": 2, dp: 2, "tp": 2}
+    run = tmp_path / "run"
+    proc = _torchrun(pkg, run, nproc=8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = _records(run), _records(want_run)
+    assert sorted(got) == sorted(want)
+    for step in got:
+        assert got[step]["tokens"] == want[step]["tokens"]
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
+    end = f"step-{STEPS:08d}"
+    a, b = _load(run / "checkpoints" / end / "model.pt"), _load(want_run / "checkpoints" / end / "model.pt")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_parallel_workers_are_planned_and_a_degree_that_does_not_divide_a_worker_is_an_error(tmp_path):
+    # by default a worker is one tensor-parallel group
+    proc = run_fgc("explain", EXAMPLE, "-D", "trainer_type=diloco", "-D", "nproc=4", "-D", "tensor_degree=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "mesh: diloco=2 x tp=2" in proc.stdout
+    assert "DiLoCo: 2 workers of 2 ranks (tensor parallel over 2 ranks inside a worker)" in proc.stdout
+    proc = run_fgc("explain", EXAMPLE, "-D", "trainer_type=diloco", "-D", "nproc=8", "-D", "tensor_degree=2",
+                   "-D", "diloco_workers=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "DiLoCo: 2 workers of 4 ranks (tensor parallel over 2 ranks, DDP over 2 groups inside a worker)" in proc.stdout
+    proc = run_fgc("check", EXAMPLE, "-D", "trainer_type=diloco", "-D", "nproc=6", "-D", "diloco_workers=2",
+                   "-D", "tensor_degree=2")
+    assert proc.returncode == 2
+    assert ("error: a DiLoCo worker's 3 ranks (nproc 6 / 2 workers) do not split into tensor-parallel groups "
+            "of tensor_degree 2") in proc.stderr
+    assert "the value was set by -D tensor_degree=2" in proc.stderr
+    # FSDP2 inside a worker that is one tensor-parallel group has nothing to shard over
+    proc = run_fgc("check", EXAMPLE, "-D", "trainer_type=diloco", "-D", "nproc=4", "-D", "tensor_degree=2",
+                   "-D", "diloco_fsdp=true")
+    assert proc.returncode == 2
+    assert ("error: FSDP2 inside DiLoCo workers needs workers of 2 or more data-parallel ranks: 2 workers of "
+            "nproc 4 are one tensor-parallel group of 2 ranks each") in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -57,6 +57,16 @@ def _plan(out: Path) -> dict:
             {"diloco": 2, "dp_shard": 2},
             "DiLoCo over 4 processes per node (torchrun), syncing every 20 steps: 2 workers of 2 ranks (FSDP2 inside a worker)",
         ),
+        (
+            ["-D", "trainer_type=diloco", "-D", "tensor_degree=2", "-D", "nproc=4"],
+            {"diloco": 2, "tp": 2},
+            "DiLoCo over 4 processes per node (torchrun), syncing every 20 steps: 2 workers of 2 ranks (tensor parallel over 2 ranks inside a worker)",
+        ),
+        (
+            ["-D", "trainer_type=diloco", "-D", "diloco_workers=2", "-D", "tensor_degree=2", "-D", "nproc=8"],
+            {"diloco": 2, "dp": 2, "tp": 2},
+            "DiLoCo over 8 processes per node (torchrun), syncing every 20 steps: 2 workers of 4 ranks (tensor parallel over 2 ranks, DDP over 2 groups inside a worker)",
+        ),
     ],
 )
 def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described):
@@ -84,14 +94,21 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
     if "diloco" in mesh:  # DDP or FSDP2 inside each worker, and the workers sync over the outer group
         # (the step sync, fgc_runtime/step.py, wraps the model; train.py says who syncs)
         assert "sync = step_sync(PLAN, dist, mesh," in source
-        assert ("DDP averages them over the ranks of each DiLoCo worker only" in source) == ("dp" in mesh)
+        ddp = "dp" in mesh and "tp" not in mesh  # with tensor parallelism, an explicit mean instead of DDP
+        assert ("DDP averages them over the ranks of each DiLoCo worker only" in source) == ddp
         assert ("FSDP2 reduces them over the ranks of each DiLoCo worker only" in source) == ("dp_shard" in mesh)
+        assert ("an explicit mean after the backward over the ranks of each DiLoCo worker" in source) == (
+            "dp" in mesh and "tp" in mesh
+        )
+        assert ("each DiLoCo worker is one tensor-parallel group" in source) == (list(mesh) == ["diloco", "tp"])
         assert ("mesh=mesh.fsdp" in source) == ("dp_shard" in mesh)
-        assert plan["apply_order"] == (["fsdp2"] if "dp_shard" in mesh else [])
+        assert [s for s in plan["apply_order"] if s != "tensor parallel"] == (["fsdp2"] if "dp_shard" in mesh else [])
+        # each rank's own state and the global parameters: DiLoCo's checkpoint, not the gathered one
+        assert "train_state = DiLoCoState(model, optimizer, diloco)" in source
         assert "outer_group=mesh.outer_group," in source
     if flags[1] == "trainer_type=ddp":  # no DDP wrapper: the gradients of tensor-parallel shards are averaged by hand
         assert "sync = step_sync(PLAN, dist, mesh," in source
-        assert "an explicit mean over the data-parallel groups after the backward" in source
+        assert "an explicit mean after the backward over the data-parallel groups" in source
 
 
 @pytest.mark.parametrize(
@@ -135,7 +152,7 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
         ),
         (
             ["-D", "trainer_type=diloco", "-D", "diloco_fsdp=true", "-D", "nproc=4"],
-            "FSDP2 inside DiLoCo workers needs workers of 2 or more ranks: 4 workers of nproc 4 are one rank each",
+            "FSDP2 inside DiLoCo workers needs workers of 2 or more data-parallel ranks: 4 workers of nproc 4 are one rank each",
         ),
         (
             ["-D", "trainer_type=fsdp2", "-D", "diloco_fsdp=true", "-D", "nproc=4"],

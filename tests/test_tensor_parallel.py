@@ -191,7 +191,6 @@ def test_two_data_parallel_groups_of_two_tensor_parallel_ranks_match_one_process
     "trainer,message",
     [
         ("basic", "tensor_degree has no effect with trainer_type basic (one process)"),
-        ("diloco", "tensor parallelism is not supported with the diloco trainer in this version"),
     ],
 )
 def test_tensor_degree_with_a_trainer_that_cannot_take_it_is_an_error(trainer, message):

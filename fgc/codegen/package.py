@@ -32,6 +32,7 @@ from fgc.frontend.templates import library_name
 from fgc.ir import IRGraph
 from fgc_lowering.context import LoweringContext
 from fgc_lowering.dynamic_args import DynamicArg, check_run_time_reads, flag_nodes
+from fgc_lowering.plan_diloco import describe_workers
 
 from .emit import FLAGS_PARAM, ImportTable, TargetEmitter, code, literal
 from .escape import FILTERS, python_comment, python_docstring
@@ -132,9 +133,10 @@ def _sync_description(plan) -> str:
     if grads == "fsdp":
         return f"FSDP2 reduces them over {over}"
     if grads == "average":
-        return f"an explicit mean over {over} after the backward, DDP's semantics (DDP's buckets do not take tensor-parallel shards)"
+        return f"an explicit mean after the backward over {over}: DDP's semantics, whose buckets do not take tensor-parallel shards"
     if plan.diloco:
-        return "not synced within a step: each DiLoCo worker is one rank, and the workers sync every DILOCO_INNER_STEPS steps"
+        one = "one tensor-parallel group, whose ranks read the same batch" if plan.tensor_parallel else "one rank"
+        return f"not synced within a step: each DiLoCo worker is {one}, and the workers sync every DILOCO_INNER_STEPS steps"
     return "not synced: one process"
 
 
@@ -246,14 +248,13 @@ class PackageBuilder:
             if plan.diloco:
                 description += f", syncing every {plan.diloco['inner_steps']} steps"
                 if plan.diloco["ranks_per_worker"] > 1:
-                    inside = {"ddp": "DDP", "fsdp2": "FSDP2"}[plan.diloco["inner"]]
-                    description += f": {plan.diloco['workers']} workers of {plan.diloco['ranks_per_worker']} ranks ({inside} inside a worker)"
+                    description += f": {describe_workers(plan.diloco)}"
             mesh = dict(plan.mesh)
             if "dp_replicate" in mesh:
                 description += f": {mesh['dp_replicate']} copies (HSDP), each sharded over {mesh['dp_shard']} ranks"
             if plan.tensor_parallel and plan.pipeline:
                 description += f": the layers of each stage split over {mesh['tp']} tensor-parallel ranks"
-            elif plan.tensor_parallel:
+            elif plan.tensor_parallel and not plan.diloco:  # DiLoCo's workers were described
                 groups = plan.nproc // mesh["tp"]
                 description += f"{',' if 'dp_replicate' in mesh else ':'} {groups} data-parallel groups x {mesh['tp']} tensor-parallel ranks"
             if plan.pipeline:
@@ -280,7 +281,9 @@ class PackageBuilder:
             "diloco_ddp": bool(plan.diloco) and plan.diloco["inner"] == "ddp",
             "diloco_fsdp": bool(plan.diloco) and plan.diloco["inner"] == "fsdp2",
             # checkpoints gather and scatter sharded parameters (FSDP2's, tensor parallel's)
-            "sharded_state": plan.trainer_type == "fsdp2" or (plan.trainer_type != "pipeline" and plan.tensor_parallel is not None),
+            # DiLoCo's state (the global parameters, each worker's own) gathers its own shards
+            "sharded_state": plan.trainer_type == "fsdp2"
+            or (plan.trainer_type not in ("pipeline", "diloco") and plan.tensor_parallel is not None),
             "trainer_description": description,
             # train.py's comment beside step_sync, wrapped
             "sync_comment": []

@@ -163,10 +163,6 @@ class PlanTraining(Pass):
         else:
             pipeline = None
             tensor_degree = s.parallel.tensor_degree if s.TYPE != "basic" else 1
-            if tensor_degree != 1 and s.TYPE == "diloco":
-                err("parallel.tensor_degree", "tensor parallelism is not supported with the diloco trainer in "
-                    "this version: its workers train whole copies of the model", hint="remove tensor_degree")
-                return None
             if tensor_degree != 1 and s.precision.mode == "fp16-mixed":
                 err("precision.mode", "fp16-mixed is not supported with tensor parallelism in this version: "
                     "its gradient scaler would need the sharded gradients", hint="use bf16-mixed")

@@ -35,9 +35,17 @@ def _model_with_grads(seed=0):
         ({"trainer_type": "fsdp2"}, WORLD, 1, "fsdp", "dtensor"),
         ({"trainer_type": "ddp", "tensor_parallel": {"degree": 2}}, "dp-group", 3, "average", "sharded"),
         ({"trainer_type": "fsdp2", "tensor_parallel": {"degree": 2}}, "dp-group", 3, "fsdp", "sharded"),
-        ({"trainer_type": "diloco", "diloco": {"inner": "none", "ranks_per_worker": 1}}, None, 1, None, "plain"),
-        ({"trainer_type": "diloco", "diloco": {"inner": "ddp", "ranks_per_worker": 2}}, "worker-group", 2, "ddp", "plain"),
-        ({"trainer_type": "diloco", "diloco": {"inner": "fsdp2", "ranks_per_worker": 2}}, "worker-group", 2, "fsdp", "dtensor"),
+        ({"trainer_type": "diloco", "diloco": {"inner": "none", "data_ranks_per_worker": 1}}, None, 1, None, "plain"),
+        ({"trainer_type": "diloco", "diloco": {"inner": "ddp", "data_ranks_per_worker": 2}}, "worker-group", 2, "ddp", "plain"),
+        ({"trainer_type": "diloco", "diloco": {"inner": "fsdp2", "data_ranks_per_worker": 2}}, "worker-group", 2, "fsdp", "dtensor"),
+        # DiLoCo around tensor parallelism: a worker of one tensor-parallel group syncs nothing
+        # itself; one of several groups averages their gradients (or FSDP2 reduces them)
+        ({"trainer_type": "diloco", "tensor_parallel": {"degree": 2}, "diloco": {"inner": "none", "data_ranks_per_worker": 1}},
+         None, 1, None, "sharded"),
+        ({"trainer_type": "diloco", "tensor_parallel": {"degree": 2}, "diloco": {"inner": "ddp", "data_ranks_per_worker": 2}},
+         "worker-group", 2, "average", "sharded"),
+        ({"trainer_type": "diloco", "tensor_parallel": {"degree": 2}, "diloco": {"inner": "fsdp2", "data_ranks_per_worker": 2}},
+         "worker-group", 2, "fsdp", "sharded"),
     ],
 )
 def test_the_plan_picks_the_groups_the_gradient_sync_and_the_norm(plan, group, scale, grads, norm):
