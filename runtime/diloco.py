@@ -198,6 +198,10 @@ class DiLoCo:
         self.outer_optimizer.load_state_dict(outer_optimizer)
         self.inner_step = state["inner_step"]
 
+    def train_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> "DiLoCoState":
+        """What a checkpoint holds of this run (:class:`DiLoCoState`)."""
+        return DiLoCoState(model, optimizer, self)
+
     def global_sum(self, values: list[float]) -> list[float]:
         """VALUES summed over the workers (float64; a collective): the logged loss, target count
         and gradient norm are global although nothing else is synced between rounds. Each value

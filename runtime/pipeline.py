@@ -21,6 +21,7 @@ schedule's gradients are those of the step loss with no further scaling (``scale
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -30,6 +31,7 @@ from . import distributed
 from .checkpoint import ModelState, does_not_fit
 from .errors import RunError
 from .parallel import has_method
+from .step import StepTotals
 
 SCHEDULE_CLASSES = {
     "gpipe": "ScheduleGPipe",
@@ -387,6 +389,66 @@ def all_reduce_grads(part: nn.Module, group) -> None:
     for p in part.parameters():
         if p.grad is not None:
             torch.distributed.all_reduce(_local(p.grad), group=group)
+
+
+class PipelineSync:
+    """How a pipeline step is shared over the ranks: the methods of
+    :class:`fgc_runtime.step.StepSync` that the generated loop calls around the schedule, for a
+    pipeline rank's PART of the model on MESH (a :class:`fgc_runtime.mesh.Mesh` with ``pp``).
+
+    Every rank of a pipeline reads the same batch, so targets and gradients are summed over the
+    data-parallel replicas (``mesh.dp_group``). With FSDP2 per stage (SHARDED), FSDP2 averages the
+    replicas' gradients, and ``grad_scale`` (the replicas) turns that average into the sum;
+    otherwise the gradients are summed after the schedule (:meth:`after_backward`). The
+    schedule's losses are on the ranks of the last stage, the first of each tensor-parallel group
+    counting them: the loss sum is summed over every rank."""
+
+    def __init__(self, part: nn.Module, dist, mesh, *, sharded: bool):
+        self.part, self.dist, self.mesh, self.sharded = part, dist, mesh, sharded
+        self.grad_scale = mesh.dp_size if sharded else 1
+
+    def count(self, n_targets: torch.Tensor) -> torch.Tensor:
+        """The step's target count over the data-parallel replicas (in place)."""
+        torch.distributed.all_reduce(n_targets, group=self.mesh.dp_group)
+        return n_targets
+
+    def after_backward(self) -> None:
+        """The gradients summed over the replicas, where FSDP2 does not reduce them."""
+        if not self.sharded and self.mesh.dp_size > 1:
+            all_reduce_grads(self.part, self.mesh.dp_group)
+
+    def clip_grad_norm(self, max_norm: float | None) -> float:
+        """The norm over every stage of the pipeline, after clipping to MAX_NORM (None: not
+        clipped)."""
+        return clip_grad_norm_(self.part, max_norm, self.mesh.pp_group)
+
+    def loss_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """The step's loss sum on every rank (in place), from the ranks that hold it."""
+        return distributed.all_reduce_sum(loss_sum, self.dist)
+
+    def aux_mean(self, aux: torch.Tensor) -> float:
+        """The auxiliary loss of the step, averaged over the ranks (with tensor parallelism, over
+        the data-parallel replicas)."""
+        if self.mesh.tp is not None:
+            torch.distributed.all_reduce(aux, group=self.mesh.dp_group)
+            return aux.item() / self.mesh.dp_size
+        return distributed.all_reduce_sum(aux, self.dist).item() / self.dist.world_size
+
+    def totals(self, loss_sum: torch.Tensor, count: torch.Tensor, tokens: int, norm):
+        """The step's numbers for its record and its non-finite check (nothing to gather)."""
+        return StepTotals(loss_sum, count, tokens, norm)
+
+    def end_step(self, last: bool) -> None:
+        """Nothing after the optimizer step (no outer loop around a pipeline)."""
+
+    def eval_weights(self):
+        """Evaluation and samples use the model as it is."""
+        return contextlib.nullcontext()
+
+    def train_state(self, optimizer: torch.optim.Optimizer) -> "PipelineState":
+        """What a checkpoint holds: the whole model, merged from the pipeline ranks of the first
+        replica (:class:`PipelineState`)."""
+        return PipelineState(self.part, optimizer, self.mesh.first_copy, self.dist.rank)
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict:

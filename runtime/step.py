@@ -13,24 +13,48 @@ methods the generated loop calls in the same order for every trainer:
     sync.after_backward()
     norm = sync.clip_grad_norm(max_norm)
     sync.loss_sum(step_loss_sum)             # the step's loss sum over the ranks, in place
+    totals = sync.totals(step_loss_sum, n_targets, tokens_seen, norm)   # what is logged and checked
+    ...                                      # the optimizer step
+    sync.end_step(last)                      # DiLoCo's outer step, when its round is complete
 
-The pipeline trainer runs its schedule instead (``fgc_runtime.pipeline``), and DiLoCo adds its
-global sums over the workers (``fgc_runtime.diloco``); within a DiLoCo worker, the worker's ranks
-are "the ranks" here.
+With DiLoCo (``fgc_runtime.diloco``, the ``outer`` loop of a StepSync), a worker's ranks are "the
+ranks" above; :meth:`StepSync.totals` and :meth:`StepSync.aux_mean` then sum over every worker,
+:meth:`StepSync.end_step` runs the outer step and :meth:`StepSync.eval_weights` puts the global
+parameters in the model for evaluation and samples. :meth:`StepSync.train_state` gives what a
+checkpoint holds. The pipeline trainer runs its schedule instead (``fgc_runtime.pipeline``).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any, NamedTuple
 
 import torch
 
 from . import distributed
+from .checkpoint import ModelState
 from .mesh import average_grads
-from .parallel import clip_sharded_grad_norm_
+from .parallel import ShardedState, clip_sharded_grad_norm_
 from .train import grad_norm
 
 WORLD = "world"  # every rank (through fgc_runtime.distributed: a no-op in one process)
+
+
+class StepTotals(NamedTuple):
+    """A step's numbers for its metrics record and its non-finite check: the loss sum, the count
+    of target tokens, the run's tokens and the gradient norm, over the ranks that read different
+    batches, or with DiLoCo over every worker (the norm then the workers' mean). Tensors where
+    nothing had to be gathered (read when logged), floats otherwise."""
+
+    loss_sum: Any
+    count: Any
+    tokens: int
+    norm: Any
+
+    @property
+    def loss(self) -> float:
+        """The step's loss: the summed token loss over the target count."""
+        return float(self.loss_sum / self.count)
 
 
 class StepSync:
@@ -47,11 +71,16 @@ class StepSync:
       DDP's buckets cannot take tensor-parallel shards) or None;
     - ``norm``: how the total gradient norm is gathered: ``plain`` (whole tensors), ``dtensor``
       (FSDP2's shards: the norm is itself a DTensor) or ``sharded`` (shards of several meshes,
-      FSDP2's and tensor parallel's).
+      FSDP2's and tensor parallel's);
+    - ``outer``: DiLoCo's outer loop (a :class:`fgc_runtime.diloco.DiLoCo`) around the step, or
+      None.
     """
 
-    def __init__(self, dist, *, group, grad_scale: int, grads: str | None, norm: str, model, fsdp_root=None):
+    def __init__(
+        self, dist, *, group, grad_scale: int, grads: str | None, norm: str, model, fsdp_root=None, outer=None
+    ):
         self.dist = dist
+        self.outer = outer
         self.group = group
         self.grad_scale = grad_scale
         self.grads = grads
@@ -115,8 +144,42 @@ class StepSync:
         return self._sum(loss_sum)
 
     def aux_mean(self, aux: torch.Tensor) -> float:
-        """The mean over the ranks of each rank's auxiliary loss (a float)."""
+        """The mean over the ranks of each rank's auxiliary loss (a float); with DiLoCo, over
+        every rank of every worker (a collective)."""
+        if self.outer is not None:
+            return self.outer.global_sum([aux.item()])[0] / self.outer.workers
         return self._sum(aux).item() / self.grad_scale
+
+    def totals(self, loss_sum: torch.Tensor, count: torch.Tensor, tokens: int, norm) -> StepTotals:
+        """The step's :class:`StepTotals` from its LOSS_SUM and target COUNT (over the ranks
+        already), this rank's TOKENS and the gradient NORM. With DiLoCo, over every worker: one
+        small all-reduce a step, although nothing else is synced between rounds."""
+        if self.outer is None:
+            return StepTotals(loss_sum, count, tokens, norm)
+        loss_sum, count, tokens, norm = self.outer.global_sum([loss_sum.item(), count.item(), tokens, norm])
+        return StepTotals(loss_sum, count, int(tokens), norm / self.outer.workers)
+
+    def end_step(self, last: bool) -> None:
+        """After the optimizer step. With DiLoCo, count an inner step and, every
+        ``inner_steps`` steps and at the LAST step (so the final model is the global one),
+        average the workers' pseudo-gradients and take the outer step."""
+        if self.outer is not None:
+            self.outer.step(last=last)
+
+    def eval_weights(self):
+        """The context for evaluation and samples: the model as it is, or with DiLoCo the
+        global parameters as of the last sync (this worker's own are put back on the way out)."""
+        return self.outer.global_model() if self.outer is not None else contextlib.nullcontext()
+
+    def train_state(self, optimizer: torch.optim.Optimizer) -> ModelState:
+        """What a checkpoint holds of the model and OPTIMIZER: DiLoCo's global and per-worker
+        state; the full state dicts gathered from FSDP2's or tensor parallelism's shards; or the
+        state dicts of a model every rank holds whole."""
+        if self.outer is not None:
+            return self.outer.train_state(self.model, optimizer)
+        if self.grads == "fsdp" or self.norm == "sharded":
+            return ShardedState(self.model, optimizer)
+        return ModelState(self.model, optimizer)
 
 
 def sync_kind(plan: dict) -> tuple[str | None, str | None, str]:
@@ -145,12 +208,14 @@ def sync_kind(plan: dict) -> tuple[str | None, str | None, str]:
     return WORLD, "ddp" if trainer == "ddp" else None, "plain"
 
 
-def step_sync(plan: dict, dist, mesh=None, *, model, fsdp_root=None) -> StepSync:
+def step_sync(plan: dict, dist, mesh=None, *, model, fsdp_root=None, outer=None) -> StepSync:
     """The :class:`StepSync` of a plan (``PLAN`` of the generated train.py) for every trainer
     but the pipeline's (:func:`sync_kind`): MODEL is the model (its parameters), FSDP_ROOT
     FSDP2's root module (the model, or the loss head wrapping it), MESH the runtime's
-    :class:`~fgc_runtime.mesh.Mesh` where the plan has one. Its :meth:`StepSync.wrap` then
-    gives what the loop runs."""
+    :class:`~fgc_runtime.mesh.Mesh` where the plan has one, OUTER the DiLoCo outer loop of a
+    DiLoCo plan. Its :meth:`StepSync.wrap` then gives what the loop runs."""
+    if (outer is not None) != (plan["trainer_type"] == "diloco"):
+        raise ValueError("a DiLoCo plan's step sync needs its outer loop, and only a DiLoCo plan's")
     group, grads, norm = sync_kind(plan)
     if group == "dp":
         group, scale = mesh.dp_group, mesh.dp_size
@@ -158,4 +223,6 @@ def step_sync(plan: dict, dist, mesh=None, *, model, fsdp_root=None) -> StepSync
         group, scale = mesh.worker_group, plan["diloco"]["data_ranks_per_worker"]
     else:  # every rank, or one rank alone
         scale = dist.world_size if group == WORLD else 1
-    return StepSync(dist, group=group, grad_scale=scale, grads=grads, norm=norm, model=model, fsdp_root=fsdp_root)
+    return StepSync(
+        dist, group=group, grad_scale=scale, grads=grads, norm=norm, model=model, fsdp_root=fsdp_root, outer=outer
+    )

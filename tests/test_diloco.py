@@ -133,8 +133,11 @@ def test_plan_constants_and_explain(pkg):
     assert "DILOCO_INNER_STEPS = 3  # -D diloco_inner_steps=3 (<fgc>/lm/train.yaml:" in train
     assert "DILOCO_OUTER_LR = 0.7  # -D diloco_outer_lr=0.7 (<fgc>/lm/train.yaml:" in train
     assert re.search(r"DILOCO_OUTER_MOMENTUM = 0\.9  # <fgc>/lm/train\.yaml:\d+\n", train)
-    assert "from fgc_runtime.diloco import DiLoCo, DiLoCoState" in train
-    assert "train_state = DiLoCoState(model, optimizer, diloco)" in train
+    assert "from fgc_runtime.diloco import DiLoCo\n" in train
+    # the outer loop joins the step sync, which picks DiLoCo's checkpoint state and takes its outer step
+    assert "sync = step_sync(PLAN, dist, model=model, fsdp_root=model, outer=diloco)" in train
+    assert "train_state = sync.train_state(optimizer)" in train
+    assert "sync.end_step(last=step == args.max_steps)" in train
     assert "DistributedDataParallel" not in train  # no gradient all-reduce
     assert (out / "fgc_runtime" / "diloco.py").is_file()
     # the other trainers carry no DiLoCo code (the golden package is the ddp trainer)

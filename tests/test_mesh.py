@@ -89,8 +89,11 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
         assert "pipeline stages" in plan["apply_order"]
         assert ("fsdp2 per stage" in plan["apply_order"]) == ("dp_shard" in mesh)
         assert ("pipeline.shard_stages(stages, mesh.fsdp)" in source) == ("dp_shard" in mesh)
-        # FSDP2 reduces the replicas' gradients; plain replicas sum theirs by hand
-        assert ("pipeline.all_reduce_grads(part, dp_group)" in source) == ("dp_shard" not in mesh)
+        # FSDP2 reduces the replicas' gradients; plain replicas sum theirs by hand (the
+        # pipeline's step sync, fgc_runtime/pipeline.py, after the schedule)
+        sharded = "dp_shard" in mesh
+        assert f"sync = pipeline.PipelineSync(part, dist, mesh, sharded={sharded})" in source
+        assert ("(FSDP2 reduces the gradients)" in source) == sharded
     if "diloco" in mesh:  # DDP or FSDP2 inside each worker, and the workers sync over the outer group
         # (the step sync, fgc_runtime/step.py, wraps the model; train.py says who syncs)
         assert "sync = step_sync(PLAN, dist, mesh," in source
@@ -104,7 +107,8 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
         assert ("mesh=mesh.fsdp" in source) == ("dp_shard" in mesh)
         assert [s for s in plan["apply_order"] if s != "tensor parallel"] == (["fsdp2"] if "dp_shard" in mesh else [])
         # each rank's own state and the global parameters: DiLoCo's checkpoint, not the gathered one
-        assert "train_state = DiLoCoState(model, optimizer, diloco)" in source
+        assert "outer=diloco)" in source and "train_state = sync.train_state(optimizer)" in source
+        assert "A checkpoint holds the global parameters (model.pt" in source
         assert "outer_group=mesh.outer_group," in source
     if flags[1] == "trainer_type=ddp":  # no DDP wrapper: the gradients of tensor-parallel shards are averaged by hand
         assert "sync = step_sync(PLAN, dist, mesh," in source

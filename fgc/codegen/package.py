@@ -140,6 +140,44 @@ def _sync_description(plan) -> str:
     return "not synced: one process"
 
 
+def _wrap(text: str, indent: int = 4) -> list[str]:
+    """TEXT as the lines of a comment in train.py at INDENT spaces (the template adds ``# ``),
+    within 96 columns."""
+    return textwrap.wrap(text, 94 - indent, break_on_hyphens=False)
+
+
+def _step_comments(plan) -> dict[str, str]:
+    """The comments train.py puts beside the step sync's calls whose meaning depends on the plan:
+    what a checkpoint holds (``state``), what a step's loss is (``loss``), what the step's
+    totals are (``totals``) and what ends a step (``end_step``)."""
+    if plan.diloco:
+        state = ("A checkpoint holds the global parameters (model.pt, what --export-hf and final/ "
+                 "write), the outer state (optimizer.pt) and each rank's own model, inner optimizer "
+                 "and token count.")
+        grouped = " and ranks" if plan.diloco["ranks_per_worker"] > 1 else ""
+        loss = ("No gradient sync between workers: a worker's loss is its summed token loss over its "
+                f"own count of target tokens, across its micro-batches{grouped}.")
+        totals = ("Global, over the workers (one small all-reduce a step): the loss summed over the "
+                  "workers over their summed target count, all their tokens, the mean of their norms.")
+        end_step = ("Every DILOCO_INNER_STEPS steps, and at the last step (so the final model is the "
+                    "global one), the workers average their pseudo-gradients and take an outer step.")
+    else:
+        if plan.pipeline:
+            state = ("A checkpoint holds the whole model: the pipeline ranks of the first replica send their parts, rank 0 "
+                     "merges and writes them, and on resume every rank takes its stages' share.")
+        elif plan.trainer_type == "fsdp2" or plan.tensor_parallel:
+            state = ("A checkpoint holds the full state dicts: every rank takes part in gathering its shards, rank 0 writes "
+                     "them, and on resume every rank takes its shards from them.")
+        else:
+            state = "A checkpoint holds the model's and the optimizer's state dicts, which rank 0 writes."
+        loss = ("The loss of a step is its summed token loss over the global count of target tokens, "
+                "across micro-batches and ranks; that count is known before the first backward.")
+        totals = ("What the step's record and its non-finite check read: its loss sum and target "
+                  "count, the run's tokens, the gradient norm.")
+        end_step = "Nothing more ends a step in this plan: no outer loop runs around it."
+    return {"state": state, "loss": loss, "totals": totals, "end_step": end_step}
+
+
 STUB = "_fgc_definition_{}"
 
 
@@ -278,17 +316,18 @@ class PackageBuilder:
             "runtime_mesh": plan.trainer_type != "pipeline" and len(plan.mesh) > 1,
             # DiLoCo workers of several ranks, each training its copy with DDP, or sharding it with FSDP2
             "diloco_group": bool(plan.diloco) and plan.diloco["ranks_per_worker"] > 1,
-            "diloco_ddp": bool(plan.diloco) and plan.diloco["inner"] == "ddp",
             "diloco_fsdp": bool(plan.diloco) and plan.diloco["inner"] == "fsdp2",
-            # checkpoints gather and scatter sharded parameters (FSDP2's, tensor parallel's)
-            # DiLoCo's state (the global parameters, each worker's own) gathers its own shards
-            "sharded_state": plan.trainer_type == "fsdp2"
-            or (plan.trainer_type not in ("pipeline", "diloco") and plan.tensor_parallel is not None),
             "trainer_description": description,
-            # train.py's comment beside step_sync, wrapped
+            # train.py's comments on what the step sync (fgc_runtime/step.py) does for this plan,
+            # wrapped: who syncs the gradients (none for the pipeline's schedule), what a
+            # checkpoint holds, how the loss is normalised, what is logged, the step's end
             "sync_comment": []
             if plan.trainer_type == "pipeline"  # its schedule, no step sync
-            else textwrap.wrap(f"The gradients: {_sync_description(plan)}.", 90, break_on_hyphens=False),
+            else _wrap(f"The gradients: {_sync_description(plan)}."),
+            **{
+                f"{name}_comment": _wrap(text, 4 if name == "state" else 8)  # the loop's: 8
+                for name, text in _step_comments(plan).items()
+            },
             "precision": plan.precision,
             "forward_only_eval": bool(plan.pipeline) and plan.pipeline["schedule"] in ("zbv-zero-bubble", "dualpipev"),
             "launcher": plan.launcher,
@@ -584,6 +623,12 @@ class PackageBuilder:
             "train_module": "masked_model"
             if self.ctx.settings.document_masking
             else ("loss_model" if impl in ("chunked", "triton") else "model"),
+            # what samples run: the loss head around the model where it is FSDP2's root (its
+            # forward gathers the head's weight), else the model
+            "sample_module": "loss_model"
+            if impl in ("chunked", "triton")
+            and (self.ctx.plan.trainer_type == "fsdp2" or (self.ctx.plan.diloco or {}).get("inner") == "fsdp2")
+            else "model",
         }
 
     def _note_third_party(self, import_lines: list[str]) -> None:

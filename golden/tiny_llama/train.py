@@ -241,7 +241,7 @@ def evaluate(model, val_data, dist, dp_rank, dp_size, step, logger, ctl):
             print(metrics.format_record(record), flush=True)
 
 
-def forward_backward(model, input_ids, labels, n_targets, grad_scale, dist):
+def forward_backward(model, input_ids, labels, n_targets, grad_scale, scaler, dist):
     """One micro-batch: forward, then backward of its share of the step's loss. Returns its loss sum."""
     # autocast for the mixed precisions (fgc_runtime.train.autocast); nothing for the others
     with autocast(PRECISION, dist.device):
@@ -250,7 +250,8 @@ def forward_backward(model, input_ids, labels, n_targets, grad_scale, dist):
     # The gradient sync averages over grad_scale ranks (1: it does not run), so scaling by it
     # turns the average into the sum over those ranks, divided by the global target count.
     loss = loss_sum * grad_scale / n_targets
-    loss.backward()
+    # the loss scaled up under fp16-mixed (the scaler does nothing at other precisions)
+    scaler.scale(loss).backward()
     return loss_sum.detach()
 
 
@@ -320,6 +321,10 @@ def main(argv=None):
     train_model = sync.wrap(model)
     optimizer = optimizer_factory(param_groups(model, NO_WEIGHT_DECAY))
     lr_scheduler = lr_scheduler_factory(optimizer)
+    # fp16 gradients underflow without loss scaling: under fp16-mixed the scaler scales the loss
+    # up before the backward, unscales the gradients before clipping, and skips steps whose
+    # gradients overflow. At any other precision it is disabled and does nothing.
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=PRECISION == "fp16-mixed")
     if args.debug_optimizer_groups:
         if dist.is_main:
             print(describe_groups(model, optimizer), flush=True)
@@ -335,7 +340,7 @@ def main(argv=None):
         "the end of training exports the model there: move it away, or use another --output-dir",
     )
     # A checkpoint holds the model's and the optimizer's state dicts, which rank 0 writes.
-    train_state = checkpoint.ModelState(model, optimizer)
+    train_state = sync.train_state(optimizer)
     start_step, tokens_seen = 0, 0
     # Rank 0 takes the checkpoint `latest` names, else the newest by step, that verifies against
     # its manifest (a warning names any passed over), and refuses --resume never in an output dir
@@ -358,6 +363,8 @@ def main(argv=None):
         # token count
         tokens_seen = train_state.load(state, resume_from)
         lr_scheduler.load_state_dict(state["trainer_state"]["lr_scheduler"])
+        # the loss scaler's state ({} when it is disabled, or from a checkpoint without one)
+        scaler.load_state_dict(state["trainer_state"].get("grad_scaler", {}))
         start_step = state["trainer_state"]["step"]
         if state["rng"] is not None:
             checkpoint.set_rng_state(state["rng"])
@@ -375,6 +382,7 @@ def main(argv=None):
                 "step": step,
                 "tokens_seen": train_state.total_tokens(tokens_seen),
                 "lr_scheduler": lr_scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict(),  # {} when disabled
                 "config_hash": CONFIG_HASH,
             },
             rank=dist.rank,
@@ -441,18 +449,27 @@ def main(argv=None):
                     labels[rows],
                     n_targets,
                     sync.grad_scale,
+                    scaler,
                     dist,
                 )
         sync.after_backward()
+        scaler.unscale_(optimizer)  # fp16-mixed: clip and measure the true gradients
         # the total norm, gathered over the ranks that hold shards of the gradients
         norm = sync.clip_grad_norm(GRAD_CLIP)
         tokens_seen += int(n_targets.item())
         # the step's loss sum, on every rank
         sync.loss_sum(step_loss_sum)
-        # A nan or infinite loss or gradient norm, the same on every rank, stops the run
-        # before the optimizer step (--nonfinite skip: drops this step's update instead; the
-        # schedule still advances).
-        problem = checkpoint.nonfinite(loss=step_loss_sum, gradient_norm=norm)
+        # What the step's record and its non-finite check read: its loss sum and target count,
+        # the run's tokens, the gradient norm.
+        totals = sync.totals(step_loss_sum, n_targets, tokens_seen, norm)
+        # A nan or infinite loss or gradient norm, the same on every rank, stops the run before
+        # the optimizer step (--nonfinite skip: drops this step's update instead; the schedule
+        # still advances). Under fp16-mixed the loss only: the scaler skips a step whose
+        # gradients overflow, by design.
+        problem = checkpoint.nonfinite(
+            loss=totals.loss_sum,
+            gradient_norm=None if scaler.is_enabled() else totals.norm,
+        )
         if problem is not None:
             if args.nonfinite == "error":
                 raise checkpoint.nonfinite_error(
@@ -465,29 +482,28 @@ def main(argv=None):
                 )
         lr = lr_scheduler.get_last_lr()[0]
         if problem is None:
-            optimizer.step()
+            # optimizer.step(), which under fp16-mixed the scaler skips when a gradient overflows
+            scaler.step(optimizer)
+        scaler.update()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        # Nothing more ends a step in this plan: no outer loop runs around it.
+        sync.end_step(last=step == args.max_steps)
 
         # the first step too: the starting loss
         if args.log_every and (
             step % args.log_every == 0 or step in (1, args.max_steps)
         ):
-            record_loss, record_norm, record_tokens = (
-                (step_loss_sum / n_targets).item(),
-                norm,
-                tokens_seen,
-            )
-            rate = throughput.update(record_tokens - logged_tokens)
-            logged_tokens = record_tokens
+            rate = throughput.update(totals.tokens - logged_tokens)
+            logged_tokens = totals.tokens
             peak_mem = torch.tensor(peak_memory_bytes(dist.device), device=dist.device)
             distributed.all_reduce_max(peak_mem, dist)  # the rank that used the most
             record = metrics.train_record(
                 step=step,
-                loss=record_loss,
+                loss=totals.loss,
                 lr=lr,
-                grad_norm=record_norm,
-                tokens=record_tokens,
+                grad_norm=totals.norm,
+                tokens=totals.tokens,
                 tokens_per_s=rate["tokens_per_s"],
                 mfu=model_flops(rate["tokens_per_s"] / dist.world_size),
                 peak_mem_bytes=peak_mem.item(),
@@ -507,7 +523,10 @@ def main(argv=None):
             log.status(metrics.format_progress(record))
         log.progress(step)
         if val_data is not None and step % args.eval_every == 0:
-            evaluate(train_model, val_data, dist, dp_rank, dp_size, step, logger, ctl)
+            with sync.eval_weights():
+                evaluate(
+                    train_model, val_data, dist, dp_rank, dp_size, step, logger, ctl
+                )
         # A SIGTERM or SIGUSR1 on any rank, agreed by all ranks: they all save this same step.
         request = ctl.poll(step)
         if (

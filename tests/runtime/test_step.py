@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from fgc_runtime.distributed import DistInfo
+from fgc_runtime.checkpoint import ModelState
+from fgc_runtime.parallel import ShardedState
 from fgc_runtime.step import WORLD, step_sync
 from fgc_runtime.train import autocast, grad_norm
 
@@ -18,6 +20,29 @@ ONE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), b
 
 class FakeMesh:
     dp_group, dp_size, worker_group = "dp-group", 3, "worker-group"
+
+
+class FakeOuter:
+    """DiLoCo's outer loop as the step sync sees it: 2 workers whose sums double each value."""
+
+    workers = 2
+
+    def __init__(self):
+        self.steps, self.entered = [], 0
+
+    def global_sum(self, values):
+        return [2 * float(v) for v in values]
+
+    def step(self, *, last=False):
+        self.steps.append(last)
+
+    @contextlib.contextmanager
+    def global_model(self):
+        self.entered += 1
+        yield
+
+    def train_state(self, model, optimizer):
+        return ("diloco-state", model, optimizer)
 
 
 def _model_with_grads(seed=0):
@@ -49,8 +74,49 @@ def _model_with_grads(seed=0):
     ],
 )
 def test_the_plan_picks_the_groups_the_gradient_sync_and_the_norm(plan, group, scale, grads, norm):
-    sync = step_sync(plan, ONE, FakeMesh(), model=torch.nn.Linear(2, 2))
+    outer = FakeOuter() if plan["trainer_type"] == "diloco" else None
+    sync = step_sync(plan, ONE, FakeMesh(), model=torch.nn.Linear(2, 2), outer=outer)
     assert (sync.group, sync.grad_scale, sync.grads, sync.norm) == (group, scale, grads, norm)
+
+
+def test_a_diloco_plan_needs_its_outer_loop_and_no_other_plan_takes_one():
+    with pytest.raises(ValueError, match="outer loop"):
+        step_sync({"trainer_type": "diloco", "diloco": {"inner": "none"}}, ONE, model=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="outer loop"):
+        step_sync({"trainer_type": "ddp"}, ONE, model=torch.nn.Linear(2, 2), outer=FakeOuter())
+
+
+def test_without_an_outer_loop_the_totals_are_the_steps_own_and_nothing_ends_a_step():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync = step_sync({"trainer_type": "ddp"}, ONE, model=model)
+    loss_sum, count = torch.tensor(6.0), torch.tensor(4.0)
+    totals = sync.totals(loss_sum, count, 128, 0.5)
+    assert totals.loss_sum is loss_sum and totals.count is count  # nothing gathered, nothing read
+    assert (totals.loss, totals.tokens, totals.norm) == (1.5, 128, 0.5)
+    sync.end_step(last=True)  # no outer step to take
+    assert isinstance(sync.eval_weights(), contextlib.nullcontext)
+    assert type(sync.train_state(optimizer)) is ModelState
+    fsdp = step_sync({"trainer_type": "fsdp2"}, ONE, model=model)
+    assert type(fsdp.train_state(optimizer)) is ShardedState  # gathered full state dicts
+
+
+def test_diloco_totals_are_over_the_workers_and_its_outer_loop_ends_the_step():
+    model = torch.nn.Linear(2, 2)
+    outer = FakeOuter()
+    sync = step_sync({"trainer_type": "diloco", "diloco": {"inner": "none"}}, ONE, model=model, outer=outer)
+    totals = sync.totals(torch.tensor(6.0), torch.tensor(4.0), 128, 0.5)
+    # summed over the 2 workers; the norm their mean
+    assert (totals.loss_sum, totals.count, totals.tokens, totals.norm) == (12.0, 8.0, 256, 0.5)
+    assert totals.loss == 1.5
+    assert sync.aux_mean(torch.tensor(0.25)) == 0.25  # the mean over the workers
+    sync.end_step(last=False)
+    sync.end_step(last=True)
+    assert outer.steps == [False, True]
+    with sync.eval_weights():
+        assert outer.entered == 1  # the global parameters for evaluation and samples
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert sync.train_state(optimizer) == ("diloco-state", model, optimizer)
 
 
 def test_the_pipeline_has_no_step_sync():
