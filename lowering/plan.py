@@ -35,7 +35,8 @@ class Plan:
     # kernel -> {"impl", "reason"}: what the select-kernels pass chose
     kernels: dict = field(default_factory=dict)
     # DiLoCo: None, or {"workers", "ranks_per_worker", "data_ranks_per_worker" (its ranks over
-    # tensor_degree), "tensor_degree", "inner" (none | ddp | fsdp2), "inner_steps",
+    # tensor_degree), "tensor_degree", "replicate_degree" (HSDP inside a worker), "inner" (none |
+    # ddp | fsdp2), "inner_steps",
     # "outer_optimizer", "outer_lr", "outer_momentum", "loss_normalisation"}
     diloco: dict | None = None
     # a pretrained model's vocabulary grown to the data's: None, or {"from": its rows, "to": the

@@ -47,12 +47,15 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
             hint=f"set diloco_workers to a divisor of {s.nproc // tensor} below it, or do not shard (diloco_fsdp: false)",
         )
         return None
-    if sharded and s.parallel.replicate_degree != 1:
+    # hybrid sharding (HSDP) inside a worker: its data-parallel ranks form replicate_degree
+    # copies, each sharded over the rest
+    replicate = s.parallel.replicate_degree if sharded else 1
+    if data % replicate:
         err(
             "parallel.replicate_degree",
-            "hybrid sharding (HSDP) inside DiLoCo workers is not supported in this version: a worker "
-            "shards its copy over all its data-parallel ranks",
-            hint="remove replicate_degree; the workers are DiLoCo's replicas",
+            f"a DiLoCo worker's {data} data-parallel ranks do not split into replicate_degree {replicate} "
+            "copies (HSDP inside each worker: replicate x shard = nproc / (workers x tensor_degree))",
+            hint=f"set replicate_degree to a divisor of {data}",
         )
         return None
     return {
@@ -61,6 +64,7 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
         # the worker's data-parallel ranks (its ranks, or its tensor-parallel groups)
         "data_ranks_per_worker": data,
         "tensor_degree": tensor,
+        "replicate_degree": replicate,
         # what a worker's data-parallel ranks run over them: DDP (an explicit gradient mean with
         # tensor parallelism), or FSDP2 (sharding its copy)
         "inner": "fsdp2" if sharded else ("ddp" if data > 1 else "none"),
@@ -76,7 +80,9 @@ def diloco_mesh(diloco: dict) -> tuple[tuple[str, int], ...]:
     """The mesh of a DiLoCo plan: the workers outermost (``diloco``), then, for workers of several
     data-parallel ranks, the neighbouring ranks of one worker, which run DDP (``dp``) or FSDP2
     (``dp_shard``) together (the tensor-parallel dimension, innermost, is the caller's)."""
-    ranks = diloco["data_ranks_per_worker"]
+    ranks, replicate = diloco["data_ranks_per_worker"], diloco.get("replicate_degree", 1)
+    if diloco["inner"] == "fsdp2" and replicate > 1:  # HSDP inside each worker
+        return (("diloco", diloco["workers"]), ("dp_replicate", replicate), ("dp_shard", ranks // replicate))
     inner = {"ddp": (("dp", ranks),), "fsdp2": (("dp_shard", ranks),), "none": ()}[diloco["inner"]]
     return (("diloco", diloco["workers"]),) + inner
 
@@ -88,9 +94,13 @@ def describe_workers(diloco: dict) -> str:
     ranks, data, tensor = diloco["ranks_per_worker"], diloco["data_ranks_per_worker"], diloco.get("tensor_degree", 1)
     if ranks == 1:
         return text
+    replicate = diloco.get("replicate_degree", 1)
     inner = {"ddp": "DDP", "fsdp2": "FSDP2", "none": ""}[diloco["inner"]]
+    copies = f": {replicate} copies x {data // replicate} shards" if replicate > 1 else ""
+    if replicate > 1:
+        inner = "HSDP"
     if tensor == 1:
         inside = inner
     else:
         inside = f"tensor parallel over {tensor} ranks" + (f", {inner} over {data} groups" if inner else "")
-    return f"{text} of {ranks} ranks ({inside} inside a worker)"
+    return f"{text} of {ranks} ranks ({inside} inside a worker{copies})"

@@ -70,8 +70,11 @@ class Mesh:
         self.first_copy = self.dp_rank == 0 and self.tp_rank == 0
         # DiLoCo: the ranks of this rank's worker (None when a worker is one rank), and this
         # rank's peers in the other workers, which sync with it
-        inner = [name for name in ("dp", "dp_shard") if name in dims]
-        self.worker_group = self.device_mesh.get_group(inner[0]) if "diloco" in dims and inner else None
+        inner = tuple(name for name in ("dp_replicate", "dp", "dp_shard") if name in dims)
+        self.worker_group = None
+        if "diloco" in dims and inner:  # with HSDP inside the worker, its copies and shards together
+            worker = self.device_mesh[inner[0]] if len(inner) == 1 else self.device_mesh[inner]._flatten("worker_dp")
+            self.worker_group = worker.get_group()
         self.outer_group = self.device_mesh.get_group("diloco") if "diloco" in dims else None
         shard = tuple(name for name in ("dp_replicate", "dp_shard") if name in dims)
         self.fsdp = None if not shard else self.device_mesh[shard if len(shard) > 1 else shard[0]]

@@ -500,3 +500,66 @@ def test_tensor_parallel_workers_are_planned_and_a_degree_that_does_not_divide_a
     assert ("error: FSDP2 inside DiLoCo workers needs workers of 2 or more data-parallel ranks: 2 workers of "
             "nproc 4 are one tensor-parallel group of 2 ranks each") in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_hsdp_inside_workers_matches_workers_of_one_rank_and_resumes_bitwise(full, tmp_path):
+    """8 ranks as 2 workers, each an HSDP copy set (-D diloco_fsdp=true -D replicate_degree=2: 2
+    copies x 2 shards): each worker reads the rows a one-rank worker reads, split over its 4
+    ranks, so the run is the 2-worker run's; a stop mid-round resumes bitwise."""
+    _, two_run = full
+    pkg = tmp_path / "pkg"
+    knobs = ["micro_batch_size=2" if k == "micro_batch_size=4" else k for k in KNOBS]  # 2 rows a rank
+    run_fgc("build", EXAMPLE, "-o", pkg, *knobs, "-D", "nproc=8", "-D", "diloco_workers=2", "-D", "diloco_fsdp=true",
+            "-D", "replicate_degree=2", check=True)
+    plan = _plan(pkg)
+    assert plan["mesh"] == {"diloco": 2, "dp_replicate": 2, "dp_shard": 2}
+    assert plan["diloco"]["inner"] == "fsdp2" and plan["diloco"]["replicate_degree"] == 2
+    assert "hybrid" in plan["fsdp_units"]
+    run = tmp_path / "full"
+    proc = _torchrun(pkg, run, nproc=8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = _records(run), _records(two_run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step]["tokens"] == want[step]["tokens"]
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
+    end = f"step-{STEPS:08d}"
+    a, b = _load(run / "checkpoints" / end / "model.pt"), _load(two_run / "checkpoints" / end / "model.pt")
+    for name in b:  # whole tensors, gathered from each worker's shards
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+    script = tmp_path / "stop.py"
+    script.write_text(SIGTERM_AT_STEP_4)
+    stopped_run = tmp_path / "run"
+    stopped = _torchrun(pkg, stopped_run, script=script, nproc=8)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    saved = stopped_run / "checkpoints" / "step-00000004"
+    local = [_load(saved / f"state-rank{r}.pt")["model"]["lm_head.weight"] for r in (0, 2, 4)]
+    # ranks 0 and 2 hold the two copies (dp_replicate) of one shard: half the rows; rank 4 the
+    # same shard in the other worker, which differs between syncs
+    assert torch.equal(local[0], local[1]) and local[0].shape[0] == (b["lm_head.weight"].shape[0] + 1) // 2
+    assert not torch.equal(local[0], local[2])
+    resumed = _torchrun(pkg, stopped_run, nproc=8)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert _losses(stopped_run) == _losses(run)  # bitwise
+    c = _load(stopped_run / "checkpoints" / end / "model.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_hsdp_workers_are_planned_and_need_diloco_fsdp_and_a_dividing_degree():
+    flags = ["-D", "trainer_type=diloco", "-D", "nproc=8", "-D", "diloco_workers=2"]
+    proc = run_fgc("explain", EXAMPLE, *flags, "-D", "diloco_fsdp=true", "-D", "replicate_degree=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "mesh: diloco=2 x dp_replicate=2 x dp_shard=2" in proc.stdout
+    assert "DiLoCo: 2 workers of 4 ranks (HSDP inside a worker: 2 copies x 2 shards)" in proc.stdout
+    proc = run_fgc("check", EXAMPLE, *flags, "-D", "diloco_fsdp=true", "-D", "replicate_degree=3")
+    assert proc.returncode == 2
+    assert "error: a DiLoCo worker's 4 data-parallel ranks do not split into replicate_degree 3 copies" in proc.stderr
+    # without diloco_fsdp a worker runs DDP: there is nothing to shard hybridly
+    proc = run_fgc("check", EXAMPLE, *flags, "-D", "replicate_degree=2")
+    assert proc.returncode == 2
+    assert "replicate_degree has no effect with trainer_type diloco" in proc.stderr
+    assert "Traceback" not in proc.stderr
