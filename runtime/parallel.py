@@ -138,13 +138,14 @@ def clip_sharded_grad_norm_(model: nn.Module, max_norm: float) -> float:
     those it is replicated on), so every element counts once and every rank gets the same norm."""
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    total = sharded_squared_norm(grads).sqrt()
-    by_mesh: dict = {}  # mesh (None: plain tensors) -> its gradients
-    for grad in grads:
-        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
-    for mesh_grads in by_mesh.values():  # a foreach op takes the tensors of one mesh only
-        torch.nn.utils.clip_grads_with_norm_(mesh_grads, max_norm, total)
+    params = [p for p in model.parameters() if p.grad is not None]
+    total = sharded_squared_norm([p.grad for p in params]).sqrt()
+    by_mesh: dict = {}  # mesh (None: plain tensors) -> the parameters whose gradients it holds
+    for p in params:
+        by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    for mesh_params in by_mesh.values():  # a foreach op takes the tensors of one mesh only
+        # (torch's function takes the parameters, and scales their .grad)
+        torch.nn.utils.clip_grads_with_norm_(mesh_params, max_norm, total)
     return total.item()
 
 

@@ -378,9 +378,7 @@ def test_one_worker_with_outer_lr_1_and_no_momentum_is_plain_training(tmp_path):
 
 # -- DiLoCo around tensor parallelism --------------------------------------------------------------
 
-# the warm-up schedule (the library default) keeps Adam's first steps small: tensor parallelism sums
-# each row-wise projection in another order, and Adam amplifies that rounding where a gradient is
-# tiny, so runs with and without it agree tightly only over the first steps
+# with the warm-up schedule (the library default); 4 micro-batches of 2 a worker
 TP_KNOBS = ["-D", "trainer_type=diloco", "-D", f"diloco_inner_steps={H}", "-D", "diloco_outer_lr=0.7",
             "-D", f"max_steps={STEPS}", "-D", "num_hidden_layers=2", "-D", "eval_every=0", "-D", "micro_batch_size=2"]
 
@@ -407,9 +405,10 @@ def tp_runs(tmp_path_factory):
 @pytest.mark.slow
 def test_workers_of_a_tensor_parallel_group_match_workers_of_one_rank_and_resume_bitwise(tp_runs, tmp_path):
     """DiLoCo around tensor parallelism: each worker's projections split over 2 ranks. Its losses,
-    norms and token counts are those of workers of one rank (tightly before and at the first sync,
-    to Adam-amplified rounding after it); its checkpoints gather the workers' shards, and a stop
-    mid-round resumes bitwise."""
+    norms and token counts are those of workers of one rank, through two syncs (gradient clipping
+    included: the tensor-parallel norm once measured without clipping, and the runs drifted
+    apart by 1e-3 in 6 steps); its checkpoints gather the workers' shards, and a stop mid-round
+    resumes bitwise."""
     pkg, run = tp_runs["tp"]
     _, plain_run = tp_runs["plain"]
     plan = _plan(pkg)
@@ -420,15 +419,14 @@ def test_workers_of_a_tensor_parallel_group_match_workers_of_one_rank_and_resume
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in got:
         assert got[step]["tokens"] == want[step]["tokens"] == step * 16 * 128
-        tight = step <= H  # up to the loss of the step that ends the first round
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=2e-5 if tight else 5e-3)
-        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-3 if tight else 3e-2)
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
     end = run / "checkpoints" / f"step-{STEPS:08d}"
     a, b = _load(end / "model.pt"), _load(plain_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
     assert sorted(a) == sorted(b)
     for name in b:  # whole tensors, gathered from each worker's tensor-parallel ranks
         assert a[name].shape == b[name].shape
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=3e-3)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     # each rank's own state is its shard: q_proj splits its output rows over the 2 ranks
     q = "model.layers.0.self_attn.q_proj.weight"
     own = _load(end / "state-rank1.pt")["model"][q]

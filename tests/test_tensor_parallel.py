@@ -133,7 +133,9 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-KNOBS = ["-D", "max_steps=3", "-D", "eval_every=0", "-D", "batch_size=8"]
+# 5 steps: gradient clipping (grad_clip 1.0) acts on every step; a tensor-parallel norm that
+# measured without clipping (as it once did) drifted by 1e-5 by step 3, 1e-4 by step 5
+KNOBS = ["-D", "max_steps=5", "-D", "eval_every=0", "-D", "batch_size=8"]
 
 
 @pytest.mark.slow
@@ -154,8 +156,8 @@ def test_tensor_parallel_matches_one_process_and_resumes_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "While redistributing" not in proc.stderr
     full = _losses(tmp_path / "tp_run")
-    assert len(full) == 3
-    assert full == pytest.approx(reference, rel=2e-5)
+    assert len(full) == 5
+    assert full == pytest.approx(reference, rel=1e-6)
     for flags in (["--max-steps", "2"], []):  # the second run resumes from step 2
         proc = _torchrun(2, tp / "train.py", "--output-dir", tmp_path / "part", "--log-every", "1", *flags, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -184,7 +186,7 @@ def test_two_data_parallel_groups_of_two_tensor_parallel_ranks_match_one_process
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _torchrun(4, tp / "train.py", "--output-dir", tmp_path / "tp_run", "--log-every", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(tmp_path / "tp_run") == pytest.approx(_losses(tmp_path / "basic_run"), rel=2e-5)
+    assert _losses(tmp_path / "tp_run") == pytest.approx(_losses(tmp_path / "basic_run"), rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch
 
 from fgc_runtime.distributed import DistInfo
 from fgc_runtime.checkpoint import ModelState
-from fgc_runtime.parallel import ShardedState
+from fgc_runtime.parallel import ShardedState, clip_sharded_grad_norm_
 from fgc_runtime.step import WORLD, step_sync
 from fgc_runtime.train import autocast, grad_norm
 
@@ -155,3 +155,19 @@ def test_autocast_only_for_the_mixed_precisions():
     with autocast("bf16-mixed", device):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e9])
+def test_the_sharded_norm_clips_the_gradients_as_torch_does(max_norm):
+    """The tensor-parallel norm (``sharded``) scales the parameters' gradients by the clip
+    coefficient, as torch's clip_grad_norm_ does (it once passed the gradients to torch's
+    clip_grads_with_norm_, which reads their .grad: nothing was clipped)."""
+    expected_model = _model_with_grads()
+    expected = torch.nn.utils.clip_grad_norm_(expected_model.parameters(), max_norm).item()
+    model = _model_with_grads()
+    norm = clip_sharded_grad_norm_(model, max_norm)
+    assert norm == pytest.approx(expected, rel=1e-6)
+    for p, q in zip(model.parameters(), expected_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    if max_norm < expected:  # clipped: the new norm is max_norm
+        assert grad_norm(model.parameters()) == pytest.approx(max_norm, rel=1e-5)
