@@ -3,7 +3,7 @@ outer optimizer, and the mesh dimensions of the workers."""
 
 from __future__ import annotations
 
-from fgc.settings import DiLoCoTrainer, FSDPSettings
+from fgc.settings import DiLoCoTrainer, FSDPSettings, PipelineSettings
 
 
 def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
@@ -14,8 +14,10 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
             "would need its own gradient scaler in the checkpoint", hint="use bf16-mixed")
         return None
     tensor = s.parallel.tensor_degree
-    # by default a worker is one rank, or one tensor-parallel group
-    workers = s.nproc // tensor if d.workers is None else d.workers
+    # a pipeline inside each worker: a copy of the model spans pipeline_degree x tensor_degree ranks
+    stages = s.parallel.pipeline_degree if isinstance(s.parallel, PipelineSettings) else 1
+    # by default a worker is one rank, one tensor-parallel group, or one pipeline
+    workers = s.nproc // (tensor * stages) if d.workers is None else d.workers
     if s.nproc % workers:
         err(
             "diloco.workers",
@@ -27,15 +29,16 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
     ranks = s.nproc // workers
     # with tensor parallelism, a worker's ranks form tensor-parallel groups of tensor_degree
     # neighbours; the groups are the worker's data-parallel ranks
-    if ranks % tensor:
+    if ranks % (tensor * stages):
+        what = f"tensor-parallel groups of tensor_degree {tensor}" if stages == 1 else (
+            f"pipelines of pipeline_degree {stages}" + (f" x tensor_degree {tensor}" if tensor > 1 else ""))
         err(
-            "parallel.tensor_degree",
-            f"a DiLoCo worker's {ranks} ranks (nproc {s.nproc} / {workers} workers) do not split into "
-            f"tensor-parallel groups of tensor_degree {tensor}",
-            hint=f"set diloco_workers so that nproc / diloco_workers is a multiple of {tensor}",
+            "parallel.pipeline_degree" if stages > 1 else "parallel.tensor_degree",
+            f"a DiLoCo worker's {ranks} ranks (nproc {s.nproc} / {workers} workers) do not split into {what}",
+            hint=f"set diloco_workers so that nproc / diloco_workers is a multiple of {tensor * stages}",
         )
         return None
-    data = ranks // tensor
+    data = ranks // (tensor * stages)
     # FSDPSettings as the parallel settings: each worker shards its copy over its ranks
     sharded = isinstance(s.parallel, FSDPSettings)
     if sharded and data == 1:
@@ -64,9 +67,11 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
         # the worker's data-parallel ranks (its ranks, or its tensor-parallel groups)
         "data_ranks_per_worker": data,
         "tensor_degree": tensor,
+        "pipeline_degree": stages,
         "replicate_degree": replicate,
         # what a worker's data-parallel ranks run over them: DDP (an explicit gradient mean with
-        # tensor parallelism), or FSDP2 (sharding its copy)
+        # tensor parallelism, a sum after the schedule between pipelines), or FSDP2 (sharding
+        # its copy)
         "inner": "fsdp2" if sharded else ("ddp" if data > 1 else "none"),
         "inner_steps": d.inner_steps,
         "outer_optimizer": "SGD with Nesterov momentum" if d.outer_momentum > 0 else "SGD",
@@ -81,6 +86,8 @@ def diloco_mesh(diloco: dict) -> tuple[tuple[str, int], ...]:
     data-parallel ranks, the neighbouring ranks of one worker, which run DDP (``dp``) or FSDP2
     (``dp_shard``) together (the tensor-parallel dimension, innermost, is the caller's)."""
     ranks, replicate = diloco["data_ranks_per_worker"], diloco.get("replicate_degree", 1)
+    if diloco.get("pipeline_degree", 1) > 1:  # a worker's pipelines (their replicas: dp, even of 1)
+        return (("diloco", diloco["workers"]), ("dp", ranks), ("pp", diloco["pipeline_degree"]))
     if diloco["inner"] == "fsdp2" and replicate > 1:  # HSDP inside each worker
         return (("diloco", diloco["workers"]), ("dp_replicate", replicate), ("dp_shard", ranks // replicate))
     inner = {"ddp": (("dp", ranks),), "fsdp2": (("dp_shard", ranks),), "none": ()}[diloco["inner"]]
@@ -99,7 +106,12 @@ def describe_workers(diloco: dict) -> str:
     copies = f": {replicate} copies x {data // replicate} shards" if replicate > 1 else ""
     if replicate > 1:
         inner = "HSDP"
-    if tensor == 1:
+    stages = diloco.get("pipeline_degree", 1)
+    if stages > 1:
+        inside = f"a pipeline of {stages} stages" + (f" x tensor parallel over {tensor} ranks" if tensor > 1 else "")
+        if data > 1:
+            inside = f"{data} pipelines of {stages} stages" + (f" x {tensor} tensor-parallel ranks" if tensor > 1 else "")
+    elif tensor == 1:
         inside = inner
     else:
         inside = f"tensor parallel over {tensor} ranks" + (f", {inner} over {data} groups" if inner else "")

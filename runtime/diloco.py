@@ -164,15 +164,22 @@ class DiLoCo:
         full = full.to(device=_local(p).device)
         return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, by_name: bool = False) -> dict:
         """The state every worker shares: the fp32 global parameters, the outer optimizer and the
-        position in the round (whole tensors: a collective when the workers shard their models)."""
+        position in the round (whole tensors: a collective when the workers shard their models).
+        BY_NAME: the outer optimizer's state keyed by parameter names, not indices, so that the
+        states of a pipeline's parts merge."""
         names = list(self.outer)
         outer_optimizer = self.outer_optimizer.state_dict()
+        key = (lambda i: names[i]) if by_name else (lambda i: i)
         outer_optimizer["state"] = {
-            i: {k: self._full(names[i], v).cpu() if torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
+            key(i): {k: self._full(names[i], v).cpu() if torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
             for i, st in outer_optimizer["state"].items()
         }
+        if by_name:
+            outer_optimizer["param_groups"] = [
+                {**g, "params": [names[i] for i in g["params"]]} for g in outer_optimizer["param_groups"]
+            ]
         return {
             "outer_params": {n: self._full(n, g.detach()).cpu() for n, g in self.outer.items()},
             "outer_optimizer": outer_optimizer,
@@ -182,7 +189,8 @@ class DiLoCo:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` gave."""
+        """Restore what :meth:`state_dict` gave (by index, or by name: this rank's parameters of
+        a state merged from a pipeline's parts)."""
         missing = sorted(set(self.outer) - set(state["outer_params"]))
         if missing:
             raise KeyError(f"global parameters missing: {', '.join(missing)}")
@@ -191,16 +199,26 @@ class DiLoCo:
                 g.copy_(self._shard(n, state["outer_params"][n]))
         names = list(self.outer)
         outer_optimizer = dict(state["outer_optimizer"])
+        saved = outer_optimizer["state"]
+        if any(isinstance(k, str) for k in saved):  # by name: this rank's parameters only
+            index = {n: i for i, n in enumerate(names)}
+            saved = {index[n]: st for n, st in saved.items() if n in index}
+            outer_optimizer["param_groups"] = [
+                {**g, "params": [index[n] for n in g["params"] if n in index]} for g in outer_optimizer["param_groups"]
+            ]
         outer_optimizer["state"] = {
             i: {k: self._shard(names[i], v) if torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
-            for i, st in outer_optimizer["state"].items()
+            for i, st in saved.items()
         }
         self.outer_optimizer.load_state_dict(outer_optimizer)
         self.inner_step = state["inner_step"]
 
-    def train_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> "DiLoCoState":
-        """What a checkpoint holds of this run (:class:`DiLoCoState`)."""
-        return DiLoCoState(model, optimizer, self)
+    def train_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, first_copy: bool | None = None
+    ) -> "DiLoCoState":
+        """What a checkpoint holds of this run (:class:`DiLoCoState`); FIRST_COPY for a
+        pipeline rank's part (``Mesh.first_copy``): the parts are merged on rank 0."""
+        return DiLoCoState(model, optimizer, self, first_copy=first_copy)
 
     def global_sum(self, values: list[float]) -> list[float]:
         """VALUES summed over the workers (float64; a collective): the logged loss, target count
@@ -265,11 +283,20 @@ class DiLoCoState(ModelState):
     ``--export-hf`` and ``final/`` write), ``optimizer.pt`` the fp32 global parameters, the outer
     optimizer and the position in the round, and each rank's ``state-rank<R>.pt`` its worker's own
     model, inner optimizer and token count. A checkpoint of another number of ranks or workers is
-    refused: the workers' own states do not carry over."""
+    refused: the workers' own states do not carry over.
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, diloco: DiLoCo):
+    With a pipeline inside each worker, MODEL is a pipeline rank's part (its stages, under the
+    whole model's parameter names) and FIRST_COPY says whether this rank's part is one the
+    shared state is taken from (``Mesh.first_copy``): the global parameters and the outer state
+    of those parts are gathered and merged on rank 0, the outer optimizer's state keyed by
+    parameter name."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, diloco: DiLoCo, first_copy: bool | None = None
+    ):
         super().__init__(model, optimizer)
         self.diloco = diloco
+        self.first_copy = first_copy
 
     def state_dicts(self, tokens_seen: int) -> tuple:
         # a sharded worker's own state is this rank's shards, as plain tensors
@@ -277,7 +304,33 @@ class DiLoCoState(ModelState):
         own_optimizer = self.optimizer.state_dict()
         own_optimizer["state"] = {i: {k: _local(v) for k, v in st.items()} for i, st in own_optimizer["state"].items()}
         own = {"model": own_model, "optimizer": own_optimizer, "tokens_seen": tokens_seen}
-        return self.diloco.global_state_dict(self.model), self.diloco.state_dict(), own
+        if self.first_copy is None:
+            return self.diloco.global_state_dict(self.model), self.diloco.state_dict(), own
+        model_state, outer = self._merged_parts()
+        return model_state, outer, own
+
+    def _merged_parts(self) -> tuple:
+        """The global model's state dict and the outer state, merged on rank 0 from the parts of
+        the first copy's pipeline ranks ((None, None) on the other ranks; every rank calls it)."""
+        from .distributed import gather_tensors
+
+        mine = (self.diloco.global_state_dict(self.model), self.diloco.state_dict(by_name=True))
+        device = _local(next(self.model.parameters())).device
+        gathered = gather_tensors(mine if self.first_copy else None, device, dst=0)
+        if gathered is None:
+            return None, None
+        parts = [g for g in gathered if g is not None]
+        model_state, outer = {}, dict(parts[0][1])
+        outer["outer_params"] = {}
+        outer["outer_optimizer"] = {"state": {}, "param_groups": [dict(g, params=[]) for g in parts[0][1]["outer_optimizer"]["param_groups"]]}
+        for part_model, part_outer in parts:
+            model_state.update(part_model)
+            outer["outer_params"].update(part_outer["outer_params"])
+            outer["outer_optimizer"]["state"].update(part_outer["outer_optimizer"]["state"])
+            # the outer optimizer has one group: its parameters are every part's
+            for merged, group in zip(outer["outer_optimizer"]["param_groups"], part_outer["outer_optimizer"]["param_groups"]):
+                merged["params"] = merged["params"] + list(group["params"])
+        return dict(sorted(model_state.items())), outer
 
     def total_tokens(self, tokens_seen: int) -> int:
         """Over all workers (a collective)."""

@@ -38,8 +38,9 @@ class Mesh:
     the sub-mesh FSDP2 shards over (2-D ``("dp_replicate", "dp_shard")`` for HSDP; None without
     FSDP2); ``first_copy``: whether this rank holds the first data-parallel copy of its share and
     is the first of its tensor-parallel group (the rank whose share a gathered checkpoint takes);
-    ``worker_group``, ``outer_group``: with DiLoCo, the ranks of this rank's worker (None when a
-    worker is one rank) and the ranks in the same place of every worker (None without DiLoCo).
+    ``worker_group``, ``outer_group``: with DiLoCo, the data-parallel ranks of this rank's worker
+    (None when there is one) and the ranks in the same place of every worker (None without
+    DiLoCo); ``worker_all_group``: with DiLoCo around pipelines, every rank of this rank's worker.
     """
 
     def __init__(self, device: torch.device, dims: dict[str, int]):
@@ -76,6 +77,12 @@ class Mesh:
             worker = self.device_mesh[inner[0]] if len(inner) == 1 else self.device_mesh[inner]._flatten("worker_dp")
             self.worker_group = worker.get_group()
         self.outer_group = self.device_mesh.get_group("diloco") if "diloco" in dims else None
+        # DiLoCo workers of pipelines: every rank of this rank's worker (its pipelines' losses are
+        # summed over them)
+        self.worker_all_group = None
+        if "diloco" in dims and "pp" in dims:
+            rest = tuple(name for name in dims if name != "diloco")
+            self.worker_all_group = self.device_mesh[rest]._flatten("worker_all").get_group()
         shard = tuple(name for name in ("dp_replicate", "dp_shard") if name in dims)
         self.fsdp = None if not shard else self.device_mesh[shard if len(shard) > 1 else shard[0]]
 

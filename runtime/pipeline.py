@@ -401,21 +401,31 @@ class PipelineSync:
     replicas' gradients, and ``grad_scale`` (the replicas) turns that average into the sum;
     otherwise the gradients are summed after the schedule (:meth:`after_backward`). The
     schedule's losses are on the ranks of the last stage, the first of each tensor-parallel group
-    counting them: the loss sum is summed over every rank."""
+    counting them: the loss sum is summed over every rank.
 
-    def __init__(self, part: nn.Module, dist, mesh, *, sharded: bool):
-        self.part, self.dist, self.mesh, self.sharded = part, dist, mesh, sharded
+    With DiLoCo (OUTER, a :class:`fgc_runtime.diloco.DiLoCo` over the part), each worker is one
+    or more pipelines: "the replicas" and "every rank" are those of the worker, and the step's
+    totals, end and evaluation weights are the outer loop's, as in
+    :class:`fgc_runtime.step.StepSync`."""
+
+    def __init__(self, part: nn.Module, dist, mesh, *, sharded: bool, outer=None):
+        self.part, self.dist, self.mesh, self.sharded, self.outer = part, dist, mesh, sharded, outer
         self.grad_scale = mesh.dp_size if sharded else 1
+        # the replicas targets and gradients are summed over (a DiLoCo worker's; None: one)
+        self.group = mesh.dp_group if outer is None else mesh.worker_group
+        self.replicas = mesh.dp_size if self.group is mesh.dp_group else (
+            1 if self.group is None else torch.distributed.get_world_size(self.group))
 
     def count(self, n_targets: torch.Tensor) -> torch.Tensor:
         """The step's target count over the data-parallel replicas (in place)."""
-        torch.distributed.all_reduce(n_targets, group=self.mesh.dp_group)
+        if self.group is not None:
+            torch.distributed.all_reduce(n_targets, group=self.group)
         return n_targets
 
     def after_backward(self) -> None:
         """The gradients summed over the replicas, where FSDP2 does not reduce them."""
-        if not self.sharded and self.mesh.dp_size > 1:
-            all_reduce_grads(self.part, self.mesh.dp_group)
+        if not self.sharded and self.replicas > 1:
+            all_reduce_grads(self.part, self.group)
 
     def clip_grad_norm(self, max_norm: float | None) -> float:
         """The norm over every stage of the pipeline, after clipping to MAX_NORM (None: not
@@ -423,31 +433,37 @@ class PipelineSync:
         return clip_grad_norm_(self.part, max_norm, self.mesh.pp_group)
 
     def loss_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
-        """The step's loss sum on every rank (in place), from the ranks that hold it."""
+        """The step's loss sum on every rank (in place), from the ranks that hold it (a DiLoCo
+        worker's, on the worker's ranks)."""
+        if self.outer is not None:
+            torch.distributed.all_reduce(loss_sum, group=self.mesh.worker_all_group)
+            return loss_sum
         return distributed.all_reduce_sum(loss_sum, self.dist)
 
-    def aux_mean(self, aux: torch.Tensor) -> float:
-        """The auxiliary loss of the step, averaged over the ranks (with tensor parallelism, over
-        the data-parallel replicas)."""
-        if self.mesh.tp is not None:
-            torch.distributed.all_reduce(aux, group=self.mesh.dp_group)
-            return aux.item() / self.mesh.dp_size
-        return distributed.all_reduce_sum(aux, self.dist).item() / self.dist.world_size
-
-    def totals(self, loss_sum: torch.Tensor, count: torch.Tensor, tokens: int, norm):
-        """The step's numbers for its record and its non-finite check (nothing to gather)."""
-        return StepTotals(loss_sum, count, tokens, norm)
+    def totals(self, loss_sum: torch.Tensor, count: torch.Tensor, tokens: int, norm) -> StepTotals:
+        """The step's numbers for its record and its non-finite check: as they are, or with
+        DiLoCo over every worker (:meth:`fgc_runtime.step.StepSync.totals`)."""
+        if self.outer is None:
+            return StepTotals(loss_sum, count, tokens, norm)
+        loss_sum, count, tokens, norm = self.outer.global_sum([loss_sum.item(), count.item(), tokens, norm])
+        return StepTotals(loss_sum, count, int(tokens), norm / self.outer.workers)
 
     def end_step(self, last: bool) -> None:
-        """Nothing after the optimizer step (no outer loop around a pipeline)."""
+        """After the optimizer step: DiLoCo's outer step when its round is complete (nothing
+        without DiLoCo)."""
+        if self.outer is not None:
+            self.outer.step(last=last)
 
     def eval_weights(self):
-        """Evaluation and samples use the model as it is."""
-        return contextlib.nullcontext()
+        """Evaluation uses the model as it is, or with DiLoCo the global parameters."""
+        return self.outer.global_model() if self.outer is not None else contextlib.nullcontext()
 
-    def train_state(self, optimizer: torch.optim.Optimizer) -> "PipelineState":
+    def train_state(self, optimizer: torch.optim.Optimizer) -> ModelState:
         """What a checkpoint holds: the whole model, merged from the pipeline ranks of the first
-        replica (:class:`PipelineState`)."""
+        replica (:class:`PipelineState`); with DiLoCo, its state, the parts of the global model
+        and of the outer state merged likewise."""
+        if self.outer is not None:
+            return self.outer.train_state(self.part, optimizer, first_copy=self.mesh.first_copy)
         return PipelineState(self.part, optimizer, self.mesh.first_copy, self.dist.rank)
 
 

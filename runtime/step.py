@@ -21,7 +21,8 @@ With DiLoCo (``fgc_runtime.diloco``, the ``outer`` loop of a StepSync), a worker
 ranks" above; :meth:`StepSync.totals` and :meth:`StepSync.aux_mean` then sum over every worker,
 :meth:`StepSync.end_step` runs the outer step and :meth:`StepSync.eval_weights` puts the global
 parameters in the model for evaluation and samples. :meth:`StepSync.train_state` gives what a
-checkpoint holds. The pipeline trainer runs its schedule instead (``fgc_runtime.pipeline``).
+checkpoint holds. The pipeline trainer runs its schedule instead of the micro-batch loop, and
+:class:`fgc_runtime.pipeline.PipelineSync` gives the same methods around it.
 """
 
 from __future__ import annotations

@@ -122,6 +122,8 @@ def test_plan_constants_and_explain(pkg):
         "ranks_per_worker": 1,
         "data_ranks_per_worker": 1,
         "tensor_degree": 1,
+        "pipeline_degree": 1,
+        "replicate_degree": 1,
         "inner": "none",
         "inner_steps": 3,
         "outer_optimizer": "SGD with Nesterov momentum",
@@ -561,3 +563,131 @@ def test_hsdp_workers_are_planned_and_need_diloco_fsdp_and_a_dividing_degree():
     assert proc.returncode == 2
     assert "replicate_degree has no effect with trainer_type diloco" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- DiLoCo around a pipeline --------------------------------------------------------------------
+
+PIPE_KNOBS = ["microbatches=2" if k == "micro_batch_size=4" else k for k in KNOBS]  # 2 micro-batches of 4
+
+
+@pytest.mark.slow
+def test_workers_of_a_pipeline_match_workers_of_one_rank_and_resume_bitwise(full, tmp_path):
+    """DiLoCo around a pipeline (-D pipeline_degree=2): 4 ranks as 2 workers, each a pipeline of 2
+    stages. The run is the 2-worker run's; the checkpoint's global model and outer state are
+    merged from the stages (the outer optimizer's state by parameter name), each rank's own
+    state is its stages', and a stop mid-round resumes bitwise."""
+    _, two_run = full
+    pkg = tmp_path / "pkg"
+    run_fgc("build", EXAMPLE, "-o", pkg, *PIPE_KNOBS, "-D", "nproc=4", "-D", "pipeline_degree=2", check=True)
+    plan = _plan(pkg)
+    assert plan["trainer_type"] == "diloco" and plan["mesh"] == {"diloco": 2, "dp": 1, "pp": 2}
+    assert plan["diloco"]["workers"] == 2 and plan["diloco"]["pipeline_degree"] == 2
+    assert len(plan["pipeline"]["stages"]) == 2
+    train = (pkg / "train.py").read_text()
+    assert "sync = pipeline.PipelineSync(part, dist, mesh, sharded=False, outer=diloco)" in train
+    run = tmp_path / "full"
+    proc = _torchrun(pkg, run, nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = _records(run), _records(two_run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step]["tokens"] == want[step]["tokens"]
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
+    end = run / "checkpoints" / f"step-{STEPS:08d}"
+    a, b = _load(end / "model.pt"), _load(two_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
+    assert sorted(a) == sorted(b)  # the whole model, merged from the two stages
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    outer, want_outer = _load(end / "optimizer.pt"), _load(two_run / "checkpoints" / f"step-{STEPS:08d}" / "optimizer.pt")
+    assert sorted(outer["outer_params"]) == sorted(want_outer["outer_params"])
+    for name, value in want_outer["outer_params"].items():
+        torch.testing.assert_close(outer["outer_params"][name], value, rtol=1e-5, atol=1e-6)
+    # the outer momentum of every parameter, keyed by name
+    assert sorted(outer["outer_optimizer"]["state"]) == sorted(want_outer["outer_params"])
+    assert sorted(outer["outer_optimizer"]["param_groups"][0]["params"]) == sorted(want_outer["outer_params"])
+    # rank 0 holds stage 0 (the embedding), rank 1 stage 1 (the head)
+    assert "model.embed_tokens.weight" in _load(end / "state-rank0.pt")["model"]
+    assert "lm_head.weight" in _load(end / "state-rank1.pt")["model"]
+    assert (run / "final" / "config.json").is_file()
+
+    script = tmp_path / "stop.py"
+    script.write_text(SIGTERM_AT_STEP_4)
+    stopped_run = tmp_path / "run"
+    stopped = _torchrun(pkg, stopped_run, script=script, nproc=4)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert _load(stopped_run / "checkpoints" / "step-00000004" / "optimizer.pt")["inner_step"] == 1
+    resumed = _torchrun(pkg, stopped_run, nproc=4)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert _losses(stopped_run) == _losses(run)  # bitwise
+    c = _load(stopped_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_workers_of_two_pipelines_match_workers_of_one_rank(full, tmp_path):
+    """8 ranks as 2 workers of 2 pipelines of 2 stages (mesh diloco x dp x pp): the pipelines of
+    a worker sum their targets and gradients, so the run is the 2-worker run's."""
+    _, two_run = full
+    pkg = tmp_path / "pkg"
+    run_fgc("build", EXAMPLE, "-o", pkg, *PIPE_KNOBS, "-D", "nproc=8", "-D", "pipeline_degree=2",
+            "-D", "diloco_workers=2", check=True)
+    assert _plan(pkg)["mesh"] == {"diloco": 2, "dp": 2, "pp": 2}
+    run = tmp_path / "run"
+    proc = _torchrun(pkg, run, nproc=8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = _records(run), _records(two_run)
+    assert sorted(got) == sorted(want)
+    for step in got:
+        assert got[step]["tokens"] == want[step]["tokens"]
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
+    end = f"step-{STEPS:08d}"
+    a, b = _load(run / "checkpoints" / end / "model.pt"), _load(two_run / "checkpoints" / end / "model.pt")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_pipeline_workers_are_planned_and_their_rules_are_errors():
+    flags = ["-D", "trainer_type=diloco", "-D", "pipeline_degree=2"]
+    proc = run_fgc("explain", EXAMPLE, *flags, "-D", "nproc=8", "-D", "tensor_degree=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "mesh: diloco=2 x dp=1 x pp=2 x tp=2" in proc.stdout
+    assert ("DiLoCo: 2 workers of 4 ranks (a pipeline of 2 stages x tensor parallel over 2 ranks inside a "
+            "worker)") in proc.stdout
+    proc = run_fgc("check", EXAMPLE, *flags, "-D", "nproc=6", "-D", "diloco_workers=2")
+    assert proc.returncode == 2
+    assert "error: a DiLoCo worker's 3 ranks (nproc 6 / 2 workers) do not split into pipelines of pipeline_degree 2" \
+        in proc.stderr
+    proc = run_fgc("check", EXAMPLE, *flags, "-D", "nproc=4", "-D", "diloco_fsdp=true")
+    assert proc.returncode == 2
+    assert "diloco_fsdp with a pipeline_degree is not supported in this version of fgc" in proc.stderr
+    proc = run_fgc("check", EXAMPLE, *flags, "-D", "nproc=4", "-D", "sample_every=2")
+    assert proc.returncode == 2
+    assert "text samples need the whole model on a rank: not available with pipeline stages" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_workers_of_a_tensor_parallel_pipeline_match_workers_of_one_rank(tp_runs, tmp_path):
+    """8 ranks as 2 workers, each a pipeline of 2 stages whose layers split over 2
+    tensor-parallel ranks (mesh diloco x dp x pp x tp): the 2 one-rank workers' run."""
+    _, plain_run = tp_runs["plain"]
+    pkg = tmp_path / "pkg"
+    knobs = ["microbatches=4" if k == "micro_batch_size=2" else k for k in TP_KNOBS]  # 4 micro-batches of 2
+    run_fgc("build", EXAMPLE, "-o", pkg, *knobs, "-D", "nproc=8", "-D", "pipeline_degree=2", "-D", "tensor_degree=2",
+            check=True)
+    assert _plan(pkg)["mesh"] == {"diloco": 2, "dp": 1, "pp": 2, "tp": 2}
+    run = tmp_path / "run"
+    proc = _torchrun(pkg, run, nproc=8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = _records(run), _records(plain_run)
+    assert sorted(got) == sorted(want)
+    for step in got:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
+    end = f"step-{STEPS:08d}"
+    a, b = _load(run / "checkpoints" / end / "model.pt"), _load(plain_run / "checkpoints" / end / "model.pt")
+    for name in b:  # merged from the stages, each gathered from its tensor-parallel ranks
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)

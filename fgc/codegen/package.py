@@ -153,7 +153,8 @@ def _step_comments(plan) -> dict[str, str]:
     if plan.diloco:
         state = ("A checkpoint holds the global parameters (model.pt, what --export-hf and final/ "
                  "write), the outer state (optimizer.pt) and each rank's own model, inner optimizer "
-                 "and token count.")
+                 "and token count." + (" The global parameters and the outer state come from the "
+                 "pipeline ranks of the first worker's first pipeline, merged on rank 0." if plan.pipeline else ""))
         grouped = " and ranks" if plan.diloco["ranks_per_worker"] > 1 else ""
         loss = ("No gradient sync between workers: a worker's loss is its summed token loss over its "
                 f"own count of target tokens, across its micro-batches{grouped}.")
@@ -290,12 +291,14 @@ class PackageBuilder:
             mesh = dict(plan.mesh)
             if "dp_replicate" in mesh:
                 description += f": {mesh['dp_replicate']} copies (HSDP), each sharded over {mesh['dp_shard']} ranks"
-            if plan.tensor_parallel and plan.pipeline:
+            if plan.diloco:  # the workers were described
+                pass
+            elif plan.tensor_parallel and plan.pipeline:
                 description += f": the layers of each stage split over {mesh['tp']} tensor-parallel ranks"
-            elif plan.tensor_parallel and not plan.diloco:  # DiLoCo's workers were described
+            elif plan.tensor_parallel:
                 groups = plan.nproc // mesh["tp"]
                 description += f"{',' if 'dp_replicate' in mesh else ':'} {groups} data-parallel groups x {mesh['tp']} tensor-parallel ranks"
-            if plan.pipeline:
+            if plan.pipeline and not plan.diloco:
                 pp, dp = mesh["pp"], mesh.get("dp", mesh.get("dp_shard"))
                 description += (
                     f"{',' if plan.tensor_parallel else ':'} {len(plan.pipeline['stages'])} stages on {pp} ranks ({plan.pipeline['schedule']}"
@@ -312,8 +315,11 @@ class PackageBuilder:
             "fgc_version": fgc.__version__,
             "plan": plan,
             "trainer_type": plan.trainer_type,
+            # pipeline stages: the pipeline trainer, or DiLoCo workers of pipelines
+            "pipelined": plan.pipeline is not None,
             # the ranks form a mesh of several dimensions (fgc_runtime.mesh.Mesh): tensor parallel, HSDP
-            "runtime_mesh": plan.trainer_type != "pipeline" and len(plan.mesh) > 1,
+            # (a pipeline's mesh is built by its own code in train.py)
+            "runtime_mesh": plan.pipeline is None and len(plan.mesh) > 1,
             # DiLoCo workers of several ranks, each training its copy with DDP, or sharding it with FSDP2
             "diloco_group": bool(plan.diloco) and plan.diloco["ranks_per_worker"] > 1,
             "diloco_fsdp": bool(plan.diloco) and plan.diloco["inner"] == "fsdp2",
@@ -322,7 +328,7 @@ class PackageBuilder:
             # wrapped: who syncs the gradients (none for the pipeline's schedule), what a
             # checkpoint holds, how the loss is normalised, what is logged, the step's end
             "sync_comment": []
-            if plan.trainer_type == "pipeline"  # its schedule, no step sync
+            if plan.pipeline  # its schedule, no step sync
             else _wrap(f"The gradients: {_sync_description(plan)}."),
             **{
                 f"{name}_comment": _wrap(text, 4 if name == "state" else 8)  # the loop's: 8
@@ -588,7 +594,7 @@ class PackageBuilder:
         from fgc_lowering.construct import meta_model
         from fgc_runtime.parallel import has_method
 
-        if self.ctx.plan.trainer_type == "pipeline":
+        if self.ctx.plan.pipeline:
             return False
         try:
             return has_method(meta_model(self.ir, self.ctx), "aux_loss")

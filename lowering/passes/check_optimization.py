@@ -152,8 +152,8 @@ class CheckOptimization(Pass):
                 return trainer.loc
             return ir.node(group.kwargs[key]).loc if key in group.kwargs else group.loc
 
-        if ctx.plan.trainer_type == "pipeline":
+        if ctx.plan.pipeline:
             ctx.sink.error(
-                "text samples need the whole model on a rank: not available with the pipeline trainer",
+                "text samples need the whole model on a rank: not available with pipeline stages",
                 loc("sample_every"),
             )

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from fgc.errors import Location
 from fgc.ir import IRGraph
-from fgc.settings import SETTING_GROUPS, BasicTrainer, DiLoCoTrainer, PipelineTrainer
+from fgc.settings import SETTING_GROUPS, BasicTrainer, DiLoCoTrainer, PipelineSettings, PipelineTrainer
 
 from ..construct import checked_meta_model, construct
 from ..context import LoweringContext
@@ -133,7 +133,8 @@ class PlanTraining(Pass):
                         hint="set optimizer_in_backward: false, or remove the conflicting setting")
             if ctx.sink.errors:
                 return None
-        pipelined = isinstance(s, PipelineTrainer)
+        # the pipeline trainer, or DiLoCo workers of pipelines (PipelineSettings as its parallel)
+        pipelined = isinstance(s, PipelineTrainer) or isinstance(getattr(s, "parallel", None), PipelineSettings)
         if s.document_masking:
             if pipelined:
                 err("document_masking", "document_masking is not supported by the pipeline trainer in this "
@@ -158,6 +159,8 @@ class PlanTraining(Pass):
             micro = per_rank // pipeline["microbatches"]
             # pipeline neighbours are near each other, the ranks of a tensor-parallel group nearest
             mesh = (("dp_shard" if s.parallel.fsdp else "dp", s.parallel.data_degree), ("pp", s.parallel.pipeline_degree))
+            if diloco is not None:  # the pipelines form the workers: DiLoCo outermost
+                mesh = diloco_mesh(diloco)
             if tensor_degree != 1:
                 mesh += (("tp", tensor_degree),)
         else:
