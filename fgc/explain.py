@@ -217,6 +217,10 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
         # more, after the step's activations are freed)
         shards = dict(plan.mesh).get("dp_shard", 1)
         local = facts.total - facts.tp_split + facts.tp_split // tp  # tensor parallel's share
+        if plan.pipeline and facts.total:  # a pipeline rank's stages only: the busiest rank's
+            stages = plan.pipeline["stages"]
+            most = max(sum(st["params"] for st in stages if st["rank"] == r) for r in {st["rank"] for st in stages})
+            local = local * most // facts.total
         out["outer (DiLoCo)"] = (8 if plan.diloco["outer_momentum"] > 0 else 4) * local // shards
     out["total"] = sum(out.values())
     return out

@@ -16,6 +16,14 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
     tensor = s.parallel.tensor_degree
     # a pipeline inside each worker: a copy of the model spans pipeline_degree x tensor_degree ranks
     stages = s.parallel.pipeline_degree if isinstance(s.parallel, PipelineSettings) else 1
+    if stages > 1 and s.parallel.fsdp:
+        err(
+            "parallel.fsdp",
+            "FSDP2 per pipeline stage inside DiLoCo workers is not supported in this version: a "
+            "worker's pipelines are replicas that sum their gradients",
+            hint="remove fsdp: true",
+        )
+        return None
     # by default a worker is one rank, one tensor-parallel group, or one pipeline
     workers = s.nproc // (tensor * stages) if d.workers is None else d.workers
     if s.nproc % workers:

@@ -649,13 +649,18 @@ def test_workers_of_two_pipelines_match_workers_of_one_rank(full, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
-def test_pipeline_workers_are_planned_and_their_rules_are_errors():
+def test_pipeline_workers_are_planned_and_their_rules_are_errors(tmp_path):
     flags = ["-D", "trainer_type=diloco", "-D", "pipeline_degree=2"]
     proc = run_fgc("explain", EXAMPLE, *flags, "-D", "nproc=8", "-D", "tensor_degree=2")
     assert proc.returncode == 0, proc.stderr
     assert "mesh: diloco=2 x dp=1 x pp=2 x tp=2" in proc.stdout
     assert ("DiLoCo: 2 workers of 4 ranks (a pipeline of 2 stages x tensor parallel over 2 ranks inside a "
             "worker)") in proc.stdout
+    # each rank keeps the global parameters and momentum of its stages only: the busiest rank's
+    # (stage 0: the embedding and 2 of the 3 layers, 227,808 parameters) x 8 bytes
+    proc = run_fgc("explain", EXAMPLE, *flags, "-D", "nproc=4")
+    assert "stage 0 on rank 0: embedding, layers 0-1: 227,808 parameters" in proc.stdout
+    assert re.search(r"outer \(DiLoCo\) +1\.7 MiB", proc.stdout)
     proc = run_fgc("check", EXAMPLE, *flags, "-D", "nproc=6", "-D", "diloco_workers=2")
     assert proc.returncode == 2
     assert "error: a DiLoCo worker's 3 ranks (nproc 6 / 2 workers) do not split into pipelines of pipeline_degree 2" \
@@ -666,6 +671,16 @@ def test_pipeline_workers_are_planned_and_their_rules_are_errors():
     proc = run_fgc("check", EXAMPLE, *flags, "-D", "nproc=4", "-D", "sample_every=2")
     assert proc.returncode == 2
     assert "text samples need the whole model on a rank: not available with pipeline stages" in proc.stderr
+    # a config that writes the pipeline settings itself: FSDP2 per stage is an error at its line
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f'-- extends "{EXAMPLE}"\n[parallel]\n.parallel: &parallel !singleton:fgc.settings:PipelineSettings@parallel\n'
+        "    nproc: 4\n    pipeline_degree: 2\n    data_degree: 2\n    fsdp: true\n"
+    )
+    proc = run_fgc("check", cfg, "-D", "trainer_type=diloco")
+    assert proc.returncode == 2
+    assert (f"cfg.yaml:{line_of(cfg, 'fsdp: true')}: error: FSDP2 per pipeline stage inside DiLoCo workers is "
+            "not supported in this version") in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -691,3 +706,32 @@ def test_workers_of_a_tensor_parallel_pipeline_match_workers_of_one_rank(tp_runs
     a, b = _load(run / "checkpoints" / end / "model.pt"), _load(plain_run / "checkpoints" / end / "model.pt")
     for name in b:  # merged from the stages, each gathered from its tensor-parallel ranks
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sharded_workers_with_the_chunked_loss_evaluate_and_sample_the_global_model(tmp_path):
+    """DiLoCo around FSDP2 with the chunked loss head (the FSDP2 root is the head around the
+    model): 2 workers of 2 ranks train, evaluate and sample as 2 one-rank workers do. Evaluation
+    and samples run on the global model, put into every rank's shards and taken out again."""
+    knobs = ["-D", "trainer_type=diloco", "-D", "diloco_inner_steps=2", "-D", "max_steps=4",
+             "-D", "num_hidden_layers=2", "-D", "eval_every=2", "-D", "sample_every=2", "-D", "loss_impl=chunked"]
+    runs = {}
+    for name, flags, nproc in (("one", [], 2),
+                               ("sharded", ["-D", "nproc=4", "-D", "diloco_workers=2", "-D", "diloco_fsdp=true"], 4)):
+        pkg = tmp_path / f"pkg_{name}"
+        run_fgc("build", EXAMPLE, "-o", pkg, *knobs, *flags, check=True)
+        assert _plan(pkg)["kernels"]["cross_entropy"]["impl"] == "chunked"
+        proc = _torchrun(pkg, tmp_path / f"run_{name}", nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(x) for x in (tmp_path / f"run_{name}" / "metrics.jsonl").read_text().splitlines()]
+        samples = [line for line in proc.stdout.splitlines() if line.startswith("sample at step")]
+        runs[name] = (records, samples)
+    (got, got_samples), (want, want_samples) = runs["sharded"], runs["one"]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            assert (key in a) == (key in b)
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    assert [r["step"] for r in got if "eval_loss" in r] == [2, 4]
+    assert len(got_samples) == 2 and got_samples == want_samples  # the same greedy text
