@@ -184,12 +184,15 @@ class DiLoCoSettings:
     copies.
 
     ``workers``: how many workers the ``nproc`` ranks form (None: every rank is one, or with
-    ``parallel.tensor_degree`` T, every tensor-parallel group of T ranks). With W < nproc, each
+    ``parallel.tensor_degree`` T, every tensor-parallel group of T ranks, or with
+    :class:`PipelineSettings`, every pipeline of ``pipeline_degree`` x T ranks). With W < nproc, each
     worker is ``nproc / W`` neighbouring ranks training one copy of the model: split over
     tensor-parallel groups of T ranks when T > 1, and with DDP over the worker's
     ``nproc / (W * T)`` data-parallel ranks (their gradients averaged every step), or, when the
-    trainer's ``parallel`` settings are :class:`FSDPSettings`, sharded over them with FSDP2; the
-    workers still sync only every ``inner_steps`` steps."""
+    trainer's ``parallel`` settings are :class:`FSDPSettings`, sharded over them with FSDP2
+    (HSDP with ``replicate_degree``); with :class:`PipelineSettings` a worker is one or more
+    pipelines, which sum their gradients. The workers still sync only every ``inner_steps``
+    steps."""
 
     inner_steps: Count = 20
     outer_lr: Positive = 0.7
@@ -332,7 +335,8 @@ class PipelineTrainer(DDPTrainer):
 class DiLoCoTrainer(DDPTrainer):
     """DiLoCo over ``parallel.nproc`` ranks per node: each worker (a rank, or with
     ``diloco.workers`` a group of ranks running DDP, or FSDP2 with ``parallel: FSDPSettings``,
-    and tensor parallelism with ``parallel.tensor_degree``)
+    one or more pipelines with ``parallel: PipelineSettings``, and tensor parallelism with
+    ``parallel.tensor_degree``)
     trains its own copy of the model with its own inner optimizer on its share of the batch, with
     no gradient all-reduce between workers, and the workers sync every ``diloco.inner_steps``
     steps (see :class:`DiLoCoSettings`)."""
