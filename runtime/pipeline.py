@@ -21,7 +21,6 @@ schedule's gradients are those of the step loss with no further scaling (``scale
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -31,7 +30,7 @@ from . import distributed
 from .checkpoint import ModelState, does_not_fit
 from .errors import RunError
 from .parallel import has_method
-from .step import StepTotals
+from .step import OuterLoop
 
 SCHEDULE_CLASSES = {
     "gpipe": "ScheduleGPipe",
@@ -391,7 +390,7 @@ def all_reduce_grads(part: nn.Module, group) -> None:
             torch.distributed.all_reduce(_local(p.grad), group=group)
 
 
-class PipelineSync:
+class PipelineSync(OuterLoop):
     """How a pipeline step is shared over the ranks: the methods of
     :class:`fgc_runtime.step.StepSync` that the generated loop calls around the schedule, for a
     pipeline rank's PART of the model on MESH (a :class:`fgc_runtime.mesh.Mesh` with ``pp``).
@@ -405,8 +404,8 @@ class PipelineSync:
 
     With DiLoCo (OUTER, a :class:`fgc_runtime.diloco.DiLoCo` over the part), each worker is one
     or more pipelines: "the replicas" and "every rank" are those of the worker, and the step's
-    totals, end and evaluation weights are the outer loop's, as in
-    :class:`fgc_runtime.step.StepSync`."""
+    totals, end and evaluation weights are the outer loop's (:class:`fgc_runtime.step.OuterLoop`,
+    as for :class:`fgc_runtime.step.StepSync`)."""
 
     def __init__(self, part: nn.Module, dist, mesh, *, sharded: bool, outer=None):
         self.part, self.dist, self.mesh, self.sharded, self.outer = part, dist, mesh, sharded, outer
@@ -439,24 +438,6 @@ class PipelineSync:
             torch.distributed.all_reduce(loss_sum, group=self.mesh.worker_all_group)
             return loss_sum
         return distributed.all_reduce_sum(loss_sum, self.dist)
-
-    def totals(self, loss_sum: torch.Tensor, count: torch.Tensor, tokens: int, norm) -> StepTotals:
-        """The step's numbers for its record and its non-finite check: as they are, or with
-        DiLoCo over every worker (:meth:`fgc_runtime.step.StepSync.totals`)."""
-        if self.outer is None:
-            return StepTotals(loss_sum, count, tokens, norm)
-        loss_sum, count, tokens, norm = self.outer.global_sum([loss_sum.item(), count.item(), tokens, norm])
-        return StepTotals(loss_sum, count, int(tokens), norm / self.outer.workers)
-
-    def end_step(self, last: bool) -> None:
-        """After the optimizer step: DiLoCo's outer step when its round is complete (nothing
-        without DiLoCo)."""
-        if self.outer is not None:
-            self.outer.step(last=last)
-
-    def eval_weights(self):
-        """Evaluation uses the model as it is, or with DiLoCo the global parameters."""
-        return self.outer.global_model() if self.outer is not None else contextlib.nullcontext()
 
     def train_state(self, optimizer: torch.optim.Optimizer) -> ModelState:
         """What a checkpoint holds: the whole model, merged from the pipeline ranks of the first

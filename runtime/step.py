@@ -58,7 +58,37 @@ class StepTotals(NamedTuple):
         return float(self.loss_sum / self.count)
 
 
-class StepSync:
+class OuterLoop:
+    """What a step sync does about DiLoCo's outer loop (``outer``: a
+    :class:`fgc_runtime.diloco.DiLoCo`, or None): the step's totals over every worker, the outer
+    step at a step's end, the global parameters for evaluation. :class:`StepSync` and
+    :class:`fgc_runtime.pipeline.PipelineSync` share it."""
+
+    outer = None
+
+    def totals(self, loss_sum: torch.Tensor, count: torch.Tensor, tokens: int, norm) -> StepTotals:
+        """The step's :class:`StepTotals` from its LOSS_SUM and target COUNT (over the ranks
+        already), this rank's TOKENS and the gradient NORM. With DiLoCo, over every worker: one
+        small all-reduce a step, although nothing else is synced between rounds."""
+        if self.outer is None:
+            return StepTotals(loss_sum, count, tokens, norm)
+        loss_sum, count, tokens, norm = self.outer.global_sum([loss_sum.item(), count.item(), tokens, norm])
+        return StepTotals(loss_sum, count, int(tokens), norm / self.outer.workers)
+
+    def end_step(self, last: bool) -> None:
+        """After the optimizer step. With DiLoCo, count an inner step and, every
+        ``inner_steps`` steps and at the LAST step (so the final model is the global one),
+        average the workers' pseudo-gradients and take the outer step."""
+        if self.outer is not None:
+            self.outer.step(last=last)
+
+    def eval_weights(self):
+        """The context for evaluation and samples: the model as it is, or with DiLoCo the
+        global parameters as of the last sync (this worker's own are put back on the way out)."""
+        return self.outer.global_model() if self.outer is not None else contextlib.nullcontext()
+
+
+class StepSync(OuterLoop):
     """The sharing of a step over a group of ranks (:func:`step_sync` picks one).
 
     - ``group``: the ranks that read different batches, over which targets and losses are
@@ -150,27 +180,6 @@ class StepSync:
         if self.outer is not None:
             return self.outer.global_sum([aux.item()])[0] / self.outer.workers
         return self._sum(aux).item() / self.grad_scale
-
-    def totals(self, loss_sum: torch.Tensor, count: torch.Tensor, tokens: int, norm) -> StepTotals:
-        """The step's :class:`StepTotals` from its LOSS_SUM and target COUNT (over the ranks
-        already), this rank's TOKENS and the gradient NORM. With DiLoCo, over every worker: one
-        small all-reduce a step, although nothing else is synced between rounds."""
-        if self.outer is None:
-            return StepTotals(loss_sum, count, tokens, norm)
-        loss_sum, count, tokens, norm = self.outer.global_sum([loss_sum.item(), count.item(), tokens, norm])
-        return StepTotals(loss_sum, count, int(tokens), norm / self.outer.workers)
-
-    def end_step(self, last: bool) -> None:
-        """After the optimizer step. With DiLoCo, count an inner step and, every
-        ``inner_steps`` steps and at the LAST step (so the final model is the global one),
-        average the workers' pseudo-gradients and take the outer step."""
-        if self.outer is not None:
-            self.outer.step(last=last)
-
-    def eval_weights(self):
-        """The context for evaluation and samples: the model as it is, or with DiLoCo the
-        global parameters as of the last sync (this worker's own are put back on the way out)."""
-        return self.outer.global_model() if self.outer is not None else contextlib.nullcontext()
 
     def train_state(self, optimizer: torch.optim.Optimizer) -> ModelState:
         """What a checkpoint holds of the model and OPTIMIZER: DiLoCo's global and per-worker

@@ -294,19 +294,9 @@ def test_workers_of_two_ranks_match_workers_of_one_rank_and_resume_bitwise(full,
     full_run = tmp_path / "full"
     proc = _torchrun(pkg, full_run, nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = {r["step"]: r for r in map(json.loads, (full_run / "metrics.jsonl").read_text().splitlines())}
-    want = {r["step"]: r for r in map(json.loads, (two_run / "metrics.jsonl").read_text().splitlines())}
-    assert sorted(records) == list(range(1, STEPS + 1))
-    for step, record in records.items():
-        # the loss, the workers' mean grad norm and the token count are the 2-worker run's
-        assert record["tokens"] == want[step]["tokens"] == step * 16 * 128
-        assert record["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
-        assert record["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
+    # the loss, the workers' mean grad norm, the token count and the model: the 2-worker run's
+    a, b = _assert_same_run(full_run, two_run)
     end = f"step-{STEPS:08d}"
-    a, b = _load(full_run / "checkpoints" / end / "model.pt"), _load(two_run / "checkpoints" / end / "model.pt")
-    assert sorted(a) == sorted(b)
-    for name in b:  # whole tensors, gathered from a sharded worker's ranks
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     outer_a = _load(full_run / "checkpoints" / end / "optimizer.pt")["outer_params"]
     outer_b = _load(two_run / "checkpoints" / end / "optimizer.pt")["outer_params"]
     for name in outer_b:
@@ -389,6 +379,24 @@ def _records(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
+def _assert_same_run(run: Path, want_run: Path) -> tuple[dict, dict]:
+    """RUN logged the steps of WANT_RUN with the same tokens, losses (to 1e-6) and norms (to
+    1e-5), and its last checkpoint's model.pt (whole tensors) is WANT_RUN's; returns the two."""
+    got, want = _records(run), _records(want_run)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step]["tokens"] == want[step]["tokens"] == step * 16 * 128
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6), step
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5), step
+    end = f"step-{STEPS:08d}"
+    a, b = _load(run / "checkpoints" / end / "model.pt"), _load(want_run / "checkpoints" / end / "model.pt")
+    assert sorted(a) == sorted(b)
+    for name in b:
+        assert a[name].shape == b[name].shape
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    return a, b
+
+
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory):
     """2 workers of one rank (no tensor parallelism), and 2 workers of a tensor-parallel group of 2
@@ -417,18 +425,8 @@ def test_workers_of_a_tensor_parallel_group_match_workers_of_one_rank_and_resume
     assert plan["mesh"] == {"diloco": 2, "tp": 2}
     assert plan["diloco"]["inner"] == "none" and plan["diloco"]["data_ranks_per_worker"] == 1
     assert plan["diloco"]["ranks_per_worker"] == 2 and plan["tensor_parallel"]["degree"] == 2
-    got, want = _records(run), _records(plain_run)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in got:
-        assert got[step]["tokens"] == want[step]["tokens"] == step * 16 * 128
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
-        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
+    a, b = _assert_same_run(run, plain_run)
     end = run / "checkpoints" / f"step-{STEPS:08d}"
-    a, b = _load(end / "model.pt"), _load(plain_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
-    assert sorted(a) == sorted(b)
-    for name in b:  # whole tensors, gathered from each worker's tensor-parallel ranks
-        assert a[name].shape == b[name].shape
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     # each rank's own state is its shard: q_proj splits its output rows over the 2 ranks
     q = "model.layers.0.self_attn.q_proj.weight"
     own = _load(end / "state-rank1.pt")["model"][q]
@@ -465,16 +463,7 @@ def test_workers_of_two_tensor_parallel_groups_match_workers_of_one(tp_runs, tmp
     run = tmp_path / "run"
     proc = _torchrun(pkg, run, nproc=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, want = _records(run), _records(want_run)
-    assert sorted(got) == sorted(want)
-    for step in got:
-        assert got[step]["tokens"] == want[step]["tokens"]
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
-        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
-    end = f"step-{STEPS:08d}"
-    a, b = _load(run / "checkpoints" / end / "model.pt"), _load(want_run / "checkpoints" / end / "model.pt")
-    for name in b:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    a, b = _assert_same_run(run, want_run)
 
 
 def test_tensor_parallel_workers_are_planned_and_a_degree_that_does_not_divide_a_worker_is_an_error(tmp_path):
@@ -519,16 +508,7 @@ def test_hsdp_inside_workers_matches_workers_of_one_rank_and_resumes_bitwise(ful
     run = tmp_path / "full"
     proc = _torchrun(pkg, run, nproc=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, want = _records(run), _records(two_run)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in got:
-        assert got[step]["tokens"] == want[step]["tokens"]
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
-        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
-    end = f"step-{STEPS:08d}"
-    a, b = _load(run / "checkpoints" / end / "model.pt"), _load(two_run / "checkpoints" / end / "model.pt")
-    for name in b:  # whole tensors, gathered from each worker's shards
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    a, b = _assert_same_run(run, two_run)
 
     script = tmp_path / "stop.py"
     script.write_text(SIGTERM_AT_STEP_4)
@@ -545,7 +525,7 @@ def test_hsdp_inside_workers_matches_workers_of_one_rank_and_resumes_bitwise(ful
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     assert _losses(stopped_run) == _losses(run)  # bitwise
-    c = _load(stopped_run / "checkpoints" / end / "model.pt")
+    c = _load(stopped_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
@@ -588,17 +568,8 @@ def test_workers_of_a_pipeline_match_workers_of_one_rank_and_resume_bitwise(full
     run = tmp_path / "full"
     proc = _torchrun(pkg, run, nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, want = _records(run), _records(two_run)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in got:
-        assert got[step]["tokens"] == want[step]["tokens"]
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
-        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
+    a, b = _assert_same_run(run, two_run)
     end = run / "checkpoints" / f"step-{STEPS:08d}"
-    a, b = _load(end / "model.pt"), _load(two_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
-    assert sorted(a) == sorted(b)  # the whole model, merged from the two stages
-    for name in b:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     outer, want_outer = _load(end / "optimizer.pt"), _load(two_run / "checkpoints" / f"step-{STEPS:08d}" / "optimizer.pt")
     assert sorted(outer["outer_params"]) == sorted(want_outer["outer_params"])
     for name, value in want_outer["outer_params"].items():
@@ -637,16 +608,7 @@ def test_workers_of_two_pipelines_match_workers_of_one_rank(full, tmp_path):
     run = tmp_path / "run"
     proc = _torchrun(pkg, run, nproc=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, want = _records(run), _records(two_run)
-    assert sorted(got) == sorted(want)
-    for step in got:
-        assert got[step]["tokens"] == want[step]["tokens"]
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
-        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
-    end = f"step-{STEPS:08d}"
-    a, b = _load(run / "checkpoints" / end / "model.pt"), _load(two_run / "checkpoints" / end / "model.pt")
-    for name in b:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    a, b = _assert_same_run(run, two_run)
 
 
 def test_pipeline_workers_are_planned_and_their_rules_are_errors(tmp_path):
@@ -697,15 +659,7 @@ def test_workers_of_a_tensor_parallel_pipeline_match_workers_of_one_rank(tp_runs
     run = tmp_path / "run"
     proc = _torchrun(pkg, run, nproc=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, want = _records(run), _records(plain_run)
-    assert sorted(got) == sorted(want)
-    for step in got:
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6)
-        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5)
-    end = f"step-{STEPS:08d}"
-    a, b = _load(run / "checkpoints" / end / "model.pt"), _load(plain_run / "checkpoints" / end / "model.pt")
-    for name in b:  # merged from the stages, each gathered from its tensor-parallel ranks
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    a, b = _assert_same_run(run, plain_run)
 
 
 @pytest.mark.slow

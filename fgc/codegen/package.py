@@ -291,11 +291,10 @@ class PackageBuilder:
             mesh = dict(plan.mesh)
             if "dp_replicate" in mesh:
                 description += f": {mesh['dp_replicate']} copies (HSDP), each sharded over {mesh['dp_shard']} ranks"
-            if plan.diloco:  # the workers were described
-                pass
-            elif plan.tensor_parallel and plan.pipeline:
+            # (DiLoCo's workers were described above, their tensor and pipeline dimensions too)
+            if plan.tensor_parallel and plan.pipeline and not plan.diloco:
                 description += f": the layers of each stage split over {mesh['tp']} tensor-parallel ranks"
-            elif plan.tensor_parallel:
+            elif plan.tensor_parallel and not plan.diloco:
                 groups = plan.nproc // mesh["tp"]
                 description += f"{',' if 'dp_replicate' in mesh else ':'} {groups} data-parallel groups x {mesh['tp']} tensor-parallel ranks"
             if plan.pipeline and not plan.diloco:
