@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +39,11 @@ class Compiled:
     @property
     def warnings(self) -> list[Diagnostic]:
         return self.rendered.warnings + self.ctx.sink.warnings
+
+    @functools.cached_property
+    def program(self):
+        """The training program (fgc_lowering.program.Program): codegen's single input."""
+        return self.ctx.program(self.ir, self.rendered)
 
 
 def compile_config(
@@ -270,11 +276,11 @@ def refuse_protected(out: Path, target: Path, protected: list[tuple[Path, str]])
             )
 
 
-def protected_inputs(compiled: Compiled, data_inputs: list[Path]) -> list[tuple[Path, str]]:
+def protected_inputs(program, data_inputs: list[Path]) -> list[tuple[Path, str]]:
     """What a build never builds over: the current directory, the config, every template the
     render read and every directory it searched (-I included), and what the package is made
     from (text files, the pretrained model directory) or reads by default (the data directory)."""
-    rendered, settings = compiled.rendered, compiled.ctx.settings
+    rendered, settings = program.source, program.settings
     config = Path(rendered.source.path)
     found = [(Path.cwd(), "the current directory"), (config, f"the config file {_show(config)}")]
     found += [(f.path, f"the template {_show(f.path)}") for f in rendered.files.values()]
@@ -474,11 +480,11 @@ def _write_files(out: Path, tmp: Path, files: Mapping[str, bytes]) -> None:
             ) from None
 
 
-def _smoke(compiled: Compiled, tmp: Path) -> None:
-    """The smoke check, writing no __pycache__ into the package."""
+def _smoke(program, tmp: Path) -> None:
+    """The smoke check of PROGRAM's package in TMP, writing no __pycache__ into the package."""
     from .codegen.smoke import smoke_check
 
-    ir, symbols = compiled.ir, compiled.ctx.symbols
+    ir, symbols = program.graph, program.symbols
     model_nodes = ir.reachable(ir.targets["model"])
     callables = {symbols[n].qualname.split(".")[-1]: ir.node(n).loc for n in model_nodes if n in symbols}
     saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
@@ -567,9 +573,9 @@ def build_package(
     out = Path(out)
     target = output_path(out)
     _check_path(out, target)
-    builder = PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx)
+    builder = PackageBuilder(compiled.program)
     package = builder.build()
-    refuse_protected(out, target, protected_inputs(compiled, builder.data_inputs))
+    refuse_protected(out, target, protected_inputs(compiled.program, builder.data_inputs))
     clean_leftovers(target, note)
     scan = check_output_dir(out, force)  # after the cleanup, which may have moved entries back
     kept = scan.others if scan else []
@@ -585,7 +591,7 @@ def build_package(
         tmp = _make_tmp(out, target, package.files)
         _write_files(out, tmp, package.files)
         if smoke:
-            _smoke(compiled, tmp)
+            _smoke(compiled.program, tmp)
         old = _install(out, target, tmp, kept)
     except BaseException:
         if tmp is not None:

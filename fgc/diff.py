@@ -65,7 +65,7 @@ def package_files(
         hashed = {rel: digest for rel, digest in outputs.items() if rel not in files and isinstance(digest, str)}
         return files, None, hashed
     compiled = compile_config(path, include_dirs, variables, project_dir=project_dir)
-    package = PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build()
+    package = PackageBuilder(compiled.program).build()
     return package.files, resolved_values(compiled.ir), {}
 
 

@@ -418,7 +418,7 @@ def explain_summary(compiled: Compiled) -> str:
     if compiled.ctx.dynamic_args:
         from fgc_lowering.dynamic_args import check_run_time_reads
 
-        errors = check_run_time_reads(compiled.ir, compiled.ctx)
+        errors = check_run_time_reads(compiled.ir, compiled.ctx.dynamic_args)
         if errors:  # as fgc build says: a flag whose value fgc reads at build time
             raise FgcError(diagnostics=[Diagnostic(m, loc, hint) for m, loc, hint in errors])
         lines += ["", "the config's own train.py flags (dynamic_args; the default is the value built with):"]

@@ -31,10 +31,22 @@ class LoweringContext:
     # the config's own train.py flags (its dynamic_args): name -> fgc_lowering.dynamic_args.DynamicArg
     dynamic_args: dict = field(default_factory=dict)
 
-    def program(self):
-        """The training program lowering has decided so far (None before the plan exists)."""
+    def program(self, ir: Any = None, source: Any = None):
+        """The training program lowering has decided so far, over the graph IR of the rendered
+        config SOURCE (None before the plan exists)."""
+        from .construct import meta_model
         from .program import Program
 
         if self.settings is None or self.plan is None:
             return None
-        return Program(self.settings, self.plan, self.provenance)
+        return Program(
+            self.settings,
+            self.plan,
+            self.provenance,
+            graph=ir,
+            symbols=dict(self.symbols),
+            flags=dict(self.dynamic_args),
+            source=source,
+            variables=dict(self.variables),
+            model_on_meta=(lambda: meta_model(ir, self)) if ir is not None else None,
+        )

@@ -299,16 +299,16 @@ def check_unused(ir: IRGraph, ctx: LoweringContext) -> None:
         ctx.sink.error(f"dynamic arg {name!r}: no !var of this config reads it", arg.loc, hint=hint)
 
 
-def flag_nodes(ctx: LoweringContext) -> dict[str, str]:
-    """Node id -> the flag's NAME, for every value a flag replaces at run time."""
-    return {nid: name for name, arg in ctx.dynamic_args.items() for nid in arg.nodes}
+def flag_nodes(flags: dict[str, DynamicArg]) -> dict[str, str]:
+    """Node id -> the flag's NAME, for every value a flag of FLAGS replaces at run time."""
+    return {nid: name for name, arg in flags.items() for nid in arg.nodes}
 
 
-def check_run_time_reads(ir: IRGraph, ctx: LoweringContext) -> list[tuple[str, Location, str]]:
+def check_run_time_reads(ir: IRGraph, flags: dict[str, DynamicArg]) -> list[tuple[str, Location, str]]:
     """(message, location, hint) for each flag's value that fgc reads at build time (the model,
     the trainer settings, a key that codegen or the checks read) or that no target of train.py
     reads at all: such a value cannot change at run time."""
-    nodes = flag_nodes(ctx)
+    nodes = flag_nodes(flags)
     if not nodes:
         return []
     reach = {t: set(ir.reachable(nid)) for t, nid in ir.targets.items() if t != TARGET}
@@ -316,7 +316,7 @@ def check_run_time_reads(ir: IRGraph, ctx: LoweringContext) -> list[tuple[str, L
     for nid, name in nodes.items():
         if nid not in ir.g:
             continue
-        arg = ctx.dynamic_args[name]
+        arg = flags[name]
         loc = ir.node(nid).loc
         hint = f"the flag is declared at {arg.loc}"
         head = f"!var {name} is the train.py flag {arg.flags[0]}, but"

@@ -48,7 +48,7 @@ def lower(
         ir = p.run(ir, ctx)
         if dump_after == p.name:
             dump(f"# IR after {p.name}: {p.purpose}\n{ir.dump()}")
-            program = ctx.program()
+            program = ctx.program(ir)
             dump(
                 f"# training program after {p.name}\n{program.dump()}"
                 if program is not None

@@ -448,7 +448,7 @@ def test_values_survive_into_generated_code(tmp_path_factory, text, number):
         "    data_dir: {{ text | toyaml }}\n"
     )
     compiled = compile_config(cfg, variables={"text": text, "number": number})
-    files = PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build().files
+    files = PackageBuilder(compiled.program).build().files
     source = files["train.py"].decode()
     tree = ast.parse(source)  # compiles
     namespace: dict = {}

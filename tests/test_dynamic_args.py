@@ -216,3 +216,29 @@ def test_the_value_must_be_of_the_flags_type(tmp_path):
         f"{cfg}:{line_of(cfg, 'lr: !var')}: error: !var lr is the train.py flag --lr of type int, "
         "but its value 0.001 is not a int"
     ), proc.stderr
+
+
+def test_the_training_program_carries_the_flags_and_is_codegens_only_input(tmp_path):
+    import inspect
+
+    from fgc.build import compile_config
+    from fgc.codegen.package import PackageBuilder
+
+    cfg = config(tmp_path)
+    dumps: list[str] = []
+    compiled = compile_config(cfg, dump_after="select-kernels", dump=dumps.append)
+    program = json.loads(dumps[1].split("\n", 1)[1])
+    flag = program["flags"]["lr"]
+    assert flag["flags"] == ["--lr"] and flag["type"] == "float" and flag["value"] == "0.001"
+    assert flag["help"] == "peak learning rate" and flag["declared_at"].endswith(f"{cfg.name}:{line_of(cfg, 'dynamic_args:') + 1}")
+    # the node the flag replaces is the optimizer's lr, whose callable the program names
+    assert len(flag["nodes"]) == 1
+    optimizer = [nid for nid, spec in program["callables"].items() if spec == "torch.optim:AdamW"]
+    assert optimizer == [compiled.ir.targets["optimizer"]]
+    assert flag["nodes"][0] in compiled.ir.reachable(optimizer[0])
+    # codegen takes the program and nothing else: the same package as `fgc build` writes
+    assert list(inspect.signature(PackageBuilder).parameters) == ["program"]
+    files = PackageBuilder(compiled.program).build().files
+    run_fgc("build", cfg, "-o", tmp_path / "pkg", "--no-smoke", check=True)
+    for rel, data in files.items():
+        assert (tmp_path / "pkg" / rel).read_bytes() == data, rel

@@ -179,7 +179,7 @@ def program(config: Path, variables: dict) -> tuple[str, str, str] | FgcError:
     except FgcError as exc:
         return exc
     data = compiled.ctx.program().to_data()
-    builder = PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx)
+    builder = PackageBuilder(compiled.program)
     common = builder.common()
     return (
         json.dumps({"settings": data["settings"], "plan": data["plan"]}, sort_keys=True, default=str),

@@ -400,7 +400,7 @@ def library_line(prefix: str) -> int:
 
 def train_py(**variables) -> str:
     compiled = compile_config(EXAMPLE, variables=variables)
-    return PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build().files["train.py"].decode()
+    return PackageBuilder(compiled.program).build().files["train.py"].decode()
 
 
 def errors(**variables) -> list:

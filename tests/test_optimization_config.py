@@ -18,7 +18,7 @@ LIB_TRAIN = LIBRARY_DIR / "lm" / "train.yaml"
 
 def train_py(**variables) -> str:
     compiled = compile_config(EXAMPLE, variables=variables)
-    return PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build().files["train.py"].decode()
+    return PackageBuilder(compiled.program).build().files["train.py"].decode()
 
 
 def errors(config=EXAMPLE, **variables) -> list[tuple[str, int, str]]:

@@ -105,7 +105,7 @@ def build_files(config: Path, inc: Path) -> dict[str, bytes]:
     saved = set(sys.modules)
     try:
         compiled = compile_config(config, (str(inc),))
-        return PackageBuilder(compiled.rendered, compiled.ir, compiled.ctx).build().files
+        return PackageBuilder(compiled.program).build().files
     finally:
         for name in set(sys.modules) - saved:  # the include folder's module, loaded by name
             if name.startswith("fgc_user_"):

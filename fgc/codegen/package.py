@@ -27,10 +27,8 @@ import fgc_codegen_templates
 from fgc import cache
 import fgc_runtime
 from fgc.errors import Diagnostic, FgcError, Location
-from fgc.frontend.render import Rendered
 from fgc.frontend.templates import library_name
-from fgc.ir import IRGraph
-from fgc_lowering.context import LoweringContext
+from fgc_lowering.program import Program
 from fgc_lowering.dynamic_args import DynamicArg, check_run_time_reads, flag_nodes
 from fgc_lowering.plan_diloco import describe_workers
 
@@ -250,11 +248,10 @@ class Package:
 class PackageBuilder:
     """Builds the package files for one lowered config."""
 
-    def __init__(self, rendered: Rendered, ir: IRGraph, ctx: LoweringContext):
-        self.rendered = rendered
-        self.ir = ir
-        self.ctx = ctx
-        self.config_dir = ctx.config.parent
+    def __init__(self, program: Program):
+        self.program = program
+        self.ir = program.graph
+        self.config_dir = program.config.parent
         self.jinja = _jinja()
         self.third_party: set[str] = set()
         self.data_inputs: list[Path] = []  # text files tokenized into data/ (manifest inputs)
@@ -275,7 +272,7 @@ class PackageBuilder:
 
     # -- pieces ---------------------------------------------------------------------------------
     def common(self) -> dict:
-        plan = self.ctx.plan
+        plan = self.program.plan
         if plan.launcher == "torchrun":
             run = f"torchrun --nproc-per-node {plan.nproc} train.py"
             kind = {
@@ -307,10 +304,10 @@ class PackageBuilder:
         else:
             run = "python train.py"
             description = "one process (basic trainer)"
-        data = self.ctx.settings.data
+        data = self.program.settings.data
         return {
-            "config_name": self.ctx.config.stem if self.ctx.config.stem != "train" else self.ctx.config.parent.name,
-            "config_display": self.stable_path(self.ctx.config),
+            "config_name": self.program.config.stem if self.program.config.stem != "train" else self.program.config.parent.name,
+            "config_display": self.stable_path(self.program.config),
             "fgc_version": fgc.__version__,
             "plan": plan,
             "trainer_type": plan.trainer_type,
@@ -343,7 +340,7 @@ class PackageBuilder:
             "text_files": list(data.text_files or ()),
             "data_dir": data.data_dir,
             "ships_data": bool(data.text_files),
-            "output_dir": self.ctx.settings.output_dir,
+            "output_dir": self.program.settings.output_dir,
             # the model is built on the meta device and each rank materialises its share
             "meta_init": self.meta_init(),
             # the model kernels that run in Triton (the select-kernels pass): train.py checks the device
@@ -358,30 +355,30 @@ class PackageBuilder:
         (``fgc.components.*``, ``fgc.families.*``; whose init_weights gives any share the whole
         model's values)."""
         model_root = self.ir.targets["model"]
-        symbol = self.ctx.symbols.get(model_root)
+        symbol = self.program.symbols.get(model_root)
         # symbol.obj is the class the config calls: init_weights is its method
         initialises = symbol is not None and callable(getattr(symbol.obj, "init_weights", None))
         # init_weights initialises the library's parts; a part of the user's own could hold a
         # parameter it does not know, which would stay uninitialised memory after to_empty()
         library_only = all(
-            not self.ctx.symbols[n].is_user_code
-            and self.ctx.symbols[n].module.startswith(("fgc.components.", "fgc.families.", "torch"))
+            not self.program.symbols[n].is_user_code
+            and self.program.symbols[n].module.startswith(("fgc.components.", "fgc.families.", "torch"))
             for n in self.ir.reachable(model_root)
-            if n in self.ctx.symbols
+            if n in self.program.symbols
         )
-        return self.ctx.plan.trainer_type in ("pipeline", "fsdp2") and initialises and library_only
+        return self.program.plan.trainer_type in ("pipeline", "fsdp2") and initialises and library_only
 
     def model_py(self, common: dict) -> str:
         model_root = self.ir.targets["model"]
         symbols = [
-            self.ctx.symbols[n] for n in self.ir.reachable(model_root) if n in self.ctx.symbols
+            self.program.symbols[n] for n in self.ir.reachable(model_root) if n in self.program.symbols
         ]
         try:
             vendored = vendor_symbols(symbols, self.stable_path)
         except VendorError as exc:
             raise FgcError(str(exc), self.ir.node(model_root).loc) from None
         imports = ImportTable({"torch"})
-        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, vendored)
+        emitter = TargetEmitter(self.ir, self.program.symbols, imports, vendored)
         statements, var = emitter.emit("model")
         body = [code(s).strip() for s in statements]
         weights_dir, weights_where = self.pretrained()
@@ -408,19 +405,19 @@ class PackageBuilder:
     def pretrained(self) -> tuple[str | None, str]:
         """The Hugging Face model directory the model starts from (None: fresh), and where the
         config set it."""
-        model_dir = self.ctx.settings.pretrained.model_dir
+        model_dir = self.program.settings.pretrained.model_dir
         if model_dir is None:
             return None, ""
         trainer = self.ir.node(self.ir.targets["trainer"])
         node = self.ir.node(trainer.kwargs["pretrained"])
-        origins = self.rendered.origins_of(self.ir.node(node.kwargs["model_dir"]).loc)
+        origins = self.program.source.origins_of(self.ir.node(node.kwargs["model_dir"]).loc)
         loc, dvar = origins[-2] if len(origins) > 1 else origins[-1]
         return model_dir, f"{dvar} ({self.where(loc)})" if dvar else self.where(loc)
 
     def tensor_rules(self) -> list[dict]:
         """The tensor name rules of the pretrained model's family (``fgc.families``), where its
         checkpoint's names or layouts are not fgc's; [] without pretrained weights or rules."""
-        model_dir = self.ctx.settings.pretrained.model_dir
+        model_dir = self.program.settings.pretrained.model_dir
         if model_dir is None:
             return []
         from fgc.families import BY_MODEL_TYPE
@@ -439,10 +436,9 @@ class PackageBuilder:
         :mod:`fgc.hf`), decided from the model built on the meta device (None when it does not
         build: the smoke check then reports why, at the config line to blame)."""
         from fgc.hf import export_spec
-        from fgc_lowering.construct import meta_model
 
         source = None
-        model_dir = self.ctx.settings.pretrained.model_dir
+        model_dir = self.program.settings.pretrained.model_dir
         if model_dir is not None:
             config_json = Path(model_dir) / "config.json"
             try:
@@ -453,22 +449,22 @@ class PackageBuilder:
                 raise FgcError(f"cannot read {config_json}: {exc}", node.loc) from None
             self.data_inputs.append(config_json)
         try:
-            model = meta_model(self.ir, self.ctx)  # the one lowering built, not a second
+            model = self.program.model_on_meta()  # the one lowering built, not a second
         except Exception:
             return None
         return json.dumps(export_spec(model, source), indent=2) + "\n"
 
     def constants(self) -> list[tuple[str, str, str]]:
         """Settings as (NAME, literal, where) for the top of train.py."""
-        s = self.ctx.settings
-        plan = self.ctx.plan
+        s = self.program.settings
+        plan = self.program.plan
         trainer = self.ir.node(self.ir.targets["trainer"])
         cls = type(s).__name__
 
         def where(key: str, node=trainer, owner=cls) -> str:
             if key not in node.kwargs:
                 return f"default of {owner}.{key}"
-            origins = self.rendered.origins_of(self.ir.node(node.kwargs[key]).loc)
+            origins = self.program.source.origins_of(self.ir.node(node.kwargs[key]).loc)
             loc, dvar = origins[-2] if len(origins) > 1 else origins[-1]  # the last setter wins
             return f"{dvar} ({self.where(loc)})" if dvar else self.where(loc)
 
@@ -513,16 +509,16 @@ class PackageBuilder:
         imports = ImportTable({"torch"})
         targets = [t for t in ("optimizer", "lr_scheduler") if t in self.ir.targets]
         symbols = [
-            self.ctx.symbols[n]
+            self.program.symbols[n]
             for t in targets
             for n in self.ir.reachable(self.ir.targets[t])
-            if n in self.ctx.symbols
+            if n in self.program.symbols
         ]
         try:
             vendored = vendor_symbols(symbols, self.stable_path)
         except VendorError as exc:
             raise FgcError(str(exc), self.ir.node(self.ir.targets[targets[0]]).loc) from None
-        emitter = TargetEmitter(self.ir, self.ctx.symbols, imports, vendored, flag_nodes(self.ctx))
+        emitter = TargetEmitter(self.ir, self.program.symbols, imports, vendored, flag_nodes(self.program.flags))
         blocks = []
         for target, var in (("optimizer", "optimizer_factory"), ("lr_scheduler", "lr_scheduler_factory")):
             if target not in self.ir.targets:
@@ -538,25 +534,25 @@ class PackageBuilder:
             lines = [f"# {target}: {python_comment(self.where(node.loc))}"] + [code(s).strip() for s in statements]
             blocks.append("\n".join(lines))
         factories = "\n\n".join(blocks)
-        if self.ctx.dynamic_args:
-            factories = config_factories(factories, self.ctx.dynamic_args)
-        flags = flag_arguments(self.ctx.dynamic_args, imports)
-        settings_pretrained = self.ctx.settings.pretrained.model_dir is not None
+        if self.program.flags:
+            factories = config_factories(factories, self.program.flags)
+        flags = flag_arguments(self.program.flags, imports)
+        settings_pretrained = self.program.settings.pretrained.model_dir is not None
         loss = self._loss_code()
-        sampling = self.ctx.settings.logging.sample_every > 0
-        settings = self.ctx.settings
+        sampling = self.program.settings.logging.sample_every > 0
+        settings = self.program.settings
 
         def render(import_lines: list[str], definitions=vendored.definitions) -> str:
             return self.jinja.get_template("train.py.j2").render(
                 common,
                 imports=import_groups(import_lines),
                 constants=constants,
-                plan_literal=code(literal(self.ctx.plan.to_data())),
+                plan_literal=code(literal(self.program.plan.to_data())),
                 definitions=definitions,
                 config_hash=code(literal(config_hash)),
                 factories=factories,
                 config_flags=flags,
-                flag_bool=any(a.type == "bool" and not a.action for a in self.ctx.dynamic_args.values()),
+                flag_bool=any(a.type == "bool" and not a.action for a in self.program.flags.values()),
                 grad_clip=settings.grad_clip,
                 optimizer_in_backward=settings.optimizer_in_backward,
                 **loss,
@@ -582,7 +578,7 @@ class PackageBuilder:
         source = self.jinja.get_template("generate.py.j2").render(
             common,
             constants=[by_name[name] for name in wanted],
-            pretrained=self.ctx.settings.pretrained.model_dir is not None,
+            pretrained=self.program.settings.pretrained.model_dir is not None,
         )
         return format_python(source)
 
@@ -590,13 +586,12 @@ class PackageBuilder:
         """Whether the model adds an auxiliary loss to the training loss (an ``aux_loss()`` method,
         of the model protocol: an MoE's load-balancing term). The pipeline trainer has none: the
         plan refuses a pipeline of a model whose aux loss is on."""
-        from fgc_lowering.construct import meta_model
         from fgc_runtime.parallel import has_method
 
-        if self.ctx.plan.pipeline:
+        if self.program.plan.pipeline:
             return False
         try:
-            return has_method(meta_model(self.ir, self.ctx), "aux_loss")
+            return has_method(self.program.model_on_meta(), "aux_loss")
         except Exception:  # a model that cannot be built was reported by the passes
             return False
 
@@ -605,7 +600,7 @@ class PackageBuilder:
         the optimizer class wants named parameters (``needs_param_names``, e.g. MuonAdamW);
         ``schedule_in_tokens`` when the lr schedule's budgets are tokens (the trainer passes its
         tokens per step)."""
-        optimizer = self.ctx.symbols.get(self.ir.targets["optimizer"])
+        optimizer = self.program.symbols.get(self.ir.targets["optimizer"])
         in_tokens = False
         if "lr_scheduler" in self.ir.targets:
             node = self.ir.node(self.ir.targets["lr_scheduler"])
@@ -618,21 +613,21 @@ class PackageBuilder:
 
     def _loss_code(self) -> dict:
         """How train.py computes the loss: the kernel the select-kernels pass chose."""
-        loss = self.ctx.settings.loss
-        impl = self.ctx.plan.kernels["cross_entropy"]["impl"]
+        loss = self.program.settings.loss
+        impl = self.program.plan.kernels["cross_entropy"]["impl"]
         features = bool(loss.label_smoothing or loss.z_loss or loss.softcap is not None)
         return {
             "chunked_loss": impl in ("chunked", "triton"),
             "loss_fn": "lm_loss" if features else "loss_sum_and_count",
-            "document_masking": self.ctx.settings.document_masking,
+            "document_masking": self.program.settings.document_masking,
             "train_module": "masked_model"
-            if self.ctx.settings.document_masking
+            if self.program.settings.document_masking
             else ("loss_model" if impl in ("chunked", "triton") else "model"),
             # what samples run: the loss head around the model where it is FSDP2's root (its
             # forward gathers the head's weight), else the model
             "sample_module": "loss_model"
             if impl in ("chunked", "triton")
-            and (self.ctx.plan.trainer_type == "fsdp2" or (self.ctx.plan.diloco or {}).get("inner") == "fsdp2")
+            and (self.program.plan.trainer_type == "fsdp2" or (self.program.plan.diloco or {}).get("inner") == "fsdp2")
             else "model",
         }
 
@@ -650,12 +645,12 @@ class PackageBuilder:
         from .closure import closure, picks_triton
 
         sources = {rel: data.decode("utf-8") for rel, data in generated.items() if rel.endswith(".py")}
-        reached = closure(sources, RUNTIME_DIR, triton=picks_triton(self.ctx.plan.kernels))
+        reached = closure(sources, RUNTIME_DIR, triton=picks_triton(self.program.plan.kernels))
         return {f"fgc_runtime/{rel}": (RUNTIME_DIR / rel).read_bytes() for rel in reached}
 
     def data_files(self) -> dict[str, bytes]:
         """Default token shards from the config's text files (byte tokenizer), if it names any."""
-        data = self.ctx.settings.data
+        data = self.program.settings.data
         if not data.text_files:
             return {}
         from fgc.data import tokenize_to_shards
@@ -675,11 +670,11 @@ class PackageBuilder:
 
     # -- the whole package -----------------------------------------------------------------------
     def build(self) -> Package:
-        errors = check_run_time_reads(self.ir, self.ctx)
+        errors = check_run_time_reads(self.ir, self.program.flags)
         if errors:
             raise FgcError(diagnostics=[Diagnostic(m, loc, hint) for m, loc, hint in errors])
         common = self.common()
-        config_yaml = self.rendered.text.encode("utf-8")
+        config_yaml = self.program.source.text.encode("utf-8")
         config_hash = sha256(config_yaml)
         files: dict[str, bytes] = {
             "model.py": self.model_py(common).encode(),
@@ -712,7 +707,7 @@ class PackageBuilder:
     def manifest(self, files: dict[str, bytes], config_hash: str) -> str:
         inputs = {}
         templates = []
-        for tf in sorted(self.rendered.files.values(), key=lambda f: f.file_id):
+        for tf in sorted(self.program.source.files.values(), key=lambda f: f.file_id):
             name = self.stable_path(tf.path)
             templates.append(f"{name}#{tf.inline_name}" if tf.inline_name else name)
             inputs.setdefault(name, sha256(tf.path.read_bytes()))
@@ -721,14 +716,14 @@ class PackageBuilder:
         data = {
             "format": "fgc-build",
             "fgc_version": fgc.__version__,
-            "config": self.stable_path(self.ctx.config),
+            "config": self.stable_path(self.program.config),
             "config_hash": config_hash,
             "templates": templates,
             "inputs": inputs,
             "outputs": {rel: sha256(files[rel]) for rel in sorted(files)},
-            "plan": self.ctx.plan.to_data(),
-            "variables": {k: repr(v) for k, v in sorted(self.ctx.variables.items())},
-            "nonreproducible": dict(sorted(self.rendered.nonreproducible.items())),
+            "plan": self.program.plan.to_data(),
+            "variables": {k: repr(v) for k, v in sorted(self.program.variables.items())},
+            "nonreproducible": dict(sorted(self.program.source.nonreproducible.items())),
         }
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
