@@ -15,15 +15,8 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
         return None
     tensor = s.parallel.tensor_degree
     # a pipeline inside each worker: a copy of the model spans pipeline_degree x tensor_degree ranks
-    stages = s.parallel.pipeline_degree if isinstance(s.parallel, PipelineSettings) else 1
-    if stages > 1 and s.parallel.fsdp:
-        err(
-            "parallel.fsdp",
-            "FSDP2 per pipeline stage inside DiLoCo workers is not supported in this version: a "
-            "worker's pipelines are replicas that sum their gradients",
-            hint="remove fsdp: true",
-        )
-        return None
+    pipelined = isinstance(s.parallel, PipelineSettings)
+    stages = s.parallel.pipeline_degree if pipelined else 1
     # by default a worker is one rank, one tensor-parallel group, or one pipeline
     workers = s.nproc // (tensor * stages) if d.workers is None else d.workers
     if s.nproc % workers:
@@ -47,20 +40,25 @@ def diloco_plan(s: DiLoCoTrainer, err) -> dict | None:
         )
         return None
     data = ranks // (tensor * stages)
-    # FSDPSettings as the parallel settings: each worker shards its copy over its ranks
-    sharded = isinstance(s.parallel, FSDPSettings)
+    # FSDPSettings as the parallel settings: each worker shards its copy over its ranks; a
+    # pipeline's fsdp: each worker's pipelines shard their stages (FSDP2 per stage)
+    sharded = isinstance(s.parallel, FSDPSettings) or (pipelined and s.parallel.fsdp)
     if sharded and data == 1:
-        what = f"{workers} workers of nproc {s.nproc} are one rank each" if tensor == 1 else (
-            f"{workers} workers of nproc {s.nproc} are one tensor-parallel group of {tensor} ranks each")
+        if stages > 1:
+            what = f"{workers} workers of nproc {s.nproc} are one pipeline each"
+        elif tensor == 1:
+            what = f"{workers} workers of nproc {s.nproc} are one rank each"
+        else:
+            what = f"{workers} workers of nproc {s.nproc} are one tensor-parallel group of {tensor} ranks each"
         err(
-            "parallel",
+            "parallel.fsdp" if pipelined else "parallel",
             f"FSDP2 inside DiLoCo workers needs workers of 2 or more data-parallel ranks: {what}",
-            hint=f"set diloco_workers to a divisor of {s.nproc // tensor} below it, or do not shard (diloco_fsdp: false)",
+            hint=f"set diloco_workers to a divisor of {s.nproc // (tensor * stages)} below it, or do not shard (diloco_fsdp: false)",
         )
         return None
     # hybrid sharding (HSDP) inside a worker: its data-parallel ranks form replicate_degree
     # copies, each sharded over the rest
-    replicate = s.parallel.replicate_degree if sharded else 1
+    replicate = getattr(s.parallel, "replicate_degree", 1) if sharded else 1
     if data % replicate:
         err(
             "parallel.replicate_degree",
@@ -95,7 +93,8 @@ def diloco_mesh(diloco: dict) -> tuple[tuple[str, int], ...]:
     (``dp_shard``) together (the tensor-parallel dimension, innermost, is the caller's)."""
     ranks, replicate = diloco["data_ranks_per_worker"], diloco.get("replicate_degree", 1)
     if diloco.get("pipeline_degree", 1) > 1:  # a worker's pipelines (their replicas: dp, even of 1)
-        return (("diloco", diloco["workers"]), ("dp", ranks), ("pp", diloco["pipeline_degree"]))
+        replicas = "dp_shard" if diloco["inner"] == "fsdp2" else "dp"  # FSDP2 per stage over them
+        return (("diloco", diloco["workers"]), (replicas, ranks), ("pp", diloco["pipeline_degree"]))
     if diloco["inner"] == "fsdp2" and replicate > 1:  # HSDP inside each worker
         return (("diloco", diloco["workers"]), ("dp_replicate", replicate), ("dp_shard", ranks // replicate))
     inner = {"ddp": (("dp", ranks),), "fsdp2": (("dp_shard", ranks),), "none": ()}[diloco["inner"]]
@@ -119,6 +118,8 @@ def describe_workers(diloco: dict) -> str:
         inside = f"a pipeline of {stages} stages" + (f" x tensor parallel over {tensor} ranks" if tensor > 1 else "")
         if data > 1:
             inside = f"{data} pipelines of {stages} stages" + (f" x {tensor} tensor-parallel ranks" if tensor > 1 else "")
+            if diloco["inner"] == "fsdp2":
+                inside += " sharded by FSDP2 per stage"
     elif tensor == 1:
         inside = inner
     else:

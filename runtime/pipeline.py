@@ -409,7 +409,8 @@ class PipelineSync(OuterLoop):
 
     def __init__(self, part: nn.Module, dist, mesh, *, sharded: bool, outer=None):
         self.part, self.dist, self.mesh, self.sharded, self.outer = part, dist, mesh, sharded, outer
-        self.grad_scale = mesh.dp_size if sharded else 1
+        # FSDP2 averages the gradients over the ranks it shards over (a DiLoCo worker's replicas)
+        self.grad_scale = mesh.fsdp.size() if sharded else 1
         # the replicas targets and gradients are summed over (a DiLoCo worker's; None: one)
         self.group = mesh.dp_group if outer is None else mesh.worker_group
         self.replicas = mesh.dp_size if self.group is mesh.dp_group else (

@@ -611,6 +611,52 @@ def test_workers_of_two_pipelines_match_workers_of_one_rank(full, tmp_path):
     a, b = _assert_same_run(run, two_run)
 
 
+@pytest.mark.slow
+def test_workers_of_sharded_pipelines_match_workers_of_one_rank_and_resume_bitwise(full, tmp_path):
+    """8 ranks as 2 workers of 2 pipelines of 2 stages, each stage sharded over its worker's 2
+    pipelines by FSDP2 (-D diloco_fsdp=true: mesh diloco x dp_shard x pp). FSDP2 averages the
+    pipelines' gradients where the unsharded workers sum them, so the run is the 2-worker run's;
+    each rank's own state is its shards, the global model and outer state are whole, and a stop
+    mid-round resumes bitwise."""
+    _, two_run = full
+    pkg = tmp_path / "pkg"
+    run_fgc("build", EXAMPLE, "-o", pkg, *PIPE_KNOBS, "-D", "nproc=8", "-D", "pipeline_degree=2",
+            "-D", "diloco_workers=2", "-D", "diloco_fsdp=true", check=True)
+    plan = _plan(pkg)
+    assert plan["mesh"] == {"diloco": 2, "dp_shard": 2, "pp": 2}
+    assert plan["diloco"]["inner"] == "fsdp2" and "fsdp2 per stage" in plan["apply_order"]
+    train = (pkg / "train.py").read_text()
+    assert "pipeline.shard_stages(stages, mesh.fsdp)" in train
+    assert "sync = pipeline.PipelineSync(part, dist, mesh, sharded=True, outer=diloco)" in train
+    run = tmp_path / "full"
+    proc = _torchrun(pkg, run, nproc=8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, _ = _assert_same_run(run, two_run)
+    end = run / "checkpoints" / f"step-{STEPS:08d}"
+    outer = _load(end / "optimizer.pt")
+    want_outer = _load(two_run / "checkpoints" / f"step-{STEPS:08d}" / "optimizer.pt")
+    for name, value in want_outer["outer_params"].items():
+        assert outer["outer_params"][name].shape == value.shape  # whole, not a shard
+        torch.testing.assert_close(outer["outer_params"][name], value, rtol=1e-5, atol=1e-6)
+    # rank 0 (worker 0, first shard, stage 0) holds its half of the embedding's rows (FSDP2's
+    # first shard is the larger one of an odd count)
+    own = _load(end / "state-rank0.pt")["model"]["model.embed_tokens.weight"]
+    assert own.shape[0] == (a["model.embed_tokens.weight"].shape[0] + 1) // 2
+
+    script = tmp_path / "stop.py"
+    script.write_text(SIGTERM_AT_STEP_4)
+    stopped_run = tmp_path / "run"
+    stopped = _torchrun(pkg, stopped_run, script=script, nproc=8)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert _load(stopped_run / "checkpoints" / "step-00000004" / "optimizer.pt")["inner_step"] == 1
+    resumed = _torchrun(pkg, stopped_run, nproc=8)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert _losses(stopped_run) == _losses(run)  # bitwise
+    c = _load(stopped_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_pipeline_workers_are_planned_and_their_rules_are_errors(tmp_path):
     flags = ["-D", "trainer_type=diloco", "-D", "pipeline_degree=2"]
     proc = run_fgc("explain", EXAMPLE, *flags, "-D", "nproc=8", "-D", "tensor_degree=2")
@@ -627,13 +673,24 @@ def test_pipeline_workers_are_planned_and_their_rules_are_errors(tmp_path):
     assert proc.returncode == 2
     assert "error: a DiLoCo worker's 3 ranks (nproc 6 / 2 workers) do not split into pipelines of pipeline_degree 2" \
         in proc.stderr
+    # FSDP2 per stage inside the workers (diloco_fsdp), planned: over a worker's pipelines
+    proc = run_fgc("explain", EXAMPLE, *flags, "-D", "nproc=8", "-D", "diloco_workers=2", "-D", "diloco_fsdp=true")
+    assert proc.returncode == 0, proc.stderr
+    assert "mesh: diloco=2 x dp_shard=2 x pp=2" in proc.stdout
+    assert ("DiLoCo: 2 workers of 4 ranks (2 pipelines of 2 stages sharded by FSDP2 per stage inside a "
+            "worker)") in proc.stdout
+    # the outer state is sharded as the stages are: half of the unsharded workers' 1.7 MiB
+    assert re.search(r"outer \(DiLoCo\) +0\.9 MiB", proc.stdout)
+    # a worker of one pipeline has nothing to shard over
     proc = run_fgc("check", EXAMPLE, *flags, "-D", "nproc=4", "-D", "diloco_fsdp=true")
     assert proc.returncode == 2
-    assert "diloco_fsdp with a pipeline_degree is not supported in this version of fgc" in proc.stderr
+    assert ("error: FSDP2 inside DiLoCo workers needs workers of 2 or more data-parallel ranks: 2 workers of "
+            "nproc 4 are one pipeline each") in proc.stderr
     proc = run_fgc("check", EXAMPLE, *flags, "-D", "nproc=4", "-D", "sample_every=2")
     assert proc.returncode == 2
     assert "text samples need the whole model on a rank: not available with pipeline stages" in proc.stderr
-    # a config that writes the pipeline settings itself: FSDP2 per stage is an error at its line
+    # a config that writes the pipeline settings itself: FSDP2 per stage over workers of one
+    # pipeline is an error at its fsdp line
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
         f'-- extends "{EXAMPLE}"\n[parallel]\n.parallel: &parallel !singleton:fgc.settings:PipelineSettings@parallel\n'
@@ -641,8 +698,8 @@ def test_pipeline_workers_are_planned_and_their_rules_are_errors(tmp_path):
     )
     proc = run_fgc("check", cfg, "-D", "trainer_type=diloco")
     assert proc.returncode == 2
-    assert (f"cfg.yaml:{line_of(cfg, 'fsdp: true')}: error: FSDP2 per pipeline stage inside DiLoCo workers is "
-            "not supported in this version") in proc.stderr
+    assert (f"cfg.yaml:{line_of(cfg, 'fsdp: true')}: error: FSDP2 inside DiLoCo workers needs workers of 2 or "
+            "more data-parallel ranks: 2 workers of nproc 4 are one pipeline each") in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
