@@ -11,6 +11,8 @@ state), the rows:
   steady-state rate (batch sampling, loss, clipping, optimizer and scheduler steps included);
 - `fgc train.py, compile`: the same config built with `-D compile=true` (each decoder layer
   compiled by torch.compile; the warm-up steps include the compilation);
+- `fgc train.py, compile, fused AdamW`: that, and `-D fused_optimizer=true` (torch's fused AdamW
+  step instead of its foreach one);
 and once per shape, the baselines:
 - `fgc model, plain loop` (fp32): the generated model in the same plain loop as the Hugging Face
   one (tells the trainer's overhead from the model's speed);
@@ -127,6 +129,12 @@ def kernel_split(run, steps: int, tokens_per_step: int) -> dict:
 
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+# the generated trainer's rows: the config's -D values on top of the shape's
+LOOPS = (
+    ("fgc train.py", {}),
+    ("fgc train.py, compile", {"compile": True}),
+    ("fgc train.py, compile, fused AdamW", {"compile": True, "fused_optimizer": True}),
+)
 # the dtype whose matmul rate a row of each precision is compared with
 PEAK_DTYPE = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
 HF_FP32, HF_AUTOCAST, FGC_PLAIN = "HF Llama, plain loop", "HF Llama, plain loop, autocast", "fgc model, plain loop"
@@ -137,10 +145,10 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
     trainers = {}  # (precision, loop) -> (train module, package)
     for precision in args.precisions:
         variables = dict(shape, trainer_type="basic", precision=precision, lr=LR, max_steps=2 * args.steps)
-        for loop, extra in (("fgc train.py", {}), ("fgc train.py, compile", {"compile": True})):
-            if extra and not args.compile:
+        for i, (loop, extra) in enumerate(LOOPS):
+            if extra.get("compile") and not args.compile:
                 continue
-            package = tmp / f"{name}_{precision}_{'compile' if extra else 'eager'}"
+            package = tmp / f"{name}_{precision}_{i}"
             build_package(compile_config(EXAMPLE, variables=dict(variables, **extra)), package)
             trainers[precision, loop] = (import_train_module(package), package)
     train, package = next(iter(trainers.values()))

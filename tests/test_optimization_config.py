@@ -123,3 +123,40 @@ def test_unknown_optimizer_is_one_line_exit_2():
         f"fgc/templates/lm/train.yaml:{line}: error: optimizer adam is not one of adamw, sgd, muon, adafactor"
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_fused_optimizer_selects_torchs_fused_step_and_trains_as_the_foreach_one(tmp_path):
+    """-D fused_optimizer=true: torch's fused AdamW (or SGD) step, in the generated code; a short
+    run's losses are the foreach step's to float rounding; elsewhere the knob is an error."""
+    import json
+    import subprocess
+    import sys
+
+    assert "torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1, fused=True" in train_py(fused_optimizer=True)
+    assert "torch.optim.SGD, lr=0.003, momentum=0.9, weight_decay=0.1, fused=True" in train_py(
+        optimizer="sgd", fused_optimizer=True
+    )
+    for variables, why in (
+        ({"optimizer": "muon"}, "with optimizer muon"),
+        ({"optimizer": "adafactor"}, "with optimizer adafactor"),
+        ({"precision": "bf16", "bf16_stochastic_round": "true"}, "with optimizer adamw and bf16_stochastic_round"),
+    ):
+        flags = [arg for k, v in variables.items() for arg in ("-D", f"{k}={v}")]
+        proc = run_fgc("check", EXAMPLE, "-D", "fused_optimizer=true", *flags)
+        assert proc.returncode == 2
+        assert f"error: -D fused_optimizer: fused_optimizer has no effect {why}: it selects torch's fused AdamW or SGD step" in proc.stderr
+    losses = {}
+    for fused in (False, True):
+        pkg, run = tmp_path / f"pkg_{fused}", tmp_path / f"run_{fused}"
+        run_fgc("build", EXAMPLE, "-o", pkg, "-D", "trainer_type=basic", "-D", f"fused_optimizer={str(fused).lower()}",
+                "--no-smoke", check=True)
+        proc = subprocess.run(
+            [sys.executable, str(pkg / "train.py"), "--output-dir", str(run), "--max-steps", "4", "--log-every", "1",
+             "--eval-every", "0"],
+            capture_output=True, text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[fused] = [r["loss"] for r in records if "loss" in r]
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -23,9 +23,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 # ---- Settings of the config (as train.py has them): each value names the config line it came from ----
 SEQ_LEN = 128  # train.yaml:21
-SEED = 42  # <fgc>/lm/train.yaml:63
+SEED = 42  # <fgc>/lm/train.yaml:65
 DEVICE = "auto"  # default of DDPTrainer.device
-OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:65
+OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:67
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
 
 

@@ -38,37 +38,37 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MAX_STEPS = 300  # train.yaml:23
 GLOBAL_BATCH_SIZE = 16  # train.yaml:22
 SEQ_LEN = 128  # train.yaml:21
-GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:54
-OPTIMIZER_IN_BACKWARD = False  # <fgc>/lm/train.yaml:55
-DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:80
-SEED = 42  # <fgc>/lm/train.yaml:63
+GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:56
+OPTIMIZER_IN_BACKWARD = False  # <fgc>/lm/train.yaml:57
+DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:82
+SEED = 42  # <fgc>/lm/train.yaml:65
 DEVICE = "auto"  # default of DDPTrainer.device
-OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:65
-PRECISION = "fp32"  # <fgc>/lm/train.yaml:64
-SAVE_EVERY = 0  # <fgc>/lm/train.yaml:70
+OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:67
+PRECISION = "fp32"  # <fgc>/lm/train.yaml:66
+SAVE_EVERY = 0  # <fgc>/lm/train.yaml:72
 KEEP_LAST_N = 2  # default of CheckpointSettings.keep_last_n
 LOG_EVERY = 10  # train.yaml:27
 EVAL_EVERY = 100  # train.yaml:28
 EVAL_BATCHES = 4  # default of LoggingSettings.eval_batches
 EVAL_BATCH_SIZE = 16  # the train batch (eval_batch_size is null)
 TENSORBOARD = True  # default of LoggingSettings.tensorboard
-SAMPLE_EVERY = 0  # <fgc>/lm/train.yaml:68
-SAMPLE_PROMPT = "The"  # <fgc>/lm/train.yaml:69
+SAMPLE_EVERY = 0  # <fgc>/lm/train.yaml:70
+SAMPLE_PROMPT = "The"  # <fgc>/lm/train.yaml:71
 SAMPLE_TOKENS = 64  # default of LoggingSettings.sample_tokens
 SAMPLE_TEMPERATURE = 0.0  # default of LoggingSettings.sample_temperature
-ACTIVATION_CHECKPOINTING = "none"  # <fgc>/lm/train.yaml:72
+ACTIVATION_CHECKPOINTING = "none"  # <fgc>/lm/train.yaml:74
 EVERY_N_LAYERS = 1  # default of ActivationCheckpointSettings.every_n_layers
-COMPILE = False  # <fgc>/lm/train.yaml:73
+COMPILE = False  # <fgc>/lm/train.yaml:75
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
-NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:362
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:370
 LOSS_IMPL = "torch"  # the select-kernels pass, auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference
 LABEL_SMOOTHING = 0.0  # default of LossSettings.label_smoothing
 Z_LOSS = 0.0  # default of LossSettings.z_loss
 SOFTCAP = None  # default of LossSettings.softcap
 LOSS_CHUNK_SIZE = None  # default of LossSettings.chunk_size
 LOSS_CHUNK_BUDGET_MIB = 64.0  # default of LossSettings.chunk_budget_mib
-NPROC = 2  # <fgc>/lm/train.yaml:57
+NPROC = 2  # <fgc>/lm/train.yaml:59
 TENSOR_DEGREE = 1  # default of DataParallelSettings.tensor_degree
 MICRO_BATCH_SIZE = 8  # the plan: the whole per-rank batch (micro_batch_size is null)
 DATA_DIR = PACKAGE_DIR / "data"  # shipped in this package, made from corpus.txt
@@ -112,12 +112,12 @@ PLAN = {
 CONFIG_HASH = "b773edbc92885cef44655c5ce0146bbab3a90112f55ad79ae767b88c65f6c7b3"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:218
+# optimizer: <fgc>/lm/train.yaml:220
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:258
+# lr_scheduler: <fgc>/lm/train.yaml:266
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup=30, total=300
 )
