@@ -159,10 +159,11 @@ def memory_estimate(compiled: Compiled, facts: ModelFacts) -> dict[str, int]:
     else:
         activations = L * per_layer * act + logits + b * s * h * act
     if not plan.pipeline and (plan.trainer_type == "fsdp2" or (plan.diloco and plan.diloco["inner"] == "fsdp2")):
-        # (FSDP2 per pipeline stage: below.) Each rank holds 1/n of every parameter, gradient and optimizer state, plus one gathered
-        # unit (a decoder layer, or the root) during its forward and backward. With tensor
-        # parallelism FSDP shards over the n / tp data-parallel ranks, and a rank's parameters are
-        # 1/tp of the split projections plus the rest (embedding, norms, head) whole.
+        # (FSDP2 per pipeline stage: below.) Each rank holds 1/n of every parameter, gradient and
+        # optimizer state, plus one gathered unit (a decoder layer, or the root) during its
+        # forward and backward. With tensor parallelism FSDP shards over the n / tp data-parallel
+        # ranks, and a rank's parameters are 1/tp of the split projections plus the rest
+        # (embedding, norms, head) whole.
         n = dict(plan.mesh)["dp_shard"]  # HSDP: the copies each hold a whole shard set
         layer_split = facts.tp_split // L if L else 0
         layer = facts.layer_params - layer_split + layer_split // tp

@@ -30,8 +30,8 @@ _MARK = re.compile(r"^\s*<!--\s*(excerpt|not-an-excerpt):\s*(.*?)\s*-->\s*$")
 
 
 def _blocks(text: str):
-    """(line of the fence, marker kind or None, marker argument, the block's lines) of each
-    fenced block of TEXT."""
+    """(line of the fence, its language, the marker's kind or None, the marker's argument, the
+    block's lines without the fence's indentation) of each fenced block of TEXT."""
     lines = text.splitlines()
     i = 0
     while i < len(lines):
