@@ -129,6 +129,7 @@ def test_fused_optimizer_selects_torchs_fused_step_and_trains_as_the_foreach_one
     """-D fused_optimizer=true: torch's fused AdamW (or SGD) step, in the generated code; a short
     run's losses are the foreach step's to float rounding; elsewhere the knob is an error."""
     import json
+    import os
     import subprocess
     import sys
 
@@ -146,17 +147,20 @@ def test_fused_optimizer_selects_torchs_fused_step_and_trains_as_the_foreach_one
         assert proc.returncode == 2
         assert f"error: -D fused_optimizer: fused_optimizer has no effect {why}: it selects torch's fused AdamW or SGD step" in proc.stderr
     losses = {}
-    for fused in (False, True):
-        pkg, run = tmp_path / f"pkg_{fused}", tmp_path / f"run_{fused}"
-        run_fgc("build", EXAMPLE, "-o", pkg, "-D", "trainer_type=basic", "-D", f"fused_optimizer={str(fused).lower()}",
+    # the foreach and fused steps on one process, and the fused step on FSDP2's sharded DTensors
+    for name, trainer, fused in (("foreach", "basic", False), ("fused", "basic", True), ("fsdp2", "fsdp2", True)):
+        pkg, run = tmp_path / f"pkg_{name}", tmp_path / f"run_{name}"
+        run_fgc("build", EXAMPLE, "-o", pkg, "-D", f"trainer_type={trainer}", "-D", f"fused_optimizer={str(fused).lower()}",
                 "--no-smoke", check=True)
+        launcher = [sys.executable] if trainer == "basic" else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
         proc = subprocess.run(
-            [sys.executable, str(pkg / "train.py"), "--output-dir", str(run), "--max-steps", "4", "--log-every", "1",
-             "--eval-every", "0"],
-            capture_output=True, text=True,
+            [*launcher, str(pkg / "train.py"), "--output-dir", str(run), "--max-steps", "4", "--log-every", "1",
+             "--eval-every", "0", "--device", "cpu"],
+            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
         )
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 0, proc.stderr[-3000:]
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        losses[fused] = [r["loss"] for r in records if "loss" in r]
-    assert len(losses[True]) == 4
-    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+        losses[name] = [r["loss"] for r in records if "loss" in r]
+    assert len(losses["fused"]) == 4
+    assert losses["fused"] == pytest.approx(losses["foreach"], rel=1e-5)
+    assert losses["fsdp2"] == pytest.approx(losses["fused"], rel=1e-5)
