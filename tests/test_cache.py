@@ -232,3 +232,31 @@ def test_the_library_code_a_model_copies_is_black_formatted():
     assert len(files) > 20
     unformatted = [str(f.relative_to(REPO)) for f in files if black.format_str(f.read_text(), mode=mode) != f.read_text()]
     assert unformatted == [], "run: black -l 88 -t py310 fgc/components fgc/families"
+
+
+def test_format_module_formats_the_whole_module_when_black_moves_a_stub(monkeypatch):
+    """A skeleton where black does not keep a definition's stub line as it is (here a comment
+    after it, which black keeps on the stub's line, so the line is no stub any more) falls back to
+    black over the whole module: the result is still black's, and the fallback is taken."""
+    import black
+
+    import fgc.codegen.package as package
+
+    definitions = [("lib.py", "f", "def f(x):\n    return x+1\n"), ("lib.py", "g", "def g():\n  return 2\n")]
+
+    def render(defs):
+        return "import os\n" + "".join(f"\n\n{source.rstrip()}  # from {file}\n" for file, _, source in defs)
+
+    whole_calls = []
+    real = package.format_python
+
+    def counting(source):
+        if "_fgc_definition_" not in source and "import os" in source:
+            whole_calls.append(source)
+        return real(source)
+
+    monkeypatch.setattr(package, "format_python", counting)
+    out = package.format_module(render, definitions)
+    assert out == black.format_str(render(definitions), mode=black.Mode(target_versions={black.TargetVersion.PY310}))
+    assert "    return x + 1  # from lib.py\n" in out
+    assert whole_calls == [render(definitions)]  # the fallback formatted the whole module, once
