@@ -397,6 +397,27 @@ def _assert_same_run(run: Path, want_run: Path) -> tuple[dict, dict]:
     return a, b
 
 
+def _stop_mid_round_and_resume(pkg: Path, run: Path, final_model: dict, tmp_path: Path, nproc: int, check_saved=None) -> None:
+    """A run of PKG stopped by a SIGTERM at step 4 (one step into the second round), which
+    CHECK_SAVED (if given) may inspect through its checkpoint directory, then resumed: its losses
+    are RUN's bitwise, and its final model.pt is FINAL_MODEL."""
+    script = tmp_path / "stop.py"
+    script.write_text(SIGTERM_AT_STEP_4)
+    stopped_run = tmp_path / "run"
+    stopped = _torchrun(pkg, stopped_run, script=script, nproc=nproc)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    saved = stopped_run / "checkpoints" / "step-00000004"
+    assert _load(saved / "optimizer.pt")["inner_step"] == 1
+    if check_saved is not None:
+        check_saved(saved)
+    resumed = _torchrun(pkg, stopped_run, nproc=nproc)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert _losses(stopped_run) == _losses(run)  # bitwise
+    c = _load(stopped_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
+    assert all(torch.equal(final_model[k], c[k]) for k in final_model)
+
+
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory):
     """2 workers of one rank (no tensor parallelism), and 2 workers of a tensor-parallel group of 2
@@ -433,18 +454,7 @@ def test_workers_of_a_tensor_parallel_group_match_workers_of_one_rank_and_resume
     assert own.shape[0] * 2 == b[q].shape[0]
     assert (run / "final" / "config.json").is_file()
 
-    script = tmp_path / "stop.py"
-    script.write_text(SIGTERM_AT_STEP_4)
-    stopped_run = tmp_path / "run"
-    stopped = _torchrun(pkg, stopped_run, script=script, nproc=4)
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert _load(stopped_run / "checkpoints" / "step-00000004" / "optimizer.pt")["inner_step"] == 1
-    resumed = _torchrun(pkg, stopped_run, nproc=4)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    assert _losses(stopped_run) == _losses(run)  # bitwise
-    c = _load(stopped_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    _stop_mid_round_and_resume(pkg, run, a, tmp_path, nproc=4)
 
 
 @pytest.mark.slow
@@ -510,23 +520,14 @@ def test_hsdp_inside_workers_matches_workers_of_one_rank_and_resumes_bitwise(ful
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _assert_same_run(run, two_run)
 
-    script = tmp_path / "stop.py"
-    script.write_text(SIGTERM_AT_STEP_4)
-    stopped_run = tmp_path / "run"
-    stopped = _torchrun(pkg, stopped_run, script=script, nproc=8)
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    saved = stopped_run / "checkpoints" / "step-00000004"
-    local = [_load(saved / f"state-rank{r}.pt")["model"]["lm_head.weight"] for r in (0, 2, 4)]
-    # ranks 0 and 2 hold the two copies (dp_replicate) of one shard: half the rows; rank 4 the
-    # same shard in the other worker, which differs between syncs
-    assert torch.equal(local[0], local[1]) and local[0].shape[0] == (b["lm_head.weight"].shape[0] + 1) // 2
-    assert not torch.equal(local[0], local[2])
-    resumed = _torchrun(pkg, stopped_run, nproc=8)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    assert _losses(stopped_run) == _losses(run)  # bitwise
-    c = _load(stopped_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    def copies_and_workers(saved: Path) -> None:
+        local = [_load(saved / f"state-rank{r}.pt")["model"]["lm_head.weight"] for r in (0, 2, 4)]
+        # ranks 0 and 2 hold the two copies (dp_replicate) of one shard: half the rows; rank 4
+        # the same shard in the other worker, which differs between syncs
+        assert torch.equal(local[0], local[1]) and local[0].shape[0] == (b["lm_head.weight"].shape[0] + 1) // 2
+        assert not torch.equal(local[0], local[2])
+
+    _stop_mid_round_and_resume(pkg, run, a, tmp_path, nproc=8, check_saved=copies_and_workers)
 
 
 def test_hsdp_workers_are_planned_and_need_diloco_fsdp_and_a_dividing_degree():
@@ -582,18 +583,7 @@ def test_workers_of_a_pipeline_match_workers_of_one_rank_and_resume_bitwise(full
     assert "lm_head.weight" in _load(end / "state-rank1.pt")["model"]
     assert (run / "final" / "config.json").is_file()
 
-    script = tmp_path / "stop.py"
-    script.write_text(SIGTERM_AT_STEP_4)
-    stopped_run = tmp_path / "run"
-    stopped = _torchrun(pkg, stopped_run, script=script, nproc=4)
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert _load(stopped_run / "checkpoints" / "step-00000004" / "optimizer.pt")["inner_step"] == 1
-    resumed = _torchrun(pkg, stopped_run, nproc=4)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    assert _losses(stopped_run) == _losses(run)  # bitwise
-    c = _load(stopped_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    _stop_mid_round_and_resume(pkg, run, a, tmp_path, nproc=4)
 
 
 @pytest.mark.slow
@@ -643,18 +633,7 @@ def test_workers_of_sharded_pipelines_match_workers_of_one_rank_and_resume_bitwi
     own = _load(end / "state-rank0.pt")["model"]["model.embed_tokens.weight"]
     assert own.shape[0] == (a["model.embed_tokens.weight"].shape[0] + 1) // 2
 
-    script = tmp_path / "stop.py"
-    script.write_text(SIGTERM_AT_STEP_4)
-    stopped_run = tmp_path / "run"
-    stopped = _torchrun(pkg, stopped_run, script=script, nproc=8)
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert _load(stopped_run / "checkpoints" / "step-00000004" / "optimizer.pt")["inner_step"] == 1
-    resumed = _torchrun(pkg, stopped_run, nproc=8)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    assert _losses(stopped_run) == _losses(run)  # bitwise
-    c = _load(stopped_run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt")
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    _stop_mid_round_and_resume(pkg, run, a, tmp_path, nproc=8)
 
 
 def test_pipeline_workers_are_planned_and_their_rules_are_errors(tmp_path):
