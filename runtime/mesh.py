@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -104,3 +105,50 @@ def average_grads(model: torch.nn.Module, group) -> None:
             torch.distributed.all_reduce(grad, group=group)
             grad.div_(size)
 
+
+
+class Layout(NamedTuple):
+    """How a run's ranks share its batches (what :func:`layout` gives): ``mesh``, the plan's
+    :class:`Mesh` (None when the ranks form one data-parallel dimension, or there is one rank);
+    ``dp_rank`` and ``dp_size``, this rank's place among the ranks that read different batches;
+    ``grad_accum_steps``, the micro-batches of a step on this rank (a pipeline's schedule cuts its
+    share of the batch into the plan's micro-batches itself)."""
+
+    mesh: Mesh | None
+    dp_rank: int
+    dp_size: int
+    grad_accum_steps: int
+
+
+def layout(plan: dict, dist) -> Layout:
+    """The ranks of DIST laid out as PLAN (train.py's ``PLAN``) says, checked against the way the
+    run was launched: a one-process package refuses several ranks, a mesh of several dimensions
+    or a pipeline refuses one, and the global batch must split into the data-parallel ranks'
+    micro-batches (a RunError saying which, on every rank)."""
+    dims, nproc, batch = plan["mesh"], plan["nproc"], plan["global_batch_size"]
+    if plan["trainer_type"] == "basic" and dist.world_size > 1:
+        raise RunError(
+            "this package was built for the basic trainer (one process): run `python train.py`, "
+            "or rebuild with -D trainer_type=ddp"
+        )
+    pipeline = plan["pipeline"]
+    mesh = None
+    if pipeline is not None or len(dims) > 1:
+        if not dist.distributed:
+            what = f"a pipeline over {dims['pp']} ranks" if pipeline is not None else f"a mesh of {nproc} ranks"
+            raise RunError(f"this package runs {what}: launch it with `torchrun --nproc-per-node {nproc} train.py`")
+        mesh = Mesh(dist.device, dims)
+        dp_rank, dp_size = mesh.dp_rank, mesh.dp_size
+    else:  # one data-parallel dimension (or one process): every rank reads its own batches
+        dp_rank, dp_size = dist.rank, dist.world_size
+    if pipeline is not None:
+        micro, what = pipeline["microbatches"], f"{dp_size} pipelines of {pipeline['microbatches']} micro-batches"
+        if batch % (dp_size * micro):
+            raise RunError(f"the global batch {batch} does not split into {what}")
+        return Layout(mesh, dp_rank, dp_size, micro)
+    micro = plan["micro_batch_size"]
+    if batch % (dp_size * micro):
+        raise RunError(
+            f"the global batch {batch} does not split into {dp_size} data-parallel ranks of micro-batches of {micro}"
+        )
+    return Layout(mesh, dp_rank, dp_size, batch // (dp_size * micro))

@@ -9,6 +9,9 @@ checkpoints hold the full (gathered) state dicts, so they are the same with or w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -215,6 +218,77 @@ def apply_fsdp(
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model if root is None else root, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return len(layers) + 1
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step a plan's ``apply_order`` may name: what :func:`parallelize` calls for it,
+    ``apply(model, dist, mesh, **options)``, and the options it reads (keyword arguments of
+    :func:`parallelize`; fgc's code generator passes each as the train.py constant of its name in
+    upper case, and ``root`` as the module FSDP2 makes its root). A step without ``apply`` is a
+    pipeline's, which train.py takes after :func:`parallelize`
+    (``fgc_runtime.pipeline.parallelize_stages``): building the rank's stages from the whole
+    model, then sharding each."""
+
+    apply: Callable | None
+    options: tuple[str, ...] = ()
+
+
+def _tensor_parallel(model: nn.Module, dist, mesh) -> None:
+    apply_tensor_parallel(model, mesh.tp)
+
+
+def _activation_checkpointing(model: nn.Module, dist, mesh, activation_checkpointing: str, every_n_layers: int) -> None:
+    apply_activation_checkpointing(model, mode=activation_checkpointing, every_n_layers=every_n_layers)
+
+
+def _compile(model: nn.Module, dist, mesh, compile_mode: str | None, compile_fullgraph: bool) -> None:
+    apply_compile(model, mode=compile_mode, fullgraph=compile_fullgraph)
+
+
+def _fsdp(model: nn.Module, dist, mesh, reshard_after_forward: bool, root: nn.Module) -> None:
+    """FSDP2 over MESH's ``fsdp`` sub-mesh; without a mesh over every rank (and nothing to shard
+    in one process)."""
+    if mesh is not None:
+        apply_fsdp(model, dist.device, reshard_after_forward=reshard_after_forward, mesh=mesh.fsdp, root=root)
+    elif dist.distributed:
+        apply_fsdp(model, dist.device, reshard_after_forward=reshard_after_forward, root=root)
+
+
+# The steps, by the names a plan's apply_order uses (the plan-training pass orders them). A new
+# way of changing the model is one entry here and its name in that pass.
+STEPS: dict[str, Step] = {
+    "tensor parallel": Step(_tensor_parallel),
+    "activation checkpointing": Step(_activation_checkpointing, ("activation_checkpointing", "every_n_layers")),
+    "compile": Step(_compile, ("compile_mode", "compile_fullgraph")),
+    "fsdp2": Step(_fsdp, ("reshard_after_forward", "root")),
+    "pipeline stages": Step(None),
+    "fsdp2 per stage": Step(None),
+}
+
+
+def parallelize(model: nn.Module, plan: dict, dist, mesh=None, *, weights=None, tensor_rules=(), **options) -> None:
+    """Apply the steps of PLAN's ``apply_order`` to MODEL in place, in that order (see
+    :data:`STEPS`): tensor parallelism over MESH's ``tp``, activation checkpointing, compilation,
+    FSDP2 (over MESH's ``fsdp`` sub-mesh, else every rank). OPTIONS are the settings the steps
+    read; one a step needs and does not get is a KeyError (a package its runtime does not fit).
+
+    A MODEL built on the meta device and not cut into pipeline stages (which materialise their
+    own share) is then allocated on the run's device, each rank only its shards, and given the
+    values of the whole model by its ``init_weights()``; WEIGHTS, a Hugging Face model directory,
+    then gives each rank its shards of the pretrained weights (TENSOR_RULES: the family's name
+    rules, as :func:`fgc_runtime.hf.load_weights` takes them)."""
+    for name in plan["apply_order"]:
+        step = STEPS[name]
+        if step.apply is not None:
+            step.apply(model, dist, mesh, **{key: options[key] for key in step.options})
+    if plan["pipeline"] is None and any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=dist.device)
+        model.init_weights()
+        if weights is not None:
+            from .hf import load_weights
+
+            load_weights(model, weights, tensor_rules)
 
 
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

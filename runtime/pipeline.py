@@ -178,6 +178,23 @@ def build_stages(model: nn.Module, plan: dict, pp_rank: int, group, device: torc
     return part, stages
 
 
+def parallelize_stages(model: nn.Module, plan: dict, dist, mesh, *, head: bool = True, weights=None, tensor_rules=()):
+    """The pipeline's part of a plan's parallelism, after ``fgc_runtime.parallel.parallelize``:
+    this rank's ``(part, stages)`` of MODEL from PLAN's (train.py's ``PLAN``) pipeline, on MESH's
+    pipeline group (:func:`build_stages`; HEAD as there); then, for a model built on the meta
+    device from pretrained WEIGHTS (a Hugging Face model directory), this rank's stages' tensors
+    of them (TENSOR_RULES: the family's name rules); then, when PLAN's ``apply_order`` has
+    ``fsdp2 per stage``, FSDP2 over MESH's ``fsdp`` sub-mesh on each stage (:func:`shard_stages`)."""
+    part, stages = build_stages(model, plan["pipeline"], mesh.pp_rank, mesh.pp_group, dist.device, head=head)
+    if weights is not None:
+        from .hf import load_weights
+
+        load_weights(model, weights, tensor_rules)
+    if "fsdp2 per stage" in plan["apply_order"]:
+        shard_stages(stages, mesh.fsdp)
+    return part, stages
+
+
 def shard_stages(stages: list, mesh, reshard_after_forward: bool = True) -> int:
     """Shard each of this rank's pipeline STAGES with FSDP2 over MESH (the data-parallel replicas
     of the pipeline): each decoder layer is one unit, the stage's other modules (the embedding on

@@ -344,6 +344,25 @@ class AuxLoss:
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
+def check_kernel_devices(kernels: dict, device: torch.device) -> None:
+    """The Triton kernels the plan chose (KERNELS: train.py's ``PLAN["kernels"]``, name →
+    ``{"impl", "reason"}``) can run on DEVICE (CUDA, or Triton's interpreter); a RunError saying
+    how to rebuild without them otherwise. Nothing to check when the plan runs none."""
+    from .errors import RunError
+    from .kernels._impl import check_impl_devices
+
+    chosen = sorted(name for name, choice in kernels.items() if choice["impl"] in ("triton", "mixed"))
+    if not chosen:
+        return
+    try:
+        check_impl_devices("triton", {device.type})
+    except ValueError as exc:
+        raise RunError(
+            f"the package's Triton kernels ({', '.join(chosen)}; rebuild with -D kernel_impl=auto and -D loss_impl=auto "
+            f"to run the torch code): {exc}"
+        ) from None
+
+
 def autocast(precision: str, device: torch.device):
     """The context a forward runs in: ``torch.autocast`` in the dtype of a mixed PRECISION
     (``bf16-mixed``, ``fp16-mixed``), nothing for the others (``fp32``, ``bf16``: the weights'

@@ -5,6 +5,7 @@ matches the torch code's losses."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -46,9 +47,17 @@ def test_default_runs_the_torch_code_and_triton_is_chosen_per_config(tmp_path):
     assert triton_model.count('kernel_impl="triton"') == 3
     stripped = re.sub(r',\s*kernel_impl="triton",?', "", triton_model)
     assert format_python(stripped) == (torch_pkg / "model.py").read_text()
-    # train.py checks the device before anything else, only when the model runs Triton kernels
-    assert "check_impl_devices" not in (torch_pkg / "train.py").read_text()
-    assert 'check_impl_devices("triton", {dist.device.type})' in (triton_pkg / "train.py").read_text()
+    # train.py checks the plan's kernels against the device before anything else (the runtime's
+    # check_kernel_devices, which passes a plan without Triton kernels): the two train.py differ
+    # only in the plan's record of the kernels (and the config's hash)
+    check = 'check_kernel_devices(PLAN["kernels"], dist.device)'
+    torch_train, triton_train = ((p / "train.py").read_text().splitlines() for p in (torch_pkg, triton_pkg))
+    assert check in "\n".join(torch_train) and check in "\n".join(triton_train)
+    changed = [line[2:].strip() for line in difflib.ndiff(torch_train, triton_train) if line[:2] in ("- ", "+ ")]
+    kernel_keys = tuple(f'"{name}": {{' for name in MODEL_KERNELS)
+    assert changed and all(
+        line.startswith(('"impl":', '"reason":', "},", "CONFIG_HASH =", *kernel_keys)) for line in changed
+    ), changed
 
 
 def test_explain_shows_the_model_kernels(tmp_path):

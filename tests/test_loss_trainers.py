@@ -74,18 +74,16 @@ def test_triton_takes_the_chunked_losss_trainer_code(tmp_path, flags):
     for impl in ("chunked", "triton"):
         run_fgc("build", EXAMPLE, "-o", tmp_path / impl, *flags, "-D", f"loss_impl={impl}", check=True)
         sources[impl] = (tmp_path / impl / "train.py").read_text().splitlines()
-    # what may differ: the implementation's name, the plan's record of it, the config's hash, and
-    # the check that the Triton kernels have a CUDA device
+    # what may differ: the implementation's name, the plan's record of it and the config's hash
+    # (the check that the Triton kernels have a CUDA device reads the plan: the same line)
     allowed = ("LOSS_IMPL =", "CONFIG_HASH =", '"cross_entropy": {', '"impl": "chunked"', '"impl": "triton"', '"reason":',
-               '"chunk_budget_mib":', '"chunk_rows":', "},", "check_impl_devices", "Triton kernels", "try:",
-               "except ValueError as exc:", 'kernels = "cross_entropy"', "raise RunError(", "to run the torch code",
-               ") from None")
+               '"chunk_budget_mib":', '"chunk_rows":', "},")
     changed = [line[2:] for line in difflib.ndiff(sources["chunked"], sources["triton"]) if line[:2] in ("- ", "+ ")]
     assert changed and all(any(a in line for a in allowed) for line in changed), changed
     chunked = "\n".join(sources["chunked"])
     if "trainer_type=fsdp2" in flags:
         # FSDP2's root is the loss head, and the step sync turns its gradient sync on and off
-        assert "            root=loss_model," in chunked and "fsdp_root=loss_model)" in chunked
+        assert "        root=loss_model," in chunked and "fsdp_root=loss_model)" in chunked
     else:
         assert "head=False" in chunked and "pipeline.StepLoss(loss_model.loss_from_hidden)" in chunked
 

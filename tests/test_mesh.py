@@ -79,16 +79,20 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
     assert f"trainer, mesh {degrees}); run: torchrun" in proc.stderr.splitlines()[-1]
     source = (out / "train.py").read_text()
     assert described in source
-    assert 'mesh = Mesh(dist.device, PLAN["mesh"])' in source
+    # fgc_runtime.mesh.layout builds the plan's mesh; parallelize applies apply_order with it
+    assert "mesh, dp_rank, dp_size, grad_accum_steps = layout(PLAN, dist)" in source
+    assert "parallelize(model, PLAN, dist, mesh" in " ".join(source.split()).replace("( ", "(")
     if "tp" in mesh:
         assert plan["apply_order"][0] == "tensor parallel"
     if "dp_replicate" in mesh:
         assert "hybrid" in plan["fsdp_units"]
-        assert "mesh=mesh.fsdp" in source
+        assert "sharded over dp_shard, replicated over dp_replicate" in " ".join(source.split())
     if "pp" in mesh:
         assert "pipeline stages" in plan["apply_order"]
         assert ("fsdp2 per stage" in plan["apply_order"]) == ("dp_shard" in mesh)
-        assert ("pipeline.shard_stages(stages, mesh.fsdp)" in source) == ("dp_shard" in mesh)
+        # pipeline.parallelize_stages (fgc_runtime/pipeline.py) shards the stages when apply_order says so
+        assert "part, stages = pipeline.parallelize_stages(model, PLAN, dist, mesh" in source
+        assert ("FSDP2 then shards each stage" in " ".join(source.replace("#", " ").split())) == ("dp_shard" in mesh)
         # FSDP2 reduces the replicas' gradients; plain replicas sum theirs by hand (the
         # pipeline's step sync, fgc_runtime/pipeline.py, after the schedule)
         sharded = "dp_shard" in mesh
@@ -104,7 +108,8 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
             "dp" in mesh and "tp" in mesh
         )
         assert ("each DiLoCo worker is one tensor-parallel group" in source) == (list(mesh) == ["diloco", "tp"])
-        assert ("mesh=mesh.fsdp" in source) == ("dp_shard" in mesh)
+        flat = " ".join(source.replace("#", " ").split())  # the comments' wrapped lines as one text
+        assert ("then the root, sharded over the ranks of each DiLoCo worker)" in flat) == ("dp_shard" in mesh)
         assert [s for s in plan["apply_order"] if s != "tensor parallel"] == (["fsdp2"] if "dp_shard" in mesh else [])
         # each rank's own state and the global parameters: DiLoCo's checkpoint, not the gathered one
         assert "outer=diloco)" in source and "train_state = sync.train_state(optimizer)" in source

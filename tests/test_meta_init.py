@@ -23,30 +23,27 @@ def _worker(rank, port, package, mode, results, weights=None):
 
     from fgc_runtime.distributed import init_distributed, shutdown
     from fgc_runtime.mesh import Mesh
-    from fgc_runtime.parallel import apply_fsdp, apply_tensor_parallel
+    from fgc_runtime.parallel import parallelize
 
     info = init_distributed("cpu")
     torch.manual_seed(3)
     whole = dict(build_model().named_parameters())
     torch.manual_seed(3)
     model = build_model(device="meta")
+    # what train.py runs: parallelize shards the meta model, allocates each rank's shards,
+    # initialises them and (pretrained) reads the rank's shards of the weights
     if mode == "fsdp2+tp":
-        mesh = Mesh(info.device, {"dp_shard": 1, "tp": 2})
-        apply_tensor_parallel(model, mesh.tp)
-        apply_fsdp(model, info.device, mesh=mesh.fsdp)
+        plan, mesh = {"apply_order": ["tensor parallel", "fsdp2"], "pipeline": None}, Mesh(info.device, {"dp_shard": 1, "tp": 2})
     else:
-        apply_fsdp(model, info.device)
-    model.to_empty(device=info.device)
-    model.init_weights()
+        plan, mesh = {"apply_order": ["fsdp2"], "pipeline": None}, None
     read = []
     if weights:  # pretrained: every rank reads the weights into its shards
         from fgc_runtime import safetensors
-        from fgc_runtime.hf import load_weights
 
         get = safetensors.SafetensorsFile.get
         safetensors.SafetensorsFile.get = lambda self, name: read.append(name) or get(self, name)
         whole = {n: t.float() for n, t in safetensors.load_dir(weights).items()}
-        load_weights(model, weights)
+    parallelize(model, plan, info, mesh, reshard_after_forward=True, root=model, weights=weights)
     local = {n: p.to_local().numel() for n, p in model.named_parameters()}
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
     results[rank] = {
@@ -69,7 +66,8 @@ def test_each_rank_allocates_its_shards_with_the_whole_models_values(tmp_path, m
     run_fgc("build", EXAMPLE, "-o", out, "-D", "trainer_type=fsdp2", check=True)
     train = (out / "train.py").read_text()
     assert 'model = build_model(device="meta")' in train
-    assert train.index("apply_fsdp(model") < train.index("model.to_empty(device=dist.device)") < train.index("model.init_weights()")
+    # parallelize (fgc_runtime/parallel.py) shards the meta model, then allocates and initialises it
+    assert "Only then does each rank allocate its shards" in " ".join(train.replace("#", " ").split())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

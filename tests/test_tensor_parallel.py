@@ -57,7 +57,13 @@ def test_the_plan_has_a_2d_mesh_and_applies_tensor_parallel_first(tmp_path):
     # 16 sequences a step over the 2 data-parallel groups
     assert plan["batch_per_rank"] == 8
     source = (out / "train.py").read_text()
-    assert source.index("apply_tensor_parallel(model, mesh.tp)") < source.index("apply_activation_checkpointing(")
+    # parallelize (fgc_runtime/parallel.py) applies PLAN's apply_order, with the options its steps read
+    call = " ".join(source.split()).replace("( ", "(")
+    assert (
+        "parallelize(model, PLAN, dist, mesh, activation_checkpointing=ACTIVATION_CHECKPOINTING, "
+        "every_n_layers=EVERY_N_LAYERS, reshard_after_forward=RESHARD_AFTER_FORWARD, root=model, )"
+    ) in call
+    assert call.index("order: tensor parallel (") < call.index("then activation checkpointing (")
     assert "TENSOR_DEGREE = 2  # -D tensor_degree=2" in source
     # without a tensor degree the FSDP2 trainer has no trace of tensor parallelism
     plain = tmp_path / "plain"
@@ -65,7 +71,7 @@ def test_the_plan_has_a_2d_mesh_and_applies_tensor_parallel_first(tmp_path):
     plain_plan = json.loads((plain / "manifest.json").read_text())["plan"]
     assert plain_plan["mesh"] == {"dp_shard": 2} and plain_plan["tensor_parallel"] is None
     plain_source = (plain / "train.py").read_text()
-    assert "apply_tensor_parallel" not in plain_source and "Mesh(" not in plain_source
+    assert plain_plan["apply_order"] == ["fsdp2"] and "tensor parallel" not in plain_source
 
 
 @pytest.mark.parametrize(

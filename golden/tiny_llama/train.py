@@ -16,13 +16,16 @@ import torch.optim
 from fgc_runtime import checkpoint, control, data, distributed, hf, metrics, quantize
 from fgc_runtime.errors import RunError, run_main
 from fgc_runtime.log import RankLog, format_plan
+from fgc_runtime.mesh import layout
 from fgc_runtime.optim import describe_groups, param_groups
+from fgc_runtime.parallel import parallelize
 from fgc_runtime.step import step_sync
 import fgc_runtime.train
 from fgc_runtime.train import (
     MFU,
     Throughput,
     autocast,
+    check_kernel_devices,
     count_targets,
     loss_sum_and_count,
     peak_memory_bytes,
@@ -279,14 +282,12 @@ def main(argv=None):
         # One run per output dir: rank 0 locks it (OUTPUT_DIR/.fgc-lock) until it exits, before
         # anything there is read or written; a second run is refused on every rank.
         ctl.lock_output_dir(args.output_dir, dist)
-    # every rank reads its own batches
-    dp_rank, dp_size = dist.rank, dist.world_size
-    if GLOBAL_BATCH_SIZE % (dp_size * MICRO_BATCH_SIZE):
-        raise RunError(
-            f"the global batch {GLOBAL_BATCH_SIZE} does not split into {dp_size} data-parallel ranks "
-            f"of micro-batches of {MICRO_BATCH_SIZE}"
-        )
-    grad_accum_steps = GLOBAL_BATCH_SIZE // (dp_size * MICRO_BATCH_SIZE)
+    # The Triton kernels the plan chose, if any, run on CUDA only (fgc_runtime/train.py): checked now.
+    check_kernel_devices(PLAN["kernels"], dist.device)
+    # Which ranks read which batches (fgc_runtime/mesh.py), from the plan's mesh (dp 2), checked
+    # against the launch and the global batch: every rank reads its own batches (one dimension:
+    # mesh is None).
+    mesh, dp_rank, dp_size, grad_accum_steps = layout(PLAN, dist)
     # The same seed on every rank gives every rank the same initial weights.
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -302,6 +303,9 @@ def main(argv=None):
             max_batches=EVAL_BATCHES,
         )
     model = build_model(device=dist.device)
+    # The plan's parallelism (fgc_runtime/parallel.py), applied to the model in place: none,
+    # this plan changes no layer.
+    parallelize(model, PLAN, dist, mesh)
     vocab_size = getattr(model, "vocab_size", None)
     if vocab_size is not None:
         data.check_vocab(train_data, vocab_size)
@@ -317,7 +321,7 @@ def main(argv=None):
     # ranks read different batches, who syncs the gradients, how their norm is gathered; the
     # loop runs train_model, which wrap() gives.
     # The gradients: DDP averages them over every rank.
-    sync = step_sync(PLAN, dist, model=model, fsdp_root=model)
+    sync = step_sync(PLAN, dist, mesh, model=model, fsdp_root=model)
     train_model = sync.wrap(model)
     optimizer = optimizer_factory(param_groups(model, NO_WEIGHT_DECAY))
     lr_scheduler = lr_scheduler_factory(optimizer)
