@@ -242,3 +242,34 @@ def test_the_training_program_carries_the_flags_and_is_codegens_only_input(tmp_p
     run_fgc("build", cfg, "-o", tmp_path / "pkg", "--no-smoke", check=True)
     for rel, data in files.items():
         assert (tmp_path / "pkg" / rel).read_bytes() == data, rel
+
+
+def test_the_flags_train_py_declares_are_those_the_clash_check_reads(monkeypatch):
+    """builtin_flags() reads train.py's own flags from its template (a config flag must not take
+    one): every flag the golden package's parser has, and besides them only --weights (declared
+    for a pretrained model alone). A flag added to the template in a shape the reading misses
+    fails here."""
+    import argparse
+    import importlib.util
+
+    from fgc_lowering.dynamic_args import builtin_flags
+
+    golden = Path(__file__).resolve().parent.parent / "golden" / "tiny_llama"
+    parsers = []
+    real = argparse.ArgumentParser.parse_args
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        return real(self, args, namespace)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.syspath_prepend(str(golden))
+    monkeypatch.delitem(sys.modules, "model", raising=False)
+    spec = importlib.util.spec_from_file_location("golden_train", golden / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.parse_args([])
+    monkeypatch.delitem(sys.modules, "model", raising=False)
+    declared = set(parsers[0]._option_string_actions)
+    assert declared <= set(builtin_flags())
+    assert set(builtin_flags()) - declared == {"--weights"}

@@ -445,14 +445,12 @@ class PackageBuilder:
             "trainer_type": plan.trainer_type,
             # pipeline stages: the pipeline trainer, or DiLoCo workers of pipelines
             "pipelined": plan.pipeline is not None,
-            # DiLoCo workers of several ranks, each training its copy with DDP, or sharding it with FSDP2
             # DiLoCo workers of several ranks: each rank syncs over the mesh's outer group (the
             # arguments of DiLoCo beyond its settings, and the comment on them)
             "diloco_args": [("outer_group", "mesh.outer_group")] if diloco_group else [],
             "diloco_comment": _wrap(_diloco_comment(plan)) if diloco_group else [],
-            "diloco_fsdp": bool(plan.diloco) and plan.diloco["inner"] == "fsdp2",
             "trainer_description": description,
-            # train.py's comments on the ranks' layout and on what parallelize applies
+            # train.py's comment on the ranks' layout
             "layout_comment": _wrap(_layout_comment(plan)),
             # evaluate()'s comment on the batches the ranks read
             "eval_comment": _wrap(
@@ -462,13 +460,6 @@ class PackageBuilder:
             )
             if plan.tensor_parallel
             else [],
-            "parallelize_comment": _wrap(
-                _parallelize_comment(
-                    plan,
-                    materialize=self.meta_init() and not plan.pipeline,
-                    weights=self.program.settings.pretrained.model_dir is not None,
-                )
-            ),
             # train.py's comments on what the step sync (fgc_runtime/step.py) does for this plan,
             # wrapped: who syncs the gradients (none for the pipeline's schedule), what a
             # checkpoint holds, how the loss is normalised, what is logged, the step's end
@@ -490,8 +481,6 @@ class PackageBuilder:
             "data_dir": data.data_dir,
             "ships_data": bool(data.text_files),
             "output_dir": self.program.settings.output_dir,
-            # the model is built on the meta device and each rank materialises its share
-            "meta_init": self.meta_init(),
             # the model kernels that run in Triton (the select-kernels pass): train.py checks the device
             "triton_kernels": sorted(k for k, c in plan.kernels.items() if c["impl"] in ("triton", "mixed")),
         }
@@ -707,6 +696,11 @@ class PackageBuilder:
                 ),
                 stages_args=_stages_args(not loss["chunked_loss"], meta_init and settings_pretrained, rules),
                 stages_comment=_wrap(_stages_comment(self.program.plan, meta_init and settings_pretrained)),
+                parallelize_comment=_wrap(
+                    _parallelize_comment(
+                        self.program.plan, materialize=meta_init and not self.program.plan.pipeline, weights=settings_pretrained
+                    )
+                ),
                 model_args=_model_args(meta_init, self.program.plan.precision, settings_pretrained),
                 model_comment=_wrap(
                     "Built on the meta device, without memory: each rank materialises and initialises only its "
