@@ -111,8 +111,9 @@ class Layout(NamedTuple):
     """How a run's ranks share its batches (what :func:`layout` gives): ``mesh``, the plan's
     :class:`Mesh` (None when the ranks form one data-parallel dimension, or there is one rank);
     ``dp_rank`` and ``dp_size``, this rank's place among the ranks that read different batches;
-    ``grad_accum_steps``, the micro-batches of a step on this rank (a pipeline's schedule cuts its
-    share of the batch into the plan's micro-batches itself)."""
+    ``grad_accum_steps``, the forwards and backwards of a step on this rank (1 for a pipeline,
+    whose schedule cuts its share of the batch into the plan's micro-batches itself, as the
+    plan's ``grad_accum_steps`` says)."""
 
     mesh: Mesh | None
     dp_rank: int
@@ -145,7 +146,7 @@ def layout(plan: dict, dist) -> Layout:
         micro, what = pipeline["microbatches"], f"{dp_size} pipelines of {pipeline['microbatches']} micro-batches"
         if batch % (dp_size * micro):
             raise RunError(f"the global batch {batch} does not split into {what}")
-        return Layout(mesh, dp_rank, dp_size, micro)
+        return Layout(mesh, dp_rank, dp_size, 1)
     micro = plan["micro_batch_size"]
     if batch % (dp_size * micro):
         raise RunError(

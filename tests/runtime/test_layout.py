@@ -78,6 +78,28 @@ def test_a_launch_the_plan_does_not_fit_is_a_run_error(plan, world, message):
     assert str(info.value) == f"error: {message}"
 
 
+
+def test_a_mesh_gives_the_data_parallel_place_and_a_pipeline_one_pass(monkeypatch):
+    """With several dimensions or a pipeline, the plan's Mesh (here a stand-in: the real one needs
+    a process group, as in test_mesh) gives the data-parallel rank and size; a pipeline's step
+    is one pass of the loop (its schedule makes the micro-batches), and its batch must split
+    into the pipelines' micro-batches."""
+    from fgc_runtime import mesh as mesh_module
+
+    class FakeMesh:
+        def __init__(self, device, dims):
+            self.dims, self.dp_rank, self.dp_size = dims, 1, 2
+
+    monkeypatch.setattr(mesh_module, "Mesh", FakeMesh)
+    pipeline = _plan("pipeline", 4, {"dp": 2, "pp": 2}, batch=16, micro=4, pipeline={"microbatches": 2})
+    got = layout(pipeline, _dist(4))
+    assert (got.mesh.dims, got.dp_rank, got.dp_size, got.grad_accum_steps) == ({"dp": 2, "pp": 2}, 1, 2, 1)
+    hsdp = _plan("fsdp2", 4, {"dp_replicate": 2, "dp_shard": 2}, batch=16, micro=2)
+    assert layout(hsdp, _dist(4))[1:] == (1, 2, 4)
+    with pytest.raises(RunError) as info:
+        layout({**pipeline, "global_batch_size": 6}, _dist(4))
+    assert str(info.value) == "error: the global batch 6 does not split into 2 pipelines of 2 micro-batches"
+
 class _Model(nn.Module):
     def __init__(self):
         super().__init__()
