@@ -627,11 +627,12 @@ class PackageBuilder:
                 continue
             name = "GLOBAL_BATCH_SIZE" if f.name == "batch_size" else f.name.upper()
             out.append((name, code(literal(value)), where(f.name)))
-        micro_where = (
-            where("micro_batch_size")
-            if s.micro_batch_size is not None
-            else "the plan: the whole per-rank batch (micro_batch_size is null)"
-        )
+        if s.micro_batch_size is not None:
+            micro_where = where("micro_batch_size")
+        elif plan.pipeline:  # the schedule's micro-batches
+            micro_where = "the plan: the per-pipeline batch over MICROBATCHES micro-batches"
+        else:
+            micro_where = "the plan: the whole per-rank batch (micro_batch_size is null)"
         out.append(("MICRO_BATCH_SIZE", code(literal(plan.micro_batch_size)), micro_where))
         data_node = group_node("data")
         if s.data.text_files:
