@@ -136,7 +136,7 @@ def layout(plan: dict, dist) -> Layout:
     mesh = None
     if pipeline is not None or len(dims) > 1:
         if not dist.distributed:
-            what = f"a pipeline over {dims['pp']} ranks" if pipeline is not None else f"a mesh of {nproc} ranks"
+            what = f"a pipeline over {dims['pp']} ranks" if pipeline is not None else f"on a mesh of {nproc} ranks"
             raise RunError(f"this package runs {what}: launch it with `torchrun --nproc-per-node {nproc} train.py`")
         mesh = Mesh(dist.device, dims)
         dp_rank, dp_size = mesh.dp_rank, mesh.dp_size

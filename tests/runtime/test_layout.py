@@ -63,7 +63,7 @@ def test_one_data_parallel_dimension_needs_no_mesh(plan, world, rank, expected):
         (
             _plan("fsdp2", 4, {"dp_shard": 2, "tp": 2}),
             1,
-            "this package runs a mesh of 4 ranks: launch it with `torchrun --nproc-per-node 4 train.py`",
+            "this package runs on a mesh of 4 ranks: launch it with `torchrun --nproc-per-node 4 train.py`",
         ),
         (
             _plan("ddp", 2, batch=12, micro=8),
