@@ -1,7 +1,8 @@
-"""fgc_runtime.mesh.layout (which ranks read which batches, checked against the launch) and
-fgc_runtime.parallel.parallelize (the plan's apply_order, applied in its order): the two runtime
-functions train.py calls where its template once branched on the trainer type. The meshes
-themselves run in the multi-rank tests (test_mesh, test_tensor_parallel, test_pipeline)."""
+"""fgc_runtime.mesh.layout (which ranks read which batches, checked against the launch),
+fgc_runtime.parallel.parallelize (the plan's apply_order, applied in its order) and
+fgc_runtime.train.check_kernel_devices (the plan's Triton kernels against the device): runtime
+functions train.py calls where its template once branched on the plan. The meshes themselves run
+in the multi-rank tests (test_mesh, test_tensor_parallel, test_pipeline, test_meta_init)."""
 
 from __future__ import annotations
 
