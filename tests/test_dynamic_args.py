@@ -264,12 +264,14 @@ def test_the_flags_train_py_declares_are_those_the_clash_check_reads(monkeypatch
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     monkeypatch.syspath_prepend(str(golden))
-    monkeypatch.delitem(sys.modules, "model", raising=False)
-    spec = importlib.util.spec_from_file_location("golden_train", golden / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.parse_args([])
-    monkeypatch.delitem(sys.modules, "model", raising=False)
+    monkeypatch.delitem(sys.modules, "model", raising=False)  # another package's, put back at the end
+    try:
+        spec = importlib.util.spec_from_file_location("golden_train", golden / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.parse_args([])
+    finally:  # the golden package's model.py, which its train.py imported: no later test may see it
+        sys.modules.pop("model", None)
     declared = set(parsers[0]._option_string_actions)
     assert declared <= set(builtin_flags())
     assert set(builtin_flags()) - declared == {"--weights"}
