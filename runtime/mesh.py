@@ -106,7 +106,6 @@ def average_grads(model: torch.nn.Module, group) -> None:
             grad.div_(size)
 
 
-
 class Layout(NamedTuple):
     """How a run's ranks share its batches (what :func:`layout` gives): ``mesh``, the plan's
     :class:`Mesh` (None when the ranks form one data-parallel dimension, or there is one rank);

@@ -31,8 +31,7 @@ SKELETON_NAMES: dict[str, tuple[str, str | None]] = {
     "format_plan": ("fgc_runtime.log", "format_plan"),
     **{n: ("fgc_runtime.train", n) for n in (
         "AuxLoss", "MFU", "Throughput", "autocast", "check_kernel_devices", "count_targets", "grad_norm",
-        "loss_sum_and_count",
-        "peak_memory_bytes", "set_seed", "whole_number",
+        "loss_sum_and_count", "peak_memory_bytes", "set_seed", "whole_number",
     )},
     "layout": ("fgc_runtime.mesh", "layout"),
     **{n: ("fgc_runtime.parallel", n) for n in ("parallelize", "split_groups_by_mesh")},
