@@ -21,6 +21,7 @@ schedule's gradients are those of the step loss with no further scaling (``scale
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -31,6 +32,7 @@ from .checkpoint import ModelState, does_not_fit
 from .errors import RunError
 from .parallel import has_method
 from .step import OuterLoop
+from .train import count_targets
 
 SCHEDULE_CLASSES = {
     "gpipe": "ScheduleGPipe",
@@ -285,6 +287,62 @@ class StepLoss:
         return loss_sum / self.n_targets
 
 
+class Pipeline:
+    """This rank's part of a pipelined model, run through torch's schedule NAME over its STAGES
+    (:func:`build_schedule`) the way train.py runs a model: :meth:`step` takes one step's
+    forwards and backwards (train.py's ``forward_backward``), and calling it gives a batch's loss
+    sum and target count, forward only (``evaluate``). LOSS_SUM_FN(output, labels) gives the
+    ``(loss_sum, count)`` of a micro-batch from the last stage's output (:class:`StepLoss`).
+
+    The losses are on the ranks that hold the last stage; the first rank of each of its
+    tensor-parallel groups (``mesh.tp_rank`` 0) counts them in a step, and every other rank
+    gives zero, so that summing over every rank counts each micro-batch once."""
+
+    def __init__(self, part: nn.Module, stages: list, name: str, microbatches: int, loss_sum_fn: Callable, *, plan: dict, mesh):
+        self.part, self.stages, self.name, self.microbatches = part, stages, name, microbatches
+        self.step_loss = StepLoss(loss_sum_fn)
+        self.schedule = build_schedule(name, stages, microbatches, self.step_loss)
+        self.plan, self.mesh = plan, mesh
+
+    def train(self, mode: bool = True) -> "Pipeline":
+        self.part.train(mode)
+        return self
+
+    def eval(self) -> "Pipeline":
+        return self.train(False)
+
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, n_targets) -> torch.Tensor:
+        """One step's forwards and backwards: the schedule cuts the batch into its micro-batches
+        and runs them through the stages, each micro-batch's loss its summed token loss over
+        N_TARGETS. Returns the step's loss sum (detached) where it is counted, zero elsewhere."""
+        self.step_loss.n_targets = n_targets
+        losses: list[torch.Tensor] = []
+        self.schedule.step(input_ids, target=labels, losses=losses)
+        if losses and self.mesh.tp_rank == 0:
+            return torch.stack(losses).sum().detach() * n_targets
+        return torch.zeros((), device=input_ids.device)
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's summed token loss and its count of target tokens, forward only, on the ranks
+        that hold the last stage (zeros elsewhere). Torch's schedules that split the backward
+        (:data:`FORWARD_ONLY_EVAL`) have no forward-only mode: there the micro-batches go through
+        the stages one at a time (:func:`forward_only`), their losses computed outside autocast
+        as the schedule's would be from its output."""
+        self.step_loss.n_targets = 1.0  # plain sums
+        if self.name in FORWARD_ONLY_EVAL:
+            outputs = forward_only(self.stages, self.plan["pipeline"], self.mesh.pp_rank, self.mesh.pp_group, input_ids,
+                                   self.microbatches)
+            with torch.autocast(input_ids.device.type, enabled=False):
+                losses = [self.step_loss(out, target) for out, target in zip(outputs, labels.chunk(self.microbatches))]
+        else:
+            losses = []
+            self.schedule.eval(input_ids, target=labels, losses=losses)
+        if not losses:
+            zero = torch.zeros((), device=input_ids.device)
+            return zero, zero
+        return torch.stack(losses).sum(), torch.tensor(float(count_targets(labels)), device=input_ids.device)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (a plain tensor as it is)."""
     from torch.distributed.tensor import DTensor
@@ -433,6 +491,15 @@ class PipelineSync(OuterLoop):
         self.replicas = mesh.dp_size if self.group is mesh.dp_group else (
             1 if self.group is None else torch.distributed.get_world_size(self.group))
 
+    def wrap(self, pipe: "Pipeline") -> "Pipeline":
+        """What the loop runs: the :class:`Pipeline` itself (its schedule syncs nothing within a step)."""
+        return pipe
+
+    def micro_batch(self, last: bool):
+        """The context of the loop's one micro-batch, the whole batch: the schedule runs its
+        micro-batches (FSDP2 per stage reduces the gradients after the last of them)."""
+        return contextlib.nullcontext()
+
     def count(self, n_targets: torch.Tensor) -> torch.Tensor:
         """The step's target count over the data-parallel replicas (in place)."""
         if self.group is not None:
@@ -464,6 +531,13 @@ class PipelineSync(OuterLoop):
         if self.outer is not None:
             return self.outer.train_state(self.part, optimizer, first_copy=self.mesh.first_copy)
         return PipelineState(self.part, optimizer, self.mesh.first_copy, self.dist.rank)
+
+
+def pipeline_sync(plan: dict, dist, mesh, *, model: nn.Module, outer=None) -> PipelineSync:
+    """:func:`fgc_runtime.step.step_sync`'s counterpart for a plan with pipeline stages (``PLAN``
+    of train.py): the :class:`PipelineSync` of this rank's part (MODEL) on MESH, FSDP2 reducing
+    the gradients when the plan shards each stage (``fsdp2 per stage``), OUTER DiLoCo's loop."""
+    return PipelineSync(model, dist, mesh, sharded="fsdp2 per stage" in plan["apply_order"], outer=outer)
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict:

@@ -21,8 +21,9 @@ With DiLoCo (``fgc_runtime.diloco``, the ``outer`` loop of a StepSync), a worker
 ranks" above; :meth:`StepSync.totals` and :meth:`StepSync.aux_mean` then sum over every worker,
 :meth:`StepSync.end_step` runs the outer step and :meth:`StepSync.eval_weights` puts the global
 parameters in the model for evaluation and samples. :meth:`StepSync.train_state` gives what a
-checkpoint holds. The pipeline trainer runs its schedule instead of the micro-batch loop, and
-:class:`fgc_runtime.pipeline.PipelineSync` gives the same methods around it.
+checkpoint holds. A pipeline runs its schedule as the loop's one micro-batch
+(:class:`fgc_runtime.pipeline.Pipeline`), and :func:`fgc_runtime.pipeline.pipeline_sync` gives a
+:class:`fgc_runtime.pipeline.PipelineSync`, with the same methods around it.
 """
 
 from __future__ import annotations

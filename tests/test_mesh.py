@@ -96,7 +96,8 @@ def test_the_mesh_is_the_product_of_the_degrees(tmp_path, flags, mesh, described
         # FSDP2 reduces the replicas' gradients; plain replicas sum theirs by hand (the
         # pipeline's step sync, fgc_runtime/pipeline.py, after the schedule)
         sharded = "dp_shard" in mesh
-        assert f"sync = pipeline.PipelineSync(part, dist, mesh, sharded={sharded})" in source
+        # pipeline_sync reads it from the plan's apply_order (tests/runtime/test_pipeline_runner.py)
+        assert "sync = pipeline.pipeline_sync(PLAN, dist, mesh, model=part)" in source
         assert ("(FSDP2 reduces the gradients)" in source) == sharded
     if "diloco" in mesh:  # DDP or FSDP2 inside each worker, and the workers sync over the outer group
         # (the step sync, fgc_runtime/step.py, wraps the model; train.py says who syncs)

@@ -203,7 +203,7 @@ CODE_VALUED = {
     "model.py.j2": {"line", "source", "model_var"},
     "train.py.j2": {
         "line", "source", "name", "value", "plan_literal", "config_hash", "factories", "loss_fn",
-        "train_module", "sample_module",
+        "train_module", "sample_module", "sync_function",
     },
     "launch.sh.j2": set(),
     "README.md.j2": set(),

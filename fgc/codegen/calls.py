@@ -97,6 +97,16 @@ def diloco_comment(plan) -> str:
     return text + "."
 
 
+def sync_args(plan, chunked: bool) -> list[tuple[str, str]]:
+    """The keyword arguments of train.py's step sync: a pipeline's (``pipeline.pipeline_sync``)
+    takes this rank's part of the model; the others' (``step_sync``) the model and FSDP2's root
+    (the loss head around the model under the CHUNKED loss). DiLoCo's outer loop for both."""
+    args = [("model", "part")] if plan.pipeline else [("model", "model"), ("fsdp_root", "loss_model" if chunked else "model")]
+    if plan.diloco:
+        args.append(("outer", "diloco"))
+    return args
+
+
 def stages_args(head: bool, weights: bool, rules: bool) -> list[tuple[str, str]]:
     """The keyword arguments train.py passes to ``pipeline.parallelize_stages``: ``head=False``
     when the loss applies the head (the chunked loss), and with WEIGHTS (pretrained, the model

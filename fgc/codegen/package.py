@@ -145,6 +145,18 @@ def _wrap(text: str, indent: int = 4) -> list[str]:
     return textwrap.wrap(text, 94 - indent, break_on_hyphens=False)
 
 
+def _pipeline_sync_description(plan) -> str:
+    """What a pipeline's step sync (``fgc_runtime.pipeline.PipelineSync``) does, for train.py's
+    comment beside it."""
+    sharded = "fsdp2 per stage" in plan.apply_order
+    return (
+        "A pipeline's, around its schedule (fgc_runtime/pipeline.py): targets and gradients summed over the "
+        "data-parallel replicas" + (" (FSDP2 reduces the gradients)" if sharded else "")
+        + (" of each DiLoCo worker" if plan.diloco else "")
+        + ", the norm over the pipeline's stages, the loss from the ranks of the last stage."
+    )
+
+
 def _step_comments(plan) -> dict[str, str]:
     """The comments train.py puts beside the step sync's calls whose meaning depends on the plan:
     what a checkpoint holds (``state``), what a step's loss is (``loss``), what the step's
@@ -175,7 +187,12 @@ def _step_comments(plan) -> dict[str, str]:
         totals = ("What the step's record and its non-finite check read: its loss sum and target "
                   "count, the run's tokens, the gradient norm.")
         end_step = "Nothing more ends a step in this plan: no outer loop runs around it."
-    return {"state": state, "loss": loss, "totals": totals, "end_step": end_step}
+    if plan.pipeline:
+        micro = ("One micro-batch here, the whole batch (grad_accum_steps is 1): the schedule cuts it into "
+                 "MICROBATCHES micro-batches of MICRO_BATCH_SIZE rows.")
+    else:
+        micro = "The step's grad_accum_steps micro-batches, of MICRO_BATCH_SIZE rows each."
+    return {"state": state, "loss": loss, "totals": totals, "end_step": end_step, "micro": micro}
 
 
 STUB = "_fgc_definition_{}"
@@ -324,24 +341,34 @@ class PackageBuilder:
             "layout_comment": _wrap(calls.layout_comment(plan)),
             # evaluate()'s comment on the batches the ranks read
             "eval_comment": _wrap(
-                "the ranks of a tensor-parallel group read the same batches (each is counted "
-                "TENSOR_DEGREE times in the sums below, which leaves their ratio as it is)",
+                " ".join(
+                    text
+                    for text, applies in (
+                        ("the ranks of a pipeline read the same batches: the ranks of its last stage give "
+                         "their loss sums and counts, the others zeros;", plan.pipeline),
+                        ("the ranks of a tensor-parallel group read the same batches (each is counted "
+                         "TENSOR_DEGREE times in the sums below, which leaves their ratio as it is)", plan.tensor_parallel),
+                    )
+                    if applies
+                ).rstrip(";"),
                 12,
             )
-            if plan.tensor_parallel
+            if plan.tensor_parallel or plan.pipeline
             else [],
             # train.py's comments on what the step sync (fgc_runtime/step.py) does for this plan,
             # wrapped: who syncs the gradients (none for the pipeline's schedule), what a
             # checkpoint holds, how the loss is normalised, what is logged, the step's end
-            "sync_comment": []
-            if plan.pipeline  # its schedule, no step sync
+            "sync_comment": _wrap(_pipeline_sync_description(plan))
+            if plan.pipeline  # its schedule syncs nothing within a step
             else _wrap(f"The gradients: {_sync_description(plan)}."),
+            # the step sync's constructor (a pipeline's: fgc_runtime/pipeline.py) and its arguments
+            "sync_function": "pipeline.pipeline_sync" if plan.pipeline else "step_sync",
+            "sync_args": calls.sync_args(plan, chunked=plan.kernels["cross_entropy"]["impl"] in ("chunked", "triton")),
             **{
                 f"{name}_comment": _wrap(text, 4 if name == "state" else 8)  # the loop's: 8
                 for name, text in _step_comments(plan).items()
             },
             "precision": plan.precision,
-            "forward_only_eval": bool(plan.pipeline) and plan.pipeline["schedule"] in ("zbv-zero-bubble", "dualpipev"),
             "launcher": plan.launcher,
             "nproc": plan.nproc,
             "run_command": run,
@@ -650,11 +677,17 @@ class PackageBuilder:
         loss = self.program.settings.loss
         impl = self.program.plan.kernels["cross_entropy"]["impl"]
         features = bool(loss.label_smoothing or loss.z_loss or loss.softcap is not None)
+        pipelined = self.program.plan.pipeline is not None
         return {
             "chunked_loss": impl in ("chunked", "triton"),
+            # what train_model(input_ids, labels) gives: the loss sum and count (the loss head
+            # around the model, a pipeline), or logits that the loss function takes
+            "model_gives_loss": impl in ("chunked", "triton") or pipelined,
             "loss_fn": "lm_loss" if features else "loss_sum_and_count",
             "document_masking": self.program.settings.document_masking,
-            "train_module": "masked_model"
+            "train_module": "pipe"
+            if pipelined
+            else "masked_model"
             if self.program.settings.document_masking
             else ("loss_model" if impl in ("chunked", "triton") else "model"),
             # what samples run: the loss head around the model where it is FSDP2's root (its

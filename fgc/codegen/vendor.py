@@ -14,6 +14,7 @@ ordered), and a helper two modules both define is renamed ``NAME_MODULE`` in the
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
 import importlib.util
@@ -100,6 +101,11 @@ class _Definition:
     # Attribute node, the (module, name) it stands for), so that a renamed one is renamed here too
     refs: list[tuple[cst.CSTNode, tuple[str, str]]] = field(default_factory=list)
     name_nodes: list[cst.Name] = field(default_factory=list)  # the names the statement binds
+    # the statement's source as libcst prints it (library modules, read with ast: node is None)
+    text: str | None = None
+
+    def source(self) -> str:
+        return self.text if self.node is None else cst.Module([]).code_for_node(self.node).strip("\n")
 
 
 @dataclass
@@ -245,6 +251,17 @@ class Vendorer:
             path = Path(importlib.import_module(module).__file__)
             root = Path(importlib.import_module("fgc").__file__).parent
             shown = f"fgc/{path.relative_to(root).as_posix()}"
+        # the library's modules are copied verbatim: Python's own parser reads them (several
+        # times faster than libcst's, a cold build's largest share after black)
+        info = None if user else _library_module(module, path, shown)
+        if info is None:
+            info = self._cst_module(module, path, shown, user)
+        self._modules[module] = info
+        return info
+
+    def _cst_module(self, module: str, path: Path, shown: str, user: bool) -> dict:
+        """A module's top-level definitions, read with libcst (the user's modules: their names are
+        tracked by scope, renamed and flattened; library modules ast cannot split like libcst)."""
         tree = cst.parse_module(path.read_text(encoding="utf-8"))
         wrapper = None
         if user:  # the user's names are tracked by scope: they may be renamed or flattened
@@ -292,21 +309,10 @@ class Vendorer:
             for name in _bound_names(stmt):
                 defs[name] = _Definition(module, index, name, stmt)
         for d in defs.values():
-            used = _used_names(d.node) - {d.name}
-            for name in used:
-                if name in defs:
-                    d.deps.add((module, name))
-                elif name in vendored_refs:
-                    d.deps.add(vendored_refs[name])
-                elif name in imports:
-                    line, mod = imports[name]
-                    d.imports.add(line)
-                    d.import_modules.add(mod)
+            _link(d, _used_names(d.node), module, defs, vendored_refs, imports)
         if wrapper is not None:
             self._track_user_names(wrapper, tree, shown, defs, vendored_refs, module_aliases, module)
-        info = {"path": path, "shown": shown, "defs": defs, "user": user}
-        self._modules[module] = info
-        return info
+        return {"path": path, "shown": shown, "defs": defs, "user": user}
 
     @staticmethod
     def _track_user_names(wrapper, tree, shown, defs, vendored_refs, module_aliases, module) -> None:
@@ -413,9 +419,8 @@ class Vendorer:
             node = d.node.visit(_Rename(renames)) if renames else d.node
             if not renames and not self._module(d.module)["user"]:
                 verbatim.add(final[(d.module, d.name)])
-            definitions.append(
-                (self._module(d.module)["shown"], final[(d.module, d.name)], cst.Module([]).code_for_node(node).strip("\n"))
-            )
+            text = d.source() if node is d.node else cst.Module([]).code_for_node(node).strip("\n")
+            definitions.append((self._module(d.module)["shown"], final[(d.module, d.name)], text))
         return VendoredCode(
             imports,
             definitions,
@@ -450,6 +455,145 @@ class Vendorer:
                 taken.add(new)
                 final[(d.module, d.name)] = new
         return final
+
+
+def _link(d: _Definition, used: set[str], module: str, defs: dict, vendored_refs: dict, imports: dict) -> None:
+    """Record what definition D uses among the names USED in it: its module's definitions,
+    vendored definitions it imports, and the import lines of everything else."""
+    for name in used - {d.name}:
+        if name in defs:
+            d.deps.add((module, name))
+        elif name in vendored_refs:
+            d.deps.add(vendored_refs[name])
+        elif name in imports:
+            line, mod = imports[name]
+            d.imports.add(line)
+            d.import_modules.add(mod)
+
+
+_COMPOUND = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.If, ast.For, ast.AsyncFor, ast.While,
+             ast.With, ast.AsyncWith, ast.Try, ast.Match) + ((ast.TryStar,) if hasattr(ast, "TryStar") else ())
+
+
+def _statement_spans(body: list[ast.stmt], lines: list[str]) -> list[tuple[int, int]] | None:
+    """For each top-level statement, the range of LINES (0-based, end excluded) that libcst gives
+    it: the blank and comment lines before it, the statement, and for a compound statement the
+    comment lines after its block indented at least as deep as the block (its footer). None where
+    the split is not this simple (two statements on a line, a block on its header's line)."""
+    def first_line(stmt: ast.stmt) -> int:
+        return min([stmt.lineno] + [d.lineno for d in getattr(stmt, "decorator_list", ())]) - 1
+
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for i, stmt in enumerate(body):
+        first = first_line(stmt)
+        end = stmt.end_lineno  # excluded
+        if i == 0 and first > 0:  # lines before the first statement: libcst's module header
+            return None
+        if isinstance(stmt, _COMPOUND):
+            inner = stmt.body[0]
+            if lines[inner.lineno - 1][: inner.col_offset].strip():  # the block on its header's line
+                return None
+            nxt = first_line(body[i + 1]) if i + 1 < len(body) else len(lines)
+            indent = len(lines[inner.lineno - 1]) - len(lines[inner.lineno - 1].lstrip(" \t"))
+            for j in range(end, nxt):
+                text = lines[j].lstrip(" \t")
+                if text.startswith("#") and len(lines[j]) - len(text) >= indent:
+                    end = j + 1
+        if spans and spans[-1][1] > first:
+            return None
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def _names_in(node: ast.AST) -> set[str]:
+    """Every identifier in NODE, as libcst's Name nodes would give them (names, attributes,
+    parameters, keywords, definitions, imports)."""
+    out: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name):
+            out.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            out.add(n.attr)
+        elif isinstance(n, ast.arg):
+            out.add(n.arg)
+        elif isinstance(n, ast.keyword) and n.arg:
+            out.add(n.arg)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(n.name)
+        elif isinstance(n, ast.alias):
+            out.update(n.name.split("."))
+            if n.asname:
+                out.add(n.asname)
+        elif isinstance(n, ast.ImportFrom) and n.module:
+            out.update(n.module.split("."))
+        elif isinstance(n, (ast.Global, ast.Nonlocal)):
+            out.update(n.names)
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            out.add(n.name)
+        elif isinstance(n, (ast.MatchAs, ast.MatchStar)) and n.name:
+            out.add(n.name)
+        elif isinstance(n, ast.MatchMapping) and n.rest:
+            out.add(n.rest)
+        elif isinstance(n, ast.MatchClass):
+            out.update(n.kwd_attrs)
+    return out
+
+
+def _library_module(module: str, path: Path, shown: str) -> dict | None:
+    """A library module's top-level definitions, read with Python's ast: the same definitions,
+    dependencies, import lines and text as libcst gives (tests/test_vendor_ast.py compares the
+    two on every library module). None where its statements do not split simply by line."""
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    spans = _statement_spans(tree.body, lines)
+    if spans is None:
+        return None
+    defs: dict[str, _Definition] = {}
+    imports: dict[str, tuple[str, str]] = {}
+    vendored_refs: dict[str, tuple[str, str]] = {}
+    used: dict[int, set[str]] = {}
+    for index, (stmt, (start, end)) in enumerate(zip(tree.body, spans)):
+        if isinstance(stmt, ast.ImportFrom):
+            if stmt.level:
+                raise VendorError(
+                    f"{shown}: a relative import ({ast.get_source_segment(source, stmt)}) "
+                    "cannot be vendored; import the module by its absolute name"
+                )
+            for alias in stmt.names:
+                if alias.name == "*":
+                    continue
+                bound = alias.asname or alias.name
+                if is_vendored_module(stmt.module):
+                    vendored_refs[bound] = (stmt.module, alias.name)
+                    continue
+                line = f"from {stmt.module} import {alias.name}" + (f" as {bound}" if alias.asname else "")
+                imports[bound] = (line, stmt.module)
+            continue
+        if isinstance(stmt, ast.Import):
+            for alias in stmt.names:
+                bound = alias.asname or alias.name.split(".")[0]
+                line = f"import {alias.name}" + (f" as {bound}" if bound != alias.name.split(".")[0] else "")
+                imports[bound] = (line, alias.name)
+            continue
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [stmt.name]
+        elif isinstance(stmt, ast.Assign):
+            names = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
+        elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            names = [stmt.target.id]
+        else:
+            names = []
+        if names:
+            text = "".join(lines[start:end]).strip("\n")
+            used[index] = _names_in(stmt)
+            for name in names:
+                defs[name] = _Definition(module, index, name, None, text=text)
+    for d in defs.values():
+        _link(d, used[d.index], module, defs, vendored_refs, imports)
+    return {"path": path, "shown": shown, "defs": defs, "user": False}
 
 
 def _ref_text(node: cst.CSTNode) -> str:

@@ -399,15 +399,17 @@ def main(argv=None):
     if args.dry_run:
         with tempfile.TemporaryFile(dir=_writable_dir(output_dir)):
             pass
-        input_ids, labels = sampler.batch(0)
-        logits = train_model(input_ids[:MICRO_BATCH_SIZE].to(dist.device))
-        loss_sum, count = loss_sum_and_count(
-            logits, labels[:MICRO_BATCH_SIZE].to(dist.device)
+        # One forward and backward of each rank's first micro-batch, and its loss over the ranks
+        # that read different batches.
+        input_ids, labels = (
+            t.chunk(grad_accum_steps)[0].to(dist.device) for t in sampler.batch(0)
         )
-        loss = loss_sum / count.clamp(
-            min=1
-        )  # no targets (all masked out): zero, not 0 / 0
-        loss.backward()
+        n_targets = torch.tensor(float(count_targets(labels)), device=dist.device)
+        loss_sum = forward_backward(
+            train_model, input_ids, labels, n_targets.clamp(min=1), 1, scaler, dist
+        )
+        # no targets (all masked out): zero, not 0 / 0
+        loss = sync.loss_sum(loss_sum) / sync.count(n_targets).clamp(min=1)
         if dist.is_main:
             print(format_plan(PLAN))
             print(
@@ -443,14 +445,17 @@ def main(argv=None):
         # a step whose every target is masked out (loss masks) has a zero loss, not 0 / 0
         n_targets.clamp_(min=1)
         step_loss_sum = torch.zeros((), device=dist.device)
-        for micro in range(grad_accum_steps):
-            rows = slice(micro * MICRO_BATCH_SIZE, (micro + 1) * MICRO_BATCH_SIZE)
+        # The step's grad_accum_steps micro-batches, of MICRO_BATCH_SIZE rows each.
+        micro_batches = zip(
+            input_ids.chunk(grad_accum_steps), labels.chunk(grad_accum_steps)
+        )
+        for micro, (micro_ids, micro_labels) in enumerate(micro_batches):
             # the gradients sync on the step's last micro-batch only
             with sync.micro_batch(last=micro == grad_accum_steps - 1):
                 step_loss_sum += forward_backward(
                     train_model,
-                    input_ids[rows],
-                    labels[rows],
+                    micro_ids,
+                    micro_labels,
                     n_targets,
                     sync.grad_scale,
                     scaler,
