@@ -20,6 +20,18 @@ and once per shape, the baselines:
   `clip_grad_norm_`, AdamW, over the same batches;
 - `HF Llama, plain loop` (bf16 autocast): the same loop with the forward and the loss under
   `torch.autocast("cpu", torch.bfloat16)` (fp32 weights and optimizer).
+and, for each peer that is installed (benchmarks/_peers.py; `--no-peers` leaves them out), in fp32 and
+bf16-mixed (neither peer has fgc's bf16, bf16 weights with fp32 optimizer state), each model starting from the
+HF model's weights:
+- `torchtitan Llama3 (SDPA), train_step`: torchtitan's Llama3Model of the shape (its SDPA inner attention)
+  stepped as its `Trainer.train_step` does (chunked cross-entropy loss, its clip, AdamW, its lr scheduler);
+  `..., apply_compile`: with its per-block compile (and compiled loss);
+- `LitGPT GPT, pretrain step`: `litgpt.model.GPT` of a Llama `litgpt.Config`, stepped as `litgpt/pretrain.py`'s
+  `fit()` does (`chunked_cross_entropy`, clip, AdamW), without Fabric; `..., torch.compile(model)`: compiled as
+  its `setup()` does.
+The peers use the HF loop's AdamW and, in bf16-mixed, its autocast around the forward and the loss. Before
+timing, the first model of each peer is checked against the HF model with the same weights: their fp32
+first-batch losses must agree to 1e-4 (printed under the shape's line).
 `vs_hf` is each rate over the fp32 HF loop, `vs_hf_autocast` over the autocast one.
 
 The loops take turns for ROUNDS rounds and each row keeps its best rate, so that a machine busy
@@ -34,11 +46,11 @@ could reach against the HF loop, if everything else took no time at all.
 
 The last lines state issue #18's goals and whether this run meets them: fp32 at least 1.15x the
 HF loop; bf16-mixed at least 1.3x the HF autocast loop and 2x the fp32 HF loop; bf16 at least the
-bf16-mixed rate. Peers (torchtitan's trainer, LitGPT's pretraining loop) are named with whether
-they are installed; no peer loop is run yet.
+bf16-mixed rate; and, for each peer run, that the best fgc train.py row of each shape and precision is
+ahead of the peer's best row. The last line names the peers, installed and measured or not installed.
 
     python benchmarks/trainer.py [--shapes example,h256] [--precisions fp32,bf16-mixed,bf16]
-                                 [--threads N] [--steps N] [--rounds N] [--no-compile] [--csv out.csv]
+                                 [--threads N] [--steps N] [--rounds N] [--no-compile] [--no-peers] [--csv out.csv]
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ import time
 from pathlib import Path
 
 from _table import print_table
+import _peers
 from _loops import EXAMPLE_SHAPE, H256_SHAPE, LR, hf_llama, import_train_module, plain_loop  # last: it leaves sys.path
 
 import torch
@@ -164,6 +177,7 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
     vocab = fgc_model.vocab_size
     hf_model = hf_llama(shape, vocab)
     hf_autocast_model = hf_llama(shape, vocab)
+    peer_loops, checks = peer_runs(shape, vocab, hf_model, sampler.batch, args)
     n_fgc = sum(p.numel() for p in fgc_model.parameters())
     n_hf = sum(p.numel() for p in hf_model.parameters())
     assert n_fgc == n_hf, f"the two models differ in size: {n_fgc} vs {n_hf}"
@@ -178,6 +192,7 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
     loops["fp32", FGC_PLAIN] = lambda: fgc_loop(args.steps)
     loops["fp32", HF_FP32] = lambda: hf_loop(args.steps)
     loops["bf16-mixed", HF_AUTOCAST] = lambda: hf_autocast_loop(args.steps)
+    loops.update(peer_loops)
     rates = {key: 0.0 for key in loops}
     peaks = {torch.float32: 0.0, torch.bfloat16: 0.0}
     for _ in range(args.rounds):
@@ -215,7 +230,40 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
         f"matmul (1024 x 1024 x 1024) fp32 {peaks[torch.float32] / 1e9:.1f} GFLOP/s, "
         f"bf16 {peaks[torch.bfloat16] / 1e9:.1f} GFLOP/s"
     )
+    for peer, diff in checks.items():
+        line += f"\n{name}: same model? {peer} loaded with the HF Llama's weights, fp32 first-batch loss - HF's: {diff}"
     return rate_rows, split_rows, line
+
+
+# the peers run in these precisions (neither has fgc's bf16: bf16 weights with fp32 optimizer state)
+PEER_PRECISIONS = {"fp32": None, "bf16-mixed": torch.bfloat16}
+# the most a peer's fp32 first-batch loss may differ from HF's with the same weights
+SAME_MODEL_TOLERANCE = 1e-4
+
+
+def peer_runs(shape: dict, vocab: int, hf_model, batches, args) -> tuple[dict, dict]:
+    """The installed peers' loops of SHAPE ((precision, row) -> run), and each peer's same-model check.
+
+    Every peer model starts from HF_MODEL's weights (not yet trained); the check compares the first of them with
+    HF_MODEL on batch 0 in fp32 and stops the run when they differ by more than SAME_MODEL_TOLERANCE.
+    """
+    loops, checks = {}, {}
+    for peer in args.peers:
+        build, _, _, make_loop = _peers.BUILD[peer]
+        for precision, autocast_dtype in PEER_PRECISIONS.items():
+            if precision not in args.precisions:
+                continue
+            for compile in (False, True) if args.compile else (False,):
+                model = build(shape, vocab)
+                if peer not in checks:
+                    ids, labels = batches(0)
+                    checks[peer] = diff = _peers.same_model_check(peer, model, hf_model, ids, labels)
+                    assert diff <= SAME_MODEL_TOLERANCE, f"{peer}'s model is not the HF model: loss differs by {diff}"
+                else:
+                    model.load_state_dict(_peers.BUILD[peer][1](model, hf_model.state_dict()), strict=False)
+                run = make_loop(model, batches, args.steps, autocast_dtype=autocast_dtype, compile=compile)
+                loops[precision, _peers.ROW[peer][compile]] = lambda run=run: run(args.steps)
+    return loops, checks
 
 
 def goal_lines(name: str, rows: list[dict]) -> list[str]:
@@ -244,17 +292,6 @@ def goal_lines(name: str, rows: list[dict]) -> list[str]:
     return lines
 
 
-def peer_line() -> str:
-    """Which peer trainers are installed (none is run by this script yet)."""
-    import importlib.util
-
-    found = {peer: importlib.util.find_spec(module) is not None
-             for peer, module in (("torchtitan", "torchtitan"), ("LitGPT", "litgpt"))}
-    return "peers: " + ", ".join(
-        f"{peer} {'installed, not run by this script yet' if ok else 'not installed'}" for peer, ok in found.items()
-    )
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="example,h256", help=f"comma-separated, of {', '.join(SHAPES)}")
@@ -263,6 +300,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="warm-up steps, then as many timed")
     parser.add_argument("--rounds", type=int, default=3, help="turns of every loop; the best rate counts")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled trainer")
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="leave out the installed peers")
     parser.add_argument("--csv", type=Path, help="the rate table as CSV")
     args = parser.parse_args(argv)
     names = args.shapes.split(",")
@@ -274,6 +312,7 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown precision {unknown[0]!r}: expected one of {', '.join(PRECISIONS)}")
     torch.set_num_threads(args.threads)
+    args.peers = [peer for peer in _peers.PEERS if args.peers and _peers.installed(peer)]
 
     rate_rows, split_rows, lines = [], [], []
     load_samples.append(os.getloadavg()[0])
@@ -300,9 +339,9 @@ def main(argv=None) -> None:
     for name in names:
         bound = next(r["bound_vs_hf"] for r in split_rows if r["shape"] == name and r["loop"] == FGC_PLAIN)
         print(f"{name}: bound in fp32 with these kernels (everything but matmul and attention free): {bound:.2f}x")
-        for line in goal_lines(name, rate_rows):
+        for line in goal_lines(name, rate_rows) + _peers.goal_ratio_lines(name, rate_rows, args.peers):
             print(line)
-    print(peer_line())
+    print(_peers.peer_line(dict.fromkeys(args.peers, True)))
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,110 @@
+"""benchmarks/_peers.py: the goal lines against the peers, the peer line, and (where torchtitan or LitGPT is
+installed) that each peer model with the HF Llama's weights is the same model."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "_peers.py"
+
+
+@pytest.fixture(scope="module")
+def peers():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("_peers", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if str(SCRIPT.parent) in sys.path:
+            sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def _row(precision: str, loop: str, rate: int, shape: str = "example") -> dict:
+    return {"shape": shape, "precision": precision, "loop": loop, "tokens_per_s": rate}
+
+
+def test_goal_lines_take_the_best_fgc_row_over_each_peers_best_row(peers):
+    titan, titan_compiled = peers.ROW["torchtitan"]
+    lit, lit_compiled = peers.ROW["LitGPT"]
+    rows = [
+        _row("fp32", "fgc train.py", 100),
+        _row("fp32", "fgc train.py, compile", 150),
+        _row("fp32", "HF Llama, plain loop", 400),  # not a peer: no line
+        _row("fp32", titan, 120),
+        _row("fp32", titan_compiled, 140),
+        _row("fp32", lit, 160),
+        _row("bf16-mixed", "fgc train.py", 200),
+        _row("bf16-mixed", lit_compiled, 100),
+        _row("bf16-mixed", lit, 80),
+        _row("fp32", "fgc train.py", 999, shape="h256"),  # another shape
+        _row("fp32", titan, 1, shape="h256"),
+    ]
+    assert peers.goal_ratio_lines("example", rows, ["torchtitan", "LitGPT"]) == [
+        f"example: fp32, fgc train.py, compile / {titan_compiled}: 1.07x (goal: fgc ahead, above 1.0x) -> met",
+        f"example: fp32, fgc train.py, compile / {lit}: 0.94x (goal: fgc ahead, above 1.0x) -> NOT met",
+        f"example: bf16-mixed, fgc train.py / {lit_compiled}: 2.00x (goal: fgc ahead, above 1.0x) -> met",
+    ]
+    # a peer that was not run has no line; equal rates are not ahead
+    assert peers.goal_ratio_lines("h256", rows, ["LitGPT"]) == []
+    tie = [_row("fp32", "fgc train.py", 50), _row("fp32", lit, 50)]
+    assert peers.goal_ratio_lines("example", tie, ["LitGPT"]) == [
+        f"example: fp32, fgc train.py / {lit}: 1.00x (goal: fgc ahead, above 1.0x) -> NOT met"
+    ]
+
+
+def test_the_peer_line_names_a_peer_that_is_not_installed(peers, monkeypatch):
+    monkeypatch.setattr(peers, "PEERS", {"absent": "no_such_module_fgc_peer", "present": "torch"})
+    assert peers.peer_line() == "peers: absent not installed, present installed, not run"
+    assert peers.peer_line({"present": True}) == "peers: absent not installed, present installed, measured"
+
+
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 96,
+    "seq_len": 32,
+    "batch_size": 2,
+}
+
+
+@pytest.mark.parametrize("peer", ["torchtitan", "LitGPT"])
+def test_a_peer_with_the_hf_weights_is_the_hf_model_and_trains(peers, peer):
+    pytest.importorskip(peers.PEERS[peer])
+    from _loops import hf_llama
+
+    torch.manual_seed(0)
+    vocab = 97
+    hf = hf_llama(TINY, vocab)
+    build, to_peer, peer_loss, make_loop = peers.BUILD[peer]
+    model = build(TINY, vocab)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, vocab, (TINY["batch_size"], TINY["seq_len"]))
+    labels = torch.roll(ids, -1, dims=1)
+    # its own initialization is another model: the check would see it
+    assert abs(peer_loss(model, ids, labels) - peers.hf_reference_loss(hf, ids, labels)) > 1e-3
+    # every parameter comes from a HF weight
+    mapped = to_peer(model, hf.state_dict())
+    assert {name for name, _ in model.named_parameters()} <= set(mapped) | _fused_names(peer, mapped)
+    assert peers.same_model_check(peer, model, hf, ids, labels) <= 1e-4
+    # a step of its loop changes the weights, and the rate is a rate
+    before = [p.detach().clone() for p in model.parameters()]
+    run = make_loop(model, lambda i: (ids, labels), 1)
+    assert run(1) > 0
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def _fused_names(peer: str, mapped: dict) -> set[str]:
+    """torchtitan's fused wqkv, which its load hook assembles from the mapped wq, wk and wv."""
+    if peer != "torchtitan":
+        return set()
+    return {name.replace(".wq.", ".wqkv.") for name in mapped if ".wq." in name}
