@@ -31,10 +31,10 @@ run to run and machine to machine, and for nothing else:
 - the output of `ls` is compared as its list of names (a terminal shows them in columns).
 
 The decimal numbers of a training run's progress lines (`step 200 | loss 0.3278 | lr 1.13e-03
-| grad_norm 0.56`) and of its metrics records (a line that starts with `{`) match within 0.5%, or
-one unit of the quoted last digit when that is more: the runs are seeded and deterministic on one
-machine, but CPUs whose matrix kernels differ (an AMD and an Intel one) drift apart in the fourth
-digit after a hundred steps. Line numbers, error text, the other numbers, file lists and
+| grad_norm 0.56`) and of its metrics records (a line that starts with `{`) match within 0.5%
+(a gradient norm, one batch's, within 15%), or one unit of the quoted last digit when that is
+more: the runs are seeded and deterministic on one machine, but CPUs whose matrix kernels differ
+(an AMD and an Intel one) drift apart in the fourth digit of the loss after a hundred steps. Line numbers, error text, the other numbers, file lists and
 everything else are compared as quoted; the exit status is not (an error's text shows
 that it failed). Sessions that train (a command that runs `train.py` with `python` or
 `torchrun`) or are marked `slow` run in the slow test only, which runs the whole page from the
@@ -187,9 +187,12 @@ def normalise(lines: list[str], command: str, roots: list[Path]) -> list[str]:
     return [l.rstrip() for l in text.split("\n")]
 
 
-# a decimal number of a training run's output (a loss, a learning rate, a norm)
-_DECIMAL = re.compile(r"-?\d+\.(\d+)(?:e([-+]\d+))?")
+# a decimal number of a training run's output (a loss, a learning rate, a norm), and the word before it
+_DECIMAL = re.compile(r"(\w+\W{1,3})?(-?\d+\.(\d+)(?:e([-+]\d+))?)")
 LOSS_TOLERANCE = 5e-3  # relative: the drift between machines (the module docstring)
+# a step's gradient norm is one batch's, far more sensitive to that drift than the loss: after 300
+# steps of the main example, 0.35 on one CPU and 0.32 on another whose losses agree to 3e-4
+NORM_TOLERANCE = 0.15
 
 
 def same_line(expected: str, actual: str) -> bool:
@@ -200,12 +203,16 @@ def same_line(expected: str, actual: str) -> bool:
         return True
     if not (expected.startswith(("step ", "{")) and actual[:1] == expected[:1]):
         return False
-    if _DECIMAL.sub("D", expected) != _DECIMAL.sub("D", actual):
+    def shape(line: str) -> str:
+        return _DECIMAL.sub(lambda m: (m.group(1) or "") + "D", line)
+
+    if shape(expected) != shape(actual):
         return False
     for quoted, printed in zip(_DECIMAL.finditer(expected), _DECIMAL.finditer(actual)):
-        unit = 10.0 ** (-len(quoted.group(1)) + int(quoted.group(2) or 0))
-        q, a = float(quoted.group(0)), float(printed.group(0))
-        if abs(q - a) > max(LOSS_TOLERANCE * abs(q), unit * 1.001):
+        unit = 10.0 ** (-len(quoted.group(3)) + int(quoted.group(4) or 0))
+        q, a = float(quoted.group(2)), float(printed.group(2))
+        tolerance = NORM_TOLERANCE if (quoted.group(1) or "").startswith("grad_norm") else LOSS_TOLERANCE
+        if abs(q - a) > max(tolerance * abs(q), unit * 1.001):
             return False
     return True
 
@@ -295,7 +302,10 @@ def test_training_numbers_match_within_the_drift_between_machines():
     # the fourth digit of the loss, one unit of the norm's last digit: another CPU's run
     assert same_line(quoted, quoted.replace("0.3278", "0.3282").replace("0.56", "0.57"))
     assert not same_line(quoted, quoted.replace("0.3278", "0.3310"))  # 1%: not drift
-    assert not same_line(quoted, quoted.replace("0.56", "0.58"))
+    # a gradient norm within 15%: one batch's, the most sensitive number of the line
+    assert same_line(quoted, quoted.replace("0.56", "0.62"))
+    assert not same_line(quoted, quoted.replace("0.56", "0.66"))
+    assert same_line('{"step": 3, "grad_norm": 0.35}', '{"step": 3, "grad_norm": 0.32}')
     assert not same_line(quoted, quoted.replace("1.13e-03", "1.13e-02"))
     assert not same_line(quoted, quoted.replace("step 200", "step 201"))  # integers as quoted
     assert same_line('{"step": 1, "loss": 5.6092}', '{"step": 1, "loss": 5.6095}')

@@ -530,7 +530,10 @@ def test_mixtral_from_scratch_trainers_match_one_process_and_export(tmp_path):
     model, got = _logits(tmp_path / "ddp_run" / "final", ids_BT)
     assert type(model) is MixtralForCausalLM
     assert model.config.num_local_experts == 4 and model.config.num_experts_per_tok == 2
-    assert torch.equal(got, torch.load(tmp_path / "l.pt"))
+    # two implementations of one model (transformers' Mixtral, the generated one) on the same
+    # weights: equal to float noise, as the other families' checks (bitwise on some CPUs, not on
+    # an AMD EPYC, whose matrix kernels order the sums otherwise)
+    torch.testing.assert_close(got, torch.load(tmp_path / "l.pt"), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
