@@ -7,6 +7,7 @@ Exit status: 0 success, 1 an internal error (a bug), 2 a user error (printed as
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import traceback
@@ -108,6 +109,12 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = click.get_current_context().find_root().params.get("debug", False)
+        # A command is short and allocates many objects that are rarely cycles (parse trees,
+        # templates, torch's import): the cyclic collector's passes took a third of a cold
+        # build (benchmarks/build.py). It is paused for the command and resumed after it, so an
+        # in-process caller (the tests) keeps collecting.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             return fn(*args, **kwargs)
         except FgcError as exc:
@@ -125,6 +132,9 @@ def command(fn):
             traceback.print_exc()
             click.echo(BUG_REPORT, err=True)
             sys.exit(1)
+        finally:
+            if collecting:
+                gc.enable()
 
     return wrapper
 
