@@ -112,7 +112,8 @@ def command(fn):
         # A command is short and allocates many objects that are rarely cycles (parse trees,
         # templates, torch's import): the cyclic collector's passes took a third of a cold
         # build (benchmarks/build.py). It is paused for the command and resumed after it, so an
-        # in-process caller (the tests) keeps collecting.
+        # in-process caller (the tests) keeps collecting. `fgc data`, which reads a corpus of any
+        # size, turns it back on.
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -133,8 +134,7 @@ def command(fn):
             click.echo(BUG_REPORT, err=True)
             sys.exit(1)
         finally:
-            if collecting:
-                gc.enable()
+            (gc.enable if collecting else gc.disable)()
 
     return wrapper
 
@@ -421,6 +421,7 @@ def data(inputs, out, tokenizer, fmt, chat_template, val_fraction):
     """Tokenize local text files, JSONL/JSON/Parquet files or save_to_disk datasets into token shards in OUT."""
     from .data import tokenize_to_shards
 
+    gc.enable()  # a corpus of any size, read for as long as it takes: cycles are collected (see command())
     info = tokenize_to_shards(
         list(inputs), out, tokenizer=tokenizer, val_fraction=val_fraction, format=fmt, chat_template=chat_template
     )
