@@ -28,6 +28,23 @@ os.environ.setdefault("FGC_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"fgc
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark(name: str):
+    """The module benchmarks/NAME.py, imported as NAME with benchmarks/ on sys.path for the
+    import only (the scripts import their helpers, _loops and _table, by name)."""
+    import importlib.util
+
+    script = REPO / "benchmarks" / f"{name}.py"
+    sys.path.insert(0, str(script.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(name, script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if str(script.parent) in sys.path:
+            sys.path.remove(str(script.parent))
+    return module
 EXAMPLE = REPO / "examples" / "tiny_llama" / "train.yaml"
 
 

@@ -3,28 +3,15 @@ installed) that each peer model with the HF Llama's weights is the same model.""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from conftest import REPO
-
-SCRIPT = REPO / "benchmarks" / "_peers.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def peers():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("_peers", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if str(SCRIPT.parent) in sys.path:
-            sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_benchmark("_peers")
 
 
 def _row(precision: str, loop: str, rate: int, shape: str = "example") -> dict:

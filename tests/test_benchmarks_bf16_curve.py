@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 SCRIPT = REPO / "benchmarks" / "bf16_curve.py"
 
 
 @pytest.fixture(scope="module")
 def curve():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bf16_curve", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if str(SCRIPT.parent) in sys.path:
-            sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_benchmark("bf16_curve")
 
 
 def _runs(base: float, offset: float) -> list[list[float]]:
