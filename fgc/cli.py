@@ -6,6 +6,7 @@ Exit status: 0 success, 1 an internal error (a bug), 2 a user error (printed as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -16,8 +17,11 @@ from pathlib import Path
 import click
 import yaml
 
+from .codegen import black_worker
 from .errors import Diagnostic, FgcError, Location
 
+# whether this process is the `fgc` console script (fgc.cli.run), not an in-process caller
+_CONSOLE_SCRIPT = False
 BUG_REPORT = "fgc: internal error (a bug in fgc): please report it with the command and config above"
 
 
@@ -139,6 +143,12 @@ def command(fn):
     return wrapper
 
 
+def _formatting():
+    """Where a command generates a package: in the console script, black formats in a second
+    process started now, so that its import runs beside torch's (fgc/codegen/black_worker.py)."""
+    return black_worker.running() if _CONSOLE_SCRIPT else contextlib.nullcontext()
+
+
 def config_arg(fn):
     """CONFIG, a config file; with ``-p DIR`` a config name in that project (default: its default_config)."""
     fn = click.option(
@@ -205,11 +215,12 @@ def build(config, project, out, include_dirs, defines, force, no_smoke, dump_aft
                 hint="passes: " + ", ".join(PASS_NAMES),
             )
     check_output_dir(out, force)
-    compiled = compile_config(
-        config, include_dirs, _parse_defines(defines), dump_after=dump_after, project_dir=project
-    )
-    _print_diagnostics(compiled.warnings)
-    build_package(compiled, out, force=force, smoke=not no_smoke)
+    with _formatting():
+        compiled = compile_config(
+            config, include_dirs, _parse_defines(defines), dump_after=dump_after, project_dir=project
+        )
+        _print_diagnostics(compiled.warnings)
+        build_package(compiled, out, force=force, smoke=not no_smoke)
     plan = compiled.ctx.plan
     launcher = (
         f"torchrun --nproc-per-node {plan.nproc} {out}/train.py"
@@ -232,7 +243,8 @@ def check(config, project, include_dirs, defines):
     from .build import check_config
     from .errors import display_path
 
-    compiled = check_config(config, include_dirs, _parse_defines(defines), project_dir=project)
+    with _formatting():
+        compiled = check_config(config, include_dirs, _parse_defines(defines), project_dir=project)
     _print_diagnostics(compiled.warnings)
     click.echo(f"{display_path(str(compiled.rendered.source.path))}: OK", err=True)
 
@@ -352,7 +364,8 @@ def diff(a, b, project, include_dirs, defines):
     for p in (a, b):
         if not p.exists() and project is None:
             raise FgcError("no such config file or build directory", Location(str(p)))
-    text = diff_text(a, b, include_dirs, _parse_defines(defines), project)
+    with _formatting():
+        text = diff_text(a, b, include_dirs, _parse_defines(defines), project)
     click.echo(text, nl=False)
     sys.exit(1 if text else 0)
 
@@ -471,6 +484,8 @@ def run() -> None:
     it writes and removes its temporary directories itself. So once the command is over and
     its output flushed, the process ends at once with the command's status (``os._exit``).
     """
+    global _CONSOLE_SCRIPT
+    _CONSOLE_SCRIPT = True
     try:
         main(prog_name="fgc")
         code = 0

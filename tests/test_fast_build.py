@@ -6,6 +6,7 @@ smoke check reports), never times; benchmarks/build.py measures the times.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import EXAMPLE, REPO
+from conftest import EXAMPLE, REPO, tree_bytes
 
 # Runs `fgc ARGS` in this process and prints, after it exits, which heavy modules it imported.
 # (fgc.cli.main, not the console script `run`, which ends the process with os._exit)
@@ -146,23 +147,34 @@ def test_one_build_generates_the_package_once_and_builds_the_model_once(tmp_path
     assert (tmp_path / "out" / "hf_config.json").is_file()
 
 
-def test_each_template_is_parsed_once_per_render(monkeypatch):
+def test_each_template_is_parsed_and_compiled_once_per_render(monkeypatch):
+    import jinja2.compiler
     import jinja2.parser
 
     from fgc.frontend.environment import FgcEnvironment
     from fgc.frontend.render import render
 
     parsed: list[str] = []
+    generators: list[str] = []
     real = jinja2.parser.Parser.__init__
+    real_generator = jinja2.compiler.CodeGenerator.__init__
 
     def counting(self, environment, source, name=None, filename=None, state=None):
         parsed.append(source)
         real(self, environment, source, name, filename, state)
 
+    def counting_generator(self, *args, **kwargs):
+        generators.append(type(self).__name__)
+        real_generator(self, *args, **kwargs)
+
     monkeypatch.setattr(jinja2.parser.Parser, "__init__", counting)
+    monkeypatch.setattr(jinja2.compiler.CodeGenerator, "__init__", counting_generator)
     rendered = render(EXAMPLE)
     assert parsed and len(parsed) == len(set(parsed))
-    # the names the templates read are those a second parse of each finds
+    # each template's code is generated once: the names it reads are gathered then, not by
+    # jinja2.meta generating it again
+    assert generators == ["_CodeGenerator"] * len(parsed)
+    # the names the templates read are those jinja2.meta finds on a second parse of each
     monkeypatch.setattr(FgcEnvironment, "_parse", jinja2.Environment._parse)
     again = render(EXAMPLE)
     assert rendered.referenced == again.referenced and "lr" in rendered.referenced
@@ -176,6 +188,35 @@ def test_smoke_check_reports_a_file_that_does_not_compile(tmp_path):
     (tmp_path / "model.py").write_text("def build_model(device=None):\n    return None\n")
     (tmp_path / "train.py").write_text("def broken(:\n")
     with pytest.raises(RuntimeError, match="generated file train.py does not compile"):
+        smoke_check(tmp_path, Location("cfg.yaml", 1))
+
+
+def test_smoke_check_compiles_a_runtime_file_unless_it_is_the_runtime_module_it_copies(tmp_path, monkeypatch):
+    import builtins
+
+    from fgc.codegen.package import RUNTIME_DIR
+    from fgc.codegen.smoke import smoke_check
+    from fgc.errors import Location
+
+    (tmp_path / "model.py").write_text("def build_model(device=None):\n    return None\n")
+    (tmp_path / "fgc_runtime").mkdir()
+    (tmp_path / "fgc_runtime" / "errors.py").write_bytes((RUNTIME_DIR / "errors.py").read_bytes())
+    (tmp_path / "fgc_runtime" / "log.py").write_text("x = 1\n")  # not the runtime's log.py
+    compiled: list[str] = []
+    real = builtins.compile
+
+    def counting(source, filename, *args, **kwargs):
+        if Path(str(filename)).is_relative_to(tmp_path):
+            compiled.append(Path(filename).relative_to(tmp_path).as_posix())
+        return real(source, filename, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "compile", counting)
+    smoke_check(tmp_path, Location("cfg.yaml", 1))
+    # model.py twice: the check, then running it
+    assert compiled == ["fgc_runtime/log.py", "model.py", "model.py"]
+    # a changed copy that does not compile is still an error
+    (tmp_path / "fgc_runtime" / "errors.py").write_text("def broken(:\n")
+    with pytest.raises(RuntimeError, match="generated file errors.py does not compile"):
         smoke_check(tmp_path, Location("cfg.yaml", 1))
 
 
@@ -254,3 +295,72 @@ def test_a_command_runs_without_the_cyclic_collector_and_gives_it_back():
     assert CliRunner().invoke(probe, []).exit_code == 0
     assert CliRunner().invoke(probe, ["--fail"]).exit_code == 2
     assert seen == [False, False] and gc.isenabled()
+
+
+# -- black in a second process (fgc/codegen/black_worker.py) ----------------------------------------
+def test_the_console_script_formats_in_a_black_worker_and_builds_the_same_package(tmp_path):
+    """A cold build by the console script never imports black itself (its worker does), and
+    writes the package an in-process build writes."""
+    console = PROBE.replace("from fgc.cli import main", "import fgc.cli\nfgc.cli._CONSOLE_SCRIPT = True\nfrom fgc.cli import main")
+    env = dict(os.environ, FGC_CACHE_DIR="off")
+    proc = subprocess.run(
+        [sys.executable, "-c", console, "build", str(EXAMPLE), "-o", str(tmp_path / "worker")],
+        cwd=REPO, capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    imported = set(next(l for l in proc.stderr.splitlines() if l.startswith("IMPORTED")).split()[1:])
+    assert "torch" in imported and "black" not in imported
+    status, _, stderr = probe("build", EXAMPLE, "-o", tmp_path / "inline")  # black in-process
+    assert status == 0, stderr
+    assert tree_bytes(tmp_path / "worker") == tree_bytes(tmp_path / "inline")
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    from fgc.codegen import black_worker
+
+    monkeypatch.setattr(black_worker, "_cores", lambda: 2)  # a worker even on one core
+    with black_worker.running() as w:
+        assert w is not None and black_worker.current() is w
+        yield w
+    assert black_worker.current() is None and w.proc is None
+
+
+def test_the_black_worker_formats_and_answers_none_for_what_black_refuses(worker):
+    import black
+
+    from fgc.codegen.black_worker import mode
+
+    source = (REPO / "runtime" / "errors.py").read_text(encoding="utf-8").replace("    ", "  ")
+    assert worker.format(source) == black.format_str(source, mode=mode(black))
+    assert worker.format("def broken(:\n") is None
+    assert worker.format("x=[1,\n2]\n") == "x = [1, 2]\n"  # still serving
+    proc = worker.proc
+    worker.close()
+    assert proc.returncode is not None  # stopped and collected
+    assert worker.format("x=1\n") is None
+
+
+def test_format_python_raises_blacks_error_and_survives_a_dead_worker(worker, monkeypatch):
+    import black
+
+    from fgc.codegen import package
+
+    monkeypatch.setenv("FGC_CACHE_DIR", "off")
+    package.format_python.cache_clear()
+    try:
+        with pytest.raises(black.InvalidInput):
+            package.format_python("def broken(:\n")
+        worker.proc.kill()
+        worker.proc.wait()
+        assert package.format_python("y=2\n") == "y = 2\n"  # formatted in this process
+        assert worker.proc is None
+    finally:
+        package.format_python.cache_clear()
+
+
+def test_a_black_worker_of_another_black_version_is_not_used(worker, monkeypatch):
+    from fgc.codegen import black_worker
+
+    monkeypatch.setattr(black_worker, "black_version", lambda: "0.0")  # this process's black
+    assert worker.format("x=1\n") is None and worker.proc is None

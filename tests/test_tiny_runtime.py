@@ -125,6 +125,58 @@ def test_every_runtime_module_is_reachable_and_every_import_by_name_has_a_rule()
     assert without == [rel for rel in every if not rel.startswith("kernels/triton/")]
 
 
+def _imports(tree: ast.AST) -> list[str]:
+    """Each import statement of TREE, at any depth, with its line: the closure's view of it."""
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return sorted(f"{n.lineno}: {ast.unparse(n)}" for n in nodes)
+
+
+def test_the_import_lines_of_every_runtime_module_are_its_import_statements():
+    """The closure reads a runtime module's imports from its import lines alone (no loader call):
+    on every module of the runtime, the same statements at the same lines as a parse of the whole
+    text."""
+    from fgc.codegen.closure import _import_statements
+
+    checked = 0
+    for path in sorted(RUNTIME.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert _imports(_import_statements(text)) == _imports(ast.parse(text)), path
+        checked += "import" in text
+    assert checked > 20
+
+
+def test_the_import_lines_take_continuations_and_leave_prose():
+    from fgc.codegen.closure import _import_statements
+
+    text = textwrap.dedent('''\
+        """Docs.
+
+        import this and that, from the shards
+        from the data import nothing
+        """
+        from .a import (  # the names (two)
+            b,
+            c,
+        )
+        import os, \\
+            sys
+
+        CODE = \'\'\'
+        from .fgc_model import build_model  # code in a string: no import of this module
+        \'\'\'  # """ in a comment
+
+
+        def f():
+            if True:
+                from ..x import y
+    ''')
+    assert _imports(_import_statements(text)) == _imports(ast.parse(text)) == [
+        "10: import os, sys",
+        "20: from ..x import y",
+        "6: from .a import b, c",
+    ]
+
+
 # -- packages ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory) -> dict[str, Path]:

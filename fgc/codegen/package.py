@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ from fgc_lowering.program import Program
 from fgc_lowering.dynamic_args import DynamicArg, check_run_time_reads, flag_nodes
 from fgc_lowering.plan_diloco import describe_workers
 
-from . import calls
+from . import black_worker, calls
 from .emit import FLAGS_PARAM, ImportTable, TargetEmitter, code, literal
 from .escape import FILTERS, python_comment, python_docstring
 from .imports import skeleton_imports
@@ -92,12 +91,6 @@ def _jinja() -> jinja2.Environment:
     return env
 
 
-@functools.lru_cache(maxsize=1)
-def _black_version() -> str:
-    """The installed black's version (read once: format_python runs once per copied definition)."""
-    return importlib.metadata.version("black")
-
-
 @functools.lru_cache(maxsize=16)
 def format_python(source: str) -> str:
     """black, with its default style for Python 3.10 and later (the generated code's; a fixed
@@ -105,13 +98,17 @@ def format_python(source: str) -> str:
     not formatted again: in this process (`fgc ls` and `fgc check` of configs that share a
     model generate the same model.py) or, through :mod:`fgc.cache`, in an earlier build (keyed
     by the source and black's version). black itself is imported only when a source must be
-    formatted."""
-    k = cache.key("black", _black_version(), "py310", source)
+    formatted, and not at all when the build's black worker (:mod:`.black_worker`, the console
+    script's) formats it: an error there formats it here, where black raises."""
+    k = cache.key("black", black_worker.black_version(), "py310", source)
     formatted = cache.get("black", k)
     if formatted is None:
-        import black
+        worker = black_worker.current()
+        formatted = worker.format(source) if worker is not None else None
+        if formatted is None:
+            import black
 
-        formatted = black.format_str(source, mode=black.Mode(target_versions={black.TargetVersion.PY310}))
+            formatted = black.format_str(source, mode=black_worker.mode(black))
         cache.put("black", k, formatted)
     return formatted
 

@@ -15,6 +15,7 @@ import sys
 
 import jinja2
 import jinja2.compiler
+import jinja2.meta
 import jinja2.filters
 import jinja2.nodes
 import jinja2.runtime
@@ -564,6 +565,18 @@ class _CodeGenerator(jinja2.compiler.CodeGenerator):
             return None
         return super().visit(node, *args, **kwargs)
 
+    def visit_Template(self, node, frame=None) -> None:
+        # the names this template reads from its context, gathered while it compiles (what
+        # jinja2.meta.find_undeclared_variables would find by generating its code again)
+        self._reads = self.environment.fgc_reads.setdefault(id(node), (node, set()))[1]
+        super().visit_Template(node, frame)
+
+    def enter_frame(self, frame) -> None:
+        super().enter_frame(frame)
+        for _, (action, param) in frame.symbols.loads.items():
+            if action == "resolve" and param not in self.environment.globals:
+                self._reads.add(param)
+
     def visit_Output(self, node, frame) -> None:
         if frame.require_output_check and self.has_known_extends:
             return  # Jinja2 writes nothing here either
@@ -587,6 +600,8 @@ class FgcEnvironment(jinja2.sandbox.SandboxedEnvironment):
         self.fgc_output = 0  # characters printed so far
         self.fgc_steps = 0  # loop iterations and calls so far
         self._trees: dict[str, jinja2.nodes.Template] = {}  # template source → its syntax tree
+        # id of a compiled syntax tree → (the tree, the context names its code reads)
+        self.fgc_reads: dict[int, tuple[jinja2.nodes.Template, set[str]]] = {}
 
     def join_path(self, template, parent):
         """Jinja calls this for every extends and include, with the referring template's name:
@@ -604,6 +619,14 @@ class FgcEnvironment(jinja2.sandbox.SandboxedEnvironment):
         if tree is None:
             tree = self._trees[source] = super()._parse(source, name, filename)
         return tree
+
+    def context_names(self, source: str) -> set[str]:
+        """The names the template SOURCE reads from its context (``jinja2.meta``'s undeclared
+        variables): recorded when the render compiled it, else found now."""
+        tree = self._trees.get(source)
+        if tree is not None and id(tree) in self.fgc_reads:
+            return set(self.fgc_reads[id(tree)][1])
+        return jinja2.meta.find_undeclared_variables(self.parse(source))
 
     def fgc_count(self, size: int) -> None:
         """Count SIZE characters of output against MAX_OUTPUT_CHARS."""

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jinja2
 import jinja2.compiler
-import jinja2.meta
 import jinja2.parser
 import yaml
 
@@ -430,7 +429,7 @@ def render_file(
         project_dir=project.dir if project is not None else None,
     )
     for tf in loader.files.values():
-        rendered.referenced |= jinja2.meta.find_undeclared_variables(env.parse(tf.source))
+        rendered.referenced |= env.context_names(tf.source)
     rendered.warnings.extend(block_warnings(loader))
     for message, where in notes:
         loc = loader.location(*where) if where is not None else Location(str(path))
