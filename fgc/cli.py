@@ -143,10 +143,16 @@ def command(fn):
     return wrapper
 
 
-def _formatting():
+@contextlib.contextmanager
+def _generating():
     """Where a command generates a package: in the console script, black formats in a second
-    process started now, so that its import runs beside torch's (fgc/codegen/black_worker.py)."""
-    return black_worker.running() if _CONSOLE_SCRIPT else contextlib.nullcontext()
+    process started now, so that its import runs beside torch's (fgc/codegen/black_worker.py);
+    once the package is made, fgc's cache is kept to its size (fgc/cache.py)."""
+    with black_worker.running() if _CONSOLE_SCRIPT else contextlib.nullcontext():
+        yield
+    from . import cache
+
+    cache.maybe_prune()
 
 
 def config_arg(fn):
@@ -215,7 +221,7 @@ def build(config, project, out, include_dirs, defines, force, no_smoke, dump_aft
                 hint="passes: " + ", ".join(PASS_NAMES),
             )
     check_output_dir(out, force)
-    with _formatting():
+    with _generating():
         compiled = compile_config(
             config, include_dirs, _parse_defines(defines), dump_after=dump_after, project_dir=project
         )
@@ -243,7 +249,7 @@ def check(config, project, include_dirs, defines):
     from .build import check_config
     from .errors import display_path
 
-    with _formatting():
+    with _generating():
         compiled = check_config(config, include_dirs, _parse_defines(defines), project_dir=project)
     _print_diagnostics(compiled.warnings)
     click.echo(f"{display_path(str(compiled.rendered.source.path))}: OK", err=True)
@@ -364,7 +370,7 @@ def diff(a, b, project, include_dirs, defines):
     for p in (a, b):
         if not p.exists() and project is None:
             raise FgcError("no such config file or build directory", Location(str(p)))
-    with _formatting():
+    with _generating():
         text = diff_text(a, b, include_dirs, _parse_defines(defines), project)
     click.echo(text, nl=False)
     sys.exit(1 if text else 0)

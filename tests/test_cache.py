@@ -17,7 +17,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def _entries(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    """The cache's entries (not the stamp of its last pruning)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != cache.STAMP)
 
 
 def test_put_then_get_and_every_miss(tmp_path, monkeypatch):
@@ -51,6 +52,82 @@ def test_off_writes_nothing_and_an_unwritable_cache_is_skipped(tmp_path, monkeyp
     monkeypatch.delenv("FGC_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache.cache_dir() == tmp_path / "xdg" / "fgc"
+
+
+def _aged(path: Path, seconds_ago: float, now: float) -> None:
+    import os
+
+    os.utime(path, (now - seconds_ago, now - seconds_ago))
+
+
+def test_prune_removes_the_least_recently_used_entries_and_nothing_else(tmp_path, monkeypatch):
+    import time
+
+    root = tmp_path / "c"
+    monkeypatch.setenv("FGC_CACHE_DIR", str(root))
+    now = time.time()
+    keys = [cache.key("entry", str(i)) for i in range(8)]
+    for i, k in enumerate(keys):
+        cache.put("black", k, "x" * 1000)  # 1,065 bytes each, with the hash line
+        _aged(root / "black" / k[:2] / k, 1000 - i, now)  # the first is the least recent
+    assert cache.get("black", keys[0]) is not None  # a read marks it used: now the most recent
+    # what is not fgc's: never removed, whatever its name or age
+    foreign = [root / "notes.txt", root / "black" / "my-file", root / "other" / keys[1][:2] / keys[1],
+               root / "black" / "zz" / keys[2], root / "black" / keys[3][:2] / (keys[3][:63] + "g")]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"y" * 5000)
+        _aged(path, 10**6, now)
+    leftover = root / "vendor" / "ab" / ".tmp-killed"
+    fresh_tmp = root / "vendor" / "ab" / ".tmp-writing"
+    for path, age in ((leftover, 2 * 86400), (fresh_tmp, 10)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"t" * 10)
+        _aged(path, age, now)
+    size = (root / "black" / keys[0][:2] / keys[0]).stat().st_size
+    # within the limit: only the killed build's temporary file goes
+    assert cache.prune(root, limit=8 * size + 100, now=now) == 10
+    assert not leftover.exists() and fresh_tmp.exists()
+    # over it: the least recently used entries go until three quarters of the limit are left
+    assert cache.prune(root, limit=6 * size, now=now) == 4 * size
+    kept = [k for k in keys if (root / "black" / k[:2] / k).exists()]
+    assert kept == [keys[0], keys[5], keys[6], keys[7]]
+    assert all(path.read_bytes() == b"y" * 5000 for path in foreign) and fresh_tmp.exists()
+
+
+def test_maybe_prune_prunes_at_most_once_an_hour_to_the_configured_size(tmp_path, monkeypatch):
+    import time
+
+    root = tmp_path / "c"
+    monkeypatch.setenv("FGC_CACHE_DIR", str(root))
+    cache.maybe_prune()  # no cache yet: nothing, not even the stamp
+    assert not root.exists()
+    monkeypatch.setenv("FGC_CACHE_MAX_MB", "0.001")  # 1,048 bytes: one entry is too many
+    now = time.time()
+    k = cache.key("one")
+    cache.put("black", k, "x" * 2000)
+    cache.maybe_prune(now=now)
+    assert not (root / "black" / k[:2] / k).exists() and (root / cache.STAMP).exists()
+    cache.put("black", k, "x" * 2000)
+    cache.maybe_prune(now=now + 60)  # pruned a minute ago: not again
+    assert cache.get("black", k) is not None
+    cache.maybe_prune(now=now + cache.PRUNE_EVERY_S + 1)
+    assert cache.get("black", k) is None
+    monkeypatch.setenv("FGC_CACHE_MAX_MB", "lots")  # not a number: the default
+    assert cache.max_bytes() == cache.DEFAULT_MAX_MB * 2**20
+
+
+def test_a_build_keeps_the_cache_to_its_size(tmp_path, monkeypatch):
+    from fgc.cli import main
+
+    root = tmp_path / "c"
+    monkeypatch.setenv("FGC_CACHE_DIR", str(root))
+    monkeypatch.setenv("FGC_CACHE_MAX_MB", "0.05")  # 52 kB: less than one build's results
+    result = CliRunner().invoke(main, ["build", str(EXAMPLE), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "train.py").is_file() and (root / cache.STAMP).is_file()
+    entries = _entries(root)
+    assert entries and sum(p.stat().st_size for p in entries) <= 0.05 * 2**20 * 3 / 4
 
 
 def test_a_build_from_the_cache_is_byte_identical_and_survives_damaged_entries(tmp_path):
