@@ -465,10 +465,11 @@ def test_workers_of_a_tensor_parallel_group_match_workers_of_one_rank_and_resume
 
 @pytest.mark.slow
 @pytest.mark.parametrize("inner", ["ddp", "fsdp2"])
-def test_workers_of_two_tensor_parallel_groups_match_workers_of_one(tp_runs, tmp_path, inner):
+def test_workers_of_two_tensor_parallel_groups_match_workers_of_one_and_resume_bitwise(tp_runs, tmp_path, inner):
     """8 ranks as 2 workers of 2 data-parallel groups x 2 tensor-parallel ranks (the groups average
     their gradients, or shard with FSDP2): each worker reads the rows a one-group worker reads,
-    split over its groups, so the run is the 4-rank tensor-parallel run's."""
+    split over its groups, so the run is the 4-rank tensor-parallel run's; a stop mid-round
+    resumes bitwise."""
     _, want_run = tp_runs["tp"]
     pkg = tmp_path / "pkg"
     flags = ["-D", "nproc=8", "-D", "diloco_workers=2", "-D", "tensor_degree=2"]
@@ -476,10 +477,12 @@ def test_workers_of_two_tensor_parallel_groups_match_workers_of_one(tp_runs, tmp
             check=True)
     dp = "dp" if inner == "ddp" else "dp_shard"
     assert _plan(pkg)["mesh"] == {"diloco": 2, dp: 2, "tp": 2}
-    run = tmp_path / "run"
+    run = tmp_path / "full"
     proc = _torchrun(pkg, run, nproc=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _assert_same_run(run, want_run)
+
+    _stop_mid_round_and_resume(pkg, run, a, tmp_path, nproc=8)
 
 
 def test_tensor_parallel_workers_are_planned_and_a_degree_that_does_not_divide_a_worker_is_an_error(tmp_path):
@@ -594,18 +597,21 @@ def test_workers_of_a_pipeline_match_workers_of_one_rank_and_resume_bitwise(full
 
 
 @pytest.mark.slow
-def test_workers_of_two_pipelines_match_workers_of_one_rank(full, tmp_path):
+def test_workers_of_two_pipelines_match_workers_of_one_rank_and_resume_bitwise(full, tmp_path):
     """8 ranks as 2 workers of 2 pipelines of 2 stages (mesh diloco x dp x pp): the pipelines of
-    a worker sum their targets and gradients, so the run is the 2-worker run's."""
+    a worker sum their targets and gradients, so the run is the 2-worker run's; a stop mid-round
+    resumes bitwise."""
     _, two_run = full
     pkg = tmp_path / "pkg"
     run_fgc("build", EXAMPLE, "-o", pkg, *PIPE_KNOBS, "-D", "nproc=8", "-D", "pipeline_degree=2",
             "-D", "diloco_workers=2", check=True)
     assert _plan(pkg)["mesh"] == {"diloco": 2, "dp": 2, "pp": 2}
-    run = tmp_path / "run"
+    run = tmp_path / "full"
     proc = _torchrun(pkg, run, nproc=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _assert_same_run(run, two_run)
+
+    _stop_mid_round_and_resume(pkg, run, a, tmp_path, nproc=8)
 
 
 @pytest.mark.slow
