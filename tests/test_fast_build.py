@@ -315,6 +315,21 @@ def test_the_console_script_formats_in_a_black_worker_and_builds_the_same_packag
     assert tree_bytes(tmp_path / "worker") == tree_bytes(tmp_path / "inline")
 
 
+def test_the_black_worker_never_runs_code_from_the_current_directory(tmp_path):
+    """The `fgc` console script, run in a directory that holds a black.py: the worker imports
+    black from fgc's own module path, as the command does, never the directory's file."""
+    console = Path(sys.executable).parent / "fgc"
+    if not console.is_file():
+        pytest.skip("no fgc console script beside this interpreter")
+    (tmp_path / "black.py").write_text("open('RAN', 'w').write('the directory black.py ran')\n")
+    env = dict(os.environ, FGC_CACHE_DIR="off")
+    proc = subprocess.run([str(console), "build", str(EXAMPLE), "-o", "out"], cwd=tmp_path, capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "RAN").exists()
+    assert (tmp_path / "out" / "train.py").read_text().startswith('"""Trainer for')
+
+
 @pytest.fixture
 def worker(monkeypatch):
     from fgc.codegen import black_worker

@@ -1,10 +1,12 @@
 """black in a second process, started when a build starts, so that black's import (about a tenth
 of a second) runs beside the build's own work (torch's import above all) on another core.
 
-:func:`start` launches ``python -m fgc.codegen.black_worker`` with the build's interpreter and
-environment; it imports black and then formats each source sent to it, one at a time, over its
-standard input and output (a request: the source's length in 4 bytes, then its UTF-8 bytes; an
-answer: one status byte, then the same for black's output or the error's text).
+:func:`start` launches it with the build's interpreter, environment and module search path
+(``sys.path``, set before the worker imports anything: never the current directory that
+``python -m`` or ``-c`` would put first, where a user's ``black.py`` would then run, unless the
+build's own path has it). It imports black, then formats each source sent to it, one at a
+time, over its standard input and output (a request: the source's length in 4 bytes, then its
+UTF-8 bytes; an answer: one status byte, then the same for black's output or the error's text).
 :func:`fgc.codegen.package.format_python` asks it first when one is running; an error of any kind
 (black refuses the source, the worker is gone, its black is another version) makes it format in
 its own process instead, where black raises as it always did, so a build's output and errors
@@ -107,16 +109,26 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
+# The worker's program: this process's module search path first (os and sys are imported before
+# any code runs, so nothing is looked up on the path `-c` starts with), then serve().
+_PATH_VAR = "FGC_BLACK_WORKER_PATH"
+_BOOT = (
+    f"import os, sys; sys.path[:] = os.environ.pop({_PATH_VAR!r}).split(os.pathsep); "
+    f"from {__name__} import serve; serve()"
+)
+
+
 def start() -> Worker | None:
     """A worker (None: fewer than two cores, or it cannot start)."""
     if _cores() < 2:
         return None
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", __name__],
+            [sys.executable, "-c", _BOOT],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            env=dict(os.environ, **{_PATH_VAR: os.pathsep.join(sys.path)}),
         )
     except OSError:
         return None
