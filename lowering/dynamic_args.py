@@ -81,13 +81,15 @@ class DynamicArg:
 
 @functools.lru_cache(maxsize=1)
 def builtin_flags() -> tuple[str, ...]:
-    """The flags train.py declares itself (read from its template, so the two never disagree)."""
+    """The flags a train.py may declare itself (read from its template and the templates of its
+    features, so the two never disagree)."""
     import fgc_codegen_templates
 
-    text = (Path(fgc_codegen_templates.__file__).parent / "train.py.j2").read_text(encoding="utf-8")
+    templates = Path(fgc_codegen_templates.__file__).parent
     found = {"-h", "--help"}
-    for match in _ADD_ARGUMENT_RE.finditer(text):
-        found.update(re.findall(r'"(-[^"]+)"', match.group(1)))
+    for path in [templates / "train.py.j2", *sorted((templates / "features").glob("*.j2"))]:
+        for match in _ADD_ARGUMENT_RE.finditer(path.read_text(encoding="utf-8")):
+            found.update(re.findall(r'"(-[^"]+)"', match.group(1)))
     return tuple(sorted(found))
 
 

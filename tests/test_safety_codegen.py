@@ -203,7 +203,7 @@ CODE_VALUED = {
     "model.py.j2": {"line", "source", "model_var"},
     "train.py.j2": {
         "line", "source", "name", "value", "plan_literal", "config_hash", "factories", "loss_fn",
-        "train_module", "sample_module", "sync_function",
+        "train_module", "sample_module", "sync_function", "params_module", "clip_norm_arg", "pipeline_loss",
     },
     "launch.sh.j2": set(),
     "README.md.j2": set(),
@@ -240,14 +240,18 @@ def test_every_printed_template_expression_is_escaped():
     env = _jinja()
     templates = sorted(p.name for p in TEMPLATES_DIR.glob("*.j2"))
     assert set(templates) == set(CODE_VALUED), "a new template: list its code-valued names here"
+    # train.py's features (fgc/codegen/features.py) render in its context, under its list
+    features = sorted(f"features/{p.name}" for p in (TEMPLATES_DIR / "features").glob("*.j2"))
+    assert features
     for template in templates:
-        tree = env.parse((TEMPLATES_DIR / template).read_text(encoding="utf-8"))
         used: set[str] = set()
-        bad = []
-        for output in tree.find_all(jinja2.nodes.Output):
-            for child in output.nodes:
-                bad += [f"line {child.lineno}: {{{{ {b} }}}}" for b in _unescaped(child, CODE_VALUED[template], used)]
-        assert not bad, f"{template} prints text without an escaping filter of fgc.codegen.escape: {bad}"
+        for path in [template] + (features if template == "train.py.j2" else []):
+            tree = env.parse((TEMPLATES_DIR / path).read_text(encoding="utf-8"))
+            bad = []
+            for output in tree.find_all(jinja2.nodes.Output):
+                for child in output.nodes:
+                    bad += [f"line {child.lineno}: {{{{ {b} }}}}" for b in _unescaped(child, CODE_VALUED[template], used)]
+            assert not bad, f"{path} prints text without an escaping filter of fgc.codegen.escape: {bad}"
         assert used == CODE_VALUED[template], f"{template}: unused code-valued names {CODE_VALUED[template] - used}"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from fgc_lowering.plan_diloco import describe_workers
 from . import black_worker, calls
 from .emit import FLAGS_PARAM, ImportTable, TargetEmitter, code, literal
 from .escape import FILTERS, python_comment, python_docstring
+from .features import SlotExtension, features_of
 from .imports import skeleton_imports
 from .vendor import VendorError, vendor_symbols
 
@@ -86,6 +88,7 @@ def _jinja() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
         autoescape=False,
+        extensions=[SlotExtension],
     )
     env.filters.update(FILTERS)
     return env
@@ -578,43 +581,48 @@ class PackageBuilder:
         rules = bool(self.tensor_rules())
 
         def render(import_lines: list[str], definitions=vendored.definitions) -> str:
-            return self.jinja.get_template("train.py.j2").render(
+            return render_train(
+                self.jinja,
                 common,
-                imports=import_groups(import_lines),
-                constants=constants,
-                plan_literal=code(literal(self.program.plan.to_data())),
-                parallelize_args=calls.parallelize_args(
-                    self.program.plan,
-                    "loss_model" if loss["chunked_loss"] else "model",
-                    shard_weights=meta_init and settings_pretrained and not self.program.plan.pipeline,
-                    rules=rules,
-                ),
-                stages_args=calls.stages_args(not loss["chunked_loss"], meta_init and settings_pretrained, rules),
-                stages_comment=_wrap(calls.stages_comment(self.program.plan, meta_init and settings_pretrained)),
-                parallelize_comment=_wrap(
-                    calls.parallelize_comment(
-                        self.program.plan, materialize=meta_init and not self.program.plan.pipeline, weights=settings_pretrained
+                dict(
+                    imports=import_groups(import_lines),
+                    constants=constants,
+                    plan_literal=code(literal(self.program.plan.to_data())),
+                    parallelize_args=calls.parallelize_args(
+                        self.program.plan,
+                        "loss_model" if loss["chunked_loss"] else "model",
+                        shard_weights=meta_init and settings_pretrained and not self.program.plan.pipeline,
+                        rules=rules,
+                    ),
+                    stages_args=calls.stages_args(not loss["chunked_loss"], meta_init and settings_pretrained, rules),
+                    stages_comment=_wrap(calls.stages_comment(self.program.plan, meta_init and settings_pretrained)),
+                    parallelize_comment=_wrap(
+                        calls.parallelize_comment(
+                            self.program.plan,
+                            materialize=meta_init and not self.program.plan.pipeline,
+                            weights=settings_pretrained,
+                        )
+                    ),
+                    model_args=calls.model_args(meta_init, self.program.plan.precision, settings_pretrained),
+                    model_comment=_wrap(
+                        "Built on the meta device, without memory: each rank materialises and initialises only its "
+                        "share below, with the values the whole model would have."
                     )
+                    if meta_init
+                    else [],
+                    definitions=definitions,
+                    config_hash=code(literal(config_hash)),
+                    factories=factories,
+                    config_flags=flags,
+                    flag_bool=any(a.type == "bool" and not a.action for a in self.program.flags.values()),
+                    grad_clip=settings.grad_clip,
+                    optimizer_in_backward=settings.optimizer_in_backward,
+                    **loss,
+                    pretrained=settings_pretrained,
+                    model_aux_loss=self.model_aux_loss(),
+                    sampling=sampling,
+                    **self.optimization_flags(),
                 ),
-                model_args=calls.model_args(meta_init, self.program.plan.precision, settings_pretrained),
-                model_comment=_wrap(
-                    "Built on the meta device, without memory: each rank materialises and initialises only its "
-                    "share below, with the values the whole model would have."
-                )
-                if meta_init
-                else [],
-                definitions=definitions,
-                config_hash=code(literal(config_hash)),
-                factories=factories,
-                config_flags=flags,
-                flag_bool=any(a.type == "bool" and not a.action for a in self.program.flags.values()),
-                grad_clip=settings.grad_clip,
-                optimizer_in_backward=settings.optimizer_in_backward,
-                **loss,
-                pretrained=settings_pretrained,
-                model_aux_loss=self.model_aux_loss(),
-                sampling=sampling,
-                **self.optimization_flags(),
             )
 
         constants = self.constants()
@@ -864,3 +872,29 @@ def distribution_of(module: str) -> str:
 
     names = importlib.metadata.packages_distributions().get(module)
     return sorted(names)[0] if names else module
+
+
+def render_train(jinja: jinja2.Environment, common: dict, values: dict) -> str:
+    """train.py's skeleton rendered with COMMON and VALUES, and the names it derives from them:
+    the features the package has (:mod:`.features`), and the pieces of code that several of
+    them share."""
+    context = {**common, **values}
+    definitions = context.pop("definitions")
+    context.update(
+        # the copied definitions, under a heading per file
+        vendored_files=[
+            (file, [source for _, _, source in group])
+            for file, group in itertools.groupby(definitions, key=lambda d: d[0])
+        ],
+        # the module whose parameters the optimizer steps: the rank's stages under a pipeline
+        params_module="part" if context["pipelined"] else "model",
+        param_groups_args=[("with_names", "True")] if context["optimizer_param_names"] else [],
+        # forward_backward's arguments beyond the micro-batch's
+        forward_backward_extra=["aux_loss"] if context["model_aux_loss"] else [],
+        # the loss a pipeline's last stage applies: to hidden states with the loss head
+        pipeline_loss="loss_model.loss_from_hidden" if context["chunked_loss"] else context["loss_fn"],
+        # the bound of the gradient norm (None: measured, not clipped)
+        clip_norm_arg="GRAD_CLIP" if context["grad_clip"] is not None else "None",
+    )
+    context["features"] = features_of(context)
+    return jinja.get_template("train.py.j2").render(context)
