@@ -40,9 +40,11 @@ FLOP/s (a square matmul) and each row's share of the one of its precision (token
 token, 6N + 12LHT).
 
 The second table splits one fp32 step of each plain loop (torch's profiler, self time): the matmul
-kernels, the attention kernels and everything else. `bound_vs_hf` is the HF step time over the
-generated model's matmul and attention time: the most any trainer running the same kernels
-could reach against the HF loop, if everything else took no time at all.
+kernels, the attention kernels and everything else; with bf16-mixed among the precisions, also
+one step of each under `torch.autocast(bf16)`. `bound_vs_hf` is the HF step time (of the HF loop
+of the same precision) over the generated model's matmul and attention time: the most any
+trainer running the same kernels could reach against that HF loop, if everything else took no
+time at all.
 
 The last lines state issue #18's goals and whether this run meets them: fp32 at least 1.15x the
 HF loop; bf16-mixed at least 1.3x the HF autocast loop and 2x the fp32 HF loop; bf16 at least the
@@ -151,6 +153,7 @@ LOOPS = (
 # the dtype whose matmul rate a row of each precision is compared with
 PEAK_DTYPE = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
 HF_FP32, HF_AUTOCAST, FGC_PLAIN = "HF Llama, plain loop", "HF Llama, plain loop, autocast", "fgc model, plain loop"
+FGC_AUTOCAST = "fgc model, plain loop, autocast"
 
 
 def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], list[dict], str]:
@@ -215,14 +218,24 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
         }
         for (precision, loop), rate in sorted(rates.items(), key=lambda kv: PRECISIONS.index(kv[0][0]))
     ]
-    splits = {FGC_PLAIN: kernel_split(fgc_loop, args.steps, tokens_per_step),
-              HF_FP32: kernel_split(hf_loop, args.steps, tokens_per_step)}
-    hf_step_ms = splits[HF_FP32]["step_ms"]
+    # (precision, loop) -> its split; each fgc loop's bound is against the HF loop of its precision
+    splits = {("fp32", FGC_PLAIN): kernel_split(fgc_loop, args.steps, tokens_per_step),
+              ("fp32", HF_FP32): kernel_split(hf_loop, args.steps, tokens_per_step)}
+    if "bf16-mixed" in args.precisions:
+        torch.manual_seed(0)
+        fgc_autocast_loop = plain_loop(
+            train.build_model(), sampler.batch, args.steps, hf=False, autocast_dtype=torch.bfloat16
+        )
+        splits["bf16-mixed", FGC_AUTOCAST] = kernel_split(fgc_autocast_loop, args.steps, tokens_per_step)
+        splits["bf16-mixed", HF_AUTOCAST] = kernel_split(hf_autocast_loop, args.steps, tokens_per_step)
+    hf_of = {"fp32": HF_FP32, "bf16-mixed": HF_AUTOCAST}
     split_rows = [
-        {"shape": name, "loop": row}
+        {"shape": name, "precision": precision, "loop": row}
         | {key: round(value, 1) for key, value in split.items()}
-        | {"bound_vs_hf": round(hf_step_ms / (split["matmul_ms"] + split["attention_ms"]), 2)}
-        for row, split in splits.items()
+        | {"bound_vs_hf": round(
+            splits[precision, hf_of[precision]]["step_ms"] / (split["matmul_ms"] + split["attention_ms"]), 2
+        )}
+        for (precision, row), split in splits.items()
     ]
     dims = " ".join(f"{k}={v}" for k, v in shape.items())
     line = (
@@ -295,7 +308,9 @@ def goal_lines(name: str, rows: list[dict]) -> list[str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="example,h256", help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma-separated, of {', '.join(PRECISIONS)}")
+    parser.add_argument(
+        "--precisions", default=",".join(PRECISIONS), help=f"comma-separated, of {', '.join(PRECISIONS)}"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--steps", type=int, default=10, help="warm-up steps, then as many timed")
     parser.add_argument("--rounds", type=int, default=3, help="turns of every loop; the best rate counts")
@@ -339,6 +354,12 @@ def main(argv=None) -> None:
     for name in names:
         bound = next(r["bound_vs_hf"] for r in split_rows if r["shape"] == name and r["loop"] == FGC_PLAIN)
         print(f"{name}: bound in fp32 with these kernels (everything but matmul and attention free): {bound:.2f}x")
+        for r in split_rows:
+            if r["shape"] == name and r["loop"] == FGC_AUTOCAST:
+                print(
+                    f"{name}: bound in bf16-mixed against the HF autocast loop, with the same kernels under autocast: "
+                    f"{r['bound_vs_hf']:.2f}x"
+                )
         for line in goal_lines(name, rate_rows) + _peers.goal_ratio_lines(name, rate_rows, args.peers):
             print(line)
     print(_peers.peer_line(dict.fromkeys(args.peers, True)))

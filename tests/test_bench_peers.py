@@ -95,3 +95,36 @@ def _fused_names(peer: str, mapped: dict) -> set[str]:
     if peer != "torchtitan":
         return set()
     return {name.replace(".wq.", ".wqkv.") for name in mapped if ".wq." in name}
+
+
+@pytest.mark.slow
+def test_the_trainer_benchmark_splits_a_bf16_mixed_step_and_states_its_bound():
+    """With bf16-mixed measured, the split table has a step of each plain loop under autocast, and
+    the bound line is the HF autocast loop's step over the generated model's matmul and attention."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    flags = ["--shapes", "example", "--precisions", "bf16-mixed", "--steps", "2", "--rounds", "1"]
+    run = subprocess.run(
+        [sys.executable, "benchmarks/trainer.py", *flags, "--no-compile", "--no-peers"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    # the split table's rows: shape, precision, loop, then five numbers
+    split = {}
+    for line in run.stdout.splitlines():
+        words = line.split()
+        if line.startswith("example") and all(re.fullmatch(r"[\d.]+", w) for w in words[-5:]):
+            split[" ".join(words[2:-5])] = [float(w) for w in words[-5:]]
+    assert {"fgc model, plain loop, autocast", "HF Llama, plain loop, autocast", "fgc model, plain loop"} <= set(split)
+    step, matmul, attention, other, bound = split["fgc model, plain loop, autocast"]
+    hf_step = split["HF Llama, plain loop, autocast"][0]
+    assert matmul > 0 and attention > 0 and abs(bound - hf_step / (matmul + attention)) < 0.02
+    line = next(li for li in run.stdout.splitlines() if "bound in bf16-mixed" in li)
+    assert line.endswith(f"{bound:.2f}x")
