@@ -13,7 +13,7 @@ skeleton's render context, which codegen derives from the training program), and
 slot it fills. A slot renders the blocks of that name of the package's features, in the order of
 :data:`FEATURES`; where none has one, its default. A feature's block may hold slots of its own.
 
-So a new feature is one entry here and one template beside the others; ``tests/test_codegen.py``
+So a new feature is one entry here and one template beside the others; ``tests/test_features.py``
 checks that every block fills a slot that exists, and that the features that replace the same
 default never apply together.
 """
