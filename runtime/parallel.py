@@ -328,12 +328,15 @@ class ShardedState(ModelState):
     (gathered) state dicts, so the checkpoint loads into any layout; every rank takes part in
     gathering them, and restores its own shards from them."""
 
+    # how this layout restores its share from full state dicts (a pipeline's own: fgc_runtime.pipeline)
+    restore = staticmethod(load_full_state_dicts)
+
     def state_dicts(self, tokens_seen: int) -> tuple:
         return (*full_state_dicts(self.model, self.optimizer), None)
 
     def load(self, state: dict, path) -> int:
         try:
-            load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+            self.restore(self.model, self.optimizer, state["model"], state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as err:  # a different model shape
             raise does_not_fit(err, path) from None
         return state["trainer_state"]["tokens_seen"]

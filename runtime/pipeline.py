@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from . import distributed
-from .checkpoint import ModelState, does_not_fit
+from .checkpoint import ModelState
 from .errors import RunError
-from .parallel import has_method
+from .parallel import ShardedState, has_method
 from .step import OuterLoop
 from .train import count_targets
 
@@ -404,11 +404,13 @@ def load_full_state_dicts(part: nn.Module, optimizer: torch.optim.Optimizer, mod
                 state[key] = _like(value, param)
 
 
-class PipelineState(ModelState):
+class PipelineState(ShardedState):
     """What a checkpoint holds of a pipeline: the whole model's state dict and the name-keyed
     optimizer state, gathered from the stages of the first replica onto rank 0 (FIRST_COPY: this
     rank's, ``Mesh.first_copy``), so the checkpoint loads into any layout; every rank restores its
-    own stages' share."""
+    own stages' share (:func:`load_full_state_dicts`, through :meth:`ShardedState.load`)."""
+
+    restore = staticmethod(load_full_state_dicts)
 
     def __init__(self, part: nn.Module, optimizer: torch.optim.Optimizer, first_copy: bool, rank: int):
         super().__init__(part, optimizer)
@@ -416,13 +418,6 @@ class PipelineState(ModelState):
 
     def state_dicts(self, tokens_seen: int) -> tuple:
         return (*full_state_dicts(self.model, self.optimizer, self.first_copy, self.rank), None)
-
-    def load(self, state: dict, path) -> int:
-        try:
-            load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as err:  # a different model shape
-            raise does_not_fit(err, path) from None
-        return state["trainer_state"]["tokens_seen"]
 
 
 def _like(full: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
