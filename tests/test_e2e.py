@@ -206,6 +206,20 @@ def test_activation_checkpointing_and_compile_keep_the_losses(tmp_path):
     assert _losses(both, tmp_path, "run_both") == pytest.approx(reference, rel=1e-4)
 
 
+def test_compiled_bf16_mixed_attends_by_query_chunks_with_the_eager_losses(tmp_path):
+    """In bf16-mixed, each compiled layer attends by query chunks in bf16 on the CPU, and eager
+    layers with fp32 flash attention (fgc_runtime.kernels.attention; tests/runtime/test_kernels.py
+    checks which path each takes). Six steps give the same losses to 5e-4, with activation
+    checkpointing too (its recomputed forward attends by chunks as well)."""
+    common = ["-D", "trainer_type=basic", "-D", "max_steps=6", "-D", "eval_every=0", "-D", "precision=bf16-mixed"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_fgc("build", EXAMPLE, "-o", eager, *common, check=True)
+    run_fgc("build", EXAMPLE, "-o", compiled, *common, "-D", "compile=true", "-D", "activation_checkpointing=full", check=True)
+    reference = _losses(eager, tmp_path, "run_eager")
+    assert len(reference) == 6
+    assert _losses(compiled, tmp_path, "run_compiled") == pytest.approx(reference, rel=5e-4)
+
+
 def test_fsdp2_matches_ddp_and_resumes_exactly(tmp_path):
     """FSDP2 on 2 gloo ranks, with 2 micro-batches a step: the same losses as DDP (up to float
     reduction order), and stopping and resuming (full gathered checkpoints) is bitwise exact."""

@@ -174,7 +174,8 @@ class CausalSelfAttention(nn.Module):
             y_BHTE = self._softcapped_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask_B1TS)
         else:
             # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv
-            # copy; on the CPU, bf16 attention runs in fp32 (faster there: fgc_runtime.kernels.attention)
+            # copy; on the CPU, bf16 attention runs by query chunks when compiled, else in fp32
+            # (faster there: fgc_runtime.kernels.attention)
             y_BHTE = scaled_dot_product_attention(
                 q_BHTE,
                 k_BKTE,

@@ -109,12 +109,12 @@ def test_impl_argument(monkeypatch):
         swiglu(x, x, impl="cuda")
 
 
-# -- attention: bf16 on the CPU runs in fp32 ----------------------------------------------------
+# -- attention: eager bf16 on the CPU runs in fp32 ----------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_attention_in_low_precision_is_fp32_attention_cast_back(dtype):
-    """On the CPU, bf16/fp16 attention equals fp32 SDPA of the same (upcast) inputs, cast back,
+    """On the CPU, eager bf16/fp16 attention equals fp32 SDPA of the same (upcast) inputs, cast back,
     inside autocast too (which would otherwise run SDPA in bf16), gradients included."""
     from fgc_runtime.kernels import scaled_dot_product_attention
 
@@ -144,3 +144,102 @@ def test_fp32_attention_is_sdpa_as_called():
     q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
     mask = torch.ones(16, 16, dtype=torch.bool).tril()
     assert torch.equal(scaled_dot_product_attention(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+# -- attention: bf16 causal self-attention in compiled code runs by query chunks ---------------
+
+
+def _fp64_attention_and_grads(q, k, v, dy, **kwargs):
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    y = F.scaled_dot_product_attention(*ref, **kwargs)
+    y.backward(dy.double())
+    return y.detach(), [t.grad for t in ref]
+
+
+@pytest.mark.parametrize(
+    "B,H,K,T,E,chunk",
+    [
+        (2, 4, 2, 40, 8, 16),  # grouped heads, three chunks, the last one short
+        (1, 3, 3, 33, 16, 8),  # one key/value head per query head, five chunks
+        (2, 4, 1, 24, 24, 128),  # one chunk: every query at once
+    ],
+)
+def test_attention_by_query_chunks_is_causal_sdpa_to_bf16_rounding(monkeypatch, B, H, K, T, E, chunk):
+    """The output and the gradients of q, k and v match fp64 SDPA (causal, grouped heads) as
+    closely as bf16 inputs and bf16 matmuls allow: a chunk that saw a wrong key, or a gradient
+    that missed a chunk, is off by far more."""
+    from fgc_runtime.kernels import attention
+
+    monkeypatch.setattr(attention, "CHUNK", chunk)
+    torch.manual_seed(0)
+    q = torch.randn(B, H, T, E).bfloat16().requires_grad_()
+    k = torch.randn(B, K, T, E).bfloat16().requires_grad_()
+    v = torch.randn(B, K, T, E).bfloat16().requires_grad_()
+    dy = torch.randn(B, H, T, E).bfloat16()
+    want_y, want_grads = _fp64_attention_and_grads(q, k, v, dy, is_causal=True, enable_gqa=True)
+    y = attention.causal_attention_by_query_chunks(q, k, v)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy)
+    assert (y.double() - want_y).abs().max() <= 0.02 * want_y.abs().max()
+    for got, want in zip((q.grad, k.grad, v.grad), want_grads):
+        assert got.dtype == torch.bfloat16
+        assert (got.double() - want).abs().max() <= 0.02 * want.abs().max()
+    # the scale is the one asked for
+    y2 = attention.causal_attention_by_query_chunks(q.detach(), k.detach(), v.detach(), scale=0.5)
+    want_y2, _ = _fp64_attention_and_grads(q, k, v, dy, is_causal=True, enable_gqa=True, scale=0.5)
+    assert (y2.double() - want_y2).abs().max() <= 0.02 * want_y2.abs().max()
+    assert (y2.double() - want_y).abs().max() > 0.1
+
+
+def test_chunk_size_caps_the_number_of_chunks():
+    from fgc_runtime.kernels.attention import CHUNK, MAX_CHUNKS, chunk_size
+
+    assert chunk_size(100) == chunk_size(CHUNK * MAX_CHUNKS) == CHUNK
+    assert chunk_size(4096) == 4096 // MAX_CHUNKS
+    assert -(-4097 // chunk_size(4097)) == MAX_CHUNKS
+
+
+def _sdpa_graph(q, k, v, grad=True, **kwargs) -> str:
+    """The FX graph torch.compile traces for the runtime's SDPA called with these arguments."""
+    from fgc_runtime.kernels import scaled_dot_product_attention
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: scaled_dot_product_attention(q, k, v, **kwargs), backend=backend, fullgraph=True)
+    with torch.set_grad_enabled(grad):
+        compiled(q, k, v)
+    return "\n".join(graphs)
+
+
+def test_compiled_cpu_bf16_causal_attention_runs_by_query_chunks():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8).bfloat16().requires_grad_()
+    k, v = (torch.randn(2, 2, 16, 8).bfloat16().requires_grad_() for _ in range(2))
+    graph = _sdpa_graph(q, k, v, is_causal=True, enable_gqa=True)
+    assert "autograd_function_apply" in graph
+    assert "scaled_dot_product_attention" not in graph
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["fp16", "fp32", "mask", "dropout", "not causal", "fewer queries than keys", "no gradients"],
+)
+def test_compiled_attention_that_is_not_bf16_causal_self_attention_is_sdpa(case):
+    torch.manual_seed(0)
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(case, torch.bfloat16)
+    T = 8 if case == "fewer queries than keys" else 16
+    q = torch.randn(2, 4, T, 8).to(dtype)
+    k, v = (torch.randn(2, 4, 16, 8).to(dtype) for _ in range(2))
+    kwargs = {"is_causal": case != "not causal"}
+    if case == "mask":
+        kwargs = {"attn_mask": torch.ones(16, 16, dtype=torch.bool).tril()}
+    if case == "dropout":
+        kwargs["dropout_p"] = 0.1
+    graph = _sdpa_graph(q, k, v, grad=case != "no gradients", **kwargs)
+    assert "scaled_dot_product_attention" in graph
+    assert "autograd_function_apply" not in graph
