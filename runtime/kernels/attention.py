@@ -1,17 +1,19 @@
 """Attention: torch's ``scaled_dot_product_attention``, with two rules for the CPU.
 
-On the CPU, torch's flash-attention kernel is slower in bf16 than in fp32: forward and backward
-of a causal attention take about 4x as long at a head dim of 24, and as long at 64 (torch 2.13 on
-an AVX512-BF16 CPU; docs/development.md, "The trainer"). So on the CPU:
+On the CPU, torch's flash-attention kernel is slower in bf16 than in fp32 at short sequences:
+forward and backward of a causal attention take about 2x to 4x as long at a head dim of 24 and
+T 128, and as long at 64 and T 256 (torch 2.13 on an AVX512-BF16 CPU; docs/development.md,
+"The trainer"). So on the CPU:
 
 1. In code that ``torch.compile`` traces with gradients on (a training step), bf16 causal
    self-attention (no mask, no dropout) runs ``causal_attention_by_query_chunks``: bf16 matmuls
    over the keys each chunk of queries can see, softmax in fp32. Inductor fuses the work between
    the matmuls, and the chunks skip most of the masked half of the scores: forward and backward
-   take about half the time of fp32 flash attention at T from 256 to 4096 (docs/development.md).
-   Run eagerly, the same code is slower than flash attention, so eager code keeps rule 2. So do
-   forward passes without gradients (evaluation, sampling): the chunks are laid out for one T,
-   so a compiled forward over a growing T (sampling) would compile again for each length.
+   take about half the time of fp32 flash attention at T 256 to 1024, 0.7x at 2048 to 4096
+   (docs/development.md, "Attention on the CPU"). Run eagerly, the same code is slower than
+   flash attention, so eager code keeps rule 2. So do forward passes without gradients
+   (evaluation, sampling): the chunks are laid out for one T, so a compiled forward over a
+   growing T (sampling) would compile again for each length.
 2. Otherwise bf16 and fp16 queries, keys and values are attended in fp32, outside autocast, and the
    output is cast back to their dtype: faster, and more precise.
 
