@@ -1,9 +1,24 @@
-"""Printing a benchmark's rows as an aligned table, and optionally as CSV."""
+"""Printing a benchmark's rows as an aligned table, and optionally as CSV; timing a call."""
 
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
+
+
+def best_ms(fn, reps: int, rounds: int) -> float:
+    """The best of ROUNDS timings of REPS calls of FN, per call, in milliseconds (after 3 calls
+    untimed)."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return 1e3 * best
 
 
 def print_table(rows: list[dict], csv_path: Path | None = None) -> None:

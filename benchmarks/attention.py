@@ -25,10 +25,9 @@ is about 0.4% of a value).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-from _table import print_table
+from _table import best_ms, print_table
 from _loops import EXAMPLE_SHAPE, H256_SHAPE  # last: it leaves sys.path
 
 import torch
@@ -85,18 +84,6 @@ def forward_backward(fn, q, k, v, dy):
 
 def max_err(got: list, want: list) -> float:
     return max(float((g.double() - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
-
-
-def best_ms(fn, reps: int, rounds: int) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return best * 1e3
 
 
 def parse_args(argv=None) -> argparse.Namespace:

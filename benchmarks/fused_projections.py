@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from pathlib import Path
 
-from _table import print_table
+from _table import best_ms, print_table
 from _loops import EXAMPLE_SHAPE, H256_SHAPE  # last: it leaves sys.path
 
 import torch
@@ -47,19 +46,6 @@ def groups(shape: dict) -> dict[str, list[int]]:
         "q,k,v": [shape["hidden_size"], kv, kv],
         "gate,up": [shape["intermediate_size"]] * 2,
     }
-
-
-def best_ms(fn, reps: int, rounds: int) -> float:
-    """The best of ROUNDS timings of REPS calls of FN, per call, in milliseconds."""
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return 1e3 * best
 
 
 def measure(shape: dict, widths: list[int], precision: str, reps: int, rounds: int) -> dict:
