@@ -32,7 +32,7 @@ _UPCAST_ON_CPU = (torch.bfloat16, torch.float16)
 # loop over chunks, so its compile time grows with their number (32 chunks: about 100 s).
 CHUNK = 128
 MAX_CHUNKS = 16
-# keyword arguments of SDPA that the chunked path takes, and the values it takes them with
+# the keyword arguments of SDPA that the chunked path takes (_chunkable checks their values)
 _CHUNKED_KWARGS = {"is_causal", "scale", "enable_gqa", "attn_mask", "dropout_p"}
 
 
@@ -97,12 +97,12 @@ def _chunks(T: int):
     return [(s, min(s + C, T)) for s in range(0, T, C)]
 
 
-def _scores(qc_BKMe, k_BKTE, s: int, e: int, scale: float, G: int) -> torch.Tensor:
+def _scores(qc_BKME, k_BKTE, s: int, e: int, scale: float, G: int) -> torch.Tensor:
     """The fp32 scaled scores of queries s..e-1 (grouped: M = G * (e - s) rows per key/value head)
     against keys 0..e-1, masked above the diagonal: ``(B, K, G, C, N)``."""
     B, K = k_BKTE.shape[:2]
     C, N = e - s, e
-    sc_BKMN = torch.matmul(qc_BKMe, k_BKTE[:, :, :N].transpose(-1, -2))
+    sc_BKMN = torch.matmul(qc_BKME, k_BKTE[:, :, :N].transpose(-1, -2))
     sc_BKGCN = sc_BKMN.view(B, K, G, C, N).float() * scale
     above_CN = torch.ones(C, N, dtype=torch.bool, device=k_BKTE.device).triu_(s + 1)
     return sc_BKGCN.masked_fill(above_CN, float("-inf"))
