@@ -8,11 +8,11 @@ Shape legend: B batch, T sequence, D hidden size, H query heads, K key/value hea
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fgc.components.attention import CausalSelfAttention
 from fgc.components.positions import LayerContext
+from fgc_runtime.kernels import scaled_dot_product_attention
 
 
 class Olmo2Attention(CausalSelfAttention):
@@ -60,8 +60,9 @@ class Olmo2Attention(CausalSelfAttention):
             q_BTHE.transpose(1, 2), k_BTKE.transpose(1, 2), impl=self.kernel_impl
         )
         attn_mask_B1TS = ctx.attn_mask_B1TS
-        # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv copy.
-        y_BHTE = F.scaled_dot_product_attention(
+        # SDPA broadcasts the K key/value heads over the H query heads itself, without a repeat_kv
+        # copy; the runtime's SDPA has the CPU rules of the component library's attention
+        y_BHTE = scaled_dot_product_attention(
             q_BHTE,
             k_BKTE,
             v_BTKE.transpose(1, 2),
