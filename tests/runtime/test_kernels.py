@@ -83,6 +83,69 @@ def test_apply_rope_matches_transformers(shape):
     assert q_out.shape == (B, H, T, D) and k_out.shape == (B, 1, T, D)
 
 
+def _rope_inputs(dtype, B=2, H=4, K=2, T=10, D=8):
+    torch.manual_seed(5)
+    q = torch.randn(B, H, T, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, K, T, D, dtype=dtype, requires_grad=True)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.cat([torch.outer(torch.arange(T).float(), inv_freq)] * 2, dim=-1)
+    cos, sin = emb.cos().expand(B, T, D).to(dtype), emb.sin().expand(B, T, D).to(dtype)
+    return q, k, cos, sin, torch.randn_like(q), torch.randn_like(k)
+
+
+def _rope_forward_backward(fn, q, k, cos, sin, dq, dk):
+    q.grad = k.grad = None
+    q_out, k_out = fn(q, k, cos, sin)
+    torch.autograd.backward((q_out, k_out), (dq, dk))
+    return q_out, k_out, q.grad, k.grad
+
+
+def test_bf16_rope_backward_written_out_is_autograds_bitwise():
+    """In bf16 apply_rope runs its own backward (inductor compiles autograd's derived one slowly
+    on the CPU); eager, outputs and gradients are bitwise those autograd derives. fp32 keeps
+    autograd's backward."""
+    from fgc_runtime.kernels.rope import apply_rope_torch
+
+    inputs = _rope_inputs(torch.bfloat16)
+    q_out, *rest = _rope_forward_backward(apply_rope, *inputs)
+    assert type(q_out.grad_fn).__name__ == "_BF16RopeTorchBackward"
+    reference = _rope_forward_backward(apply_rope_torch, *inputs)
+    for got, want in zip((q_out, *rest), reference):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    q_out, *_ = _rope_forward_backward(apply_rope, *_rope_inputs(torch.float32))
+    assert type(q_out.grad_fn).__name__ == "AddBackward0"
+
+
+def test_compiled_bf16_rope_backward_has_no_slice_backward():
+    """Compiled, the bf16 backward is the written-out one (no zero-padded halves, which inductor's
+    CPU code loads slowly), and its gradients agree with eager's to bf16 rounding."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = str(gm.graph)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    inputs = _rope_inputs(torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        apply_rope, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")), fullgraph=True
+    )
+    got = _rope_forward_backward(compiled, *inputs)
+    assert "slice_backward" not in graphs["backward"] and "cat" in graphs["backward"]
+    for g, want in zip(got, _rope_forward_backward(apply_rope, *inputs)):
+        torch.testing.assert_close(g.float(), want.float(), rtol=1e-2, atol=1e-2)
+    inputs32 = _rope_inputs(torch.float32)
+    torch._dynamo.reset()
+    _rope_forward_backward(compiled, *inputs32)
+    assert "slice_backward" in graphs["backward"]  # fp32: autograd's own, which compiles well
+
+
 def test_impl_argument(monkeypatch):
     """impl='triton' on CPU tensors outside Triton's interpreter, or without triton, is a clear
     error naming the way out; an unknown impl is an error too."""
