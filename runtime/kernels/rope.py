@@ -48,7 +48,7 @@ class _BF16RopeTorch(torch.autograd.Function):
     loads, and that kernel took 1 ms a layer at the main example's shape, 7x the forward's. This
     backward compiles to one plain kernel (0.07 ms). In fp32 the derived backward compiles well
     and this one is slower, so fp32 keeps autograd's (docs/development.md, "The rotation's
-    backward").
+    backward in bf16").
     """
 
     @staticmethod
