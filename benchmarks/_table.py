@@ -1,7 +1,9 @@
-"""Printing a benchmark's rows as an aligned table, and optionally as CSV; timing a call."""
+"""Printing a benchmark's rows as an aligned table, and optionally as CSV; timing a call; reading
+`--shapes`."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import time
 from pathlib import Path
@@ -33,3 +35,13 @@ def print_table(rows: list[dict], csv_path: Path | None = None) -> None:
             writer = csv.DictWriter(f, fieldnames=header)
             writer.writeheader()
             writer.writerows(rows)
+
+
+def shape_names(parser: argparse.ArgumentParser, text: str, shapes: dict) -> list[str]:
+    """The comma-separated shape names of TEXT (a `--shapes` value); an unknown one is PARSER's
+    usage error (exit status 2) naming the SHAPES there are."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in shapes]
+    if unknown:
+        parser.error(f"unknown shape {unknown[0]!r}: the shapes are {', '.join(shapes)}")
+    return names

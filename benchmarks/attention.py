@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _table import best_ms, print_table
+from _table import best_ms, print_table, shape_names
 from _loops import EXAMPLE_SHAPE, H256_SHAPE  # last: it leaves sys.path
 
 import torch
@@ -95,10 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=attention.CHUNK, help="queries per chunk (at least)")
     parser.add_argument("--csv", type=Path, help="the table as CSV")
     args = parser.parse_args(argv)
-    args.shapes = args.shapes.split(",")
-    unknown = [s for s in args.shapes if s not in SHAPES]
-    if unknown:
-        parser.error(f"unknown shape {unknown[0]!r}: the shapes are {', '.join(SHAPES)}")
+    args.shapes = shape_names(parser, args.shapes, SHAPES)
     return args
 
 

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _table import print_table
+from _table import print_table, shape_names
 from _loops import EXAMPLE_SHAPE, H256_SHAPE  # last: it leaves sys.path
 
 from fgc.build import build_package, compile_config
@@ -109,10 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
-    names = [n for n in args.shapes.split(",") if n]
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        parser.error(f"unknown shape {unknown[0]!r}: expected one of {', '.join(SHAPES)}")
+    names = shape_names(parser, args.shapes, SHAPES)
     if args.steps < 1 or args.seeds < 1 or args.window < 1:
         parser.error("--steps, --seeds and --window must be at least 1")
     window = min(args.window, args.steps)

@@ -33,7 +33,7 @@ import tempfile
 import types
 from pathlib import Path
 
-from _table import print_table
+from _table import print_table, shape_names
 from _loops import EXAMPLE_SHAPE, H256_SHAPE, LR, import_train_module  # last: it leaves sys.path
 
 import torch
@@ -129,10 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--csv", type=Path, help="the table as CSV")
     args = parser.parse_args(argv)
-    args.shapes = args.shapes.split(",")
-    unknown = [s for s in args.shapes if s not in SHAPES]
-    if unknown:
-        parser.error(f"unknown shape {unknown[0]!r}: the shapes are {', '.join(SHAPES)}")
+    args.shapes = shape_names(parser, args.shapes, SHAPES)
     return args
 
 

@@ -71,7 +71,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _table import print_table
+from _table import print_table, shape_names
 import _peers
 from _loops import EXAMPLE_SHAPE, H256_SHAPE, LR, hf_llama, import_train_module, plain_loop  # last: it leaves sys.path
 
@@ -318,10 +318,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="leave out the installed peers")
     parser.add_argument("--csv", type=Path, help="the rate table as CSV")
     args = parser.parse_args(argv)
-    names = args.shapes.split(",")
-    unknown = [name for name in names if name not in SHAPES]
-    if unknown:
-        parser.error(f"unknown shape {unknown[0]!r}: expected one of {', '.join(SHAPES)}")
+    names = shape_names(parser, args.shapes, SHAPES)
     args.precisions = args.precisions.split(",")
     unknown = [p for p in args.precisions if p not in PRECISIONS]
     if unknown:
