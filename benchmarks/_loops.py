@@ -1,13 +1,17 @@
-"""What the trainer benchmarks share: loading a generated package's train.py, a plain training loop,
-and transformers' Llama of a given shape. Imports only torch (and transformers for `hf_llama`), so
-that it runs where fgc is not installed (the GPU benchmark's machine).
+"""What the trainer benchmarks share: loading a generated package's train.py and running its main(),
+a plain training loop, and transformers' Llama of a given shape. Imports only torch (and
+transformers for `hf_llama`), so that it runs where fgc is not installed (the GPU benchmark's
+machine).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,6 +115,18 @@ def plain_loop(model, batches, steps: int, hf: bool, device=None, autocast_dtype
 
     run(steps)  # warm-up
     return run
+
+
+def steady_record(train, steps: int, device: str = "cpu") -> dict:
+    """The last metrics record of the loaded train module's own main() over 2 x STEPS steps,
+    logged every STEPS (its tokens/s is the steady-state rate of the second interval), in a
+    temporary output directory, without evaluation or resuming, its log lines silenced."""
+    with tempfile.TemporaryDirectory() as out:
+        flags = ["--output-dir", out, "--device", device, "--resume", "never", "--eval-every", "0"]
+        with contextlib.redirect_stdout(io.StringIO()):  # its own log lines
+            train.main(flags + ["--max-steps", str(2 * steps), "--log-every", str(steps)])
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "tokens_per_s" in r][-1]
 
 
 def hf_llama(shape: dict, vocab: int):

@@ -37,17 +37,15 @@ defaults, to check the script on a CPU: `run DIR --device cpu`).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import print_table  # noqa: E402
-from _loops import EXAMPLE_SHAPE, hf_llama, import_train_module, plain_loop  # noqa: E402  (last: it leaves sys.path)
+# noqa below: E402; last: _loops leaves sys.path
+from _loops import EXAMPLE_SHAPE, hf_llama, import_train_module, plain_loop, steady_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "tiny_llama" / "train.yaml"
@@ -87,13 +85,7 @@ def prepare(directory: Path, shape_name: str, variants: list[str]) -> None:
 
 def train_package(package: Path, device: str, steps: int) -> dict:
     """The steady-state record (tokens/s, mfu, loss) of the package's own main()."""
-    train = import_train_module(package)
-    with tempfile.TemporaryDirectory() as out:
-        flags = ["--output-dir", out, "--device", device, "--resume", "never", "--eval-every", "0"]
-        with contextlib.redirect_stdout(io.StringIO()):  # its own log lines
-            train.main(flags + ["--max-steps", str(2 * steps), "--log-every", str(steps)])
-        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "tokens_per_s" in r][-1]
+    return steady_record(import_train_module(package), steps, device)
 
 
 def matmul_rate(device, n: int = 8192, reps: int = 10) -> float:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import subprocess
@@ -34,7 +33,7 @@ import types
 from pathlib import Path
 
 from _table import print_table, shape_names
-from _loops import EXAMPLE_SHAPE, H256_SHAPE, LR, import_train_module  # last: it leaves sys.path
+from _loops import EXAMPLE_SHAPE, H256_SHAPE, LR, import_train_module, steady_record  # last: it leaves sys.path
 
 import torch
 import torch._inductor.config as inductor_config
@@ -54,13 +53,8 @@ def run(train, steps: int, profile: bool = False) -> tuple[float, float, dict]:
     how many compiled kernels zero-pad a slice's gradient (``slice_backward`` in their names)."""
     from torch.profiler import ProfilerActivity
 
-    with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
-        prof = stack.enter_context(torch.profiler.profile(activities=[ProfilerActivity.CPU])) if profile else None
-        flags = ["--output-dir", out, "--device", "cpu", "--resume", "never", "--eval-every", "0"]
-        with contextlib.redirect_stdout(io.StringIO()):  # its own log lines
-            train.main(flags + ["--max-steps", str(2 * steps), "--log-every", str(steps)])
-        stack.close()
-        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) if profile else contextlib.nullcontext() as prof:
+        record = steady_record(train, steps)
     kernel_times = {}
     if prof is not None:
         kernels = [e for e in prof.key_averages() if e.key.startswith("graph_")]  # inductor's kernels
@@ -69,7 +63,7 @@ def run(train, steps: int, profile: bool = False) -> tuple[float, float, dict]:
         kernels_ms = sum(e.self_cpu_time_total for e in kernels) / 1e3 / (2 * steps)
         padding = sum("slice_backward" in e.key for e in kernels)
         kernel_times = {"rotation_ms": rotation_ms, "kernels_ms": kernels_ms, "slice_backward": padding}
-    return records[-1]["tokens_per_s"], records[-1]["loss"], kernel_times
+    return record["tokens_per_s"], record["loss"], kernel_times
 
 
 def use_backward(backward: str) -> None:

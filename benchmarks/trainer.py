@@ -64,16 +64,14 @@ import os
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse
-import contextlib
-import io
-import json
 import tempfile
 import time
 from pathlib import Path
 
 from _table import print_table, shape_names
 import _peers
-from _loops import EXAMPLE_SHAPE, H256_SHAPE, LR, hf_llama, import_train_module, plain_loop  # last: it leaves sys.path
+# last: _loops leaves sys.path
+from _loops import EXAMPLE_SHAPE, H256_SHAPE, LR, hf_llama, import_train_module, plain_loop, steady_record
 
 import torch
 
@@ -107,12 +105,7 @@ def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 
 
 def run_generated_trainer(train, package: Path, steps: int) -> float:
     """Steady-state tokens/s of the trainer's own main(): the rate of its second log interval."""
-    with tempfile.TemporaryDirectory() as out:
-        flags = ["--output-dir", out, "--device", "cpu", "--resume", "never", "--eval-every", "0"]
-        with contextlib.redirect_stdout(io.StringIO()):  # its own log lines
-            train.main(flags + ["--max-steps", str(2 * steps), "--log-every", str(steps)])
-        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return records[-1]["tokens_per_s"]
+    return steady_record(train, steps)["tokens_per_s"]
 
 
 
