@@ -11,12 +11,15 @@ two shapes (`benchmarks/trainer.py`) and at longer sequences:
   inputs cast to fp32, the output cast back;
 - `sdpa, bf16`: torch's kernel as called, in bf16;
 - `sdpa, fp32, compile`: the baseline under `torch.compile` (inductor calls the same kernel);
-- `by query chunks, compile`: what a compiled bf16 training step runs.
+- `by query chunks, compile`: what a compiled bf16 training step runs (up to T 512 its backward
+  uses the probabilities the forward saved, beyond that it recomputes them);
+- `by query chunks, compile, recomputed`: the same with the probabilities recomputed at every T.
 
 Columns: milliseconds (best of ROUNDS runs of REPS calls), `vs_fp32` (the baseline's time over
-the row's: above 1 is faster) and `max_err`, the largest difference of the output and the input
-gradients from fp64 SDPA on the same values, over the largest magnitude of each (bf16 rounding
-is about 0.4% of a value).
+the row's: above 1 is faster), `kept_mib`, what the forward keeps for the backward beyond the
+inputs (MiB of the distinct storages autograd saves, q, k and v not counted), and `max_err`, the
+largest difference of the output and the input gradients from fp64 SDPA on the same values, over
+the largest magnitude of each (bf16 rounding is about 0.4% of a value).
 
     python benchmarks/attention.py [--shapes example,h256,t1024] [--reps 10] [--rounds 3]
                                    [--threads N] [--chunk 128] [--csv out.csv]
@@ -71,6 +74,9 @@ def loops() -> dict:
         "sdpa, bf16": sdpa_as_called,
         "sdpa, fp32, compile": torch.compile(sdpa_fp32, dynamic=False),
         "by query chunks, compile": torch.compile(causal_attention_by_query_chunks, dynamic=False),
+        "by query chunks, compile, recomputed": torch.compile(
+            lambda q, k, v: causal_attention_by_query_chunks(q, k, v, save_probabilities=False), dynamic=False
+        ),
     }
 
 
@@ -80,6 +86,24 @@ def forward_backward(fn, q, k, v, dy):
     y = fn(*leaves)
     y.backward(dy)
     return [y.detach()] + [t.grad for t in leaves]
+
+
+def kept_bytes(fn, q, k, v) -> int:
+    """Bytes of the distinct storages that autograd saves in FN's forward for its backward, the
+    storages of the input leaves q, k and v not counted."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    inputs = {t.untyped_storage().data_ptr() for t in leaves}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*leaves)
+    return sum(kept.values())
 
 
 def max_err(got: list, want: list) -> float:
@@ -121,8 +145,9 @@ def main(argv=None) -> None:
             ms = best_ms(lambda: forward_backward(fn, q, k, v, dy), args.reps, args.rounds)
             base = ms if base is None else base
             shape = f"B{s['B']} H{s['H']} K{s['K']} T{s['T']} E{s['E']}"
+            kept = kept_bytes(fn, q, k, v) / 2**20
             rows.append({"shape": name, "dims": shape, "loop": loop, "ms": f"{ms:.2f}",
-                         "vs_fp32": f"{base / ms:.2f}", "max_err": f"{err:.1e}"})
+                         "vs_fp32": f"{base / ms:.2f}", "kept_mib": f"{kept:.3f}", "max_err": f"{err:.1e}"})
     print_table(rows, args.csv)
 
 

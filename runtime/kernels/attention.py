@@ -32,6 +32,11 @@ _UPCAST_ON_CPU = (torch.bfloat16, torch.float16)
 # loop over chunks, so its compile time grows with their number (32 chunks: about 100 s).
 CHUNK = 128
 MAX_CHUNKS = 16
+# Up to this T the forward saves each chunk's bf16 probabilities for the backward (the causal
+# part of T x T per head: at T 512, 320 KiB per batch row and head); beyond it the backward
+# recomputes them from the saved log-sum-exp, one more matmul per chunk, and keeps no T x T
+# tensor, as flash attention (docs/development.md, "Attention on the CPU").
+SAVE_PROBABILITIES_MAX_T = 512
 # the keyword arguments of SDPA that the chunked path takes (_chunkable checks their values)
 _CHUNKED_KWARGS = {"is_causal", "scale", "enable_gqa", "attn_mask", "dropout_p"}
 
@@ -79,17 +84,25 @@ def chunk_size(T: int) -> int:
 
 
 def causal_attention_by_query_chunks(
-    q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor, scale: float | None = None
+    q_BHTE: torch.Tensor,
+    k_BKTE: torch.Tensor,
+    v_BKTE: torch.Tensor,
+    scale: float | None = None,
+    save_probabilities: bool | None = None,
 ) -> torch.Tensor:
     """Causal self-attention, as ``F.scaled_dot_product_attention(q, k, v, is_causal=True,
     scale=scale, enable_gqa=True)``, for bf16 inputs: the queries in chunks of ``chunk_size(T)``,
     each attending to the keys up to its last query; matmuls in bf16 (fp32 accumulation), the
-    scores, softmax and the gradients of the keys and values in fp32. The backward recomputes
-    each chunk's probabilities from the saved log-sum-exp, so it keeps what flash attention keeps
-    (no T x T tensor). Runs outside autocast; returns bf16."""
+    scores, softmax and the gradients of the keys and values in fp32. Up to
+    ``SAVE_PROBABILITIES_MAX_T`` (or where ``save_probabilities`` is true) the backward uses each
+    chunk's bf16 probabilities, saved by the forward; beyond it (or where ``save_probabilities``
+    is false), it recomputes them from the saved log-sum-exp, so it keeps what flash attention
+    keeps (no T x T tensor). Runs outside autocast; returns bf16."""
     scale = q_BHTE.shape[-1] ** -0.5 if scale is None else scale
+    if save_probabilities is None:
+        save_probabilities = q_BHTE.shape[2] <= SAVE_PROBABILITIES_MAX_T
     with torch.autocast(q_BHTE.device.type, enabled=False):
-        return _CausalByQueryChunks.apply(q_BHTE, k_BKTE, v_BKTE, scale)
+        return _CausalByQueryChunks.apply(q_BHTE, k_BKTE, v_BKTE, scale, save_probabilities)
 
 
 def _chunks(T: int):
@@ -97,25 +110,34 @@ def _chunks(T: int):
     return [(s, min(s + C, T)) for s in range(0, T, C)]
 
 
-def _scores(qc_BKME, k_BKTE, s: int, e: int, scale: float, G: int) -> torch.Tensor:
+def _scores(qc_BKME, k_BKTE, s: int, e: int, scale: float, G: int, transposed: bool = False) -> torch.Tensor:
     """The fp32 scaled scores of queries s..e-1 (grouped: M = G * (e - s) rows per key/value head)
-    against keys 0..e-1, masked above the diagonal: ``(B, K, G, C, N)``."""
+    against keys 0..e-1, masked above the diagonal: ``(B, K, G, C, N)``. ``transposed``
+    multiplies K Q^T instead of Q K^T: the backward's recomputation must not be the forward's
+    product, or AOT autograd's common-subexpression elimination merges the two and the compiled
+    forward keeps every chunk's scores for the backward."""
     B, K = k_BKTE.shape[:2]
     C, N = e - s, e
-    sc_BKMN = torch.matmul(qc_BKME, k_BKTE[:, :, :N].transpose(-1, -2))
-    sc_BKGCN = sc_BKMN.view(B, K, G, C, N).float() * scale
-    above_CN = torch.ones(C, N, dtype=torch.bool, device=k_BKTE.device).triu_(s + 1)
-    return sc_BKGCN.masked_fill(above_CN, float("-inf"))
+    if transposed:
+        sc_BKMN = torch.matmul(k_BKTE[:, :, :N], qc_BKME.transpose(-1, -2)).transpose(-1, -2)
+    else:
+        sc_BKMN = torch.matmul(qc_BKME, k_BKTE[:, :, :N].transpose(-1, -2))
+    sc_BKGCN = sc_BKMN.reshape(B, K, G, C, N).float() * scale
+    # key index above query index, compared in int32: inductor vectorizes a triu of a bool tensor
+    # in 64-bit lanes, and the softmax kernel that holds it took about 1.3x as long on the CPU
+    keys_N = torch.arange(N, dtype=torch.int32, device=k_BKTE.device)
+    queries_C1 = torch.arange(s, e, dtype=torch.int32, device=k_BKTE.device)[:, None]
+    return sc_BKGCN.masked_fill(keys_N > queries_C1, float("-inf"))
 
 
 class _CausalByQueryChunks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_BHTE, k_BKTE, v_BKTE, scale):
+    def forward(ctx, q_BHTE, k_BKTE, v_BKTE, scale, save_probabilities):
         B, H, T, E = q_BHTE.shape
         K = k_BKTE.shape[1]
         G = H // K
         q_BKGTE = q_BHTE.reshape(B, K, G, T, E)
-        ys, lses = [], []
+        ys, lses, ps = [], [], []
         for s, e in _chunks(T):
             C, N = e - s, e
             qc_BKME = q_BKGTE[:, :, :, s:e].reshape(B, K, G * C, E)
@@ -124,14 +146,16 @@ class _CausalByQueryChunks(torch.autograd.Function):
             p_BKMN = torch.exp(sc_BKGCN - lse_BKGC1).to(q_BHTE.dtype).view(B, K, G * C, N)
             ys.append(torch.matmul(p_BKMN, v_BKTE[:, :, :N]).view(B, K, G, C, E))
             lses.append(lse_BKGC1)
+            ps.append(p_BKMN)
         y_BHTE = torch.cat(ys, dim=3).view(B, H, T, E)
-        ctx.save_for_backward(q_BHTE, k_BKTE, v_BKTE, y_BHTE, torch.cat(lses, dim=3))
+        saved = (q_BHTE, k_BKTE, v_BKTE, y_BHTE, torch.cat(lses, dim=3))
+        ctx.save_for_backward(*saved, *ps) if save_probabilities else ctx.save_for_backward(*saved)
         ctx.scale = scale
         return y_BHTE
 
     @staticmethod
     def backward(ctx, dy_BHTE):
-        q_BHTE, k_BKTE, v_BKTE, y_BHTE, lse_BKGT1 = ctx.saved_tensors
+        q_BHTE, k_BKTE, v_BKTE, y_BHTE, lse_BKGT1, *ps = ctx.saved_tensors
         scale = ctx.scale
         B, H, T, E = q_BHTE.shape
         K = k_BKTE.shape[1]
@@ -144,14 +168,17 @@ class _CausalByQueryChunks(torch.autograd.Function):
         dk_BKTE = torch.zeros(B, K, T, E, dtype=torch.float32, device=k_BKTE.device)
         dv_BKTE = torch.zeros(B, K, T, E, dtype=torch.float32, device=v_BKTE.device)
         dqs = []
-        for s, e in _chunks(T):
+        for i, (s, e) in enumerate(_chunks(T)):
             C, N = e - s, e
             qc_BKME = q_BKGTE[:, :, :, s:e].reshape(B, K, G * C, E)
-            sc_BKGCN = _scores(qc_BKME, k_BKTE, s, e, scale, G)
-            # the probabilities as the forward used them: in bf16
-            p_BKGCN = torch.exp(sc_BKGCN - lse_BKGT1[:, :, :, s:e]).to(q_BHTE.dtype)
+            if ps:  # the probabilities the forward used, saved
+                p_BKMN = ps[i]
+                p_BKGCN = p_BKMN.view(B, K, G, C, N)
+            else:  # recomputed from the log-sum-exp, in bf16 as the forward used them
+                sc_BKGCN = _scores(qc_BKME, k_BKTE, s, e, scale, G, transposed=True)
+                p_BKGCN = torch.exp(sc_BKGCN - lse_BKGT1[:, :, :, s:e]).to(q_BHTE.dtype)
+                p_BKMN = p_BKGCN.view(B, K, G * C, N)
             dyc_BKME = dy_BKGTE[:, :, :, s:e].reshape(B, K, G * C, E)
-            p_BKMN = p_BKGCN.view(B, K, G * C, N)
             dv_BKTE[:, :, :N] += torch.matmul(p_BKMN.transpose(-1, -2), dyc_BKME).float()
             dp_BKGCN = torch.matmul(dyc_BKME, v_BKTE[:, :, :N].transpose(-1, -2)).view(B, K, G, C, N).float()
             ds_BKGCN = p_BKGCN.float() * (dp_BKGCN - delta_BKGT1[:, :, :, s:e]) * scale
@@ -159,4 +186,4 @@ class _CausalByQueryChunks(torch.autograd.Function):
             dqs.append(torch.matmul(ds_BKMN, k_BKTE[:, :, :N]).view(B, K, G, C, E))
             dk_BKTE[:, :, :N] += torch.matmul(ds_BKMN.transpose(-1, -2), qc_BKME).float()
         dq_BHTE = torch.cat(dqs, dim=3).view(B, H, T, E)
-        return dq_BHTE, dk_BKTE.to(k_BKTE.dtype), dv_BKTE.to(v_BKTE.dtype), None
+        return dq_BHTE, dk_BKTE.to(k_BKTE.dtype), dv_BKTE.to(v_BKTE.dtype), None, None

@@ -219,6 +219,7 @@ def _fp64_attention_and_grads(q, k, v, dy, **kwargs):
     return y.detach(), [t.grad for t in ref]
 
 
+@pytest.mark.parametrize("backward", ["saved probabilities", "recomputed probabilities"])
 @pytest.mark.parametrize(
     "B,H,K,T,E,chunk",
     [
@@ -227,20 +228,22 @@ def _fp64_attention_and_grads(q, k, v, dy, **kwargs):
         (2, 4, 1, 24, 24, 128),  # one chunk: every query at once
     ],
 )
-def test_attention_by_query_chunks_is_causal_sdpa_to_bf16_rounding(monkeypatch, B, H, K, T, E, chunk):
+def test_attention_by_query_chunks_is_causal_sdpa_to_bf16_rounding(monkeypatch, B, H, K, T, E, chunk, backward):
     """The output and the gradients of q, k and v match fp64 SDPA (causal, grouped heads) as
     closely as bf16 inputs and bf16 matmuls allow: a chunk that saw a wrong key, or a gradient
-    that missed a chunk, is off by far more."""
+    that missed a chunk, is off by far more. Both backwards: with the forward's probabilities
+    and with them recomputed."""
     from fgc_runtime.kernels import attention
 
     monkeypatch.setattr(attention, "CHUNK", chunk)
+    save = backward == "saved probabilities"
     torch.manual_seed(0)
     q = torch.randn(B, H, T, E).bfloat16().requires_grad_()
     k = torch.randn(B, K, T, E).bfloat16().requires_grad_()
     v = torch.randn(B, K, T, E).bfloat16().requires_grad_()
     dy = torch.randn(B, H, T, E).bfloat16()
     want_y, want_grads = _fp64_attention_and_grads(q, k, v, dy, is_causal=True, enable_gqa=True)
-    y = attention.causal_attention_by_query_chunks(q, k, v)
+    y = attention.causal_attention_by_query_chunks(q, k, v, save_probabilities=save)
     assert y.dtype == torch.bfloat16
     y.backward(dy)
     assert (y.double() - want_y).abs().max() <= 0.02 * want_y.abs().max()
@@ -248,10 +251,47 @@ def test_attention_by_query_chunks_is_causal_sdpa_to_bf16_rounding(monkeypatch, 
         assert got.dtype == torch.bfloat16
         assert (got.double() - want).abs().max() <= 0.02 * want.abs().max()
     # the scale is the one asked for
-    y2 = attention.causal_attention_by_query_chunks(q.detach(), k.detach(), v.detach(), scale=0.5)
+    y2 = attention.causal_attention_by_query_chunks(
+        q.detach(), k.detach(), v.detach(), scale=0.5, save_probabilities=save
+    )
     want_y2, _ = _fp64_attention_and_grads(q, k, v, dy, is_causal=True, enable_gqa=True, scale=0.5)
     assert (y2.double() - want_y2).abs().max() <= 0.02 * want_y2.abs().max()
     assert (y2.double() - want_y).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("T", [40, 41])
+def test_compiled_attention_by_query_chunks_keeps_t_by_t_values_only_up_to_its_limit(monkeypatch, T):
+    """What a compiled backward keeps from the forward: each chunk's bf16 probabilities while T is
+    at most SAVE_PROBABILITIES_MAX_T, and beyond it nothing of T x T, as flash attention.
+    (AOT autograd's common-subexpression elimination once merged the backward's recomputed
+    scores with the forward's, and so kept every chunk's scores.) Gradients match fp64 both ways."""
+    from fgc_runtime.kernels import attention
+
+    monkeypatch.setattr(attention, "CHUNK", 16)
+    monkeypatch.setattr(attention, "SAVE_PROBABILITIES_MAX_T", 40)
+    torch.manual_seed(0)
+    B, H, K, E = 2, 4, 2, 8
+    q = torch.randn(B, H, T, E).bfloat16().requires_grad_()
+    k = torch.randn(B, K, T, E).bfloat16().requires_grad_()
+    v = torch.randn(B, K, T, E).bfloat16().requires_grad_()
+    dy = torch.randn(B, H, T, E).bfloat16()
+    torch._dynamo.reset()
+    compiled = torch.compile(attention.causal_attention_by_query_chunks, backend="aot_eager", fullgraph=True)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        y = compiled(q, k, v)
+    # every dimension of q, k, v and the log-sum-exp but one is below 16: two of 16 or more are
+    # a chunk's queries by the keys it sees
+    t_by_t = sorted(s[-2:] for s in shapes if sum(d >= 16 for d in s) >= 2)
+    if T <= 40:
+        assert t_by_t == [(16, 40), (32, 16), (32, 32)], shapes  # per chunk: (2 heads x C queries, N keys)
+    else:
+        assert t_by_t == [], shapes
+    y.backward(dy)
+    want_y, want_grads = _fp64_attention_and_grads(q, k, v, dy, is_causal=True, enable_gqa=True)
+    assert (y.double() - want_y).abs().max() <= 0.02 * want_y.abs().max()
+    for got, want in zip((q.grad, k.grad, v.grad), want_grads):
+        assert (got.double() - want).abs().max() <= 0.02 * want.abs().max()
 
 
 def test_chunk_size_caps_the_number_of_chunks():
