@@ -148,8 +148,8 @@ class _CausalByQueryChunks(torch.autograd.Function):
             lses.append(lse_BKGC1)
             ps.append(p_BKMN)
         y_BHTE = torch.cat(ys, dim=3).view(B, H, T, E)
-        saved = (q_BHTE, k_BKTE, v_BKTE, y_BHTE, torch.cat(lses, dim=3))
-        ctx.save_for_backward(*saved, *ps) if save_probabilities else ctx.save_for_backward(*saved)
+        lse_BKGT1 = torch.cat(lses, dim=3)
+        ctx.save_for_backward(q_BHTE, k_BKTE, v_BKTE, y_BHTE, lse_BKGT1, *(ps if save_probabilities else ()))
         ctx.scale = scale
         return y_BHTE
 
