@@ -44,7 +44,8 @@ kernels, the attention kernels and everything else; with bf16-mixed among the pr
 one step of each under `torch.autocast(bf16)`. `bound_vs_hf` is the HF step time (of the HF loop
 of the same precision) over the generated model's matmul and attention time: the most any
 trainer running the same kernels could reach against that HF loop, if everything else took no
-time at all.
+time at all. A warning follows the table for each split whose kernels took longer under the
+profiler than its whole step without it: the machine's speed changed between the two.
 
 The last lines state issue #18's goals and whether this run meets them: fp32 at least 1.15x the
 HF loop; bf16-mixed at least 1.3x the HF autocast loop and 2x the fp32 HF loop; bf16 at least the
@@ -107,6 +108,20 @@ def run_generated_trainer(train, package: Path, steps: int) -> float:
     """Steady-state tokens/s of the trainer's own main(): the rate of its second log interval."""
     return steady_record(train, steps)["tokens_per_s"]
 
+
+
+def split_warnings(split_rows: list[dict]) -> list[str]:
+    """A warning for each split whose profiled matmul and attention kernels took longer than the
+    step they are part of, timed just before without the profiler: only a machine whose speed
+    changed between the two measurements gives that, and then the split and its bound mean little."""
+    return [
+        f"WARNING: {r['shape']}, {r['loop']}: its matmul and attention kernels took "
+        f"{r['matmul_ms'] + r['attention_ms']:.1f} ms under the profiler, more than its whole step "
+        f"({r['step_ms']:.1f} ms): the machine's speed changed during the run, so this split and its "
+        "bound are not reliable"
+        for r in split_rows
+        if r["matmul_ms"] + r["attention_ms"] > r["step_ms"]
+    ]
 
 
 def kernel_split(run, steps: int, tokens_per_step: int) -> dict:
@@ -340,6 +355,8 @@ def main(argv=None) -> None:
     print()
     print("one step of each plain loop, in ms (matmul and attention: kernel self time under the profiler)")
     print_table(split_rows)
+    for warning in split_warnings(split_rows):
+        print(warning)
     print()
     for name in names:
         bound = next(r["bound_vs_hf"] for r in split_rows if r["shape"] == name and r["loop"] == FGC_PLAIN)

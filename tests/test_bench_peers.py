@@ -128,3 +128,20 @@ def test_the_trainer_benchmark_splits_a_bf16_mixed_step_and_states_its_bound():
     assert matmul > 0 and attention > 0 and abs(bound - hf_step / (matmul + attention)) < 0.02
     line = next(li for li in run.stdout.splitlines() if "bound in bf16-mixed" in li)
     assert line.endswith(f"{bound:.2f}x")
+
+
+def test_the_trainer_benchmark_warns_of_a_split_whose_kernels_outlast_its_step():
+    """A split whose profiled matmul and attention took longer than its whole step (the machine
+    slowed between the timing and the profile) gets a warning; a consistent one does not."""
+    from conftest import load_benchmark
+
+    trainer = load_benchmark("trainer")
+    rows = [
+        {"shape": "h256", "loop": "fgc model, plain loop", "step_ms": 318.7, "matmul_ms": 309.6, "attention_ms": 74.4},
+        {"shape": "h256", "loop": "HF Llama, plain loop", "step_ms": 313.0, "matmul_ms": 221.8, "attention_ms": 54.8},
+    ]
+    assert trainer.split_warnings(rows) == [
+        "WARNING: h256, fgc model, plain loop: its matmul and attention kernels took 384.0 ms under the "
+        "profiler, more than its whole step (318.7 ms): the machine's speed changed during the run, so "
+        "this split and its bound are not reliable"
+    ]
