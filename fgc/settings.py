@@ -281,6 +281,10 @@ class BasicTrainer:
     document_masking: bool = False
     seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # On a CPU device, freed host memory stays in the process for the next step (glibc's malloc
+    # options, fgc_runtime/host_memory.py) instead of going back to the system, whose pages each
+    # step would fault in again. False: malloc as the process starts with it.
+    keep_host_memory: bool = True
     output_dir: str = "output"
     data: DataSettings = field(default_factory=DataSettings)
     precision: PrecisionSettings = field(default_factory=PrecisionSettings)

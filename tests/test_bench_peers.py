@@ -122,12 +122,58 @@ def test_the_trainer_benchmark_splits_a_bf16_mixed_step_and_states_its_bound():
         words = line.split()
         if line.startswith("example") and all(re.fullmatch(r"[\d.]+", w) for w in words[-5:]):
             split[" ".join(words[2:-5])] = [float(w) for w in words[-5:]]
-    assert {"fgc model, plain loop, autocast", "HF Llama, plain loop, autocast", "fgc model, plain loop"} <= set(split)
+    # (the HF loops split are this process's, with the generated trainer's malloc)
+    hf_autocast = "HF Llama, plain loop, autocast, fgc's malloc"
+    assert {"fgc model, plain loop, autocast", hf_autocast, "fgc model, plain loop"} <= set(split)
     step, matmul, attention, other, bound = split["fgc model, plain loop, autocast"]
-    hf_step = split["HF Llama, plain loop, autocast"][0]
+    hf_step = split[hf_autocast][0]
     assert matmul > 0 and attention > 0 and abs(bound - hf_step / (matmul + attention)) < 0.02
     line = next(li for li in run.stdout.splitlines() if "bound in bf16-mixed" in li)
     assert line.endswith(f"{bound:.2f}x")
+    # the rate table: the HF loops of a process of their own, and the same loops in this one
+    rates = {}
+    for line in run.stdout.splitlines():
+        words = line.split()
+        if line.startswith("example") and len(words) > 5 and words[-1].endswith("%"):
+            rates[" ".join(words[2:-5])] = (int(words[-5]), float(words[-4]), float(words[-3]))
+    assert rates["HF Llama, plain loop"][1] == 1.0 and rates["HF Llama, plain loop, autocast"][2] == 1.0
+    assert rates[hf_autocast][0] > 0 and rates["HF Llama, plain loop, fgc's malloc"][0] > 0
+    first = next(li for li in run.stdout.splitlines() if li.startswith("this process"))
+    assert first.endswith("host memory: freed memory kept for the next step (glibc malloc: heap up to 32 MiB, no trimming)")
+
+
+def test_the_trainer_goal_lines_are_over_the_own_process_loops_and_also_give_the_same_malloc_ratio():
+    """vs_hf and vs_hf_autocast (over the HF loops of a process of their own) judge the goals; each
+    line also gives the ratio over the loop with the generated trainer's malloc, where it ran."""
+    from conftest import load_benchmark
+
+    trainer = load_benchmark("trainer")
+
+    def row(precision, loop, rate, vs_hf, vs_autocast):
+        return {"shape": "example", "precision": precision, "loop": loop, "tokens_per_s": rate,
+                "vs_hf": vs_hf, "vs_hf_autocast": vs_autocast}
+
+    rows = [
+        row("fp32", "fgc train.py", 120, 1.2, 1.5),
+        row("fp32", "HF Llama, plain loop", 100, 1.0, 1.25),
+        row("fp32", "HF Llama, plain loop, fgc's malloc", 110, 1.1, 1.38),
+        row("bf16-mixed", "fgc train.py, compile", 210, 2.1, 2.62),
+        row("bf16-mixed", "HF Llama, plain loop, autocast", 80, 0.8, 1.0),
+        row("bf16-mixed", "HF Llama, plain loop, autocast, fgc's malloc", 84, 0.84, 1.05),
+        row("bf16", "fgc train.py", 200, 2.0, 2.5),
+    ]
+    assert trainer.goal_lines("example", rows) == [
+        "example: fp32, fgc train.py / HF loop: 1.20x (goal: 1.15x) -> met; 1.09x that loop with fgc's malloc",
+        "example: bf16-mixed, fgc train.py, compile / HF autocast loop: 2.62x (goal: 1.3x) -> met; "
+        "2.50x that loop with fgc's malloc",
+        "example: bf16-mixed, fgc train.py, compile / fp32 HF loop: 2.10x (goal: 2.0x) -> met; "
+        "1.91x that loop with fgc's malloc",
+        "example: bf16, fgc train.py / the best bf16-mixed trainer: 0.95x (goal: 1.0x) -> NOT met",
+    ]
+    # without this process's loops, the lines have the goal's ratio only
+    assert trainer.goal_lines("example", rows[:2]) == [
+        "example: fp32, fgc train.py / HF loop: 1.20x (goal: 1.15x) -> met"
+    ]
 
 
 def test_the_trainer_benchmark_warns_of_a_split_whose_kernels_outlast_its_step():

@@ -21,7 +21,7 @@ SKELETON_NAMES: dict[str, tuple[str, str | None]] = {
     "Path": ("pathlib", "Path"),
     "DistributedDataParallel": ("torch.nn.parallel", "DistributedDataParallel"),
     **{m: ("fgc_runtime", m) for m in (
-        "checkpoint", "control", "data", "distributed", "hf", "metrics", "pipeline", "quantize",
+        "checkpoint", "control", "data", "distributed", "hf", "host_memory", "metrics", "pipeline", "quantize",
     )},
     "RunError": ("fgc_runtime.errors", "RunError"),
     "run_main": ("fgc_runtime.errors", "run_main"),

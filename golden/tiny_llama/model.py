@@ -824,7 +824,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def build_model(device=None, dtype=None):
-    """Build the config's `model` target (<fgc>/lm/train.yaml:196) on DEVICE (default: the CPU), in DTYPE."""
+    """Build the config's `model` target (<fgc>/lm/train.yaml:198) on DEVICE (default: the CPU), in DTYPE."""
     with torch.device(device if device is not None else "cpu"):
         attention_factory = functools.partial(
             CausalSelfAttention, num_attention_heads=4, num_key_value_heads=2

@@ -13,7 +13,16 @@ import tempfile
 import torch
 import torch.optim
 
-from fgc_runtime import checkpoint, control, data, distributed, hf, metrics, quantize
+from fgc_runtime import (
+    checkpoint,
+    control,
+    data,
+    distributed,
+    hf,
+    host_memory,
+    metrics,
+    quantize,
+)
 from fgc_runtime.errors import RunError, run_main
 from fgc_runtime.log import RankLog, format_plan
 from fgc_runtime.mesh import layout
@@ -43,9 +52,10 @@ GLOBAL_BATCH_SIZE = 16  # train.yaml:22
 SEQ_LEN = 128  # train.yaml:21
 GRAD_CLIP = 1.0  # <fgc>/lm/train.yaml:56
 OPTIMIZER_IN_BACKWARD = False  # <fgc>/lm/train.yaml:57
-DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:82
+DOCUMENT_MASKING = False  # <fgc>/lm/train.yaml:84
 SEED = 42  # <fgc>/lm/train.yaml:65
 DEVICE = "auto"  # default of DDPTrainer.device
+KEEP_HOST_MEMORY = True  # <fgc>/lm/train.yaml:77
 OUTPUT_DIR = "output"  # <fgc>/lm/train.yaml:67
 PRECISION = "fp32"  # <fgc>/lm/train.yaml:66
 SAVE_EVERY = 0  # <fgc>/lm/train.yaml:72
@@ -64,7 +74,7 @@ EVERY_N_LAYERS = 1  # default of ActivationCheckpointSettings.every_n_layers
 COMPILE = False  # <fgc>/lm/train.yaml:75
 COMPILE_MODE = None  # default of CompileSettings.mode
 COMPILE_FULLGRAPH = False  # default of CompileSettings.fullgraph
-NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:370
+NO_WEIGHT_DECAY = ("norm", "bias", "embed")  # <fgc>/lm/train.yaml:372
 LOSS_IMPL = "torch"  # the select-kernels pass, auto: one micro-batch's logits take 1.0 MiB (under 256 MiB): the reference
 LABEL_SMOOTHING = 0.0  # default of LossSettings.label_smoothing
 Z_LOSS = 0.0  # default of LossSettings.z_loss
@@ -112,15 +122,15 @@ PLAN = {
         },
     },
 }
-CONFIG_HASH = "b773edbc92885cef44655c5ce0146bbab3a90112f55ad79ae767b88c65f6c7b3"  # sha256 of the rendered config
+CONFIG_HASH = "6ca94e3a219eca4909cdf56cdc1314e1e09dc2dbe82f8538c2f6567c02f47deb"  # sha256 of the rendered config
 
 # ---- Optimizer and learning-rate schedule: the config's targets ----
-# optimizer: <fgc>/lm/train.yaml:220
+# optimizer: <fgc>/lm/train.yaml:222
 optimizer_factory = functools.partial(
     torch.optim.AdamW, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1
 )
 
-# lr_scheduler: <fgc>/lm/train.yaml:266
+# lr_scheduler: <fgc>/lm/train.yaml:268
 lr_scheduler_factory = functools.partial(
     fgc_runtime.train.warmup_cosine, warmup=30, total=300
 )
@@ -278,6 +288,13 @@ def main(argv=None):
     # once); SIGUSR1: save and go on (fgc_runtime/control.py).
     ctl = control.Control.install()
     dist = distributed.init_distributed(args.device, timeout_s=args.collective_timeout)
+    # On the CPU, freed host memory stays in the process (fgc_runtime/host_memory.py): otherwise
+    # every step the system maps and zeroes its buffers' pages again. The line is logged below.
+    host_memory_line = (
+        host_memory.keep_freed_memory()
+        if KEEP_HOST_MEMORY and dist.device.type == "cpu"
+        else None
+    )
     if not (args.dry_run or args.debug_optimizer_groups):
         # One run per output dir: rank 0 locks it (OUTPUT_DIR/.fgc-lock) until it exits, before
         # anything there is read or written; a second run is refused on every rank.
@@ -412,6 +429,8 @@ def main(argv=None):
         loss = sync.loss_sum(loss_sum) / sync.count(n_targets).clamp(min=1)
         if dist.is_main:
             print(format_plan(PLAN))
+            if host_memory_line:
+                print(host_memory_line)
             print(
                 f"dry run: loss {loss.item():.4f} on one micro-batch; output dir {output_dir} is writable"
             )
@@ -431,6 +450,8 @@ def main(argv=None):
     throughput, logged_tokens = Throughput(), train_state.total_tokens(tokens_seen)
     model_flops = MFU(model, SEQ_LEN, PRECISION, dist.device)
     log.info(model_flops.describe())
+    if host_memory_line:
+        log.info(host_memory_line)
     train_model.train()
     step = last_saved = start_step
     skipped_steps = 0  # since the last metrics record: steps whose update was dropped (--nonfinite skip)
