@@ -5,7 +5,7 @@ blocks are freed) with fresh pages from the kernel, and hands them back when the
 it also trims the top of its heap back to the kernel once the free space there passes its trim
 threshold. A training step on the CPU allocates and frees the same activations, gradients and
 temporaries every step, so every step the kernel maps and zeroes their pages again: at the main
-example's shape in bf16-mixed about 4,300 page faults a step, and the step 1.18x slower
+example's shape in bf16-mixed about 4,300 page faults a step, and the step 1.13x to 1.15x slower
 (docs/development.md, "Host memory").
 
 ``keep_freed_memory()`` sets glibc's two thresholds (``mallopt``): allocations up to 32 MiB
