@@ -180,14 +180,6 @@ FGC_AUTOCAST = "fgc model, plain loop, autocast"
 HF_FP32_KEPT, HF_AUTOCAST_KEPT = f"{HF_FP32}, fgc's malloc", f"{HF_AUTOCAST}, fgc's malloc"
 
 
-def data_package(name: str, shape: dict, args, tmp: Path) -> Path:
-    """A package of SHAPE (fp32, not compiled), for its data and vocabulary."""
-    package = tmp / f"{name}_data"
-    variables = dict(shape, trainer_type="basic", lr=LR, max_steps=2 * args.steps)
-    build_package(compile_config(EXAMPLE, variables=variables), package)
-    return package
-
-
 def batch_sampler(package: Path, shape: dict):
     """The benchmark's batches of SHAPE: the package's training split, seed 0 (its fgc_runtime)."""
     from fgc_runtime import data
@@ -196,12 +188,20 @@ def batch_sampler(package: Path, shape: dict):
     return data.BatchSampler(shard, seq_len=shape["seq_len"], global_batch_size=shape["batch_size"], seed=0)
 
 
-def own_process_rates(name: str, args) -> dict:
+def hf_loops(hf_model, hf_autocast_model, batches, steps: int):
+    """The plain loops of the two HF models: the first in fp32, the second under bf16 autocast."""
+    hf_loop = plain_loop(hf_model, batches, steps, hf=True)
+    return hf_loop, plain_loop(hf_autocast_model, batches, steps, hf=True, autocast_dtype=torch.bfloat16)
+
+
+def own_process_rates(name: str, package: Path, args) -> dict:
     """The two HF loops' rates of shape NAME ((precision, row) -> tokens/s), one turn each in a
-    child process whose malloc is as it starts (this one keeps freed memory: fgc's malloc)."""
+    child process whose malloc is as it starts (this one keeps freed memory: fgc's malloc), over
+    the batches of PACKAGE."""
     flags = ["--shapes", name, "--threads", str(args.threads), "--steps", str(args.steps), "--rounds", "1"]
+    flags += ["--own-process-baselines", str(package)]
     run = subprocess.run(
-        [sys.executable, __file__, "--own-process-baselines", *flags], capture_output=True, text=True
+        [sys.executable, __file__, *flags], capture_output=True, text=True
     )
     if run.returncode != 0:
         raise SystemExit(f"the HF loops' own process failed:\n{run.stderr[-3000:]}")
@@ -209,20 +209,15 @@ def own_process_rates(name: str, args) -> dict:
     return {("fp32", HF_FP32): rates["fp32"], ("bf16-mixed", HF_AUTOCAST): rates["bf16-mixed"]}
 
 
-def own_process_baselines(name: str, args) -> dict:
+def own_process_baselines(name: str, package: Path, args) -> dict:
     """In the child process of own_process_rates: the two HF loops of shape NAME, ROUNDS turns
-    each, and their best rates by precision, over the generated package's batches."""
+    each, and their best rates by precision, over the batches of the generated PACKAGE."""
     shape = SHAPES[name]
-    with tempfile.TemporaryDirectory() as tmp:
-        package = data_package(name, shape, args, Path(tmp))
-        train = import_train_module(package)  # and its fgc_runtime, which batch_sampler imports
-        sampler = batch_sampler(package, shape)
-        vocab = train.build_model(device="meta").vocab_size
+    train = import_train_module(package)  # and its fgc_runtime, which batch_sampler imports
+    sampler = batch_sampler(package, shape)
     torch.manual_seed(0)
-    hf_loop = plain_loop(hf_llama(shape, vocab), sampler.batch, args.steps, hf=True)
-    hf_autocast_loop = plain_loop(
-        hf_llama(shape, vocab), sampler.batch, args.steps, hf=True, autocast_dtype=torch.bfloat16
-    )
+    vocab = train.build_model(device="meta").vocab_size
+    hf_loop, hf_autocast_loop = hf_loops(hf_llama(shape, vocab), hf_llama(shape, vocab), sampler.batch, args.steps)
     rates = {"fp32": 0.0, "bf16-mixed": 0.0}
     for _ in range(args.rounds):
         rates["fp32"] = max(rates["fp32"], hf_loop(args.steps))
@@ -262,8 +257,7 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
         key: (lambda t=t, pkg=pkg: run_generated_trainer(t, pkg, args.steps)) for key, (t, pkg) in trainers.items()
     }
     fgc_loop = plain_loop(fgc_model, sampler.batch, args.steps, hf=False)
-    hf_loop = plain_loop(hf_model, sampler.batch, args.steps, hf=True)
-    hf_autocast_loop = plain_loop(hf_autocast_model, sampler.batch, args.steps, hf=True, autocast_dtype=torch.bfloat16)
+    hf_loop, hf_autocast_loop = hf_loops(hf_model, hf_autocast_model, sampler.batch, args.steps)
     loops["fp32", FGC_PLAIN] = lambda: fgc_loop(args.steps)
     loops["fp32", HF_FP32_KEPT] = lambda: hf_loop(args.steps)
     loops["bf16-mixed", HF_AUTOCAST_KEPT] = lambda: hf_autocast_loop(args.steps)
@@ -277,7 +271,7 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
             rates[key] = max(rates[key], loop())
             load_samples.append(os.getloadavg()[0])
         # a turn of the HF loops in their own process, beside this turn of the rest
-        for key, rate in own_process_rates(name, args).items():
+        for key, rate in own_process_rates(name, package, args).items():
             rates[key] = max(rates.get(key, 0.0), rate)
         load_samples.append(os.getloadavg()[0])
     hf_rate, hf_autocast_rate = rates["fp32", HF_FP32], rates["bf16-mixed", HF_AUTOCAST]
@@ -366,7 +360,7 @@ def goal_lines(name: str, rows: list[dict]) -> list[str]:
     # the HF loops with the generated trainer's malloc (this process's), where the rows have them
     kept = {r["loop"]: r["tokens_per_s"] for r in rows if r["shape"] == name and r["loop"] in (HF_FP32_KEPT, HF_AUTOCAST_KEPT)}
 
-    def verdict(ratio: float, goal: float, row: dict, kept_loop: str) -> str:
+    def verdict(ratio: float, goal: float, row: dict, kept_loop: str | None = None) -> str:
         line = f"{ratio:.2f}x (goal: {goal}x) -> {'met' if ratio >= goal else 'NOT met'}"
         if kept_loop in kept:
             line += f"; {row['tokens_per_s'] / kept[kept_loop]:.2f}x that loop with fgc's malloc"
@@ -386,7 +380,7 @@ def goal_lines(name: str, rows: list[dict]) -> list[str]:
     if "bf16" in best and "bf16-mixed" in best:
         loop, row = best["bf16"]
         ratio = row["tokens_per_s"] / best["bf16-mixed"][1]["tokens_per_s"]
-        lines.append(f"{name}: bf16, {loop} / the best bf16-mixed trainer: {verdict(ratio, 1.0, row, '')}")
+        lines.append(f"{name}: bf16, {loop} / the best bf16-mixed trainer: {verdict(ratio, 1.0, row)}")
     return lines
 
 
@@ -403,7 +397,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="leave out the installed peers")
     parser.add_argument("--csv", type=Path, help="the rate table as CSV")
     # the child process of own_process_rates: prints the HF loops' rates of the one shape as JSON
-    parser.add_argument("--own-process-baselines", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--own-process-baselines", type=Path, metavar="PACKAGE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = shape_names(parser, args.shapes, SHAPES)
     args.precisions = args.precisions.split(",")
@@ -412,7 +406,7 @@ def main(argv=None) -> None:
         parser.error(f"unknown precision {unknown[0]!r}: expected one of {', '.join(PRECISIONS)}")
     torch.set_num_threads(args.threads)
     if args.own_process_baselines:
-        print(json.dumps(own_process_baselines(names[0], args)))
+        print(json.dumps(own_process_baselines(names[0], args.own_process_baselines, args)))
         return
     from fgc_runtime.host_memory import keep_freed_memory
 
