@@ -5,14 +5,16 @@ three precisions.
 Two shapes: `example` (the main example's defaults: hidden 96, 3 layers, T 128, batch 16) and
 `h256` (hidden 256, 4 layers, T 256, batch 8). For each shape and each precision of `--precisions`
 (`fp32`, `bf16-mixed`: fp32 weights under bf16 autocast, `bf16`: bf16 weights with fp32 optimizer
-state), the rows:
+state, each update written back with stochastic rounding, `-D bf16_stochastic_round=true`, which
+makes the optimizer `fgc_runtime.optim.AdamW`), the rows:
 - `fgc train.py`: the generated trainer itself (basic, one process, built with `-D precision=P`):
   its `main()` runs 2 x STEPS steps logging every STEPS; the second record's tokens_per_s is the
   steady-state rate (batch sampling, loss, clipping, optimizer and scheduler steps included);
 - `fgc train.py, compile`: the same config built with `-D compile=true` (each decoder layer
   compiled by torch.compile; the warm-up steps include the compilation);
 - `fgc train.py, compile, fused AdamW`: that, and `-D fused_optimizer=true` (torch's fused AdamW
-  step instead of its foreach one);
+  step instead of its foreach one; in bf16, `fgc_runtime.optim.AdamW`'s step compiled as one
+  function instead of its step parameter by parameter);
 and once per shape, the baselines:
 - `fgc model, plain loop` (fp32): the generated model in the same plain loop as the Hugging Face
   one (tells the trainer's overhead from the model's speed);
@@ -172,6 +174,8 @@ LOOPS = (
     ("fgc train.py, compile", {"compile": True}),
     ("fgc train.py, compile, fused AdamW", {"compile": True, "fused_optimizer": True}),
 )
+# the config's -D values of a precision beyond `precision` itself: bf16 as issue #18 defines it
+PRECISION_VARIABLES = {"bf16": {"bf16_stochastic_round": True}}
 # the dtype whose matmul rate a row of each precision is compared with
 PEAK_DTYPE = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
 HF_FP32, HF_AUTOCAST, FGC_PLAIN = "HF Llama, plain loop", "HF Llama, plain loop, autocast", "fgc model, plain loop"
@@ -230,6 +234,7 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
     trainers = {}  # (precision, loop) -> (train module, package)
     for precision in args.precisions:
         variables = dict(shape, trainer_type="basic", precision=precision, lr=LR, max_steps=2 * args.steps)
+        variables.update(PRECISION_VARIABLES.get(precision, {}))
         for i, (loop, extra) in enumerate(LOOPS):
             if extra.get("compile") and not args.compile:
                 continue

@@ -292,6 +292,87 @@ class _Fp32StateOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
+# -- the fused AdamW step: one compiled function over every parameter --------------------------------
+
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # the integer hash's multiplier (< 2**27: its products of 32-bit values fit int64)
+_INDEX_MUL = 0x9E3779B1  # 2**32 over the golden ratio: spreads consecutive element indices
+
+
+def _mix32(x: int) -> int:
+    """The integer hash of :func:`hashed_rounding_bits`, on a Python int in [0, 2**32)."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * _HASH_MUL) & _M32
+    return x ^ (x >> 16)
+
+
+def rounding_key(seed: int, step: int, index: int) -> int:
+    """The 32-bit key of one parameter's stochastic rounding at one step: a hash of the
+    optimizer's seed, the step and the parameter's index in the optimizer."""
+    key = 0
+    for part in (seed & _M32, (seed >> 32) & _M32, step & _M32, index & _M32):
+        key = _mix32(key ^ part)
+    return key
+
+
+def hashed_rounding_bits(shape: torch.Size, key: torch.Tensor) -> torch.Tensor:
+    """16 random bits per element of SHAPE (int32 in [0, 65536)): a hash of the element's index
+    and KEY (a 0-d int64 tensor, :func:`rounding_key`), with integer operations only, so that
+    eager and compiled code give the same bits and a step's bits depend on nothing but its key.
+    The values stay below 2**32 in int64, where every product fits: no overflow anywhere."""
+    index = torch.arange(shape.numel(), dtype=torch.int64, device=key.device).view(shape)
+    x = ((index * _INDEX_MUL) & _M32) ^ key
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * _HASH_MUL) & _M32
+    x = x ^ (x >> 16)
+    return (x >> 16).to(torch.int32)
+
+
+def _round_to_bf16(value: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
+    """VALUE (fp32) in bf16: to nearest when BITS is None, else stochastically with those random
+    bits (as :func:`stochastic_round_to_bf16`; inf and nan unchanged)."""
+    if bits is None:
+        return value.to(torch.bfloat16)
+    rounded = (value.view(torch.int32) + bits).bitwise_and(-_BF16_DROPPED_BITS).view(torch.float32)
+    return torch.where(torch.isfinite(value), rounded, value).to(torch.bfloat16)
+
+
+def _fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, scalars, keys, stochastic: tuple) -> None:
+    """One AdamW step of every parameter, the math of :meth:`AdamW._update` in fp32, each
+    parameter read and written once. SCALARS (fp64, one row per parameter): the weight-decay
+    factor, 1 - beta1, beta2, 1 - beta2, the step size, the root of the second bias correction
+    and eps; KEYS (int64): each parameter's :func:`rounding_key`; STOCHASTIC: for each parameter,
+    whether it is bf16 and rounded stochastically. Compiled by :func:`_fused_step`."""
+    for i, param in enumerate(params):
+        decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bias2_sqrt, eps = scalars[i].float().unbind()
+        grad = grads[i].float()
+        exp_avg = exp_avgs[i].lerp(grad, one_minus_beta1)
+        exp_avg_sq = exp_avg_sqs[i] * beta2 + grad * grad * one_minus_beta2
+        denom = exp_avg_sq.sqrt() / bias2_sqrt + eps
+        value = param.float() * decay - step_size * (exp_avg / denom)
+        exp_avgs[i].copy_(exp_avg)
+        exp_avg_sqs[i].copy_(exp_avg_sq)
+        if param.dtype == torch.bfloat16:
+            bits = hashed_rounding_bits(param.shape, keys[i]) if stochastic[i] else None
+            param.copy_(_round_to_bf16(value, bits))
+        else:
+            param.copy_(value)
+
+
+_compiled_step = None
+
+
+def _fused_step():
+    """:func:`_fused_adamw_step` compiled by torch.compile, made on first use. It compiles again
+    for another list of parameters (after the first time with their sizes as symbols, torch's
+    automatic dynamic shapes: so optimizers of one parameter each, as the step in the backward
+    makes, share a few compiled graphs)."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(_fused_adamw_step, fullgraph=True)
+    return _compiled_step
+
+
 class AdamW(_Fp32StateOptimizer):
     """AdamW (Loshchilov & Hutter 2019): Adam with bias correction and decoupled weight decay, the
     math of ``torch.optim.AdamW`` (without amsgrad). With fp32 parameters it runs torch's
@@ -304,6 +385,15 @@ class AdamW(_Fp32StateOptimizer):
     (:func:`stochastic_round_to_bf16`): updates smaller than bf16's resolution then still move
     the weights on average. For fp32 parameters ``bf16_stochastic_round`` does nothing, so one
     optimizer can hold a mixed model. ``seed``: see :class:`_Fp32StateOptimizer`.
+
+    ``fused=True``: the step of every parameter is one function compiled by ``torch.compile``
+    (:func:`_fused_adamw_step`; its first step compiles it, and a C++ compiler is needed on the
+    CPU), which reads and writes each parameter, gradient and state once. Its fp32 math is this
+    class's, though not bitwise (the compiler orders and fuses the operations its own way). Its
+    stochastic rounding draws its bits from a hash of the element's index and a key made of the
+    seed, the step and the parameter's place in the optimizer (:func:`hashed_rounding_bits`)
+    instead of the generators: as unbiased, and as exact on resuming, since the key is in the
+    checkpoint (the seed, and each parameter's step).
     """
 
     def __init__(
@@ -316,6 +406,7 @@ class AdamW(_Fp32StateOptimizer):
         bf16_stochastic_round: bool = False,
         *,
         seed: int | None = None,
+        fused: bool = False,
     ):
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
@@ -333,6 +424,67 @@ class AdamW(_Fp32StateOptimizer):
             "bf16_stochastic_round": bool(bf16_stochastic_round),
         }
         super().__init__(params, defaults, seed)
+        self.fused = bool(fused)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self.fused:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        tensors = ([], [], [], [])  # parameters, gradients, exp_avg, exp_avg_sq
+        scalars, keys, stochastic = [], [], []
+        copies = []  # (tensor, its flat contiguous copy) to write back after the step
+        index = -1
+        for group in self.param_groups:
+            lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                index += 1  # the parameter's place in the optimizer: part of its rounding key
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                if torch.is_complex(param):
+                    raise RuntimeError("AdamW does not support complex parameters")
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = self._fp32_state(param)
+                    state["exp_avg_sq"] = self._fp32_state(param)
+                state["step"] += 1
+                step = state["step"].item()
+                # the scalars of _update, in fp64 as Python computes them there
+                scalars.append((
+                    1 - lr * weight_decay,
+                    1 - beta1,
+                    beta2,
+                    1 - beta2,
+                    lr / (1 - beta1**step),
+                    (1 - beta2**step) ** 0.5,
+                    eps,
+                ))
+                keys.append(rounding_key(self._seed, int(step), index))
+                stochastic.append(group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
+                # flat: one compiled graph fits tensors of any shape (a contiguous copy of one
+                # that is not, written back below)
+                for out, tensor in zip(tensors, (param, param.grad, state["exp_avg"], state["exp_avg_sq"])):
+                    out.append(tensor.contiguous().view(-1))
+                    if out is not tensors[1] and out[-1].data_ptr() != tensor.data_ptr():
+                        copies.append((tensor, out[-1]))
+        if tensors[0]:
+            device = tensors[0][0].device
+            _fused_step()(
+                *tensors,
+                torch.tensor(scalars, dtype=torch.float64, device=device),
+                torch.tensor(keys, dtype=torch.int64, device=device),
+                tuple(stochastic),
+            )
+        for tensor, flat in copies:
+            tensor.copy_(flat.view(tensor.shape))
+        return loss
 
     def _update(self, value, grad, state, group):
         lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]

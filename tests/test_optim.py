@@ -6,6 +6,7 @@ bitwise with each."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import subprocess
@@ -21,7 +22,15 @@ from fgc.codegen.package import PackageBuilder
 from fgc.errors import FgcError
 from fgc.explain import memory_estimate, model_facts
 from fgc.frontend.render import LIBRARY_DIR
-from fgc_runtime.optim import Adafactor, AdamW, describe_groups, param_groups, stochastic_round_to_bf16
+from fgc_runtime.optim import (
+    Adafactor,
+    AdamW,
+    describe_groups,
+    hashed_rounding_bits,
+    param_groups,
+    rounding_key,
+    stochastic_round_to_bf16,
+)
 
 SHAPES = [(7, 13), (13,), (3, 5, 6), ()]  # a matrix, a vector, a 3-D tensor, a scalar
 
@@ -42,6 +51,19 @@ def run(params, optimizer, steps, lrs=None, grad_seed=1):
             for group in optimizer.param_groups:
                 group["lr"] = lrs[step]
         optimizer.step()
+    return params
+
+
+def run_from(params, optimizer, first, steps, grad_seed):
+    """Steps FIRST..STEPS of :func:`run` (the same gradients), as a run resumed after step FIRST
+    does them."""
+    gen = torch.Generator().manual_seed(grad_seed)
+    for step in range(steps):
+        grads = [(torch.randn(p.shape, generator=gen) * (1 + step % 3)).to(p.dtype) for p in params]
+        if step >= first:
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
     return params
 
 
@@ -250,7 +272,7 @@ def test_stochastic_rounding_is_deterministic_in_its_generator():
     assert not torch.equal(a.view(torch.int16), c.view(torch.int16))
 
 
-@pytest.mark.parametrize("optimizer_cls", [AdamW, Adafactor])
+@pytest.mark.parametrize("optimizer_cls", [AdamW, Adafactor, functools.partial(AdamW, fused=True)])
 def test_updates_below_bf16_resolution_move_the_weights_only_with_stochastic_rounding(optimizer_cls):
     # the step of each parameter is lr = 1e-4 (AdamW's normalised step for a constant gradient;
     # Adafactor's clipped update of RMS 1), 1/78 of bf16's spacing at 1.0 (2**-7)
@@ -265,6 +287,92 @@ def test_updates_below_bf16_resolution_move_the_weights_only_with_stochastic_rou
     assert (results[False] == 1.0).all()  # round to nearest: every update is lost
     moved = 1.0 - results[True].mean().item()
     assert moved == pytest.approx(100 * 1e-4, rel=0.05)  # stochastic rounding: they add up
+
+
+# -- the fused AdamW step (one compiled function) ---------------------------------------------------
+
+
+def test_the_fused_step_follows_the_unfused_one():
+    """fused=True: the same math compiled, to fp32 rounding; bf16 weights rounded to nearest as
+    the unfused step rounds them, or stochastically within one bf16 step of the fp32 result."""
+    def fused_and_not(dtype, rounding):
+        out = []
+        for fused in (False, True):
+            params = mixed_params() if dtype is None else make_params(dtype)
+            opt = AdamW(two_groups(params), lr=1e-2, betas=(0.9, 0.95), bf16_stochastic_round=rounding, seed=3,
+                        fused=fused)
+            run(params, opt, 5, lrs=[1e-2, 8e-3, 6e-3, 4e-3, 2e-3])
+            out.append((params, opt))
+        return out
+
+    (ref, ref_opt), (fused, fused_opt) = fused_and_not(torch.float32, False)
+    for a, b in zip(ref, fused):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fused_opt.state[b][key], ref_opt.state[a][key], rtol=1e-5, atol=1e-8)
+        assert fused_opt.state[b]["step"] == ref_opt.state[a]["step"] == 5
+    (ref, _), (fused, _) = fused_and_not(torch.bfloat16, False)
+    for a, b in zip(ref, fused):
+        assert b.dtype == torch.bfloat16
+        # the same fp32 values rounded alike, but for the rare value an fp32 rounding apart
+        assert (a != b).float().mean() < 0.02
+        torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-6)
+    # stochastically, in a mixed model: each bf16 weight within one bf16 step of the fp32 run's
+    fp32 = make_params(torch.float32)
+    for p in fp32:  # the bf16 starting values, in fp32
+        p.data = p.data.to(torch.bfloat16).float()
+    run(fp32, AdamW(two_groups(fp32), lr=1e-2, betas=(0.9, 0.95), seed=3), 1)
+    mixed = mixed_params()
+    run(mixed, AdamW(two_groups(mixed), lr=1e-2, betas=(0.9, 0.95), bf16_stochastic_round=True, seed=3,
+                     fused=True), 1)
+    assert [p.dtype for p in mixed] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
+    for a, b in zip(fp32, mixed):
+        if b.dtype == torch.bfloat16:
+            assert ((b.float() - a).abs() <= a.abs() * 2**-7 + 1e-30).all()
+    # rounded both ways: not the nearest value every time
+    nearest = [a.to(torch.bfloat16) for a in fp32]
+    assert any(not torch.equal(n, b) for n, b in zip(nearest, mixed) if b.dtype == torch.bfloat16)
+
+
+def test_the_fused_step_works_on_parameters_that_are_not_contiguous():
+    weights = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    results = []
+    for fused in (False, True):
+        param = torch.nn.Parameter(weights.t().contiguous().t())  # transposed strides
+        assert not param.is_contiguous()
+        opt = AdamW([param], lr=1e-2, fused=fused)
+        run([param], opt, 3)
+        assert not param.is_contiguous() and not opt.state[param]["exp_avg"].is_contiguous()
+        results.append(param.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("x", [1.0 + 0.3 * 2**-7, -(1.0 + 0.3 * 2**-7), 3.14159, -2.5e-3, 7.1e4 + 0.9 * 2**9])
+def test_hashed_rounding_is_unbiased_over_elements_and_over_steps(x):
+    from fgc_runtime.optim import _round_to_bf16
+
+    n = 200_000
+    lo, hi = bf16_neighbours(x)
+    p = (x - lo) / (hi - lo)
+    standard_error = abs(hi - lo) * (p * (1 - p) / n) ** 0.5
+    # one step: the elements of a tensor
+    bits = hashed_rounding_bits(torch.Size([n]), torch.tensor(rounding_key(1234, 7, 3)))
+    assert bits.dtype == torch.int32 and 0 <= bits.min() and bits.max() < 65536
+    rounded = _round_to_bf16(torch.full((n,), x), bits).double()
+    assert set(rounded.unique().tolist()) == {lo, hi}
+    assert abs(rounded.mean().item() - x) < 4 * standard_error
+    # one element over many steps (keys)
+    keys = [rounding_key(1234, step, 3) for step in range(1, 20_001)]
+    assert len(set(keys)) == len(keys)
+    over_steps = torch.stack([_round_to_bf16(torch.tensor([x]), hashed_rounding_bits(torch.Size([1]), torch.tensor(k)))
+                              for k in keys]).double()
+    assert abs(over_steps.mean().item() - x) < 4 * standard_error * (n / len(keys)) ** 0.5
+
+
+def test_hashed_bits_are_the_same_compiled():
+    key = torch.tensor(rounding_key(99, 1, 0))
+    compiled = torch.compile(hashed_rounding_bits, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(torch.Size([33, 65]), key), hashed_rounding_bits(torch.Size([33, 65]), key))
 
 
 # -- state dicts: fp32 state and the generators survive save, load and resume -----------------------
@@ -305,14 +413,7 @@ def test_a_resume_from_the_state_dict_is_bitwise_exact(cls):
         for p in params:  # torch casts loaded state to the parameter's dtype; ours stays fp32
             assert all(v.dtype == torch.float32 for k, v in opt.state[p].items() if k != "step")
         # the remaining 6 steps see the gradients the full run saw at steps 5..10
-        gen = torch.Generator().manual_seed(5)
-        for step in range(10):
-            grads = [(torch.randn(p.shape, generator=gen) * (1 + step % 3)).to(p.dtype) for p in params]
-            if step >= 4:
-                for p, g in zip(params, grads):
-                    p.grad = g
-                opt.step()
-        return params
+        return run_from(params, opt, 4, 10, grad_seed=5)
 
     for a, b in zip(resumed(copy.deepcopy(saved)), full_p):
         assert torch.equal(a, b)
@@ -320,6 +421,34 @@ def test_a_resume_from_the_state_dict_is_bitwise_exact(cls):
     without = copy.deepcopy(saved)
     del without["stochastic_rounding"]
     assert not all(torch.equal(a, b) for a, b in zip(resumed(without), full_p))
+
+
+def test_a_fused_resume_from_the_state_dict_is_bitwise_exact():
+    """The fused step's rounding bits come from the seed, each parameter's step and its place:
+    all in the state dict, so a resumed run rounds as the uninterrupted one."""
+    def fused(params, seed=1234):
+        return AdamW(two_groups(params), lr=1e-2, betas=(0.9, 0.95), bf16_stochastic_round=True, seed=seed,
+                     fused=True)
+
+    full_p = mixed_params()
+    run(full_p, fused(full_p), 6, grad_seed=5)
+    part_p = mixed_params()
+    part = fused(part_p)
+    run(part_p, part, 3, grad_seed=5)
+    saved_weights, saved = [p.detach().clone() for p in part_p], roundtrip(part.state_dict())
+
+    def resumed(seed):
+        params = [torch.nn.Parameter(w.clone()) for w in saved_weights]
+        opt = fused(params, seed=seed)
+        opt.load_state_dict(copy.deepcopy(saved))
+        return run_from(params, opt, 3, 6, grad_seed=5)
+
+    # the seed given to the fresh optimizer is replaced by the saved one
+    for a, b in zip(resumed(seed=1), full_p):
+        assert torch.equal(a, b)
+    # and the seed matters: another one rounds otherwise
+    saved["stochastic_rounding"]["seed"] = 1
+    assert not all(torch.equal(a, b) for a, b in zip(resumed(seed=1), full_p))
 
 
 def test_loaded_state_keeps_its_fp32_values_and_the_group_mapping():
@@ -518,6 +647,11 @@ SMALL = [
     "name,flags,marker",
     [
         ("adamw-sr", ["-D", "precision=bf16", "-D", "bf16_stochastic_round=true"], "fgc_runtime.optim.AdamW"),
+        (
+            "adamw-sr-fused",
+            ["-D", "precision=bf16", "-D", "bf16_stochastic_round=true", "-D", "fused_optimizer=true"],
+            "    bf16_stochastic_round=True,\n    fused=True,\n",
+        ),
         ("adafactor", ["-D", "optimizer=adafactor"], "fgc_runtime.optim.Adafactor"),
     ],
 )
@@ -536,19 +670,23 @@ def test_the_package_trains_and_resumes_bitwise(tmp_path, name, flags, marker):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     state = torch.load(tmp_path / "full" / last / "optimizer.pt", weights_only=False)
     assert all(v.dtype == torch.float32 for s in state["state"].values() for v in s.values())
-    if name == "adamw-sr":
+    if name.startswith("adamw-sr"):
         assert all(w.dtype == torch.bfloat16 for w in weights[0].values())
-        assert state["stochastic_rounding"]["rng"].keys() == {"cpu"}
+        # the fused step's bits come from a hash of the seed and the step, not from a generator
+        assert state["stochastic_rounding"]["rng"].keys() == (set() if "fused" in name else {"cpu"})
 
 
 @pytest.mark.slow
-def test_ddp_replicas_stay_bitwise_equal_with_stochastic_rounding(tmp_path):
-    """Every rank seeds its rounding generator alike (the run's seed), so the bf16 replicas of a
-    DDP job round their equal updates alike and never drift apart."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_ddp_replicas_stay_bitwise_equal_with_stochastic_rounding(tmp_path, fused):
+    """Every rank seeds its rounding generator alike (the run's seed), or with the fused step
+    hashes the same keys, so the bf16 replicas of a DDP job round their equal updates alike and
+    never drift apart."""
     out = tmp_path / "ddp"
     flags = [f if f != "trainer_type=basic" else "trainer_type=ddp" for f in SMALL]
     run_fgc("build", EXAMPLE, "-o", out, *flags, "-D", "precision=bf16", "-D", "bf16_stochastic_round=true",
-            check=True)
+            "-D", f"fused_optimizer={str(fused).lower()}", check=True)
+    assert ("fused=True" in (out / "train.py").read_text()) == fused
     # every rank's model state as it saves its last checkpoint (only rank 0 writes model.pt)
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(

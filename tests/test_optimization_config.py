@@ -137,15 +137,17 @@ def test_fused_optimizer_selects_torchs_fused_step_and_trains_as_the_foreach_one
     assert "torch.optim.SGD, lr=0.003, momentum=0.9, weight_decay=0.1, fused=True" in train_py(
         optimizer="sgd", fused_optimizer=True
     )
+    # with bf16_stochastic_round: fgc_runtime's AdamW step, compiled as one function
+    source = train_py(precision="bf16", bf16_stochastic_round=True, fused_optimizer=True)
+    assert "    fgc_runtime.optim.AdamW,\n" in source and "    bf16_stochastic_round=True,\n    fused=True,\n" in source
     for variables, why in (
         ({"optimizer": "muon"}, "with optimizer muon"),
         ({"optimizer": "adafactor"}, "with optimizer adafactor"),
-        ({"precision": "bf16", "bf16_stochastic_round": "true"}, "with optimizer adamw and bf16_stochastic_round"),
     ):
         flags = [arg for k, v in variables.items() for arg in ("-D", f"{k}={v}")]
         proc = run_fgc("check", EXAMPLE, "-D", "fused_optimizer=true", *flags)
         assert proc.returncode == 2
-        assert f"error: -D fused_optimizer: fused_optimizer has no effect {why}: it selects torch's fused AdamW or SGD step" in proc.stderr
+        assert f"error: -D fused_optimizer: fused_optimizer has no effect {why}: it selects the fused AdamW or SGD step" in proc.stderr
     losses = {}
     # the foreach and fused steps on one process, and the fused step on FSDP2's sharded DTensors
     for name, trainer, fused in (("foreach", "basic", False), ("fused", "basic", True), ("fsdp2", "fsdp2", True)):
