@@ -299,8 +299,9 @@ _HASH_MUL = 0x45D9F3B  # the integer hash's multiplier (< 2**27: its products of
 _INDEX_MUL = 0x9E3779B1  # 2**32 over the golden ratio: spreads consecutive element indices
 
 
-def _mix32(x: int) -> int:
-    """The integer hash of :func:`hashed_rounding_bits`, on a Python int in [0, 2**32)."""
+def _mix32(x):
+    """An integer hash of X in [0, 2**32), a Python int or an int64 tensor (elementwise): the
+    same operations on both, each product below 2**59."""
     for _ in range(2):
         x = ((x ^ (x >> 16)) * _HASH_MUL) & _M32
     return x ^ (x >> 16)
@@ -319,13 +320,10 @@ def hashed_rounding_bits(shape: torch.Size, key: torch.Tensor) -> torch.Tensor:
     """16 random bits per element of SHAPE (int32 in [0, 65536)): a hash of the element's index
     and KEY (a 0-d int64 tensor, :func:`rounding_key`), with integer operations only, so that
     eager and compiled code give the same bits and a step's bits depend on nothing but its key.
-    The values stay below 2**32 in int64, where every product fits: no overflow anywhere."""
+    The values stay below 2**32 in int64, where every product fits (tensors of up to 2**31
+    elements): no overflow anywhere."""
     index = torch.arange(shape.numel(), dtype=torch.int64, device=key.device).view(shape)
-    x = ((index * _INDEX_MUL) & _M32) ^ key
-    for _ in range(2):
-        x = ((x ^ (x >> 16)) * _HASH_MUL) & _M32
-    x = x ^ (x >> 16)
-    return (x >> 16).to(torch.int32)
+    return (_mix32(((index * _INDEX_MUL) & _M32) ^ key) >> 16).to(torch.int32)
 
 
 def _round_to_bf16(value: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
@@ -468,6 +466,11 @@ class AdamW(_Fp32StateOptimizer):
                 ))
                 keys.append(rounding_key(self._seed, int(step), index))
                 stochastic.append(group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
+                if stochastic[-1] and param.numel() >= 2**31:
+                    raise ValueError(
+                        f"AdamW(fused=True) rounds tensors of fewer than 2**31 elements stochastically, "
+                        f"not one of {param.numel()}: use fused=False"
+                    )
                 # flat: one compiled graph fits tensors of any shape (a contiguous copy of one
                 # that is not, written back below)
                 for out, tensor in zip(tensors, (param, param.grad, state["exp_avg"], state["exp_avg_sq"])):

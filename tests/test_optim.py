@@ -370,6 +370,15 @@ def test_hashed_rounding_is_unbiased_over_elements_and_over_steps(x):
     assert abs(over_steps.mean().item() - x) < 4 * standard_error * (n / len(keys)) ** 0.5
 
 
+def test_the_fused_step_refuses_a_tensor_too_large_for_its_hash():
+    # the element index times the hash's multiplier must fit int64: fewer than 2**31 elements
+    param = torch.nn.Parameter(torch.empty(2**31, dtype=torch.bfloat16, device="meta"))
+    param.grad = torch.empty_like(param)
+    opt = AdamW([param], lr=1e-3, bf16_stochastic_round=True, fused=True)
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 elements stochastically, not one of 2147483648"):
+        opt.step()
+
+
 def test_hashed_bits_are_the_same_compiled():
     key = torch.tensor(rounding_key(99, 1, 0))
     compiled = torch.compile(hashed_rounding_bits, fullgraph=True, dynamic=False)
