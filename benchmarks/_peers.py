@@ -32,6 +32,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from _table import round_ratio
+# last: _loops leaves sys.path
 from _loops import BETAS, LR, WEIGHT_DECAY
 
 # peer name -> the module that tells whether it is installed
@@ -293,7 +295,8 @@ def same_model_check(peer: str, model, hf_model, ids, labels) -> float:
 
 
 def goal_ratio_lines(name: str, rows: list[dict], peers) -> list[str]:
-    """'fgc ahead of each peer' for shape NAME: per precision, the best fgc train.py row over each peer's best row."""
+    """'fgc ahead of each peer' for shape NAME: per precision, the best fgc train.py row over each peer's best row
+    (best rates), the ratio of their rounds (`round_ratio`)."""
     lines = []
     precisions = dict.fromkeys(row["precision"] for row in rows if row["shape"] == name)
     for precision in precisions:
@@ -307,9 +310,9 @@ def goal_ratio_lines(name: str, rows: list[dict], peers) -> list[str]:
             if not theirs:
                 continue
             top = max(theirs, key=lambda row: row["tokens_per_s"])
-            ratio = best["tokens_per_s"] / top["tokens_per_s"]
+            ratio, how = round_ratio(best, top)
             lines.append(
-                f"{name}: {precision}, {best['loop']} / {top['loop']}: {ratio:.2f}x "
+                f"{name}: {precision}, {best['loop']} / {top['loop']}: {ratio:.2f}x, {how} "
                 f"(goal: fgc ahead, above 1.0x) -> {'met' if ratio > 1.0 else 'NOT met'}"
             )
     return lines

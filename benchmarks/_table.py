@@ -23,16 +23,40 @@ def best_ms(fn, reps: int, rounds: int) -> float:
     return 1e3 * best
 
 
+# A rate row's key for its rate in each round (a list; left out of the table and the CSV).
+ROUNDS = "rounds"
+
+
+def round_ratio(row: dict, other: dict) -> tuple[float, str]:
+    """ROW's tokens/s over OTHER's, and the words saying how it was taken.
+
+    When both rows have a rate for each of the same number of rounds (ROUNDS), the ratio is the
+    median over the rounds of ROW's rate in a round over OTHER's in the same round: two loops
+    timed minutes apart compare less well on a machine whose speed drifts than two timed in the
+    same round. Else it is their best rates' ratio (tokens_per_s over tokens_per_s).
+    """
+    best = row["tokens_per_s"] / other["tokens_per_s"]
+    mine, theirs = row.get(ROUNDS), other.get(ROUNDS)
+    if not mine or not theirs or len(mine) != len(theirs):
+        return best, "best over best"
+    ratios = sorted(a / b for a, b in zip(mine, theirs))
+    middle = len(ratios) // 2
+    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    each = ", ".join(f"{a / b:.2f}" for a, b in zip(mine, theirs))
+    return median, f"the median of {len(ratios)} rounds ({each}); best over best {best:.2f}x"
+
+
 def print_table(rows: list[dict], csv_path: Path | None = None) -> None:
-    """Print ROWS (dicts with the same keys) right-aligned under their keys; write CSV if asked."""
-    header = list(rows[0])
+    """Print ROWS (dicts with the same keys) right-aligned under their keys; write CSV if asked.
+    A row's ROUNDS is left out of both."""
+    header = [key for key in rows[0] if key != ROUNDS]
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(str(r[h]).rjust(w) for h, w in zip(header, widths)))
     if csv_path:
         with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
+            writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 

@@ -28,8 +28,8 @@ The generated trainer keeps freed host memory in its process (glibc's malloc opt
 `fgc_runtime.host_memory`), for good: its first row would change the malloc of every loop after
 it. So this process keeps it from the start, for every row (the line saying so is printed first),
 and the two HF loops also run in a child process whose malloc is as it starts (glibc's defaults
-unless the environment sets them), the way a user's own script runs, one child a round, after
-that round's turns of the other rows:
+unless the environment sets them), the way a user's own script runs, one child a round (after
+that round's turns of the other rows, or before them in a reversed round, below):
 `vs_hf` and `vs_hf_autocast` are over those two, and the goal lines also give each ratio over the
 loop with fgc's malloc.
 and, for each peer that is installed (benchmarks/_peers.py; `--no-peers` leaves them out), in fp32 and
@@ -47,8 +47,11 @@ first-batch losses must agree to 1e-4 (printed under the shape's line).
 `vs_hf` is each rate over the fp32 HF loop, `vs_hf_autocast` over the autocast one (those of their own process).
 The peers run in this process, with fgc's malloc.
 
-The loops take turns for ROUNDS rounds and each row keeps its best rate, so that a machine busy
-with other work disturbs the comparison less. Also prints the CPU's measured fp32 and bf16 matmul
+The loops take turns for ROUNDS rounds, every other round in the reverse order, and each row
+shows its best rate, so that a machine busy with other work disturbs the comparison less. A
+goal's ratio is the median over the rounds of the two loops' ratio within a round (this
+machine's speed drifts by 10% over seconds and more from one process to the next; two turns of
+one round are closer in time than two loops' best turns), the best over best beside it. Also prints the CPU's measured fp32 and bf16 matmul
 FLOP/s (a square matmul) and each row's share of the one of its precision (tokens/s x FLOPs per
 token, 6N + 12LHT).
 
@@ -60,10 +63,10 @@ trainer running the same kernels could reach against that HF loop, if everything
 time at all. A warning follows the table for each split whose kernels took longer under the
 profiler than its whole step without it: the machine's speed changed between the two.
 
-The last lines state issue #18's goals and whether this run meets them: fp32 at least 1.15x the
-HF loop; bf16-mixed at least 1.3x the HF autocast loop and 2x the fp32 HF loop; bf16 at least the
-bf16-mixed rate; and, for each peer run, that the best fgc train.py row of each shape and precision is
-ahead of the peer's best row. The last line names the peers, installed and measured or not installed.
+The last lines state issue #18's goals and whether this run meets them, with each round's ratio:
+fp32 at least 1.15x the HF loop; bf16-mixed at least 1.3x the HF autocast loop and 2x the fp32 HF
+loop; bf16 at least the bf16-mixed rate; and, for each peer run, that the best fgc train.py row
+of each shape and precision is ahead of the peer's best row. The last line names the peers, installed and measured or not installed.
 
     python benchmarks/trainer.py [--shapes example,h256] [--precisions fp32,bf16-mixed,bf16]
                                  [--threads N] [--steps N] [--rounds N] [--no-compile] [--no-peers] [--csv out.csv]
@@ -85,7 +88,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _table import print_table, shape_names
+from _table import ROUNDS, print_table, round_ratio, shape_names
 import _peers
 # last: _loops leaves sys.path
 from _loops import EXAMPLE_SHAPE, H256_SHAPE, LR, hf_llama, import_train_module, plain_loop, steady_record
@@ -267,18 +270,30 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
     loops["fp32", HF_FP32_KEPT] = lambda: hf_loop(args.steps)
     loops["bf16-mixed", HF_AUTOCAST_KEPT] = lambda: hf_autocast_loop(args.steps)
     loops.update(peer_loops)
-    rates = {key: 0.0 for key in loops}
+    history = {key: [] for key in loops}  # each loop's rate in each round
     peaks = {torch.float32: 0.0, torch.bfloat16: 0.0}
-    for _ in range(args.rounds):
+
+    def own_process_turn():
+        # a turn of the HF loops in their own process, beside this round's turns of the rest
+        for key, rate in own_process_rates(name, package, args).items():
+            history.setdefault(key, []).append(rate)
+        load_samples.append(os.getloadavg()[0])
+
+    for turn in range(args.rounds):
         for dtype in peaks:  # measured between the loops, best of the rounds too
             peaks[dtype] = max(peaks[dtype], matmul_flops(dtype))
-        for key, loop in loops.items():
-            rates[key] = max(rates[key], loop())
+        # every other round in the reverse order, so that a machine speeding up or slowing down
+        # over a round favours no loop in the rounds' ratios
+        order = list(loops.items())
+        if turn % 2:
+            own_process_turn()
+            order.reverse()
+        for key, loop in order:
+            history[key].append(loop())
             load_samples.append(os.getloadavg()[0])
-        # a turn of the HF loops in their own process, beside this turn of the rest
-        for key, rate in own_process_rates(name, package, args).items():
-            rates[key] = max(rates.get(key, 0.0), rate)
-        load_samples.append(os.getloadavg()[0])
+        if not turn % 2:
+            own_process_turn()
+    rates = {key: max(turns) for key, turns in history.items()}
     hf_rate, hf_autocast_rate = rates["fp32", HF_FP32], rates["bf16-mixed", HF_AUTOCAST]
     rate_rows = [
         {
@@ -290,6 +305,7 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
             "vs_hf_autocast": round(rate / hf_autocast_rate, 2),
             "gflop_per_s": round(rate * flops_per_token / 1e9, 1),
             "share_of_matmul": f"{100 * rate * flops_per_token / peaks[PEAK_DTYPE[precision]]:.1f}%",
+            ROUNDS: history[precision, loop],
         }
         for (precision, loop), rate in sorted(rates.items(), key=lambda kv: PRECISIONS.index(kv[0][0]))
     ]
@@ -355,37 +371,43 @@ def peer_runs(shape: dict, vocab: int, hf_model, batches, args) -> tuple[dict, d
 
 
 def goal_lines(name: str, rows: list[dict]) -> list[str]:
-    """Issue #18's goals for shape NAME, each with this run's ratio and whether it is met."""
-    best = {}  # precision -> (loop, row) of the faster generated trainer
-    for row in rows:
-        if row["shape"] == name and row["loop"].startswith("fgc train.py"):
-            if row["precision"] not in best or row["tokens_per_s"] > best[row["precision"]][1]["tokens_per_s"]:
-                best[row["precision"]] = (row["loop"], row)
+    """Issue #18's goals for shape NAME, each with this run's ratio and whether it is met.
 
-    # the HF loops with the generated trainer's malloc (this process's), where the rows have them
-    kept = {r["loop"]: r["tokens_per_s"] for r in rows if r["shape"] == name and r["loop"] in (HF_FP32_KEPT, HF_AUTOCAST_KEPT)}
+    Each goal compares the generated trainer's fastest row of a precision (best rate) with a
+    baseline row; the ratio judged is their rounds' median ratio (`round_ratio`), with the best
+    over best alongside."""
+    here = {(row["precision"], row["loop"]): row for row in rows if row["shape"] == name}
+    best = {}  # precision -> the row of the fastest generated trainer
+    for (precision, loop), row in here.items():
+        if loop.startswith("fgc train.py"):
+            if precision not in best or row["tokens_per_s"] > best[precision]["tokens_per_s"]:
+                best[precision] = row
 
-    def verdict(ratio: float, goal: float, row: dict, kept_loop: str | None = None) -> str:
-        line = f"{ratio:.2f}x (goal: {goal}x) -> {'met' if ratio >= goal else 'NOT met'}"
-        if kept_loop in kept:
-            line += f"; {row['tokens_per_s'] / kept[kept_loop]:.2f}x that loop with fgc's malloc"
+    def verdict(row: dict, baseline: dict, goal: float, kept: dict | None = None) -> str:
+        ratio, how = round_ratio(row, baseline)
+        line = f"{ratio:.2f}x, {how} (goal: {goal}x) -> {'met' if ratio >= goal else 'NOT met'}"
+        if kept is not None:
+            # the HF loop with the generated trainer's malloc (this process's), where the rows have it
+            line += f"; {round_ratio(row, kept)[0]:.2f}x that loop with fgc's malloc"
         return line
 
+    hf, hf_kept = here.get(("fp32", HF_FP32)), here.get(("fp32", HF_FP32_KEPT))
+    autocast, autocast_kept = here.get(("bf16-mixed", HF_AUTOCAST)), here.get(("bf16-mixed", HF_AUTOCAST_KEPT))
     lines = []
-    if "fp32" in best:
-        loop, row = best["fp32"]
-        lines.append(f"{name}: fp32, {loop} / HF loop: {verdict(row['vs_hf'], 1.15, row, HF_FP32_KEPT)}")
+    if "fp32" in best and hf:
+        row = best["fp32"]
+        lines.append(f"{name}: fp32, {row['loop']} / HF loop: {verdict(row, hf, 1.15, hf_kept)}")
     if "bf16-mixed" in best:
-        loop, row = best["bf16-mixed"]
-        lines.append(
-            f"{name}: bf16-mixed, {loop} / HF autocast loop: "
-            f"{verdict(row['vs_hf_autocast'], 1.3, row, HF_AUTOCAST_KEPT)}"
-        )
-        lines.append(f"{name}: bf16-mixed, {loop} / fp32 HF loop: {verdict(row['vs_hf'], 2.0, row, HF_FP32_KEPT)}")
+        row = best["bf16-mixed"]
+        if autocast:
+            lines.append(
+                f"{name}: bf16-mixed, {row['loop']} / HF autocast loop: {verdict(row, autocast, 1.3, autocast_kept)}"
+            )
+        if hf:
+            lines.append(f"{name}: bf16-mixed, {row['loop']} / fp32 HF loop: {verdict(row, hf, 2.0, hf_kept)}")
     if "bf16" in best and "bf16-mixed" in best:
-        loop, row = best["bf16"]
-        ratio = row["tokens_per_s"] / best["bf16-mixed"][1]["tokens_per_s"]
-        lines.append(f"{name}: bf16, {loop} / the best bf16-mixed trainer: {verdict(ratio, 1.0, row)}")
+        row = best["bf16"]
+        lines.append(f"{name}: bf16, {row['loop']} / the best bf16-mixed trainer: {verdict(row, best['bf16-mixed'], 1.0)}")
     return lines
 
 
@@ -397,7 +419,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--steps", type=int, default=10, help="warm-up steps, then as many timed")
-    parser.add_argument("--rounds", type=int, default=3, help="turns of every loop; the best rate counts")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="turns of every loop: its best rate, the goals' rounds' median ratio"
+    )
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled trainer")
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="leave out the installed peers")
     parser.add_argument("--csv", type=Path, help="the rate table as CSV")

@@ -310,10 +310,17 @@ def _mix32(x):
 def rounding_key(seed: int, step: int, index: int) -> int:
     """The 32-bit key of one parameter's stochastic rounding at one step: a hash of the
     optimizer's seed, the step and the parameter's index in the optimizer."""
-    key = 0
-    for part in (seed & _M32, (seed >> 32) & _M32, step & _M32, index & _M32):
-        key = _mix32(key ^ part)
-    return key
+    return _step_key(_seed_key(seed), step, index)
+
+
+def _seed_key(seed: int) -> int:
+    """The first half of :func:`rounding_key`, the seed's, the same for every parameter and step."""
+    return _mix32(_mix32(seed & _M32) ^ ((seed >> 32) & _M32))
+
+
+def _step_key(seed_key: int, step: int, index: int) -> int:
+    """:func:`rounding_key` from the seed's half of it."""
+    return _mix32(_mix32(seed_key ^ (step & _M32)) ^ (index & _M32))
 
 
 def hashed_rounding_bits(shape: torch.Size, key: torch.Tensor) -> torch.Tensor:
@@ -433,12 +440,10 @@ class AdamW(_Fp32StateOptimizer):
             with torch.enable_grad():
                 loss = closure()
         tensors = ([], [], [], [])  # parameters, gradients, exp_avg, exp_avg_sq
-        scalars, keys, stochastic = [], [], []
+        steps, stepped, stochastic = [], [], []  # step counts, (group, place), rounding of each
         copies = []  # (tensor, its flat contiguous copy) to write back after the step
         index = -1
         for group in self.param_groups:
-            lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
             for param in group["params"]:
                 index += 1  # the parameter's place in the optimizer: part of its rounding key
                 if param.grad is None:
@@ -447,37 +452,47 @@ class AdamW(_Fp32StateOptimizer):
                     raise RuntimeError("AdamW does not support sparse gradients")
                 if torch.is_complex(param):
                     raise RuntimeError("AdamW does not support complex parameters")
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = self._fp32_state(param)
-                    state["exp_avg_sq"] = self._fp32_state(param)
-                state["step"] += 1
-                step = state["step"].item()
-                # the scalars of _update, in fp64 as Python computes them there
-                scalars.append((
-                    1 - lr * weight_decay,
-                    1 - beta1,
-                    beta2,
-                    1 - beta2,
-                    lr / (1 - beta1**step),
-                    (1 - beta2**step) ** 0.5,
-                    eps,
-                ))
-                keys.append(rounding_key(self._seed, int(step), index))
                 stochastic.append(group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
                 if stochastic[-1] and param.numel() >= 2**31:
                     raise ValueError(
                         f"AdamW(fused=True) rounds tensors of fewer than 2**31 elements stochastically, "
                         f"not one of {param.numel()}: use fused=False"
                     )
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = self._fp32_state(param)
+                    state["exp_avg_sq"] = self._fp32_state(param)
+                steps.append(state["step"])
+                stepped.append((group, index))
                 # flat: one compiled graph fits tensors of any shape (a contiguous copy of one
                 # that is not, written back below)
                 for out, tensor in zip(tensors, (param, param.grad, state["exp_avg"], state["exp_avg_sq"])):
                     out.append(tensor.contiguous().view(-1))
                     if out is not tensors[1] and out[-1].data_ptr() != tensor.data_ptr():
                         copies.append((tensor, out[-1]))
-        if tensors[0]:
+        if steps:
+            # every step count at once (the parameters share a few: their rows are made once each)
+            torch._foreach_add_(steps, 1)
+            rows, scalars, keys = {}, [], []
+            seed_key = _seed_key(self._seed)
+            for step, (group, index) in zip(torch.stack([s.cpu() for s in steps]).tolist(), stepped):
+                row = rows.get((id(group), step))
+                if row is None:
+                    lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+                    beta1, beta2 = group["betas"]
+                    # the scalars of _update, in fp64 as Python computes them there
+                    row = rows[id(group), step] = (
+                        1 - lr * weight_decay,
+                        1 - beta1,
+                        beta2,
+                        1 - beta2,
+                        lr / (1 - beta1**step),
+                        (1 - beta2**step) ** 0.5,
+                        eps,
+                    )
+                scalars.append(row)
+                keys.append(_step_key(seed_key, int(step), index))
             device = tensors[0][0].device
             _fused_step()(
                 *tensors,

@@ -374,9 +374,13 @@ def test_the_fused_step_refuses_a_tensor_too_large_for_its_hash():
     # the element index times the hash's multiplier must fit int64: fewer than 2**31 elements
     param = torch.nn.Parameter(torch.empty(2**31, dtype=torch.bfloat16, device="meta"))
     param.grad = torch.empty_like(param)
-    opt = AdamW([param], lr=1e-3, bf16_stochastic_round=True, fused=True)
+    small = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16, device="meta"))
+    small.grad = torch.ones_like(small)
+    opt = AdamW([small, param], lr=1e-3, bf16_stochastic_round=True, fused=True)
     with pytest.raises(ValueError, match=r"fewer than 2\*\*31 elements stochastically, not one of 2147483648"):
         opt.step()
+    # refused before any step was counted
+    assert opt.state[small]["step"] == 0 and not opt.state[param]
 
 
 def test_hashed_bits_are_the_same_compiled():
