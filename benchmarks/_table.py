@@ -39,6 +39,8 @@ def round_ratio(row: dict, other: dict) -> tuple[float, str]:
     mine, theirs = row.get(ROUNDS), other.get(ROUNDS)
     if not mine or not theirs or len(mine) != len(theirs):
         return best, "best over best"
+    if len(mine) == 1:
+        return mine[0] / theirs[0], "one round"
     ratios = sorted(a / b for a, b in zip(mine, theirs))
     middle = len(ratios) // 2
     median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2

@@ -51,9 +51,9 @@ The loops take turns for ROUNDS rounds, every other round in the reverse order, 
 shows its best rate, so that a machine busy with other work disturbs the comparison less. A
 goal's ratio is the median over the rounds of the two loops' ratio within a round (this
 machine's speed drifts by 10% over seconds and more from one process to the next; two turns of
-one round are closer in time than two loops' best turns), the best over best beside it. Also prints the CPU's measured fp32 and bf16 matmul
-FLOP/s (a square matmul) and each row's share of the one of its precision (tokens/s x FLOPs per
-token, 6N + 12LHT).
+one round are closer in time than two loops' best turns), the best over best beside it. Also
+prints the CPU's measured fp32 and bf16 matmul FLOP/s (a square matmul) and each row's share of
+the one of its precision (tokens/s x FLOPs per token, 6N + 12LHT).
 
 The second table splits one fp32 step of each plain loop (torch's profiler, self time): the matmul
 kernels, the attention kernels and everything else; with bf16-mixed among the precisions, also
@@ -66,7 +66,8 @@ profiler than its whole step without it: the machine's speed changed between the
 The last lines state issue #18's goals and whether this run meets them, with each round's ratio:
 fp32 at least 1.15x the HF loop; bf16-mixed at least 1.3x the HF autocast loop and 2x the fp32 HF
 loop; bf16 at least the bf16-mixed rate; and, for each peer run, that the best fgc train.py row
-of each shape and precision is ahead of the peer's best row. The last line names the peers, installed and measured or not installed.
+of each shape and precision is ahead of the peer's best row. The last line names the peers,
+installed and measured or not installed.
 
     python benchmarks/trainer.py [--shapes example,h256] [--precisions fp32,bf16-mixed,bf16]
                                  [--threads N] [--steps N] [--rounds N] [--no-compile] [--no-peers] [--csv out.csv]
@@ -232,6 +233,18 @@ def own_process_baselines(name: str, package: Path, args) -> dict:
     return rates
 
 
+# round_order's place for the turn of the HF loops' own process
+OWN_PROCESS = "the HF loops' own process"
+
+
+def round_order(keys: list, turn: int) -> list:
+    """The order of round TURN (from 0): KEYS, then the HF loops' own process (OWN_PROCESS); every
+    other round reversed, so that a machine speeding up or slowing down over a round favours no
+    loop in the rounds' ratios."""
+    order = [*keys, OWN_PROCESS]
+    return order[::-1] if turn % 2 else order
+
+
 def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], list[dict], str]:
     """The rate rows and the split rows of one shape, and a line describing it."""
     trainers = {}  # (precision, loop) -> (train module, package)
@@ -282,17 +295,12 @@ def measure_shape(name: str, shape: dict, args, tmp: Path) -> tuple[list[dict], 
     for turn in range(args.rounds):
         for dtype in peaks:  # measured between the loops, best of the rounds too
             peaks[dtype] = max(peaks[dtype], matmul_flops(dtype))
-        # every other round in the reverse order, so that a machine speeding up or slowing down
-        # over a round favours no loop in the rounds' ratios
-        order = list(loops.items())
-        if turn % 2:
-            own_process_turn()
-            order.reverse()
-        for key, loop in order:
-            history[key].append(loop())
-            load_samples.append(os.getloadavg()[0])
-        if not turn % 2:
-            own_process_turn()
+        for key in round_order(list(loops), turn):
+            if key is OWN_PROCESS:
+                own_process_turn()
+            else:
+                history[key].append(loops[key]())
+                load_samples.append(os.getloadavg()[0])
     rates = {key: max(turns) for key, turns in history.items()}
     hf_rate, hf_autocast_rate = rates["fp32", HF_FP32], rates["bf16-mixed", HF_AUTOCAST]
     rate_rows = [

@@ -138,6 +138,9 @@ def test_the_trainer_benchmark_splits_a_bf16_mixed_step_and_states_its_bound():
             rates[" ".join(words[2:-5])] = (int(words[-5]), float(words[-4]), float(words[-3]))
     assert rates["HF Llama, plain loop"][1] == 1.0 and rates["HF Llama, plain loop, autocast"][2] == 1.0
     assert rates[hf_autocast][0] > 0 and rates["HF Llama, plain loop, fgc's malloc"][0] > 0
+    # the goal lines judge each ratio by the rounds' rates (here one round)
+    goal = next(li for li in run.stdout.splitlines() if li.startswith("example: bf16-mixed, fgc train.py / HF autocast"))
+    assert re.search(r": \d+\.\d\dx, one round \(goal: 1\.3x\) -> (met|NOT met); ", goal), goal
     first = next(li for li in run.stdout.splitlines() if li.startswith("this process"))
     assert first.endswith("host memory: freed memory kept for the next step (glibc malloc: heap up to 32 MiB, no trimming)")
 
@@ -205,6 +208,24 @@ def test_the_trainer_goals_judge_the_median_of_the_rounds_ratios():
         "example: bf16, fgc train.py / the best bf16-mixed trainer: 0.98x, the median of 3 rounds (1.05, 0.98, "
         "0.96); best over best 0.96x (goal: 1.0x) -> NOT met",
     ]
+
+
+def test_every_other_round_runs_in_the_reverse_order_with_the_own_process_turn():
+    from conftest import load_benchmark
+
+    trainer = load_benchmark("trainer")
+    own = trainer.OWN_PROCESS
+    assert trainer.round_order(["a", "b"], 0) == ["a", "b", own]
+    assert trainer.round_order(["a", "b"], 1) == [own, "b", "a"]
+    assert trainer.round_order(["a", "b"], 4) == ["a", "b", own]
+
+
+def test_one_round_is_its_own_ratio():
+    from conftest import load_benchmark
+
+    table = load_benchmark("_table")
+    row = {"tokens_per_s": 120, "rounds": [120]}
+    assert table.round_ratio(row, {"tokens_per_s": 100, "rounds": [100]}) == (1.2, "one round")
 
 
 def test_rounds_stay_out_of_the_printed_table_and_the_csv(tmp_path, capsys):
