@@ -335,6 +335,26 @@ def test_the_fused_step_follows_the_unfused_one():
     assert any(not torch.equal(n, b) for n, b in zip(nearest, mixed) if b.dtype == torch.bfloat16)
 
 
+def test_the_fused_step_follows_the_unfused_one_when_parameters_have_taken_different_steps():
+    """A parameter without a gradient is not stepped: the parameters' step counts then differ,
+    and each one's bias corrections follow its own count."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((4, 3), (5,), (2,))]
+        opt = AdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], lr=1e-2, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            for i, p in enumerate(params):
+                # the second parameter (in the first's group) has no gradient in the first two steps
+                p.grad = torch.randn(p.shape, generator=g) if i != 1 or step >= 2 else None
+            opt.step()
+        assert [opt.state[p]["step"].item() for p in params] == [4, 2, 4]
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
 def test_the_fused_step_works_on_parameters_that_are_not_contiguous():
     weights = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     results = []
