@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import time
 from pathlib import Path
 
@@ -41,11 +42,9 @@ def round_ratio(row: dict, other: dict) -> tuple[float, str]:
         return best, "best over best"
     if len(mine) == 1:
         return mine[0] / theirs[0], "one round"
-    ratios = sorted(a / b for a, b in zip(mine, theirs))
-    middle = len(ratios) // 2
-    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
-    each = ", ".join(f"{a / b:.2f}" for a, b in zip(mine, theirs))
-    return median, f"the median of {len(ratios)} rounds ({each}); best over best {best:.2f}x"
+    ratios = [a / b for a, b in zip(mine, theirs)]
+    each = ", ".join(f"{r:.2f}" for r in ratios)
+    return statistics.median(ratios), f"the median of {len(ratios)} rounds ({each}); best over best {best:.2f}x"
 
 
 def print_table(rows: list[dict], csv_path: Path | None = None) -> None:
