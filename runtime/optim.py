@@ -320,7 +320,12 @@ def _seed_key(seed: int) -> int:
 
 def _step_key(seed_key: int, step: int, index: int) -> int:
     """:func:`rounding_key` from the seed's half of it."""
-    return _mix32(_mix32(seed_key ^ (step & _M32)) ^ (index & _M32))
+    return _mix32(_step_half(seed_key, step) ^ (index & _M32))
+
+
+def _step_half(seed_key: int, step: int) -> int:
+    """The part of :func:`_step_key` that every parameter at STEP shares."""
+    return _mix32(seed_key ^ (step & _M32))
 
 
 def hashed_rounding_bits(shape: torch.Size, key: torch.Tensor) -> torch.Tensor:
@@ -430,6 +435,38 @@ class AdamW(_Fp32StateOptimizer):
         }
         super().__init__(params, defaults, seed)
         self.fused = bool(fused)
+        # the fused step's flat views of each parameter and its state, made once (_fused_views)
+        self._flat_views: dict = {}
+
+    def _fused_views(self, param: torch.Tensor, state: dict, copies: list) -> tuple:
+        """For the fused step: PARAM's ``exp_avg``, ``exp_avg_sq`` and step count (made on its
+        first step), its data pointer, and flat views of the parameter and the two states: kept
+        for the next steps while the four stay the same tensors (``load_state_dict`` makes new
+        state tensors; ``param.data = ...`` moves the data). A tensor that is not contiguous is
+        flattened into a copy each step instead, which COPIES gets to write back after the step."""
+        if torch.is_complex(param):
+            raise RuntimeError("AdamW does not support complex parameters")
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = self._fp32_state(param)
+            state["exp_avg_sq"] = self._fp32_state(param)
+        flats, copied = [], len(copies)
+        for tensor in (param, state["exp_avg"], state["exp_avg_sq"]):
+            # detached: kept from one step to the next, a view made in no_grad mode of a parameter
+            # would be refused when torch.compile traces the step again
+            flats.append(tensor.detach().contiguous().view(-1))
+            if flats[-1].data_ptr() != tensor.data_ptr():
+                copies.append((tensor, flats[-1]))
+        views = (state["exp_avg"], state["exp_avg_sq"], state["step"], param.data_ptr(), tuple(flats))
+        if len(copies) == copied:
+            self._flat_views[param] = views
+        else:
+            self._flat_views.pop(param, None)
+        return views
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._flat_views.clear()  # views of the state tensors being replaced
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -444,37 +481,41 @@ class AdamW(_Fp32StateOptimizer):
         copies = []  # (tensor, its flat contiguous copy) to write back after the step
         index = -1
         for group in self.param_groups:
+            rounding = group["bf16_stochastic_round"]
             for param in group["params"]:
                 index += 1  # the parameter's place in the optimizer: part of its rounding key
-                if param.grad is None:
+                grad = param.grad
+                if grad is None:
                     continue
-                if param.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients")
-                if torch.is_complex(param):
-                    raise RuntimeError("AdamW does not support complex parameters")
-                stochastic.append(group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
+                stochastic.append(rounding and param.dtype == torch.bfloat16)
                 if stochastic[-1] and param.numel() >= 2**31:
                     raise ValueError(
                         f"AdamW(fused=True) rounds tensors of fewer than 2**31 elements stochastically, "
                         f"not one of {param.numel()}: use fused=False"
                     )
                 state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = self._fp32_state(param)
-                    state["exp_avg_sq"] = self._fp32_state(param)
-                steps.append(state["step"])
+                views = self._flat_views.get(param)
+                if (
+                    views is None
+                    or views[0] is not state.get("exp_avg")
+                    or views[1] is not state.get("exp_avg_sq")
+                    or views[2] is not state.get("step")
+                    or views[3] != param.data_ptr()
+                ):
+                    views = self._fused_views(param, state, copies)
+                steps.append(views[2])
                 stepped.append((group, index))
-                # flat: one compiled graph fits tensors of any shape (a contiguous copy of one
-                # that is not, written back below)
-                for out, tensor in zip(tensors, (param, param.grad, state["exp_avg"], state["exp_avg_sq"])):
-                    out.append(tensor.contiguous().view(-1))
-                    if out is not tensors[1] and out[-1].data_ptr() != tensor.data_ptr():
-                        copies.append((tensor, out[-1]))
+                param_flat, exp_avg_flat, exp_avg_sq_flat = views[4]
+                tensors[0].append(param_flat)
+                tensors[1].append(grad.contiguous().view(-1))  # flat, a copy of one that is not contiguous
+                tensors[2].append(exp_avg_flat)
+                tensors[3].append(exp_avg_sq_flat)
         if steps:
             # every step count at once (the parameters share a few: their rows are made once each)
             torch._foreach_add_(steps, 1)
-            rows, scalars, keys = {}, [], []
+            rows, scalars, keys, step_halves = {}, [], [], {}
             seed_key = _seed_key(self._seed)
             for step, (group, index) in zip(torch.stack([s.cpu() for s in steps]).tolist(), stepped):
                 row = rows.get((id(group), step))
@@ -492,7 +533,10 @@ class AdamW(_Fp32StateOptimizer):
                         eps,
                     )
                 scalars.append(row)
-                keys.append(_step_key(seed_key, int(step), index))
+                half = step_halves.get(step)
+                if half is None:
+                    half = step_halves[step] = _step_half(seed_key, int(step))
+                keys.append(_mix32(half ^ (index & _M32)))
             device = tensors[0][0].device
             _fused_step()(
                 *tensors,

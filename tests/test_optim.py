@@ -232,6 +232,41 @@ def bf16_neighbours(x: float) -> tuple[float, float]:
     return lo, hi
 
 
+def test_the_fused_step_follows_a_state_loaded_into_the_same_optimizer():
+    """The fused step keeps flat views of each parameter's state from one step to the next: a
+    state dict loaded into the optimizer that made them replaces that state, and the next steps
+    start from the loaded one."""
+    params = mixed_params()
+    opt = AdamW(two_groups(params), lr=1e-2, bf16_stochastic_round=True, seed=7, fused=True)
+    run(params, opt, 2, grad_seed=3)
+    saved_weights, saved = [p.detach().clone() for p in params], roundtrip(opt.state_dict())
+    after = [p.detach().clone() for p in run_from(params, opt, 2, 4, grad_seed=3)]
+    with torch.no_grad():
+        for p, w in zip(params, saved_weights):
+            p.copy_(w)
+    opt.load_state_dict(saved)  # the same optimizer, its views made in steps 3 and 4
+    assert all(opt.state[p]["step"] == 2 for p in params)
+    for a, b in zip(run_from(params, opt, 2, 4, grad_seed=3), after):
+        assert torch.equal(a, b)
+
+
+def test_the_fused_step_follows_a_parameter_whose_data_is_replaced():
+    """``param.data = ...`` between steps (as some wrappers do): the fused step writes the new
+    data, as the unfused one does."""
+    results = []
+    for fused in (False, True):
+        params = make_params(torch.float32)
+        opt = AdamW(params, lr=1e-2, fused=fused)
+        run(params, opt, 2)
+        for p in params:
+            p.data = p.data.clone()
+        run(params, opt, 2, grad_seed=2)
+        assert all(opt.state[p]["step"] == 4 for p in params)
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("x", [1.0 + 0.3 * 2**-7, -(1.0 + 0.3 * 2**-7), 3.14159, -2.5e-3, 1e-30, 7.1e4 + 0.9 * 2**9])
 def test_stochastic_rounding_is_unbiased(x):
     n = 200_000
