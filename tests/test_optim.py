@@ -663,6 +663,34 @@ def test_the_runtime_optimizers_need_the_basic_or_ddp_trainer(variables, message
     assert f"it works with the basic and ddp trainers, not {variables['trainer_type']}" in err.message
 
 
+@pytest.mark.parametrize(
+    "variables,message,line",
+    [
+        (
+            dict(optimizer="adafactor"),
+            "fgc_runtime.optim.Adafactor needs whole weight matrices (its second moments are factored over rows "
+            "and columns)",
+            "optimizer: !partial:",
+        ),
+        (
+            dict(bf16_stochastic_round=True, precision="bf16"),
+            "fgc_runtime.optim.AdamW rounds plain tensors stochastically",
+            "    bf16_stochastic_round:",
+        ),
+    ],
+)
+def test_the_runtime_optimizers_refuse_tensor_parallel_weights(variables, message, line):
+    """ddp with tensor_degree 2 makes the weights DTensors: both optimizers failed at the first
+    step there (Adafactor's factored moments, AdamW's rounding bits); now a build error."""
+    (err,) = errors(trainer_type="ddp", tensor_degree=2, **variables)
+    assert err.message == (
+        f"{message}, but tensor_degree 2 shards the weights across ranks (DTensors): it works with tensor_degree 1"
+    )
+    assert (Path(err.loc.file).name, err.loc.line) == ("train.yaml", library_line(line))
+    # without tensor parallelism the same config builds
+    compile_config(EXAMPLE, variables=dict(trainer_type="ddp", **variables))
+
+
 def test_explain_counts_fp32_and_factored_state():
     def optimizer_bytes(**variables):
         compiled = compile_config(EXAMPLE, variables=variables)

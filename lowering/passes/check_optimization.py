@@ -14,7 +14,9 @@ at the config line of the offending value.
 - ``fgc_runtime.optim:Adafactor`` (factored over whole rows and columns) and ``:AdamW`` (whose
   state dict carries its stochastic-rounding generators, which the fsdp2 and pipeline trainers'
   name-keyed optimizer checkpoints would drop): the basic and ddp trainers only, the ones they
-  are tested with.
+  are tested with, and neither with tensor parallelism, whose weights are DTensors sharded
+  across ranks (both failed at the first step: Adafactor's factored moments, AdamW's rounding
+  bits added to a DTensor).
 - ``bf16_stochastic_round: true`` rounds bf16 weights: it needs precision ``bf16`` (with the
   other precisions the weights are fp32 and it would silently do nothing).
 - Text samples need the whole model on each rank: not with the pipeline trainer.
@@ -46,6 +48,14 @@ RUNTIME_OPTIMIZER_TRAINERS = {
         "stochastic-rounding generators)",
         ("basic", "ddp"),
     ),
+}
+
+
+# fgc_runtime's optimizers that step plain tensors only: why each cannot take tensor-parallel weights
+NOT_TENSOR_PARALLEL = {
+    Adafactor: "fgc_runtime.optim.Adafactor needs whole weight matrices (its second moments are factored over "
+    "rows and columns)",
+    AdamW: "fgc_runtime.optim.AdamW rounds plain tensors stochastically",
 }
 
 
@@ -102,6 +112,17 @@ class CheckOptimization(Pass):
                     where,
                 )
                 break
+        else:
+            tensor_parallel = ctx.plan.tensor_parallel
+            for cls, why in NOT_TENSOR_PARALLEL.items():
+                if tensor_parallel and isinstance(obj, type) and issubclass(obj, cls):
+                    where = ir.node(rounding).loc if cls is AdamW and rounding is not None else node.loc
+                    ctx.sink.error(
+                        f"{why}, but tensor_degree {tensor_parallel['degree']} shards the weights across ranks "
+                        "(DTensors): it works with tensor_degree 1",
+                        where,
+                    )
+                    break
         precision = ctx.settings.precision.mode
         if rounding is not None and ir.node(rounding).kind == "value" and ir.node(rounding).value is True:
             if precision != "bf16":
