@@ -440,10 +440,12 @@ class AdamW(_Fp32StateOptimizer):
 
     def _fused_views(self, param: torch.Tensor, state: dict, copies: list) -> tuple:
         """For the fused step: PARAM's ``exp_avg``, ``exp_avg_sq`` and step count (made on its
-        first step), its data pointer, and flat views of the parameter and the two states: kept
-        for the next steps while the four stay the same tensors (``load_state_dict`` makes new
-        state tensors; ``param.data = ...`` moves the data). A tensor that is not contiguous is
-        flattened into a copy each step instead, which COPIES gets to write back after the step."""
+        first step), its data pointer, and flat views of the parameter and the two states (flat:
+        one compiled graph fits tensors of any shape), kept for the next steps while the four
+        stay the same tensors (``load_state_dict`` makes new state tensors; ``param.data = ...``
+        moves the data; until the parameter's next step its old views keep its old data alive).
+        A tensor that is not contiguous is flattened into a copy each step instead, which COPIES
+        gets to write back after the step."""
         if torch.is_complex(param):
             raise RuntimeError("AdamW does not support complex parameters")
         if not state:
