@@ -320,12 +320,17 @@ def _seed_key(seed: int) -> int:
 
 def _step_key(seed_key: int, step: int, index: int) -> int:
     """:func:`rounding_key` from the seed's half of it."""
-    return _mix32(_step_half(seed_key, step) ^ (index & _M32))
+    return _place_key(_step_half(seed_key, step), index)
 
 
 def _step_half(seed_key: int, step: int) -> int:
     """The part of :func:`_step_key` that every parameter at STEP shares."""
     return _mix32(seed_key ^ (step & _M32))
+
+
+def _place_key(step_half: int, index: int) -> int:
+    """:func:`_step_key` from its STEP_HALF and the parameter's place INDEX."""
+    return _mix32(step_half ^ (index & _M32))
 
 
 def hashed_rounding_bits(shape: torch.Size, key: torch.Tensor) -> torch.Tensor:
@@ -538,7 +543,7 @@ class AdamW(_Fp32StateOptimizer):
                 half = step_halves.get(step)
                 if half is None:
                     half = step_halves[step] = _step_half(seed_key, int(step))
-                keys.append(_mix32(half ^ (index & _M32)))
+                keys.append(_place_key(half, index))
             device = tensors[0][0].device
             _fused_step()(
                 *tensors,

@@ -103,24 +103,26 @@ class CheckOptimization(Pass):
         obj = getattr(symbol, "obj", None)
         self._optimizer_values(ir, ctx, node, obj)
         rounding = node.kwargs.get("bf16_stochastic_round")
+
+        def blame(cls):
+            # the template picks this AdamW for bf16_stochastic_round: point at that line
+            return ir.node(rounding).loc if cls is AdamW and rounding is not None else node.loc
+
         for cls, (why, trainers) in RUNTIME_OPTIMIZER_TRAINERS.items():
             if isinstance(obj, type) and issubclass(obj, cls) and ctx.plan.trainer_type not in trainers:
-                # the template picks this AdamW for bf16_stochastic_round: point at that line
-                where = ir.node(rounding).loc if cls is AdamW and rounding is not None else node.loc
                 ctx.sink.error(
                     f"{why}: it works with the {' and '.join(trainers)} trainers, not {ctx.plan.trainer_type}",
-                    where,
+                    blame(cls),
                 )
                 break
         else:
             tensor_parallel = ctx.plan.tensor_parallel
-            for cls, why in NOT_TENSOR_PARALLEL.items():
-                if tensor_parallel and isinstance(obj, type) and issubclass(obj, cls):
-                    where = ir.node(rounding).loc if cls is AdamW and rounding is not None else node.loc
+            for cls, why in NOT_TENSOR_PARALLEL.items() if tensor_parallel else ():
+                if isinstance(obj, type) and issubclass(obj, cls):
                     ctx.sink.error(
                         f"{why}, but tensor_degree {tensor_parallel['degree']} shards the weights across ranks "
                         "(DTensors): it works with tensor_degree 1",
-                        where,
+                        blame(cls),
                     )
                     break
         precision = ctx.settings.precision.mode
