@@ -9,12 +9,12 @@ each with a fixed random gradient, stepped by (AdamW, lr 1e-3, betas (0.9, 0.95)
 - `torch AdamW, fused` on fp32 weights: the baseline, the step of the trainer's bf16-mixed rows
   built with `-D fused_optimizer=true`;
 - `torch AdamW, foreach` on fp32 weights: torch's default step;
-- `fgc AdamW, fused` on fp32 weights, and on bf16 weights rounded to nearest;
+- `fgc AdamW, fused` on fp32 weights, and on bf16 weights rounded to nearest (the fused step's
+  CPU kernel, fgc_runtime.cpu_adamw);
 - `fgc AdamW, fused, stochastic rounding` on bf16 weights: the step of the bf16 rows
   (`-D precision=bf16 -D bf16_stochastic_round=true -D fused_optimizer=true`);
-- `..., compiled function alone`: the same step's compiled function called with the arguments
-  the step gave it (the kernel and torch.compile's call; the step's Python, which makes those
-  arguments, left out);
+- `..., torch.compile's kernel`: the same step by the function torch.compile makes of it, the
+  step's fallback where the CPU kernel does not build (the same values);
 - `fgc AdamW, stochastic rounding` on bf16 weights: the step parameter by parameter.
 
 The steps take turns for `--rounds` rounds (every other round in the reverse order), `--steps`
@@ -48,7 +48,6 @@ from fgc_runtime import optim
 
 SHAPES = {"example": EXAMPLE_SHAPE, "h256": H256_SHAPE}
 BASELINE = "torch AdamW, fused"
-ALONE = "fgc AdamW, fused, stochastic rounding, compiled function alone"
 HYPER = {"lr": LR, "betas": BETAS, "weight_decay": WEIGHT_DECAY}
 # name -> (the weights' dtype, the optimizer of a list of parameters)
 CASES = {
@@ -60,11 +59,21 @@ CASES = {
         torch.bfloat16,
         lambda ps: optim.AdamW(ps, **HYPER, bf16_stochastic_round=True, fused=True, seed=0),
     ),
+    "fgc AdamW, fused, stochastic rounding, torch.compile's kernel": (
+        torch.bfloat16,
+        lambda ps: compiled_kernel(optim.AdamW(ps, **HYPER, bf16_stochastic_round=True, fused=True, seed=0)),
+    ),
     "fgc AdamW, stochastic rounding": (
         torch.bfloat16,
         lambda ps: optim.AdamW(ps, **HYPER, bf16_stochastic_round=True, seed=0),
     ),
 }
+
+
+def compiled_kernel(optimizer: optim.AdamW) -> optim.AdamW:
+    """OPTIMIZER with its fused step's compiled function where it would use the CPU kernel."""
+    optimizer._cpu_kernel = False
+    return optimizer
 
 
 def parameter_shapes(shape: dict, vocab: int) -> list[torch.Size]:
@@ -85,29 +94,6 @@ def parameters(shapes: list[torch.Size], dtype: torch.dtype) -> list[torch.nn.Pa
     return params
 
 
-def compiled_call(optimizer) -> callable:
-    """A call of the compiled function of OPTIMIZER's fused step (fgc_runtime.optim.AdamW) with
-    the arguments its next step gives it: that step runs, its arguments are kept."""
-    compiled = optim._fused_step()
-    kept = []
-
-    def keep(*args):
-        kept.append(args)
-        return compiled(*args)
-
-    optim._compiled_step = keep
-    try:
-        optimizer.step()
-    finally:
-        optim._compiled_step = compiled
-
-    def call():
-        with torch.no_grad():
-            compiled(*kept[0])
-
-    return call
-
-
 def measure_shape(name: str, args) -> list[dict]:
     """The rows of shape NAME."""
     shapes = parameter_shapes(SHAPES[name], args.vocab)
@@ -116,8 +102,6 @@ def measure_shape(name: str, args) -> list[dict]:
         optimizer = make(parameters(shapes, dtype))
         optimizer.step()  # a warm-up step, the compilation of the fused ones
         steps[case], dtypes[case] = optimizer.step, dtype
-        if case == "fgc AdamW, fused, stochastic rounding":
-            steps[ALONE], dtypes[ALONE] = compiled_call(optimizer), dtype
     history = {case: [] for case in steps}  # each case's ms a step in each round
     for turn in range(args.rounds):
         order = list(steps) if turn % 2 == 0 else list(steps)[::-1]

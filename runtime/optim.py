@@ -10,10 +10,13 @@ hurts); every other parameter is in the group that takes the optimizer's own set
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from . import cpu_adamw
 
 
 def param_groups(model: nn.Module, no_weight_decay: Sequence[str], with_names: bool = False) -> list[dict]:
@@ -210,6 +213,19 @@ class _Fp32StateOptimizer(torch.optim.Optimizer):
         # loaded states of generators not made yet (by device type)
         self._rng_states: dict[str, torch.Tensor] = {}
 
+    def __getstate__(self) -> dict:
+        """torch's optimizer pickles its defaults, state and groups: this one also its seed and
+        its generators' states (so that ``copy.deepcopy`` and pickle keep them)."""
+        state = super().__getstate__()
+        rng = dict(self._rng_states)
+        rng.update({kind: gen.get_state() for kind, gen in self._generators.items()})
+        state.update(_seed=self._seed, _rng_states=rng)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._generators = {}  # made again from _rng_states on first use
+
     def _generator(self, device: torch.device) -> torch.Generator:
         """This optimizer's generator on DEVICE, made on first use."""
         gen = self._generators.get(device.type)
@@ -357,7 +373,9 @@ def _fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, scalars, keys, stoch
     parameter read and written once. SCALARS (fp64, one row per parameter): the weight-decay
     factor, 1 - beta1, beta2, 1 - beta2, the step size, the root of the second bias correction
     and eps; KEYS (int64): each parameter's :func:`rounding_key`; STOCHASTIC: for each parameter,
-    whether it is bf16 and rounded stochastically. Compiled by :func:`_fused_step`."""
+    whether it is bf16 and rounded stochastically. Compiled by :func:`_fused_step`; the CPU
+    kernel (:mod:`fgc_runtime.cpu_adamw`) does the same operations in C, in this order: a change
+    here is one there too (tests/test_cpu_adamw.py compares the two bitwise)."""
     for i, param in enumerate(params):
         decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bias2_sqrt, eps = scalars[i].float().unbind()
         grad = grads[i].float()
@@ -378,7 +396,8 @@ _compiled_step = None
 
 
 def _fused_step():
-    """:func:`_fused_adamw_step` compiled by torch.compile, made on first use. It compiles again
+    """:func:`_fused_adamw_step` compiled by torch.compile, made on first use: the fused step of
+    the tensors the CPU kernel does not take (:mod:`fgc_runtime.cpu_adamw`). It compiles again
     for another list of parameters (after the first time with their sizes as symbols, torch's
     automatic dynamic shapes: so optimizers of one parameter each, as the step in the backward
     makes, share a few compiled graphs)."""
@@ -401,14 +420,16 @@ class AdamW(_Fp32StateOptimizer):
     the weights on average. For fp32 parameters ``bf16_stochastic_round`` does nothing, so one
     optimizer can hold a mixed model. ``seed``: see :class:`_Fp32StateOptimizer`.
 
-    ``fused=True``: the step of every parameter is one function compiled by ``torch.compile``
-    (:func:`_fused_adamw_step`; its first step compiles it, and a C++ compiler is needed on the
-    CPU), which reads and writes each parameter, gradient and state once. Its fp32 math is this
-    class's, though not bitwise (the compiler orders and fuses the operations its own way). Its
-    stochastic rounding draws its bits from a hash of the element's index and a key made of the
-    seed, the step and the parameter's place in the optimizer (:func:`hashed_rounding_bits`)
-    instead of the generators: as unbiased, and as exact on resuming, since the key is in the
-    checkpoint (the seed, and each parameter's step).
+    ``fused=True``: the step of every parameter is the math of :func:`_fused_adamw_step`, which
+    reads and writes each parameter, gradient and state once: on the CPU, for fp32 and bf16
+    weights, by the C kernel of :mod:`fgc_runtime.cpu_adamw` (built by the machine's C compiler
+    on the first step); elsewhere, or where that kernel does not build (a warning says why), by
+    the function compiled by ``torch.compile`` (a C++ compiler is needed on the CPU). The two
+    give the same values bitwise. Its fp32 math is this class's, though not bitwise (operations
+    fused and ordered otherwise). Its stochastic rounding draws its bits from a hash of the
+    element's index and a key made of the seed, the step and the parameter's place in the
+    optimizer (:func:`hashed_rounding_bits`) instead of the generators: as unbiased, and as
+    exact on resuming, since the key is in the checkpoint (the seed, and each parameter's step).
     """
 
     def __init__(
@@ -440,17 +461,19 @@ class AdamW(_Fp32StateOptimizer):
         }
         super().__init__(params, defaults, seed)
         self.fused = bool(fused)
+        # the fused step of CPU tensors by fgc_runtime.cpu_adamw's kernel (else the compiled function)
+        self._cpu_kernel = True
         # the fused step's flat views of each parameter and its state, made once (_fused_views)
         self._flat_views: dict = {}
 
     def _fused_views(self, param: torch.Tensor, state: dict, copies: list) -> tuple:
         """For the fused step: PARAM's ``exp_avg``, ``exp_avg_sq`` and step count (made on its
-        first step), its data pointer, and flat views of the parameter and the two states (flat:
-        one compiled graph fits tensors of any shape), kept for the next steps while the four
-        stay the same tensors (``load_state_dict`` makes new state tensors; ``param.data = ...``
-        moves the data; until the parameter's next step its old views keep its old data alive).
-        A tensor that is not contiguous is flattened into a copy each step instead, which COPIES
-        gets to write back after the step."""
+        first step), its data pointer, flat views of the parameter and the two states (flat: one
+        compiled graph fits tensors of any shape) and whether the CPU kernel steps them, kept
+        for the next steps while the four stay the same tensors (``load_state_dict`` makes new
+        state tensors; ``param.data = ...`` moves the data; until the parameter's next step its
+        old views keep its old data alive). A tensor that is not contiguous is flattened into a
+        copy each step instead, which COPIES gets to write back after the step."""
         if torch.is_complex(param):
             raise RuntimeError("AdamW does not support complex parameters")
         if not state:
@@ -464,12 +487,21 @@ class AdamW(_Fp32StateOptimizer):
             flats.append(tensor.detach().contiguous().view(-1))
             if flats[-1].data_ptr() != tensor.data_ptr():
                 copies.append((tensor, flats[-1]))
-        views = (state["exp_avg"], state["exp_avg_sq"], state["step"], param.data_ptr(), tuple(flats))
+        on_kernel = self._cpu_kernel and cpu_adamw.supports(*flats, state["step"])
+        views = (state["exp_avg"], state["exp_avg_sq"], state["step"], param.data_ptr(), tuple(flats), on_kernel)
         if len(copies) == copied:
             self._flat_views[param] = views
         else:
             self._flat_views.pop(param, None)
         return views
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "fused": self.fused}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._cpu_kernel = True
+        self._flat_views = {}  # views of the tensors it was copied from
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._flat_views.clear()  # views of the state tensors being replaced
@@ -483,21 +515,23 @@ class AdamW(_Fp32StateOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        tensors = ([], [], [], [])  # parameters, gradients, exp_avg, exp_avg_sq
-        steps, stepped, stochastic = [], [], []  # step counts, (group, place), rounding of each
+        # each parameter with a gradient: (its flat views, its gradient, its group, its place in the
+        # optimizer (part of its rounding key), whether it is rounded stochastically), the ones the
+        # CPU kernel steps, then the others
+        on_kernel, on_compiled = [], []
         copies = []  # (tensor, its flat contiguous copy) to write back after the step
         index = -1
         for group in self.param_groups:
             rounding = group["bf16_stochastic_round"]
             for param in group["params"]:
-                index += 1  # the parameter's place in the optimizer: part of its rounding key
+                index += 1
                 grad = param.grad
                 if grad is None:
                     continue
                 if grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients")
-                stochastic.append(rounding and param.dtype == torch.bfloat16)
-                if stochastic[-1] and param.numel() >= 2**31:
+                stochastic = rounding and param.dtype == torch.bfloat16
+                if stochastic and param.numel() >= 2**31:
                     raise ValueError(
                         f"AdamW(fused=True) rounds tensors of fewer than 2**31 elements stochastically, "
                         f"not one of {param.numel()}: use fused=False"
@@ -512,48 +546,79 @@ class AdamW(_Fp32StateOptimizer):
                     or views[3] != param.data_ptr()
                 ):
                     views = self._fused_views(param, state, copies)
-                steps.append(views[2])
-                stepped.append((group, index))
-                param_flat, exp_avg_flat, exp_avg_sq_flat = views[4]
-                tensors[0].append(param_flat)
-                tensors[1].append(grad.contiguous().view(-1))  # flat, a copy of one that is not contiguous
-                tensors[2].append(exp_avg_flat)
-                tensors[3].append(exp_avg_sq_flat)
-        if steps:
-            # every step count at once (the parameters share a few: their rows are made once each)
-            torch._foreach_add_(steps, 1)
-            rows, scalars, keys, step_halves = {}, [], [], {}
-            seed_key = _seed_key(self._seed)
-            for step, (group, index) in zip(torch.stack([s.cpu() for s in steps]).tolist(), stepped):
-                row = rows.get((id(group), step))
-                if row is None:
-                    lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]
-                    beta1, beta2 = group["betas"]
-                    # the scalars of _update, in fp64 as Python computes them there
-                    row = rows[id(group), step] = (
-                        1 - lr * weight_decay,
-                        1 - beta1,
-                        beta2,
-                        1 - beta2,
-                        lr / (1 - beta1**step),
-                        (1 - beta2**step) ** 0.5,
-                        eps,
-                    )
-                scalars.append(row)
-                half = step_halves.get(step)
-                if half is None:
-                    half = step_halves[step] = _step_half(seed_key, int(step))
-                keys.append(_place_key(half, index))
-            device = tensors[0][0].device
-            _fused_step()(
-                *tensors,
-                torch.tensor(scalars, dtype=torch.float64, device=device),
-                torch.tensor(keys, dtype=torch.int64, device=device),
-                tuple(stochastic),
-            )
+                entry = (views, grad, group, index, stochastic)
+                if views[5] and type(grad) is torch.Tensor and grad.dtype in cpu_adamw.DTYPES and grad.is_contiguous():
+                    on_kernel.append(entry)
+                else:
+                    on_compiled.append(entry)
+        lib = None
+        if on_kernel:
+            lib, why_not = cpu_adamw.library()
+            if lib is None:
+                self._cpu_kernel = False
+                self._flat_views.clear()  # their on_kernel flags
+                warnings.warn(
+                    f"fgc_runtime.optim.AdamW(fused=True): the CPU kernel did not build ({why_not}); "
+                    "the step runs compiled by torch.compile instead",
+                    stacklevel=2,
+                )
+                on_compiled, on_kernel = on_kernel + on_compiled, []
+        entries = on_kernel + on_compiled
+        if entries:
+            rows, keys = self._fused_scalars(entries, len(on_kernel))
+            if on_kernel:
+                cpu_adamw.step(
+                    lib,
+                    [(e[0][4][0], e[1], e[0][4][1], e[0][4][2], e[0][2], e[4]) for e in on_kernel],
+                    rows[: len(on_kernel)],
+                    keys[: len(on_kernel)],
+                )
+            if on_compiled:
+                device = on_compiled[0][0][4][0].device
+                _fused_step()(
+                    [e[0][4][0] for e in on_compiled],
+                    [e[1].contiguous().view(-1) for e in on_compiled],  # flat, a copy of one that is not contiguous
+                    [e[0][4][1] for e in on_compiled],
+                    [e[0][4][2] for e in on_compiled],
+                    torch.tensor(rows[len(on_kernel) :], dtype=torch.float64, device=device),
+                    torch.tensor(keys[len(on_kernel) :], dtype=torch.int64, device=device),
+                    tuple(e[4] for e in on_compiled),
+                )
         for tensor, flat in copies:
             tensor.copy_(flat.view(tensor.shape))
         return loss
+
+    def _fused_scalars(self, entries: list, counted: int) -> tuple[list, list]:
+        """The rows of scalars (of :func:`_fused_adamw_step`) and rounding keys of ENTRIES (of
+        :meth:`step`) for their next step; the step counts of all but the first COUNTED (which
+        the CPU kernel counts) counted."""
+        steps = [e[0][2] for e in entries]
+        counts = torch.stack([s.cpu() for s in steps]).add_(1).tolist()  # in fp32, as counted
+        if counted < len(steps):
+            torch._foreach_add_(steps[counted:], 1)
+        rows, keys, made, step_halves = [], [], {}, {}
+        seed_key = _seed_key(self._seed)
+        for step, (_, _, group, index, _) in zip(counts, entries):
+            row = made.get((id(group), step))
+            if row is None:
+                lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+                beta1, beta2 = group["betas"]
+                # the scalars of _update, in fp64 as Python computes them there
+                row = made[id(group), step] = (
+                    1 - lr * weight_decay,
+                    1 - beta1,
+                    beta2,
+                    1 - beta2,
+                    lr / (1 - beta1**step),
+                    (1 - beta2**step) ** 0.5,
+                    eps,
+                )
+            rows.append(row)
+            half = step_halves.get(step)
+            if half is None:
+                half = step_halves[step] = _step_half(seed_key, int(step))
+            keys.append(_place_key(half, index))
+        return rows, keys
 
     def _update(self, value, grad, state, group):
         lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]

@@ -13,7 +13,7 @@ from conftest import REPO
 SCRIPT = REPO / "benchmarks" / "optimizer.py"
 
 
-@pytest.mark.slow  # compiles fgc's fused AdamW step (fp32, bf16 to nearest, stochastic rounding)
+@pytest.mark.slow  # compiles fgc's fused AdamW step (the fallback of its CPU kernel)
 def test_every_step_is_timed_against_torchs_fused_step(tmp_path):
     out_csv = tmp_path / "optimizer.csv"
     proc = subprocess.run(
@@ -32,7 +32,7 @@ def test_every_step_is_timed_against_torchs_fused_step(tmp_path):
         ("fgc AdamW, fused", "fp32"),
         ("fgc AdamW, fused, bf16 to nearest", "bf16"),
         ("fgc AdamW, fused, stochastic rounding", "bf16"),
-        ("fgc AdamW, fused, stochastic rounding, compiled function alone", "bf16"),
+        ("fgc AdamW, fused, stochastic rounding, torch.compile's kernel", "bf16"),
         ("fgc AdamW, stochastic rounding", "bf16"),
     ]
     # the parameters of transformers' Llama of the example's shape: 3 layers of 9, the embedding,
