@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import cpu_adamw
+from .errors import RunError
 
 
 def param_groups(model: nn.Module, no_weight_decay: Sequence[str], with_names: bool = False) -> list[dict]:
@@ -461,8 +462,10 @@ class AdamW(_Fp32StateOptimizer):
         }
         super().__init__(params, defaults, seed)
         self.fused = bool(fused)
-        # the fused step of CPU tensors by fgc_runtime.cpu_adamw's kernel (else the compiled function)
+        # the fused step of CPU tensors by fgc_runtime.cpu_adamw's kernel (else the compiled function),
+        # and why not when that kernel did not build
         self._cpu_kernel = True
+        self._kernel_why_not = ""
         # the fused step's flat views of each parameter and its state, made once (_fused_views)
         self._flat_views: dict = {}
 
@@ -555,12 +558,12 @@ class AdamW(_Fp32StateOptimizer):
         if on_kernel:
             lib, why_not = cpu_adamw.library()
             if lib is None:
-                self._cpu_kernel = False
+                self._cpu_kernel, self._kernel_why_not = False, why_not
                 self._flat_views.clear()  # their on_kernel flags
                 warnings.warn(
                     f"fgc_runtime.optim.AdamW(fused=True): the CPU kernel did not build ({why_not}); "
                     "the step runs compiled by torch.compile instead",
-                    stacklevel=2,
+                    stacklevel=4,  # the caller of step, past torch's two wrappers (its hooks, no_grad)
                 )
                 on_compiled, on_kernel = on_kernel + on_compiled, []
         entries = on_kernel + on_compiled
@@ -574,19 +577,36 @@ class AdamW(_Fp32StateOptimizer):
                     keys[: len(on_kernel)],
                 )
             if on_compiled:
-                device = on_compiled[0][0][4][0].device
-                _fused_step()(
-                    [e[0][4][0] for e in on_compiled],
-                    [e[1].contiguous().view(-1) for e in on_compiled],  # flat, a copy of one that is not contiguous
-                    [e[0][4][1] for e in on_compiled],
-                    [e[0][4][2] for e in on_compiled],
-                    torch.tensor(rows[len(on_kernel) :], dtype=torch.float64, device=device),
-                    torch.tensor(keys[len(on_kernel) :], dtype=torch.int64, device=device),
-                    tuple(e[4] for e in on_compiled),
-                )
+                self._compiled_call(on_compiled, rows[len(on_kernel) :], keys[len(on_kernel) :])
         for tensor, flat in copies:
             tensor.copy_(flat.view(tensor.shape))
         return loss
+
+    def _compiled_call(self, entries: list, rows: list, keys: list) -> None:
+        """The fused step of ENTRIES (of :meth:`step`) by the compiled function, with their ROWS
+        of scalars and rounding KEYS. On the CPU, where the C kernel did not build and
+        torch.compile cannot compile either (no C++ compiler), a :class:`RunError` says so."""
+        device = entries[0][0][4][0].device
+        try:
+            _fused_step()(
+                [e[0][4][0] for e in entries],
+                [e[1].contiguous().view(-1) for e in entries],  # flat, a copy of one that is not contiguous
+                [e[0][4][1] for e in entries],
+                [e[0][4][2] for e in entries],
+                torch.tensor(rows, dtype=torch.float64, device=device),
+                torch.tensor(keys, dtype=torch.int64, device=device),
+                tuple(e[4] for e in entries),
+            )
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            if device.type != "cpu" or not self._kernel_why_not:
+                raise
+            inner = getattr(error, "inner_exception", None) or error
+            lines = str(inner).strip().splitlines() or [""]
+            raise RunError(
+                f"fgc_runtime.optim.AdamW(fused=True) needs a C compiler on the CPU: its C kernel did not "
+                f"build ({self._kernel_why_not}), nor did torch.compile's step ({type(inner).__name__}: "
+                f"{lines[0]}); install one (cc, gcc or clang), or build without -D fused_optimizer=true"
+            ) from error
 
     def _fused_scalars(self, entries: list, counted: int) -> tuple[list, list]:
         """The rows of scalars (of :func:`_fused_adamw_step`) and rounding keys of ENTRIES (of

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fgc_runtime import cpu_adamw
+from fgc_runtime.errors import RunError
 from fgc_runtime.optim import AdamW
 
 # sizes around the kernel's chunk (16384 values a task) and its vectors (16 and 32 values)
@@ -184,6 +185,28 @@ def test_without_a_compiler_the_step_warns_once_and_runs_compiled(monkeypatch, k
     steps(theirs, theirs_opt, 2, torch.bfloat16)
     assert kernel_calls == []
     assert_same(ours, theirs, ours_opt, theirs_opt)
+
+
+def test_without_any_compiler_the_step_is_a_one_line_error(monkeypatch):
+    """No C compiler for the kernel, and none for torch.compile either: a RunError (which the
+    generated trainer prints as one line, exit status 2) that says what to do."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(cpu_adamw, "_built", None)
+    monkeypatch.setattr(cpu_adamw.shutil, "which", lambda name: None)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    params = weights(torch.bfloat16, torch.bfloat16, shapes=[(9,)])
+    opt = adamw(params, True, bf16_stochastic_round=True)
+    with pytest.warns(UserWarning, match="the CPU kernel did not build"):
+        with pytest.raises(RunError) as error:
+            steps(params, opt, 1, torch.bfloat16)
+    assert str(error.value) == (
+        "error: fgc_runtime.optim.AdamW(fused=True) needs a C compiler on the CPU: its C kernel did not build "
+        "(no C compiler found (looked for cc, gcc, clang)), nor did torch.compile's step (InvalidCxxCompiler: No "
+        "working C++ compiler found in torch._inductor.config.cpp.cxx: (None, '/nonexistent/g++')); install one "
+        "(cc, gcc or clang), or build without -D fused_optimizer=true"
+    )
 
 
 def test_a_build_leaves_nothing_on_disk(monkeypatch, tmp_path):
