@@ -268,4 +268,5 @@ def step(lib: ctypes.CDLL, tensors: Sequence[tuple], rows: Sequence[tuple], keys
     if lib.fgc_adamw_step(table.buffer_info()[0], len(tensors), scalars.buffer_info()[0], torch.get_num_threads()) != 0:
         raise MemoryError("fgc_runtime.cpu_adamw: out of memory")
     # written through their addresses: autograd is told, as it is of torch's in-place operations
-    torch.autograd.graph.increment_version([t for entry in tensors for t in entry[:5] if t is not entry[1]])
+    written = [t for param, _, exp_avg, exp_avg_sq, count, _ in tensors for t in (param, exp_avg, exp_avg_sq, count)]
+    torch.autograd.graph.increment_version(written)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -396,6 +396,27 @@ def _fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, scalars, keys, stoch
 _compiled_step = None
 
 
+class _Views(NamedTuple):
+    """What :meth:`AdamW._fused_views` keeps of a parameter from one fused step to the next."""
+
+    exp_avg: torch.Tensor  # its state tensors and step count, which the views are valid for
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor
+    data_ptr: int  # where its data was
+    flats: tuple  # flat views (or copies) of the parameter, exp_avg and exp_avg_sq
+    on_kernel: bool  # whether the CPU kernel steps them
+
+
+class _Entry(NamedTuple):
+    """One parameter in a fused step."""
+
+    views: _Views
+    grad: torch.Tensor
+    group: dict
+    index: int  # its place in the optimizer: part of its rounding key
+    stochastic: bool  # whether it is bf16 and rounded stochastically
+
+
 def _fused_step():
     """:func:`_fused_adamw_step` compiled by torch.compile, made on first use: the fused step of
     the tensors the CPU kernel does not take (:mod:`fgc_runtime.cpu_adamw`). It compiles again
@@ -469,7 +490,7 @@ class AdamW(_Fp32StateOptimizer):
         # the fused step's flat views of each parameter and its state, made once (_fused_views)
         self._flat_views: dict = {}
 
-    def _fused_views(self, param: torch.Tensor, state: dict, copies: list) -> tuple:
+    def _fused_views(self, param: torch.Tensor, state: dict, copies: list) -> _Views:
         """For the fused step: PARAM's ``exp_avg``, ``exp_avg_sq`` and step count (made on its
         first step), its data pointer, flat views of the parameter and the two states (flat: one
         compiled graph fits tensors of any shape) and whether the CPU kernel steps them, kept
@@ -491,7 +512,7 @@ class AdamW(_Fp32StateOptimizer):
             if flats[-1].data_ptr() != tensor.data_ptr():
                 copies.append((tensor, flats[-1]))
         on_kernel = self._cpu_kernel and cpu_adamw.supports(*flats, state["step"])
-        views = (state["exp_avg"], state["exp_avg_sq"], state["step"], param.data_ptr(), tuple(flats), on_kernel)
+        views = _Views(state["exp_avg"], state["exp_avg_sq"], state["step"], param.data_ptr(), tuple(flats), on_kernel)
         if len(copies) == copied:
             self._flat_views[param] = views
         else:
@@ -503,7 +524,7 @@ class AdamW(_Fp32StateOptimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._cpu_kernel = True
+        self._cpu_kernel, self._kernel_why_not = True, ""
         self._flat_views = {}  # views of the tensors it was copied from
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -543,14 +564,14 @@ class AdamW(_Fp32StateOptimizer):
                 views = self._flat_views.get(param)
                 if (
                     views is None
-                    or views[0] is not state.get("exp_avg")
-                    or views[1] is not state.get("exp_avg_sq")
-                    or views[2] is not state.get("step")
-                    or views[3] != param.data_ptr()
+                    or views.exp_avg is not state.get("exp_avg")
+                    or views.exp_avg_sq is not state.get("exp_avg_sq")
+                    or views.step is not state.get("step")
+                    or views.data_ptr != param.data_ptr()
                 ):
                     views = self._fused_views(param, state, copies)
-                entry = (views, grad, group, index, stochastic)
-                if views[5] and type(grad) is torch.Tensor and grad.dtype in cpu_adamw.DTYPES and grad.is_contiguous():
+                entry = _Entry(views, grad, group, index, stochastic)
+                if views.on_kernel and type(grad) is torch.Tensor and grad.dtype in cpu_adamw.DTYPES and grad.is_contiguous():
                     on_kernel.append(entry)
                 else:
                     on_compiled.append(entry)
@@ -572,7 +593,7 @@ class AdamW(_Fp32StateOptimizer):
             if on_kernel:
                 cpu_adamw.step(
                     lib,
-                    [(e[0][4][0], e[1], e[0][4][1], e[0][4][2], e[0][2], e[4]) for e in on_kernel],
+                    [(e.views.flats[0], e.grad, *e.views.flats[1:], e.views.step, e.stochastic) for e in on_kernel],
                     rows[: len(on_kernel)],
                     keys[: len(on_kernel)],
                 )
@@ -586,16 +607,16 @@ class AdamW(_Fp32StateOptimizer):
         """The fused step of ENTRIES (of :meth:`step`) by the compiled function, with their ROWS
         of scalars and rounding KEYS. On the CPU, where the C kernel did not build and
         torch.compile cannot compile either (no C++ compiler), a :class:`RunError` says so."""
-        device = entries[0][0][4][0].device
+        device = entries[0].grad.device
         try:
             _fused_step()(
-                [e[0][4][0] for e in entries],
-                [e[1].contiguous().view(-1) for e in entries],  # flat, a copy of one that is not contiguous
-                [e[0][4][1] for e in entries],
-                [e[0][4][2] for e in entries],
+                [e.views.flats[0] for e in entries],
+                [e.grad.contiguous().view(-1) for e in entries],  # flat, a copy of one that is not contiguous
+                [e.views.flats[1] for e in entries],
+                [e.views.flats[2] for e in entries],
                 torch.tensor(rows, dtype=torch.float64, device=device),
                 torch.tensor(keys, dtype=torch.int64, device=device),
-                tuple(e[4] for e in entries),
+                tuple(e.stochastic for e in entries),
             )
         except torch._dynamo.exc.BackendCompilerFailed as error:
             if device.type != "cpu" or not self._kernel_why_not:
@@ -612,13 +633,14 @@ class AdamW(_Fp32StateOptimizer):
         """The rows of scalars (of :func:`_fused_adamw_step`) and rounding keys of ENTRIES (of
         :meth:`step`) for their next step; the step counts of all but the first COUNTED (which
         the CPU kernel counts) counted."""
-        steps = [e[0][2] for e in entries]
+        steps = [e.views.step for e in entries]
         counts = torch.stack([s.cpu() for s in steps]).add_(1).tolist()  # in fp32, as counted
         if counted < len(steps):
             torch._foreach_add_(steps[counted:], 1)
         rows, keys, made, step_halves = [], [], {}, {}
         seed_key = _seed_key(self._seed)
-        for step, (_, _, group, index, _) in zip(counts, entries):
+        for step, entry in zip(counts, entries):
+            group = entry.group
             row = made.get((id(group), step))
             if row is None:
                 lr, weight_decay, eps = float(group["lr"]), group["weight_decay"], group["eps"]
@@ -637,7 +659,7 @@ class AdamW(_Fp32StateOptimizer):
             half = step_halves.get(step)
             if half is None:
                 half = step_halves[step] = _step_half(seed_key, int(step))
-            keys.append(_place_key(half, index))
+            keys.append(_place_key(half, entry.index))
         return rows, keys
 
     def _update(self, value, grad, state, group):
