@@ -194,13 +194,13 @@ def test_without_any_compiler_the_step_is_a_one_line_error(monkeypatch):
 
     monkeypatch.setattr(cpu_adamw, "_built", None)
     monkeypatch.setattr(cpu_adamw.shutil, "which", lambda name: None)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     params = weights(torch.bfloat16, torch.bfloat16, shapes=[(9,)])
     opt = adamw(params, True, bf16_stochastic_round=True)
-    with pytest.warns(UserWarning, match="the CPU kernel did not build"):
-        with pytest.raises(RunError) as error:
-            steps(params, opt, 1, torch.bfloat16)
+    # inductor's own way to change its settings for a while (monkeypatch's undo breaks its config)
+    with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}):
+        with pytest.warns(UserWarning, match="the CPU kernel did not build"):
+            with pytest.raises(RunError) as error:
+                steps(params, opt, 1, torch.bfloat16)
     assert str(error.value) == (
         "error: fgc_runtime.optim.AdamW(fused=True) needs a C compiler on the CPU: its C kernel did not build "
         "(no C compiler found (looked for cc, gcc, clang)), nor did torch.compile's step (InvalidCxxCompiler: No "
