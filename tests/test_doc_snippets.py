@@ -28,7 +28,9 @@ run to run and machine to machine, and for nothing else:
 - throughput (`N tok/s`), peak memory (`peak N GiB`) and time left (`eta N`) in progress lines,
   and `tokens_per_s`, `peak_mem_bytes`, `elapsed_s` and `eta_s` in `metrics.jsonl` records, are
   replaced by a placeholder;
-- the output of `ls` is compared as its list of names (a terminal shows them in columns).
+- the output of `ls` is compared as its list of names (a terminal shows them in columns);
+- a trainer's `CPU threads: ...` line is left out: under torchrun it appears only on a machine
+  with more cores than processes (`fgc_runtime/threads.py`), which the quoted 2-core runs are not.
 
 The decimal numbers of a training run's progress lines (`step 200 | loss 0.3278 | lr 1.13e-03
 | grad_norm 0.56`) and of its metrics records (a line that starts with `{`) match within 0.5%
@@ -184,7 +186,7 @@ def normalise(lines: list[str], command: str, roots: list[Path]) -> list[str]:
     text = re.sub(r'("(?:tokens_per_s|peak_mem_bytes|elapsed_s|eta_s)": )[-\d.e+]+', r"\1N", text)
     if command.split()[0] == "ls":
         return text.split()
-    return [l.rstrip() for l in text.split("\n")]
+    return [l.rstrip() for l in text.split("\n") if not l.startswith("CPU threads: ")]
 
 
 # a decimal number of a training run's output (a loss, a learning rate, a norm), and the word before it

@@ -22,6 +22,7 @@ SKELETON_NAMES: dict[str, tuple[str, str | None]] = {
     "DistributedDataParallel": ("torch.nn.parallel", "DistributedDataParallel"),
     **{m: ("fgc_runtime", m) for m in (
         "checkpoint", "control", "data", "distributed", "hf", "host_memory", "metrics", "pipeline", "quantize",
+        "threads",
     )},
     "RunError": ("fgc_runtime.errors", "RunError"),
     "run_main": ("fgc_runtime.errors", "run_main"),

@@ -22,6 +22,7 @@ from fgc_runtime import (
     host_memory,
     metrics,
     quantize,
+    threads,
 )
 from fgc_runtime.errors import RunError, run_main
 from fgc_runtime.log import RankLog, format_plan
@@ -199,6 +200,12 @@ def parse_args(argv=None):
         help="seconds a collective waits for the other ranks before the job fails",
     )
     parser.add_argument(
+        "--cpu-threads",
+        type=whole_number(1),
+        metavar="N",
+        help="threads each process computes with on the CPU (default: torch's; under torchrun on a CPU device, this node's cores over its processes where torchrun set OMP_NUM_THREADS=1)",
+    )
+    parser.add_argument(
         "--export-hf",
         metavar="DIR",
         help="write the model of a checkpoint as a Hugging Face model directory, exit",
@@ -294,6 +301,11 @@ def main(argv=None):
         host_memory.keep_freed_memory()
         if KEEP_HOST_MEMORY and dist.device.type == "cpu"
         else None
+    )
+    # The threads each process computes with on the CPU (fgc_runtime/threads.py): --cpu-threads,
+    # else on a CPU device this node's cores over its processes where torchrun left each one.
+    threads_line = threads.set_cpu_threads(
+        args.cpu_threads, auto=dist.device.type == "cpu"
     )
     if not (args.dry_run or args.debug_optimizer_groups):
         # One run per output dir: rank 0 locks it (OUTPUT_DIR/.fgc-lock) until it exits, before
@@ -431,6 +443,8 @@ def main(argv=None):
             print(format_plan(PLAN))
             if host_memory_line:
                 print(host_memory_line)
+            if threads_line:
+                print(threads_line)
             print(
                 f"dry run: loss {loss.item():.4f} on one micro-batch; output dir {output_dir} is writable"
             )
@@ -452,6 +466,8 @@ def main(argv=None):
     log.info(model_flops.describe())
     if host_memory_line:
         log.info(host_memory_line)
+    if threads_line:
+        log.info(threads_line)
     train_model.train()
     step = last_saved = start_step
     skipped_steps = 0  # since the last metrics record: steps whose update was dropped (--nonfinite skip)
