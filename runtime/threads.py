@@ -11,8 +11,8 @@ worker, one of several on its node, whose ``OMP_NUM_THREADS`` of 1 torchrun set 
 not in torchrun's own environment as it started: ``/proc/PARENT/environ``), each process gets
 this node's cores over its processes: ``cores // LOCAL_WORLD_SIZE``, at least 1. The cores are
 those this process may run on (its CPU affinity, one per physical core: hyperthreads of one core
-count once), fewer where the process's cgroup caps its CPU time (``cpu.max``, as ``docker --cpus``
-and Kubernetes CPU limits set). An ``OMP_NUM_THREADS`` the user set, and a process torchrun did
+count once), fewer where the process's cgroup caps its CPU time (``cpu.max``, or cgroup v1's
+``cpu.cfs_quota_us``, as ``docker --cpus`` and Kubernetes CPU limits set). An ``OMP_NUM_THREADS`` the user set, and a process torchrun did
 not start, are left as they are; ``--cpu-threads N`` (``set_cpu_threads(N)``) chooses N whatever
 the environment says.
 """
@@ -40,7 +40,8 @@ def physical_cores(cpus: set[int], sysfs: Path = SYSFS_CPU) -> int:
     for cpu in cpus:
         topology = sysfs / f"cpu{cpu}" / "topology"
         try:
-            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
         except OSError:
             return len(cpus)
     return len(cores) or len(cpus)
