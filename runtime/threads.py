@@ -105,14 +105,16 @@ def usable_cores() -> int:
 
 def parent_environ(pid: Optional[int] = None) -> Optional[dict[str, str]]:
     """The environment the process PID (default: this one's parent) started with, or None where it
-    cannot be read (not Linux, another user's process)."""
+    cannot be read (not Linux, another user's process) or reads as empty (just after its exec,
+    before the kernel has laid it out; or overwritten by the process itself): not known then."""
     pid = os.getppid() if pid is None else pid
     try:
         data = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return None
     pairs = (item.split(b"=", 1) for item in data.split(b"\0") if b"=" in item)
-    return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in pairs}
+    environ = {key.decode(errors="replace"): value.decode(errors="replace") for key, value in pairs}
+    return environ or None
 
 
 def local_processes(environ: Mapping[str, str]) -> int:

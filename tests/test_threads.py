@@ -151,6 +151,16 @@ def test_a_processs_starting_environment_is_read_from_proc():
     finally:
         child.communicate(b"")
     assert threads.parent_environ(2**22 + 12345) is None  # no such process
+    # an empty environment is not known to lack OMP_NUM_THREADS: read as unknown
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+        env={}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        assert threads.parent_environ(child.pid) is None
+    finally:
+        child.communicate(b"")
 
 
 DETECT = """
