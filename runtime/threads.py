@@ -71,7 +71,7 @@ def cgroup_cpu_limit(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path =
         if number == "0" and not controllers:
             hierarchies.append((root, path, _quota_v2))
         elif "cpu" in controllers.split(","):
-            for mount in (root / "cpu", root / controllers):
+            for mount in dict.fromkeys((root / "cpu", root / controllers)):  # the two names, once each
                 hierarchies.append((mount, path, _quota_v1))
     limit = None
     for mount, path, quota_of in hierarchies:
@@ -170,8 +170,9 @@ def set_cpu_threads(requested: Optional[int] = None, auto: bool = True) -> Optio
     if requested is not None and requested > cpus:
         raise RunError(f"--cpu-threads {requested}: more than this machine's {cpus} CPU{'s' * (cpus != 1)}")
     parent = parent_environ() if requested is None else None
-    cores = usable_cores()
-    threads, line = choose(requested, os.environ, parent, cores)
+    if requested is None and not torchrun_set_one_thread(os.environ, parent):
+        return None  # torch's count stands: the cores need not be counted
+    threads, line = choose(requested, os.environ, parent, usable_cores())
     if threads is not None:
         torch.set_num_threads(threads)
         actual = torch.get_num_threads()

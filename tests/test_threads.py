@@ -224,3 +224,17 @@ def test_the_generated_trainer_takes_cpu_threads(tmp_path):
     )
     run = dry_run("--cpu-threads", "0")
     assert run.returncode == 2 and "argument --cpu-threads: expected a whole number at least 1, got 0" in run.stderr
+
+
+def test_outside_torchruns_default_the_cores_are_not_counted(monkeypatch):
+    """One process, or a user's OMP_NUM_THREADS: nothing to set, and no sysfs or cgroup file read."""
+
+    def counted():
+        raise AssertionError("the cores were counted")
+
+    monkeypatch.setattr(threads, "usable_cores", counted)
+    monkeypatch.setattr(os, "environ", {"PATH": "/bin"})
+    assert threads.set_cpu_threads() is None
+    monkeypatch.setattr(os, "environ", dict(WORKER))
+    monkeypatch.setattr(threads, "parent_environ", lambda: {"OMP_NUM_THREADS": "1"})
+    assert threads.set_cpu_threads() is None
